@@ -1,0 +1,1 @@
+"""Apoptosis worker: runs pruning jobs. `worker.engine` is the pure pruning library."""

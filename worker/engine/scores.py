@@ -1,0 +1,175 @@
+"""Per-parameter importance scores.
+
+Every method shares one signature and returns, per named parameter, a tensor of the parameter's
+shape: the mean over calibration batches of a per-batch score, accumulated in float64.
+
+| method      | score                 | quantity                                                     |
+|-------------|-----------------------|--------------------------------------------------------------|
+| `oba_full`  | θ ⊙ (Hθ)              | OBA share of θᵀHθ with the full Hessian (Pearlmutter HVP)    |
+| `oba`       | θ ⊙ ((H − G)θ)        | OBA as published: H without its Gauss-Newton part G = Jᵀ∇²ℓJ |
+| `taylor`    | −g ⊙ θ                | first-order loss change of removing θ (Molchanov 2019)       |
+| `obd`       | ½ θ² ⊙ diag(H)        | OBD (LeCun 1989), diag(H) by Hutchinson's estimator          |
+| `magnitude` | |θ|                   | baseline                                                      |
+| `random`    | U(0, 1)               | control                                                       |
+
+`oba` is the Hessian-vector product of the loss *linearised at the model outputs*,
+L̃(θ) = ⟨stopgrad(∂ℓ/∂f), f(θ)⟩, whose Hessian is Σ_k (∂ℓ/∂f_k) ∇²f_k = H − G. It costs the same
+one double-backward as `oba_full`. It keeps only the curvature of the network itself, weighted
+by the output gradient: where ∂ℓ/∂f = 0 (a distillation loss at its starting point, a perfectly
+fit batch) it is exactly zero, so `oba` needs a task loss with labels; `oba_full` does not.
+The loss must be a function of the model's outputs (every tensor the model returns, over every
+call the loss makes); terms on the parameters themselves (weight decay) are not seen by `oba`.
+
+Scores are taken in eval mode (dropout off, BatchNorm on running statistics): the curvature of
+the model as it will be deployed, and no side effect on BatchNorm buffers. The model's mode is
+restored afterwards.
+"""
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from worker.engine.errors import InvalidConfig, NumericalError
+from worker.engine.hvp import hvp, theta_hvp
+
+Method = Literal["oba", "oba_full", "taylor", "obd", "magnitude", "random"]
+METHODS: tuple[str, ...] = get_args(Method)
+LossFn = Callable[[nn.Module, Any], Tensor]
+BatchScorer = Callable[[nn.Module, list[nn.Parameter], Any, LossFn, torch.Generator], list[Tensor]]
+
+
+def parameter_scores(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    method: str,
+    *,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Mean per-batch importance of every trainable parameter of `model` (see module docstring).
+
+    `loss_fn(model, batch)` returns a scalar tensor. Scores are float64 on the parameters' device.
+    """
+    if method not in METHODS:
+        raise InvalidConfig(f"unknown scoring method {method!r}; expected one of {METHODS}")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise InvalidConfig("the model has no trainable parameters to score")
+    names = [name for name, _ in named]
+    params = [p for _, p in named]
+    generator = torch.Generator(device=params[0].device).manual_seed(seed)
+
+    if method in ("magnitude", "random"):
+        return dict(zip(names, _data_free_scores(params, method, generator), strict=True))
+
+    scorer = _BATCH_SCORERS[method]
+    totals = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    count = 0
+    with _eval_mode(model):
+        for batch in batches:
+            for total, score in zip(totals, scorer(model, params, batch, loss_fn, generator), strict=True):
+                total += score.detach().to(torch.float64)
+            count += 1
+    if count == 0:
+        raise InvalidConfig(f"method {method!r} needs at least one calibration batch")
+    scores = {name: total / count for name, total in zip(names, totals, strict=True)}
+    for name, score in scores.items():
+        if not torch.isfinite(score).all():
+            raise NumericalError(f"non-finite {method} scores for parameter {name!r}")
+    return scores
+
+
+def _oba_full(model: nn.Module, params: list[nn.Parameter], batch: Any, loss_fn: LossFn,
+              generator: torch.Generator) -> list[Tensor]:
+    products = theta_hvp(lambda: loss_fn(model, batch), params)
+    return [p.detach() * hp for p, hp in zip(params, products, strict=True)]
+
+
+def _oba(model: nn.Module, params: list[nn.Parameter], batch: Any, loss_fn: LossFn,
+         generator: torch.Generator) -> list[Tensor]:
+    products = theta_hvp(lambda: linearised_loss(model, batch, loss_fn), params)
+    return [p.detach() * hp for p, hp in zip(params, products, strict=True)]
+
+
+def _taylor(model: nn.Module, params: list[nn.Parameter], batch: Any, loss_fn: LossFn,
+            generator: torch.Generator) -> list[Tensor]:
+    grads = torch.autograd.grad(loss_fn(model, batch), params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else -g * p.detach() for p, g in zip(params, grads, strict=True)]
+
+
+def _obd(model: nn.Module, params: list[nn.Parameter], batch: Any, loss_fn: LossFn,
+         generator: torch.Generator) -> list[Tensor]:
+    """½ θ² ⊙ diag(H), with diag(H) ≈ z ⊙ Hz for one Rademacher probe z per batch (Hutchinson).
+
+    Unbiased for the true Hessian diagonal (unlike the empirical-Fisher g²); its variance falls
+    with the number of calibration batches.
+    """
+    probes = [
+        torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
+        for p in params
+    ]
+    products = hvp(lambda: loss_fn(model, batch), params, probes)
+    return [0.5 * p.detach() ** 2 * z * hz for p, z, hz in zip(params, probes, products, strict=True)]
+
+
+_BATCH_SCORERS: dict[str, BatchScorer] = {
+    "oba_full": _oba_full,
+    "oba": _oba,
+    "taylor": _taylor,
+    "obd": _obd,
+}
+
+
+def _data_free_scores(params: list[nn.Parameter], method: str, generator: torch.Generator) -> list[Tensor]:
+    if method == "magnitude":
+        return [p.detach().abs().to(torch.float64) for p in params]
+    return [torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float64) for p in params]
+
+
+def linearised_loss(model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
+    """L̃(θ) = ⟨stopgrad(∂ℓ/∂f), f(θ)⟩ summed over every output tensor of every model call.
+
+    Its gradient equals the loss gradient; its Hessian is H − G (the loss curvature removed).
+    """
+    outputs: list[Tensor] = []
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        outputs.extend(t for t in _tensors(output) if t.requires_grad)
+
+    handle = model.register_forward_hook(record)
+    try:
+        loss = loss_fn(model, batch)
+    finally:
+        handle.remove()
+    if not outputs:
+        raise InvalidConfig("the loss does not depend on any differentiable model output")
+    output_grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+    terms = [(g.detach() * f).sum() for f, g in zip(outputs, output_grads, strict=True) if g is not None]
+    if not terms:
+        raise InvalidConfig("the loss does not depend on any differentiable model output")
+    return torch.stack(terms).sum()
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
