@@ -6,8 +6,13 @@ from torch import Tensor, nn
 
 
 def mlp(d_in: int = 6, hidden: int = 5, d_out: int = 3) -> nn.Module:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, d_out),
+    )
 
 
 class ResidualCNN(nn.Module):
@@ -53,8 +58,10 @@ class AttentionBlock(nn.Module):
         batch, tokens, _ = x.shape
         h = self.norm1(x)
         # (batch, tokens, dim) -> (batch, heads, tokens, head_dim)
-        q, k, v = (proj(h).view(batch, tokens, self.heads, -1).transpose(1, 2)
-                   for proj in (self.query, self.key, self.value))
+        q, k, v = (
+            proj(h).view(batch, tokens, self.heads, -1).transpose(1, 2)
+            for proj in (self.query, self.key, self.value)
+        )
         attention = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
         x = x + self.out((attention @ v).transpose(1, 2).reshape(batch, tokens, -1))
         x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
@@ -66,17 +73,27 @@ def randomise_batchnorm_(model: nn.Module, generator: torch.Generator) -> None:
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             n = module.num_features
-            module.weight.data = 1 + 0.3 * torch.randn(n, generator=generator, dtype=module.weight.dtype)
+            module.weight.data = 1 + 0.3 * torch.randn(
+                n, generator=generator, dtype=module.weight.dtype
+            )
             module.bias.data = 0.2 * torch.randn(n, generator=generator, dtype=module.bias.dtype)
-            module.running_mean = 0.1 * torch.randn(n, generator=generator, dtype=module.weight.dtype)
+            module.running_mean = 0.1 * torch.randn(
+                n, generator=generator, dtype=module.weight.dtype
+            )
             module.running_var = 0.5 + torch.rand(n, generator=generator, dtype=module.weight.dtype)
 
 
-def classification_batches(shape: tuple[int, ...], classes: int, count: int, seed: int,
-                           dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
+def classification_batches(
+    shape: tuple[int, ...], classes: int, count: int, seed: int, dtype: torch.dtype = torch.float32
+) -> list[tuple[Tensor, Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape, generator=generator, dtype=dtype),
-             torch.randint(0, classes, (shape[0],), generator=generator)) for _ in range(count)]
+    return [
+        (
+            torch.randn(shape, generator=generator, dtype=dtype),
+            torch.randint(0, classes, (shape[0],), generator=generator),
+        )
+        for _ in range(count)
+    ]
 
 
 def cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:

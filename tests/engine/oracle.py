@@ -14,7 +14,7 @@ def _flat_call(model: nn.Module) -> tuple[Tensor, Callable[[Tensor], dict[str, T
     def unflatten(vector: Tensor) -> dict[str, Tensor]:
         out, offset = {}, 0
         for name, p in named:
-            out[name] = vector[offset:offset + p.numel()].view_as(p)
+            out[name] = vector[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         return out
 
@@ -25,7 +25,9 @@ def unflatten_like(model: nn.Module, vector: Tensor) -> dict[str, Tensor]:
     return _flat_call(model)[1](vector)
 
 
-def full_hessian_theta(model: nn.Module, inputs: Tensor, loss_of_outputs: Callable[[Tensor], Tensor]) -> Tensor:
+def full_hessian_theta(
+    model: nn.Module, inputs: Tensor, loss_of_outputs: Callable[[Tensor], Tensor]
+) -> Tensor:
     """θ ⊙ (Hθ) with H the exact Hessian of loss(model(inputs)) in the flat parameters."""
     flat, unflatten = _flat_call(model)
 
@@ -36,8 +38,9 @@ def full_hessian_theta(model: nn.Module, inputs: Tensor, loss_of_outputs: Callab
     return flat * (hessian @ flat)
 
 
-def gauss_newton_free_theta(model: nn.Module, inputs: Tensor,
-                            loss_of_outputs: Callable[[Tensor], Tensor]) -> Tensor:
+def gauss_newton_free_theta(
+    model: nn.Module, inputs: Tensor, loss_of_outputs: Callable[[Tensor], Tensor]
+) -> Tensor:
     """θ ⊙ ((H − G)θ) with G = Jᵀ ∇²ℓ J, all matrices formed explicitly."""
     flat, unflatten = _flat_call(model)
 
@@ -51,6 +54,7 @@ def gauss_newton_free_theta(model: nn.Module, inputs: Tensor,
     f = outputs(flat).detach()
     jacobian = torch.autograd.functional.jacobian(outputs, flat).reshape(f.numel(), -1)
     output_hessian = torch.autograd.functional.hessian(
-        lambda o: loss_of_outputs(o.view_as(f)), f.reshape(-1))
+        lambda o: loss_of_outputs(o.view_as(f)), f.reshape(-1)
+    )
     gauss_newton = jacobian.T @ output_hessian @ jacobian
     return flat * ((hessian - gauss_newton) @ flat)

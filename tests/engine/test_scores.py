@@ -39,12 +39,16 @@ def _flat(scores: dict[str, Tensor], model: nn.Module) -> Tensor:
 
 
 @pytest.mark.parametrize("case", ["mlp", "cnn", "attention"])
-@pytest.mark.parametrize(("method", "oracle_fn"), [
-    ("oba_full", oracle.full_hessian_theta),
-    ("oba", oracle.gauss_newton_free_theta),
-])
-def test_oba_scores_equal_brute_force_hessian(case: str, method: str,
-                                             oracle_fn: Callable[..., Tensor]) -> None:
+@pytest.mark.parametrize(
+    ("method", "oracle_fn"),
+    [
+        ("oba_full", oracle.full_hessian_theta),
+        ("oba", oracle.gauss_newton_free_theta),
+    ],
+)
+def test_oba_scores_equal_brute_force_hessian(
+    case: str, method: str, oracle_fn: Callable[..., Tensor]
+) -> None:
     model, inputs, labels = _case(case)
     expected = oracle_fn(model, inputs, lambda out: F.cross_entropy(out, labels))
 
@@ -57,7 +61,9 @@ def test_oba_scores_equal_brute_force_hessian(case: str, method: str,
 
 def test_oba_differs_from_oba_full_by_the_gauss_newton_part() -> None:
     model, inputs, labels = _case("mlp")
-    full = _flat(parameter_scores(model, [(inputs, labels)], models.cross_entropy, "oba_full"), model)
+    full = _flat(
+        parameter_scores(model, [(inputs, labels)], models.cross_entropy, "oba_full"), model
+    )
     partial = _flat(parameter_scores(model, [(inputs, labels)], models.cross_entropy, "oba"), model)
 
     assert _relative_error(partial, full) > 1e-2
@@ -103,11 +109,16 @@ def test_obd_hutchinson_estimates_the_hessian_diagonal() -> None:
     model, inputs, labels = _case("mlp")
     flat_theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     hessian = torch.autograd.functional.hessian(
-        lambda v: F.cross_entropy(torch.func.functional_call(
-            model, oracle.unflatten_like(model, v), (inputs,)), labels), flat_theta)
+        lambda v: F.cross_entropy(
+            torch.func.functional_call(model, oracle.unflatten_like(model, v), (inputs,)), labels
+        ),
+        flat_theta,
+    )
     expected = 0.5 * flat_theta**2 * hessian.diagonal()
 
-    estimate = _flat(parameter_scores(model, [(inputs, labels)] * 1600, models.cross_entropy, "obd"), model)
+    estimate = _flat(
+        parameter_scores(model, [(inputs, labels)] * 1600, models.cross_entropy, "obd"), model
+    )
 
     # z ⊙ Hz = diag(H) + off-diagonal noise that averages out over probes
     assert _relative_error(estimate, expected) < 0.12

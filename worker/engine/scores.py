@@ -70,7 +70,9 @@ def parameter_scores(
     count = 0
     with _eval_mode(model):
         for batch in batches:
-            for total, score in zip(totals, scorer(model, params, batch, loss_fn, generator), strict=True):
+            for total, score in zip(
+                totals, scorer(model, params, batch, loss_fn, generator), strict=True
+            ):
                 total += score.detach().to(torch.float64)
             count += 1
     if count == 0:
@@ -82,26 +84,49 @@ def parameter_scores(
     return scores
 
 
-def _oba_full(model: nn.Module, params: list[nn.Parameter], batch: Any, loss_fn: LossFn,
-              generator: torch.Generator) -> list[Tensor]:
+def _oba_full(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batch: Any,
+    loss_fn: LossFn,
+    generator: torch.Generator,
+) -> list[Tensor]:
     products = theta_hvp(lambda: loss_fn(model, batch), params)
     return [p.detach() * hp for p, hp in zip(params, products, strict=True)]
 
 
-def _oba(model: nn.Module, params: list[nn.Parameter], batch: Any, loss_fn: LossFn,
-         generator: torch.Generator) -> list[Tensor]:
+def _oba(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batch: Any,
+    loss_fn: LossFn,
+    generator: torch.Generator,
+) -> list[Tensor]:
     products = theta_hvp(lambda: linearised_loss(model, batch, loss_fn), params)
     return [p.detach() * hp for p, hp in zip(params, products, strict=True)]
 
 
-def _taylor(model: nn.Module, params: list[nn.Parameter], batch: Any, loss_fn: LossFn,
-            generator: torch.Generator) -> list[Tensor]:
+def _taylor(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batch: Any,
+    loss_fn: LossFn,
+    generator: torch.Generator,
+) -> list[Tensor]:
     grads = torch.autograd.grad(loss_fn(model, batch), params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else -g * p.detach() for p, g in zip(params, grads, strict=True)]
+    return [
+        torch.zeros_like(p) if g is None else -g * p.detach()
+        for p, g in zip(params, grads, strict=True)
+    ]
 
 
-def _obd(model: nn.Module, params: list[nn.Parameter], batch: Any, loss_fn: LossFn,
-         generator: torch.Generator) -> list[Tensor]:
+def _obd(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batch: Any,
+    loss_fn: LossFn,
+    generator: torch.Generator,
+) -> list[Tensor]:
     """½ θ² ⊙ diag(H), with diag(H) ≈ z ⊙ Hz for one Rademacher probe z per batch (Hutchinson).
 
     Unbiased for the true Hessian diagonal (unlike the empirical-Fisher g²); its variance falls
@@ -112,7 +137,9 @@ def _obd(model: nn.Module, params: list[nn.Parameter], batch: Any, loss_fn: Loss
         for p in params
     ]
     products = hvp(lambda: loss_fn(model, batch), params, probes)
-    return [0.5 * p.detach() ** 2 * z * hz for p, z, hz in zip(params, probes, products, strict=True)]
+    return [
+        0.5 * p.detach() ** 2 * z * hz for p, z, hz in zip(params, probes, products, strict=True)
+    ]
 
 
 _BATCH_SCORERS: dict[str, BatchScorer] = {
@@ -123,10 +150,15 @@ _BATCH_SCORERS: dict[str, BatchScorer] = {
 }
 
 
-def _data_free_scores(params: list[nn.Parameter], method: str, generator: torch.Generator) -> list[Tensor]:
+def _data_free_scores(
+    params: list[nn.Parameter], method: str, generator: torch.Generator
+) -> list[Tensor]:
     if method == "magnitude":
         return [p.detach().abs().to(torch.float64) for p in params]
-    return [torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float64) for p in params]
+    return [
+        torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float64)
+        for p in params
+    ]
 
 
 def linearised_loss(model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
@@ -147,7 +179,9 @@ def linearised_loss(model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
     if not outputs:
         raise InvalidConfig("the loss does not depend on any differentiable model output")
     output_grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
-    terms = [(g.detach() * f).sum() for f, g in zip(outputs, output_grads, strict=True) if g is not None]
+    terms = [
+        (g.detach() * f).sum() for f, g in zip(outputs, output_grads, strict=True) if g is not None
+    ]
     if not terms:
         raise InvalidConfig("the loss does not depend on any differentiable model output")
     return torch.stack(terms).sum()

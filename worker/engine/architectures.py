@@ -1,0 +1,181 @@
+"""What the engine knows about model families: attention layers, which groups a Hugging Face
+config can describe, and keeping head counts in modules and configs in step with the weights.
+
+Duck-typed on module attributes: the engine never imports `transformers`.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from worker.engine.cost import run_forward
+from worker.engine.groups import ChannelGroup
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    owner: nn.Module  # the module whose forward splits heads
+    projections: tuple[nn.Module, ...]  # query, key, value: output channels are head channels
+    head_dim: int
+
+    @property
+    def heads(self) -> int:
+        return int(self.projections[0].weight.shape[0]) // self.head_dim
+
+
+def attention_layers(
+    model: nn.Module, explicit: Mapping[str, int]
+) -> tuple[list[AttentionLayer], list[nn.Module]]:
+    """Attention layers whose heads can be pruned whole, and projections that must stay as is.
+
+    `explicit` maps a projection's module name to its number of heads (hand-written attention).
+    Grouped-query attention (fewer key/value heads than query heads) and fused qkv projections
+    (GPT-2's `c_attn`) are kept whole: their heads are not pruned.
+    """
+    named = dict(model.named_modules())
+    layers, frozen = [], []
+    for module in model.modules():
+        if _all_linear(module, "query", "key", "value") and hasattr(module, "attention_head_size"):
+            layers.append(
+                AttentionLayer(
+                    module,
+                    (module.query, module.key, module.value),
+                    int(module.attention_head_size),
+                )
+            )
+        elif _all_linear(module, "q_proj", "k_proj", "v_proj") and hasattr(module, "head_dim"):
+            projections = (module.q_proj, module.k_proj, module.v_proj)
+            if getattr(module, "num_key_value_groups", 1) == 1:
+                layers.append(AttentionLayer(module, projections, int(module.head_dim)))
+            else:
+                frozen.extend(projections)
+        elif hasattr(module, "c_attn"):
+            frozen.append(module.c_attn)
+    for name, heads in explicit.items():
+        projection = named[name]
+        parent = named[name.rpartition(".")[0]]
+        layers.append(
+            AttentionLayer(parent, (projection,), int(projection.weight.shape[0]) // heads)
+        )
+    return layers, frozen
+
+
+def _all_linear(module: nn.Module, *names: str) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in names)
+
+
+def head_dims(layers: list[AttentionLayer]) -> dict[nn.Module, int]:
+    return {p: layer.head_dim for layer in layers for p in layer.projections}
+
+
+def is_transformer(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "num_attention_heads")
+
+
+def config_describes_head_size(model: nn.Module) -> bool:
+    """True when the config carries `head_dim`, so it can describe fewer heads of the same size.
+
+    BERT, ViT and GPT-2 derive the head size from hidden_size / num_attention_heads: a config
+    cannot express pruned heads for them, so uniform (config-describable) pruning keeps heads.
+    """
+    return getattr(getattr(model, "config", None), "head_dim", None) is not None
+
+
+def intermediate_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    for attribute in ("intermediate_size", "n_inner"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int):
+            return value
+    hidden = getattr(config, "n_embd", None)
+    return 4 * hidden if isinstance(hidden, int) else None
+
+
+def group_filter(model: nn.Module) -> Callable[[ChannelGroup], bool]:
+    """Hugging Face transformers: only attention heads and FFN neurons, never the hidden size."""
+    if not is_transformer(model):
+        return lambda group: True
+    ffn_width = intermediate_size(model)
+
+    def allowed(group: ChannelGroup) -> bool:
+        if any(isinstance(m, nn.Embedding) for m, is_out, _, _ in group.members if is_out):
+            return False
+        return group.unit > 1 or group.width == ffn_width
+
+    return allowed
+
+
+def output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
+    """Leaf modules whose output is (a view of) a model output: their channels are the contract."""
+    produced: dict[int, nn.Module] = {}
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            produced[output.data_ptr()] = module
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            outputs = run_forward(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [produced[t.data_ptr()] for t in _tensors(outputs) if t.data_ptr() in produced]
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def sync_structure(model: nn.Module, layers: list[AttentionLayer]) -> dict[str, int]:
+    """Write the pruned head counts into attention modules, and uniform widths into the config.
+
+    Returns what was written to the config.
+    """
+    for layer in layers:
+        heads = layer.heads
+        for attribute in ("num_attention_heads", "num_heads"):
+            if isinstance(getattr(layer.owner, attribute, None), int):
+                setattr(layer.owner, attribute, heads)
+        if isinstance(getattr(layer.owner, "all_head_size", None), int):
+            layer.owner.all_head_size = heads * layer.head_dim
+    config = getattr(model, "config", None)
+    written: dict[str, int] = {}
+    if config is None:
+        return written
+    head_counts = {layer.heads for layer in layers}
+    if len(head_counts) == 1 and is_transformer(model):
+        written["num_attention_heads"] = head_counts.pop()
+        if getattr(config, "num_key_value_heads", None) is not None:
+            written["num_key_value_heads"] = written["num_attention_heads"]
+    ffn_width = intermediate_size(model)
+    if ffn_width is not None:
+        widths = set(_ffn_widths(model))
+        if len(widths) == 1:
+            attribute = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
+            written[attribute] = widths.pop()
+    for attribute, value in written.items():
+        setattr(config, attribute, value)
+    return written
+
+
+def _ffn_widths(model: nn.Module) -> Iterator[int]:
+    """Current widths of the FFN up-projections, found by their names in common families."""
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in ("up_proj", "c_fc", "fc1") or name.endswith("intermediate.dense"):
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, Tensor):
+                yield int(weight.shape[1] if leaf == "c_fc" else weight.shape[0])

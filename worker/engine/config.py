@@ -1,0 +1,83 @@
+"""The one configuration object of a pruning run."""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from torch import nn
+
+from worker.engine.errors import InvalidConfig
+from worker.engine.scores import METHODS
+
+Granularity = Literal["channel", "unstructured", "2:4"]
+TargetMetric = Literal["macs", "params", "sparsity"]
+Schedule = Literal["exponential", "linear"]
+FinetuneFn = Callable[[nn.Module, int], None]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How to prune.
+
+    `target` is the fraction of `target_metric` to keep for `macs` / `params` (0.5 = half the
+    MACs), and the fraction of weights to zero for `sparsity` (unstructured only; `2:4` is
+    always 50% of the eligible weights).
+    """
+
+    method: str = "oba"
+    granularity: Granularity = "channel"
+    target_metric: TargetMetric = "macs"
+    target: float = 0.5
+    steps: int = 10
+    schedule: Schedule = "exponential"
+    # Rank channels globally across groups; False keeps every group at the same kept fraction,
+    # which is what a Hugging Face config (one width per kind of layer) can describe.
+    global_ranking: bool = True
+    ignored_layers: tuple[str, ...] = ()  # module names; their output channels are never pruned
+    round_to: int | None = None  # keep channel counts at multiples of this
+    prune_heads: bool = True  # prune attention heads whole (query/key/value/output together)
+    # Hand-written attention: projection module name -> number of heads. Hugging Face attention
+    # layers are recognised without it.
+    attention_heads: Mapping[str, int] = field(default_factory=dict, compare=False)
+    # The three allocation safeguards (docs/benchmarks.md has their ablation):
+    cost_aware: bool = True  # rank by score per MAC (or parameter) a channel costs
+    layer_floor: float = 0.1  # no group keeps fewer than this fraction of its initial width
+    recalibrate_batchnorm: bool = True  # re-estimate BatchNorm statistics after each step
+    per_layer_sparsity: bool = False  # unstructured: top-k per layer instead of global
+    finetune: FinetuneFn | None = field(default=None, compare=False)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidConfig(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.granularity not in get_args(Granularity):
+            raise InvalidConfig(f"unknown granularity {self.granularity!r}")
+        if self.schedule not in get_args(Schedule):
+            raise InvalidConfig(f"unknown schedule {self.schedule!r}")
+        if self.target_metric not in get_args(TargetMetric):
+            raise InvalidConfig(f"unknown target metric {self.target_metric!r}")
+        structured = self.granularity == "channel"
+        if structured and self.target_metric == "sparsity":
+            raise InvalidConfig("channel pruning targets 'macs' or 'params', not 'sparsity'")
+        if self.granularity == "unstructured" and self.target_metric != "sparsity":
+            raise InvalidConfig("unstructured pruning targets 'sparsity'")
+        if not 0.0 < self.target < 1.0:
+            raise InvalidConfig(f"target must lie strictly between 0 and 1, got {self.target}")
+        if self.steps < 1:
+            raise InvalidConfig(f"steps must be at least 1, got {self.steps}")
+        if not 0.0 <= self.layer_floor < 1.0:
+            raise InvalidConfig(f"layer_floor must lie in [0, 1), got {self.layer_floor}")
+        if self.round_to is not None and self.round_to < 1:
+            raise InvalidConfig(f"round_to must be positive, got {self.round_to}")
+
+    @property
+    def kept_fraction(self) -> float:
+        """Final kept fraction of the target metric (of the weights, for sparsity)."""
+        return 1.0 - self.target if self.target_metric == "sparsity" else self.target
+
+    def step_target(self, step: int) -> float:
+        """Kept fraction after `step` of `steps` (1-based): exponential decay, as OBA, or linear."""
+        progress = step / self.steps
+        if self.schedule == "exponential":
+            return float(self.kept_fraction**progress)
+        return 1.0 - (1.0 - self.kept_fraction) * progress

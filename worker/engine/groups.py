@@ -1,0 +1,178 @@
+"""Coupled channel groups from Torch-Pruning's dependency graph, and their scores and costs.
+
+A group is every parameter slice that must go when one channel goes: a conv's filters and bias,
+its BatchNorm, the next layer's input channels, residual partners. Attention projections form
+one group per attention layer whose unit is a whole head (`head_dim` channels).
+
+Group score, following OBA (Sun et al., ICLR 2025): per member, the signed sum of element scores
+over each channel (bias included), absolute value, averaged over the Conv/Linear members (norm
+layers excluded). Scores arrive already averaged over batches; the sum over a channel commutes
+with that mean, so this equals "signed sum per batch, mean over batches, absolute value".
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from worker.engine.cost import Cost
+
+
+@dataclass
+class ChannelGroup:
+    """One prunable group, described by its root layer (whose output channels define it)."""
+
+    name: str
+    root: nn.Module
+    handler: Any  # Torch-Pruning's out-channel pruning function for the root
+    width: int  # current output channels of the root
+    unit: int  # channels removed together: 1, or head_dim for attention heads
+    members: list[tuple[nn.Module, bool, list[int], list[int]]]  # (module, is_out, idxs, root_idxs)
+
+    @property
+    def units(self) -> int:
+        return self.width // self.unit
+
+
+def is_conv1d_transposed(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def weight_axis(module: nn.Module, is_out: bool) -> int | None:
+    """Axis of `module.weight` that holds output (or input) channels; None if not Conv/Linear."""
+    if isinstance(module, nn.Linear):
+        return 0 if is_out else 1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups == module.in_channels == module.out_channels:  # depthwise
+            return 0
+        out_axis, in_axis = (1, 0) if module.transposed else (0, 1)
+        return out_axis if is_out else in_axis
+    if is_conv1d_transposed(module):
+        return 1 if is_out else 0
+    return None
+
+
+def collect_groups(
+    graph: tp.DependencyGraph,
+    names: dict[nn.Module, str],
+    ignored: list[nn.Module],
+    head_dims: dict[nn.Module, int],
+    allowed: Callable[[ChannelGroup], bool],
+) -> list[ChannelGroup]:
+    """Every prunable group of the current model; attention groups get a head-sized unit."""
+    root_types = [nn.modules.conv._ConvNd, nn.Linear, *_custom_types(graph)]
+    groups = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=root_types):
+        root = group[0].dep.target.module
+        members = []
+        unit = 1
+        for item in group:
+            module = item.dep.target.module
+            if not isinstance(module, nn.Module):
+                continue
+            is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
+            if is_out and module in head_dims:
+                unit = max(unit, head_dims[module])
+            members.append((module, is_out, list(item.idxs), list(item.root_idxs)))
+        width = graph.get_out_channels(root)
+        candidate = ChannelGroup(
+            names.get(root, type(root).__name__), root, group[0].dep.handler, width, unit, members
+        )
+        if width > candidate.unit and allowed(candidate):
+            groups.append(candidate)
+    return groups
+
+
+def _custom_types(graph: tp.DependencyGraph) -> list[type]:
+    return [t for t in graph.CUSTOMIZED_PRUNERS if isinstance(t, type)]
+
+
+def channel_scores(
+    group: ChannelGroup, element_scores: dict[nn.Parameter, Tensor], method: str
+) -> Tensor:
+    """|signed channel sum| per root channel, averaged over Conv/Linear members (float64).
+
+    `magnitude` uses the L2 norm of the channel's weights instead of a signed sum.
+    """
+    total = torch.zeros(group.width, dtype=torch.float64)
+    counted = 0
+    for module, is_out, idxs, root_idxs in group.members:
+        axis = weight_axis(module, is_out)
+        weight = getattr(module, "weight", None)
+        if axis is None or weight not in element_scores:
+            continue
+        per_channel = _per_channel(element_scores[weight], axis, module, is_out, method)
+        bias = getattr(module, "bias", None)
+        if is_out and isinstance(bias, nn.Parameter) and bias in element_scores:
+            per_channel = per_channel + _reduce(element_scores[bias].reshape(-1, 1), method)
+        if method == "magnitude":
+            per_channel = per_channel.sqrt()
+        values = per_channel.abs().cpu()[torch.tensor(idxs, dtype=torch.long)]
+        total.scatter_add_(0, torch.tensor(root_idxs, dtype=torch.long), values)
+        counted += 1
+    return total / max(counted, 1)
+
+
+def _per_channel(score: Tensor, axis: int, module: nn.Module, is_out: bool, method: str) -> Tensor:
+    # (…, C, …) -> (C, rest) -> (C,)
+    per_channel = _reduce(score.movedim(axis, 0).reshape(score.shape[axis], -1), method)
+    groups = getattr(module, "groups", 1)
+    if (
+        not is_out
+        and isinstance(module, nn.modules.conv._ConvNd)
+        and 1 < groups < module.in_channels
+    ):
+        per_channel = per_channel.repeat(groups)  # grouped conv: weight holds in_channels / groups
+    return per_channel
+
+
+def _reduce(rows: Tensor, method: str) -> Tensor:
+    return (rows**2).sum(1) if method == "magnitude" else rows.sum(1)
+
+
+def channel_costs(group: ChannelGroup, cost: Cost, metric: str) -> Tensor:
+    """MACs (or parameters) that removing each root channel saves, summed over members (float64).
+
+    Additive per member, so it slightly overstates the joint saving of removing channels on both
+    sides of one layer; the pruning loop measures and corrects.
+    """
+    total = torch.zeros(group.width, dtype=torch.float64)
+    for module, is_out, idxs, root_idxs in group.members:
+        per_channel = _member_cost(module, is_out, cost, metric)
+        if per_channel == 0.0:
+            continue
+        total.scatter_add_(
+            0,
+            torch.tensor(root_idxs, dtype=torch.long),
+            torch.full((len(idxs),), per_channel, dtype=torch.float64),
+        )
+    return total
+
+
+def _member_cost(module: nn.Module, is_out: bool, cost: Cost, metric: str) -> float:
+    axis = weight_axis(module, is_out)
+    weight = getattr(module, "weight", None)
+    if metric == "macs":
+        if axis is None or not isinstance(weight, Tensor):
+            return 0.0
+        return cost.module_macs.get(module, 0) / weight.shape[axis]
+    if axis is not None and isinstance(weight, Tensor):
+        channels = weight.shape[axis]
+        saved = weight.numel() / channels
+        bias = getattr(module, "bias", None)
+        if is_out and isinstance(bias, Tensor):
+            saved += 1
+        return saved
+    # norms, scales: one entry per channel in each vector parameter
+    return (
+        float(sum(1 for p in module.parameters(recurse=False) if p.dim() == 1)) if is_out else 0.0
+    )
+
+
+def unit_view(per_channel: Tensor, group: ChannelGroup) -> Tensor:
+    """Per-channel values summed per pruning unit: (width,) -> (width // unit,)."""
+    return per_channel.view(group.units, group.unit).sum(1)

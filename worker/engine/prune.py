@@ -1,0 +1,71 @@
+"""The engine's entry point: prune a model to a target, structured or not."""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from worker.engine import architectures
+from worker.engine.config import PruneConfig
+from worker.engine.cost import measure
+from worker.engine.errors import InvalidConfig
+from worker.engine.scores import LossFn
+from worker.engine.structured import StepRecord, prune_channels_
+from worker.engine.unstructured import prune_2_4_, prune_unstructured_, sparsity
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (the same object that was passed in, changed in place) and what happened."""
+
+    model: nn.Module
+    initial_macs: int
+    initial_params: int
+    macs: int
+    params: int
+    history: list[StepRecord]
+    sparsity: float | None = None  # unstructured and 2:4: fraction of eligible weights zeroed
+    masks: dict[str, Tensor] = field(default_factory=dict)  # True where a weight is kept
+    dense_layers: list[str] = field(default_factory=list)  # 2:4: weights left dense (width % 4)
+    config_updates: dict[str, int] = field(default_factory=dict)  # written to `model.config`
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Any,
+    batches: Iterable[Any],
+    loss_fn: LossFn,
+    config: PruneConfig,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> PruneResult:
+    """Prune `model` in place as `config` says.
+
+    `example_inputs` (a tensor, a tuple of positional inputs or a dict of keyword inputs) traces
+    the dependency graph and counts MACs. `batches` are the calibration data, passed as they are
+    to `loss_fn(model, batch)`; they are iterated once per step, so a list is best. `on_step`
+    receives each step's record as it completes (progress reporting).
+    """
+    calibration = list(batches)
+    if not calibration and config.method not in ("magnitude", "random"):
+        raise InvalidConfig(f"method {config.method!r} needs at least one calibration batch")
+    before = measure(model, example_inputs)
+    result = PruneResult(model, before.macs, before.params, before.macs, before.params, [])
+    if config.granularity == "channel":
+        result.history = prune_channels_(
+            model, example_inputs, calibration, loss_fn, config, on_step
+        )
+        result.config_updates = architectures.sync_structure(
+            model, architectures.attention_layers(model, config.attention_heads)[0]
+        )
+    elif config.granularity == "unstructured":
+        result.masks, result.history = prune_unstructured_(
+            model, example_inputs, calibration, loss_fn, config, on_step
+        )
+        result.sparsity = sparsity(model, result.masks)
+    else:
+        result.masks, result.dense_layers = prune_2_4_(model, calibration, loss_fn, config)
+        result.sparsity = sparsity(model, result.masks)
+    after = measure(model, example_inputs)
+    result.macs, result.params = after.macs, after.params
+    return result
