@@ -43,7 +43,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, dim: int = 8, heads: int = 2, hidden: int = 12, classes: int = 3) -> None:
         super().__init__()
-        self.heads = heads
+        self.num_heads = heads
         self.norm1 = nn.LayerNorm(dim)
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
@@ -59,7 +59,7 @@ class AttentionBlock(nn.Module):
         h = self.norm1(x)
         # (batch, tokens, dim) -> (batch, heads, tokens, head_dim)
         q, k, v = (
-            proj(h).view(batch, tokens, self.heads, -1).transpose(1, 2)
+            proj(h).view(batch, tokens, self.num_heads, -1).transpose(1, 2)
             for proj in (self.query, self.key, self.value)
         )
         attention = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)

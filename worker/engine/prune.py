@@ -6,7 +6,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from worker.engine import architectures
 from worker.engine.config import PruneConfig
 from worker.engine.cost import measure
 from worker.engine.errors import InvalidConfig
@@ -29,6 +28,8 @@ class PruneResult:
     masks: dict[str, Tensor] = field(default_factory=dict)  # True where a weight is kept
     dense_layers: list[str] = field(default_factory=list)  # 2:4: weights left dense (width % 4)
     config_updates: dict[str, int] = field(default_factory=dict)  # written to `model.config`
+    # False when the floors, ignored layers or unprunable parts stop short of the target
+    target_met: bool = True
 
 
 def prune(
@@ -52,11 +53,8 @@ def prune(
     before = measure(model, example_inputs)
     result = PruneResult(model, before.macs, before.params, before.macs, before.params, [])
     if config.granularity == "channel":
-        result.history = prune_channels_(
+        result.history, result.config_updates = prune_channels_(
             model, example_inputs, calibration, loss_fn, config, on_step
-        )
-        result.config_updates = architectures.sync_structure(
-            model, architectures.attention_layers(model, config.attention_heads)[0]
         )
     elif config.granularity == "unstructured":
         result.masks, result.history = prune_unstructured_(
@@ -68,4 +66,7 @@ def prune(
         result.sparsity = sparsity(model, result.masks)
     after = measure(model, example_inputs)
     result.macs, result.params = after.macs, after.params
+    if config.granularity == "channel":
+        goal = config.target * before.metric(config.target_metric)
+        result.target_met = after.metric(config.target_metric) <= goal
     return result

@@ -31,6 +31,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worker.engine.errors import InvalidConfig, NumericalError
 from worker.engine.hvp import hvp, theta_hvp
@@ -68,7 +69,8 @@ def parameter_scores(
     scorer = _BATCH_SCORERS[method]
     totals = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     count = 0
-    with _eval_mode(model):
+    # The math kernel of scaled_dot_product_attention is the one with a double backward on CPU.
+    with _eval_mode(model), sdpa_kernel(SDPBackend.MATH):
         for batch in batches:
             for total, score in zip(
                 totals, scorer(model, params, batch, loss_fn, generator), strict=True

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from worker.engine import architectures
 from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import PruneConfig
-from worker.engine.cost import Cost, measure
-from worker.engine.errors import InvalidConfig
+from worker.engine.cost import Cost, measure, run_forward
+from worker.engine.errors import InvalidConfig, UnsupportedModel
 from worker.engine.graph import build_graph
 from worker.engine.groups import (
     ChannelGroup,
@@ -59,8 +59,11 @@ def prune_channels_(
     loss_fn: LossFn,
     config: PruneConfig,
     on_step: Callable[[StepRecord], None] | None = None,
-) -> list[StepRecord]:
-    """Prune `model` in place to `config.target` of its MACs or parameters; one record per step."""
+) -> tuple[list[StepRecord], dict[str, int]]:
+    """Prune `model` in place to `config.target` of its MACs or parameters.
+
+    Returns one record per step and what was written to the model's config.
+    """
     named = dict(model.named_modules())
     unknown = [name for name in config.ignored_layers if name not in named]
     if unknown:
@@ -78,8 +81,16 @@ def prune_channels_(
     ignored = [named[n] for n in config.ignored_layers]
     ignored += architectures.output_layers(model, example_inputs) + frozen
     graph = build_graph(model, example_inputs)
-    allowed = architectures.group_filter(model)
+    describable = architectures.group_filter(model)
+    prunable_roots: set[nn.Module] = set()
+
+    def allowed(group: ChannelGroup) -> bool:
+        # decided once on the unpruned model: widths and configs change as pruning goes on
+        return group.root in prunable_roots
+
     head_dims = architectures.head_dims(layers)
+    prunable_roots.update(
+        g.root for g in collect_groups(graph, names, ignored, head_dims, describable))
     initial = measure(model, example_inputs).metric(config.target_metric)
     initial_units: dict[nn.Module, int] = {}
     history: list[StepRecord] = []
@@ -110,6 +121,7 @@ def prune_channels_(
                 break
             removed += _remove_units(graph, chosen, unit_scores)
             architectures.sync_structure(model, layers)
+            _check_forward(model, example_inputs, chosen, names)
             groups = collect_groups(graph, names, ignored, head_dims, allowed)
         if config.recalibrate_batchnorm:
             recalibrate_batchnorm_(model, calibration, loss_fn)
@@ -123,12 +135,26 @@ def prune_channels_(
             seconds_scoring,
             time.perf_counter() - started - seconds_scoring,
             removed,
-            {g.name: g.width for g in collect_groups(graph, names, ignored, head_dims, allowed)},
+            {names[root]: graph.get_out_channels(root) for root in prunable_roots},
         )
         history.append(record)
         if on_step is not None:
             on_step(record)
-    return history
+    return history, architectures.sync_structure(model, layers)
+
+
+def _check_forward(model: nn.Module, example_inputs: Any, chosen: list[_Candidate],
+                   names: dict[nn.Module, str]) -> None:
+    """Fail clearly when a removal broke the model, as when a model input feeds a residual add
+    directly: the traced graph cannot see that coupling."""
+    try:
+        with torch.no_grad():
+            run_forward(model, example_inputs)
+    except RuntimeError as error:
+        roots = sorted({names.get(c.group.root, "?") for c in chosen})
+        raise UnsupportedModel(
+            f"pruning the groups rooted at {roots} broke the forward pass ({error}); "
+            "list those layers in ignored_layers") from error
 
 
 def _normalised(scores: Tensor) -> Tensor:
