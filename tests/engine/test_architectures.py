@@ -1,0 +1,77 @@
+"""Real architectures built by `transformers` from configs: prune, run, and round-trip."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.engine.hf_models import CASES, inputs_of
+from worker.engine import PruneConfig, prune
+
+
+def _pruned(name: str, global_ranking: bool, target: float = 0.7) -> tuple[nn.Module, object]:
+    build, data, loss = CASES[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    batches = data(2, 0)
+    result = prune(model, inputs_of(batches[0]), batches, loss,
+                   PruneConfig(method="oba", target=target, steps=2, global_ranking=global_ranking))
+    return model, result
+
+
+def _attention(model: nn.Module) -> list[tuple[nn.Module, int, list[nn.Linear]]]:
+    """(module, head size, [query, key, value]) for BERT-style and q_proj-style attention."""
+    found = []
+    for m in model.modules():
+        if hasattr(m, "query") and hasattr(m, "attention_head_size"):
+            found.append((m, m.attention_head_size, [m.query, m.key, m.value]))
+        elif hasattr(m, "q_proj") and hasattr(m, "head_dim"):
+            found.append((m, m.head_dim, [m.q_proj, m.k_proj, m.v_proj]))
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_prunes_and_runs_forward_and_backward(name: str) -> None:
+    build, data, loss = CASES[name]
+    model, result = _pruned(name, global_ranking=True)
+    batch = data(1, 5)[0]
+
+    assert result.macs < result.initial_macs  # type: ignore[attr-defined]
+    value = loss(model, batch)
+    value.backward()
+    assert torch.isfinite(value)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_heads_in_modules_and_config_agree(name: str) -> None:
+    model, result = _pruned(name, global_ranking=True, target=0.5)
+    attention = _attention(model)
+
+    assert attention
+    for module, head_size, (query, key, value) in attention:
+        assert module.num_attention_heads * head_size == query.out_features
+        assert getattr(module, "all_head_size", query.out_features) == query.out_features
+        assert key.out_features == value.out_features == query.out_features
+    heads = {m.num_attention_heads for m, _, _ in attention}
+    assert min(heads) < 4  # heads were pruned
+    if len(heads) == 1:
+        assert model.config.num_attention_heads == heads.pop()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama"])
+def test_uniform_widths_round_trip_through_save_pretrained(name: str, tmp_path: Path) -> None:
+    _, data, _ = CASES[name]
+    model, result = _pruned(name, global_ranking=False)
+    inputs = inputs_of(data(1, 9)[0])
+    assert result.config_updates  # type: ignore[attr-defined]
+    assert result.macs < result.initial_macs  # type: ignore[attr-defined]
+
+    model.save_pretrained(tmp_path)  # type: ignore[operator]
+    reloaded = type(model).from_pretrained(tmp_path).eval()  # type: ignore[attr-defined]
+
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        actual = reloaded(**inputs).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
