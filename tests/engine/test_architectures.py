@@ -1,28 +1,35 @@
 """Real architectures built by `transformers` from configs: prune, run, and round-trip."""
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from tests.engine.hf_models import CASES, inputs_of
-from worker.engine import PruneConfig, prune
+from worker.engine import PruneConfig, PruneResult, prune
 
 
-def _pruned(name: str, global_ranking: bool, target: float = 0.7) -> tuple[nn.Module, object]:
+def _pruned(name: str, global_ranking: bool, target: float = 0.7) -> tuple[Any, PruneResult]:
     build, data, loss = CASES[name]
     torch.manual_seed(0)
     model = build().eval()
     batches = data(2, 0)
-    result = prune(model, inputs_of(batches[0]), batches, loss,
-                   PruneConfig(method="oba", target=target, steps=2, global_ranking=global_ranking))
+    result = prune(
+        model,
+        inputs_of(batches[0]),
+        batches,
+        loss,
+        PruneConfig(method="oba", target=target, steps=2, global_ranking=global_ranking),
+    )
     return model, result
 
 
-def _attention(model: nn.Module) -> list[tuple[nn.Module, int, list[nn.Linear]]]:
+def _attention(model: nn.Module) -> list[tuple[Any, int, list[Any]]]:
     """(module, head size, [query, key, value]) for BERT-style and q_proj-style attention."""
-    found = []
+    found: list[tuple[Any, int, list[Any]]] = []
+    m: Any
     for m in model.modules():
         if hasattr(m, "query") and hasattr(m, "attention_head_size"):
             found.append((m, m.attention_head_size, [m.query, m.key, m.value]))
@@ -33,11 +40,11 @@ def _attention(model: nn.Module) -> list[tuple[nn.Module, int, list[nn.Linear]]]
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_prunes_and_runs_forward_and_backward(name: str) -> None:
-    build, data, loss = CASES[name]
+    _, data, loss = CASES[name]
     model, result = _pruned(name, global_ranking=True)
     batch = data(1, 5)[0]
 
-    assert result.macs < result.initial_macs  # type: ignore[attr-defined]
+    assert result.macs < result.initial_macs
     value = loss(model, batch)
     value.backward()
     assert torch.isfinite(value)
@@ -46,7 +53,7 @@ def test_prunes_and_runs_forward_and_backward(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["bert", "vit"])
 def test_heads_in_modules_and_config_agree(name: str) -> None:
-    model, result = _pruned(name, global_ranking=True, target=0.5)
+    model, _ = _pruned(name, global_ranking=True, target=0.5)
     attention = _attention(model)
 
     assert attention
@@ -57,7 +64,7 @@ def test_heads_in_modules_and_config_agree(name: str) -> None:
     heads = {m.num_attention_heads for m, _, _ in attention}
     assert min(heads) < 4  # heads were pruned
     if len(heads) == 1:
-        assert model.config.num_attention_heads == heads.pop()  # type: ignore[union-attr]
+        assert model.config.num_attention_heads == heads.pop()
 
 
 @pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama"])
@@ -65,11 +72,11 @@ def test_uniform_widths_round_trip_through_save_pretrained(name: str, tmp_path: 
     _, data, _ = CASES[name]
     model, result = _pruned(name, global_ranking=False)
     inputs = inputs_of(data(1, 9)[0])
-    assert result.config_updates  # type: ignore[attr-defined]
-    assert result.macs < result.initial_macs  # type: ignore[attr-defined]
+    assert result.config_updates
+    assert result.macs < result.initial_macs
 
-    model.save_pretrained(tmp_path)  # type: ignore[operator]
-    reloaded = type(model).from_pretrained(tmp_path).eval()  # type: ignore[attr-defined]
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
 
     with torch.no_grad():
         expected = model(**inputs).logits

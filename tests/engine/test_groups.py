@@ -1,13 +1,15 @@
 """Group-score aggregation on hand-computed cases."""
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from worker.engine.graph import build_graph
-from worker.engine.groups import channel_scores, collect_groups
+from worker.engine.groups import ChannelGroup, channel_scores, collect_groups
 
 
-def _only_group(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module]):  # type: ignore[no-untyped-def]
+def _only_group(model: nn.Module, example: torch.Tensor, ignored: list[Any]) -> ChannelGroup:
     names = {m: n for n, m in model.named_modules()}
     groups = collect_groups(build_graph(model, example), names, ignored, {}, lambda g: True)
     assert len(groups) == 1
@@ -17,7 +19,7 @@ def _only_group(model: nn.Module, example: torch.Tensor, ignored: list[nn.Module
 def test_signed_channel_sums_are_averaged_over_linear_members() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
     group = _only_group(model, torch.randn(1, 2), [model[2]])
-    scores = {
+    scores: dict[Any, torch.Tensor] = {
         model[0].weight: torch.tensor([[1.0, -3.0], [2.0, 2.0]], dtype=torch.float64),
         model[0].bias: torch.tensor([0.5, -1.0], dtype=torch.float64),
         model[2].weight: torch.tensor([[4.0, -6.0]], dtype=torch.float64),
@@ -27,13 +29,17 @@ def test_signed_channel_sums_are_averaged_over_linear_members() -> None:
     result = channel_scores(group, scores, "oba")
 
     # channel 0: |1 - 3 + 0.5| = 1.5 and |4| = 4; channel 1: |2 + 2 - 1| = 3 and |-6| = 6
-    torch.testing.assert_close(result, torch.tensor([(1.5 + 4) / 2, (3 + 6) / 2], dtype=torch.float64))
+    torch.testing.assert_close(
+        result, torch.tensor([(1.5 + 4) / 2, (3 + 6) / 2], dtype=torch.float64)
+    )
 
 
 def test_batchnorm_members_are_excluded_and_magnitude_is_l2() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2), nn.Conv2d(2, 1, 1, bias=False))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2), nn.Conv2d(2, 1, 1, bias=False)
+    )
     group = _only_group(model, torch.randn(1, 1, 2, 2), [model[2]])
-    scores = {
+    scores: dict[Any, torch.Tensor] = {
         model[0].weight: torch.tensor([3.0, -4.0], dtype=torch.float64).view(2, 1, 1, 1),
         model[1].weight: torch.tensor([100.0, 100.0], dtype=torch.float64),
         model[1].bias: torch.tensor([100.0, 100.0], dtype=torch.float64),
@@ -43,14 +49,18 @@ def test_batchnorm_members_are_excluded_and_magnitude_is_l2() -> None:
     signed = channel_scores(group, scores, "oba")
     l2 = channel_scores(group, {p: s.abs() for p, s in scores.items()}, "magnitude")
 
-    torch.testing.assert_close(signed, torch.tensor([(3 + 1) / 2, (4 + 2) / 2], dtype=torch.float64))
+    torch.testing.assert_close(
+        signed, torch.tensor([(3 + 1) / 2, (4 + 2) / 2], dtype=torch.float64)
+    )
     torch.testing.assert_close(l2, torch.tensor([(3 + 1) / 2, (4 + 2) / 2], dtype=torch.float64))
 
 
 def test_flattened_inputs_sum_back_to_their_root_channel() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.Flatten(), nn.Linear(2 * 2 * 2, 1, bias=False))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 1, bias=False), nn.Flatten(), nn.Linear(2 * 2 * 2, 1, bias=False)
+    )
     group = _only_group(model, torch.randn(1, 1, 2, 2), [model[2]])
-    scores = {
+    scores: dict[Any, torch.Tensor] = {
         model[0].weight: torch.zeros(2, 1, 1, 1, dtype=torch.float64),
         model[2].weight: torch.arange(8, dtype=torch.float64).view(1, 8),
     }
@@ -58,4 +68,6 @@ def test_flattened_inputs_sum_back_to_their_root_channel() -> None:
     result = channel_scores(group, scores, "oba")
 
     # the linear layer sees channel 0 as inputs 0-3 and channel 1 as inputs 4-7
-    torch.testing.assert_close(result, torch.tensor([(0 + 6) / 2, (0 + 22) / 2], dtype=torch.float64))
+    torch.testing.assert_close(
+        result, torch.tensor([(0 + 6) / 2, (0 + 22) / 2], dtype=torch.float64)
+    )

@@ -26,9 +26,15 @@ def test_global_sparsity_is_exact(method: str) -> None:
     weights = eligible_weights(model, ())
     total = sum(w.numel() for w in weights.values())
 
-    result = prune(model, CALIBRATION[0][0], CALIBRATION, models.cross_entropy,
-                   PruneConfig(method=method, granularity="unstructured", target_metric="sparsity",
-                               target=0.7, steps=3))
+    result = prune(
+        model,
+        CALIBRATION[0][0],
+        CALIBRATION,
+        models.cross_entropy,
+        PruneConfig(
+            method=method, granularity="unstructured", target_metric="sparsity", target=0.7, steps=3
+        ),
+    )
 
     assert _zeros(eligible_weights(model, ())) == round(0.7 * total)
     assert result.sparsity == pytest.approx(round(0.7 * total) / total, abs=1e-12)
@@ -37,9 +43,19 @@ def test_global_sparsity_is_exact(method: str) -> None:
 
 def test_per_layer_sparsity_is_exact_in_every_layer() -> None:
     model = _cnn()
-    prune(model, CALIBRATION[0][0], CALIBRATION, models.cross_entropy,
-          PruneConfig(granularity="unstructured", target_metric="sparsity", target=0.5, steps=1,
-                      per_layer_sparsity=True))
+    prune(
+        model,
+        CALIBRATION[0][0],
+        CALIBRATION,
+        models.cross_entropy,
+        PruneConfig(
+            granularity="unstructured",
+            target_metric="sparsity",
+            target=0.5,
+            steps=1,
+            per_layer_sparsity=True,
+        ),
+    )
 
     for weight in eligible_weights(model, ()).values():
         assert int((weight == 0).sum()) == round(0.5 * weight.numel())
@@ -52,9 +68,20 @@ def test_masks_stay_applied_after_finetuning_and_ignored_layers_stay_dense() -> 
                 p.add_(1.0)
 
     model = _cnn()
-    result = prune(model, CALIBRATION[0][0], CALIBRATION, models.cross_entropy,
-                   PruneConfig(granularity="unstructured", target_metric="sparsity", target=0.6,
-                               steps=2, finetune=perturb, ignored_layers=("head",)))
+    result = prune(
+        model,
+        CALIBRATION[0][0],
+        CALIBRATION,
+        models.cross_entropy,
+        PruneConfig(
+            granularity="unstructured",
+            target_metric="sparsity",
+            target=0.6,
+            steps=2,
+            finetune=perturb,
+            ignored_layers=("head",),
+        ),
+    )
 
     params = dict(model.named_parameters())
     for name, mask in result.masks.items():
@@ -65,12 +92,18 @@ def test_masks_stay_applied_after_finetuning_and_ignored_layers_stay_dense() -> 
 
 def test_two_four_masks_are_valid() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(),
-                          nn.Linear(8 * 6 * 6, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 6 * 6, 3)
+    )
     calibration = models.classification_batches((4, 3, 8, 8), 3, 2, seed=0)
 
-    result = prune(model, calibration[0][0], calibration, models.cross_entropy,
-                   PruneConfig(method="oba", granularity="2:4"))
+    result = prune(
+        model,
+        calibration[0][0],
+        calibration,
+        models.cross_entropy,
+        PruneConfig(method="oba", granularity="2:4"),
+    )
 
     assert result.dense_layers == ["0.weight"]  # 3 input channels: no 2:4 pattern
     assert set(result.masks) == {"2.weight", "4.weight"}

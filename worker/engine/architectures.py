@@ -12,18 +12,19 @@ import torch
 from torch import Tensor, nn
 
 from worker.engine.cost import run_forward
+from worker.engine.errors import InvalidConfig
 from worker.engine.groups import ChannelGroup
 
 
 @dataclass(frozen=True)
 class AttentionLayer:
-    owner: nn.Module  # the module whose forward splits heads
-    projections: tuple[nn.Module, ...]  # query, key, value: output channels are head channels
+    owner: Any  # the module whose forward splits heads (its head-count attributes get updated)
+    projections: tuple[nn.Linear, ...]  # query, key, value: output channels are head channels
     head_dim: int
 
     @property
     def heads(self) -> int:
-        return int(self.projections[0].weight.shape[0]) // self.head_dim
+        return self.projections[0].out_features // self.head_dim
 
 
 def attention_layers(
@@ -36,7 +37,9 @@ def attention_layers(
     (GPT-2's `c_attn`) are kept whole: their heads are not pruned.
     """
     named = dict(model.named_modules())
-    layers, frozen = [], []
+    layers: list[AttentionLayer] = []
+    frozen: list[nn.Module] = []
+    module: Any
     for module in model.modules():
         if _all_linear(module, "query", "key", "value") and hasattr(module, "attention_head_size"):
             layers.append(
@@ -55,11 +58,11 @@ def attention_layers(
         elif hasattr(module, "c_attn"):
             frozen.append(module.c_attn)
     for name, heads in explicit.items():
-        projection = named[name]
+        projection = named.get(name)
+        if not isinstance(projection, nn.Linear):
+            raise InvalidConfig(f"attention projection {name!r} is not a Linear layer of the model")
         parent = named[name.rpartition(".")[0]]
-        layers.append(
-            AttentionLayer(parent, (projection,), int(projection.weight.shape[0]) // heads)
-        )
+        layers.append(AttentionLayer(parent, (projection,), projection.out_features // heads))
     return layers, frozen
 
 

@@ -24,7 +24,7 @@ class Cost:
 
 
 def run_forward(model: nn.Module, inputs: Any) -> Any:
-    """Call `model` on example inputs given as one tensor, a sequence of positional ones or a dict."""
+    """Call `model` on inputs given as one tensor, a sequence of positional ones or a dict."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, Sequence) and not isinstance(inputs, torch.Tensor):
@@ -33,7 +33,7 @@ def run_forward(model: nn.Module, inputs: Any) -> Any:
 
 
 def measure(model: nn.Module, example_inputs: Any) -> Cost:
-    """MACs of one forward pass on `example_inputs` (eval mode, no grad) and trainable parameters."""
+    """MACs of one forward pass on `example_inputs` (eval mode, no grad) and parameters."""
     training = model.training
     model.eval()
     try:

@@ -14,26 +14,26 @@ from worker.engine.errors import UnsupportedModel
 from worker.engine.groups import is_conv1d_transposed
 
 
-class Conv1DPruner(tp.pruner.function.BasePruningFunc):  # type: ignore[misc]
+class Conv1DPruner(tp.pruner.function.BasePruningFunc):
     """Pruning functions for transformers' `Conv1D` (weight stored (in, out), as in GPT-2)."""
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         keep = sorted(set(range(layer.nf)) - set(idxs))
         layer.weight = nn.Parameter(layer.weight.data[:, keep].clone())
         layer.bias = nn.Parameter(layer.bias.data[keep].clone())
         layer.nf = len(keep)
         return layer
 
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         keep = sorted(set(range(layer.nx)) - set(idxs))
         layer.weight = nn.Parameter(layer.weight.data[keep, :].clone())
         layer.nx = len(keep)
         return layer
 
-    def get_out_channels(self, layer: nn.Module) -> int:
+    def get_out_channels(self, layer: Any) -> int:
         return int(layer.nf)
 
-    def get_in_channels(self, layer: nn.Module) -> int:
+    def get_in_channels(self, layer: Any) -> int:
         return int(layer.nx)
 
 

@@ -3,14 +3,14 @@
 Every method shares one signature and returns, per named parameter, a tensor of the parameter's
 shape: the mean over calibration batches of a per-batch score, accumulated in float64.
 
-| method      | score                 | quantity                                                     |
-|-------------|-----------------------|--------------------------------------------------------------|
-| `oba_full`  | θ ⊙ (Hθ)              | OBA share of θᵀHθ with the full Hessian (Pearlmutter HVP)    |
-| `oba`       | θ ⊙ ((H − G)θ)        | OBA as published: H without its Gauss-Newton part G = Jᵀ∇²ℓJ |
-| `taylor`    | −g ⊙ θ                | first-order loss change of removing θ (Molchanov 2019)       |
-| `obd`       | ½ θ² ⊙ diag(H)        | OBD (LeCun 1989), diag(H) by Hutchinson's estimator          |
-| `magnitude` | |θ|                   | baseline                                                      |
-| `random`    | U(0, 1)               | control                                                       |
+| method      | score           | quantity                                                 |
+|-------------|-----------------|----------------------------------------------------------|
+| `oba_full`  | θ ⊙ (Hθ)        | OBA share of θᵀHθ, full Hessian (Pearlmutter HVP)        |
+| `oba`       | θ ⊙ ((H − G)θ)  | OBA as published: H less its Gauss-Newton part Jᵀ∇²ℓJ    |
+| `taylor`    | −g ⊙ θ          | first-order loss change of removing θ (Molchanov 2019)   |
+| `obd`       | ½ θ² ⊙ diag(H)  | OBD (LeCun 1989), diag(H) by Hutchinson's estimator      |
+| `magnitude` | |θ|             | baseline                                                 |
+| `random`    | U(0, 1)         | control                                                  |
 
 `oba` is the Hessian-vector product of the loss *linearised at the model outputs*,
 L̃(θ) = ⟨stopgrad(∂ℓ/∂f), f(θ)⟩, whose Hessian is Σ_k (∂ℓ/∂f_k) ∇²f_k = H − G. It costs the same

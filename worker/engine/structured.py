@@ -90,7 +90,8 @@ def prune_channels_(
 
     head_dims = architectures.head_dims(layers)
     prunable_roots.update(
-        g.root for g in collect_groups(graph, names, ignored, head_dims, describable))
+        g.root for g in collect_groups(graph, names, ignored, head_dims, describable)
+    )
     initial = measure(model, example_inputs).metric(config.target_metric)
     initial_units: dict[nn.Module, int] = {}
     history: list[StepRecord] = []
@@ -143,8 +144,9 @@ def prune_channels_(
     return history, architectures.sync_structure(model, layers)
 
 
-def _check_forward(model: nn.Module, example_inputs: Any, chosen: list[_Candidate],
-                   names: dict[nn.Module, str]) -> None:
+def _check_forward(
+    model: nn.Module, example_inputs: Any, chosen: list[_Candidate], names: dict[nn.Module, str]
+) -> None:
     """Fail clearly when a removal broke the model, as when a model input feeds a residual add
     directly: the traced graph cannot see that coupling."""
     try:
@@ -154,7 +156,8 @@ def _check_forward(model: nn.Module, example_inputs: Any, chosen: list[_Candidat
         roots = sorted({names.get(c.group.root, "?") for c in chosen})
         raise UnsupportedModel(
             f"pruning the groups rooted at {roots} broke the forward pass ({error}); "
-            "list those layers in ignored_layers") from error
+            "list those layers in ignored_layers"
+        ) from error
 
 
 def _normalised(scores: Tensor) -> Tensor:

@@ -26,9 +26,9 @@ def eligible_weights(model: nn.Module, ignored: tuple[str, ...]) -> dict[str, nn
     for name, module in model.named_modules():
         if any(name == i or name.startswith(i + ".") for i in ignored):
             continue
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_conv1d_transposed(module):
-            if module.weight.requires_grad:
-                out[f"{name}.weight" if name else "weight"] = module.weight
+        prunable = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+        if (prunable or is_conv1d_transposed(module)) and module.weight.requires_grad:
+            out[f"{name}.weight" if name else "weight"] = module.weight
     return out
 
 
