@@ -1,0 +1,36 @@
+"""/v1/artifacts/{id}/content: streamed downloads with a strong ETag (the sha256)."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import StreamingResponse
+
+from service import resources
+from service.auth import TenantDep
+from service.deps import SessionDep
+from service.orm import Artifact
+from service.storage import get_store
+
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+
+
+@router.get("/{artifact_id}/content", response_model=None)
+def download(
+    artifact_id: str,
+    tenant_id: TenantDep,
+    session: SessionDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    artifact = resources.owned(session, Artifact, tenant_id, artifact_id)
+    etag = f'"{artifact.sha256}"'
+    if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
+        return Response(status_code=304, headers={"ETag": etag})
+    return StreamingResponse(
+        get_store().iter_chunks(artifact.blob_key),
+        media_type="application/octet-stream",
+        headers={
+            "ETag": etag,
+            "Content-Length": str(artifact.size),
+            "Content-Disposition": f'attachment; filename="{artifact.filename}"',
+        },
+    )

@@ -1,0 +1,42 @@
+"""Celery configuration shared by the API's client and the worker (DESIGN §3)."""
+
+from typing import Any
+
+from service.settings import Settings
+
+VALIDATE_MODEL = "apoptosis.validate_model"
+RUN_JOB = "apoptosis.run_job"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    url = settings.resolved_broker_url()
+    config: dict[str, Any] = {
+        "broker_url": url,
+        "task_acks_late": True,  # a job is acknowledged when done, not when received
+        "task_reject_on_worker_lost": True,  # a killed worker's job goes back to the queue
+        "worker_prefetch_multiplier": 1,  # one job at a time per process
+        "task_default_queue": "cpu",
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_soft_time_limit": settings.job_soft_time_limit,
+        "task_time_limit": settings.job_hard_time_limit,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+    }
+    if url.startswith("filesystem://"):
+        folder = settings.broker_folder
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        config["broker_transport_options"] = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+        }
+    elif url.startswith("redis"):
+        # Above the longest job, or Redis redelivers a late-acked job that is still running.
+        config["broker_transport_options"] = {
+            "visibility_timeout": settings.job_hard_time_limit + 600
+        }
+    return config

@@ -1,0 +1,267 @@
+"""`apoptosis`: run the service (up, api, worker, migrate, keys) and talk to it (models,
+datasets, jobs) through the SDK."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from service.client import ApiError, Client
+
+app = typer.Typer(
+    help="Apoptosis: Hessian-based model pruning as a service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+models_app = typer.Typer(help="Upload and inspect models.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload datasets.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Submit, follow and download pruning jobs.", no_args_is_help=True)
+for sub, name in (
+    (keys_app, "keys"),
+    (models_app, "models"),
+    (datasets_app, "datasets"),
+    (jobs_app, "jobs"),
+):
+    app.add_typer(sub, name=name)
+
+UrlOption = Annotated[str, typer.Option(envvar="APOPTOSIS_URL", help="API base URL")]
+KeyOption = Annotated[str, typer.Option(envvar="APOPTOSIS_API_KEY", help="API key")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _use_home(home: Path | None) -> None:
+    if home is not None:
+        os.environ["APOPTOSIS_HOME"] = str(home)
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema up to date."""
+    from service import migrate as migrations
+    from service.settings import get_settings
+
+    migrations.upgrade(get_settings().resolved_database_url())
+    typer.echo("database is up to date")
+
+
+@app.command()
+def api(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+    )
+
+
+@app.command()
+def worker(queues: str = "cpu,gpu", name: str = "worker@%h") -> None:
+    """Run one worker process (one per GPU): Celery, solo pool, one job at a time."""
+    os.execvp(sys.executable, _worker_command(queues, name))
+
+
+def _worker_command(queues: str, name: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        "-Q",
+        queues,
+        "-n",
+        name,
+        "--loglevel=INFO",
+    ]
+
+
+@app.command()
+def up(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    home: Annotated[Path, typer.Option(help="where the embedded state lives")] = Path("var"),
+) -> None:
+    """Embedded service: migrate SQLite under HOME, start one worker and the API."""
+    _use_home(home)
+    from service import migrate as migrations
+    from service.settings import get_settings
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    migrations.upgrade(settings.resolved_database_url())
+    key = _local_key()
+    worker_process = subprocess.Popen(
+        _worker_command("cpu,gpu", "embedded@%h"),
+        env={**os.environ, "APOPTOSIS_HOME": str(settings.home)},
+    )
+    typer.echo(f"Apoptosis is running at http://{host}:{port}")
+    typer.echo(f"API key: {key}")
+    sys.stdout.flush()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        api(host, port)
+    finally:
+        worker_process.terminate()
+        try:
+            worker_process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            worker_process.kill()
+
+
+def _local_key() -> str:
+    """The embedded tenant's key: APOPTOSIS_API_KEY if set, else one kept in HOME/api-key."""
+    from service.auth import create_tenant, tenant_of_key
+    from service.db import get_sessionmaker
+    from service.settings import get_settings
+
+    settings = get_settings()
+    key_file = settings.home / "api-key"
+    wanted = settings.api_key or (key_file.read_text().strip() if key_file.exists() else "")
+    with get_sessionmaker()() as session:
+        if wanted and tenant_of_key(session, wanted) is not None:
+            return wanted
+        _, key = create_tenant(session, "local", wanted or None)
+        session.commit()
+    if not settings.api_key:
+        key_file.touch(mode=0o600)
+        key_file.write_text(key + "\n")
+    return key
+
+
+@keys_app.command("create")
+def create_key(tenant: Annotated[str, typer.Option(help="name of the new tenant")]) -> None:
+    """Create a tenant and print its API key (shown once)."""
+    from service.auth import create_tenant
+    from service.db import get_sessionmaker
+
+    with get_sessionmaker()() as session:
+        _, key = create_tenant(session, tenant)
+        session.commit()
+    typer.echo(key)
+
+
+def _client(url: str, key: str) -> Client:
+    if not key:
+        raise typer.BadParameter("set --api-key or APOPTOSIS_API_KEY")
+    return Client(url, key)
+
+
+def _print(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+@models_app.command("upload")
+def upload_model(
+    path: Path,
+    format: str = "hf",
+    name: str | None = None,
+    wait: bool = True,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = "",
+) -> None:
+    """Upload a model archive; with --wait, until it is validated."""
+    with _client(url, api_key) as client:
+        model = client.upload_model(path, format, name)
+        if wait:
+            model = client.wait_for_model(model.id)
+        _print(model.model_dump(mode="json"))
+
+
+@datasets_app.command("upload")
+def upload_dataset(
+    path: Path,
+    format: str = "tensors",
+    name: str | None = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = "",
+) -> None:
+    """Upload a dataset file."""
+    with _client(url, api_key) as client:
+        _print(client.upload_dataset(path, format, name).model_dump(mode="json"))
+
+
+@jobs_app.command("submit")
+def submit(
+    model: str,
+    dataset: str,
+    method: str = "oba",
+    granularity: str = "channel",
+    target: Annotated[str, typer.Option(help="macs=0.5 | params=0.5 | sparsity=0.5")] = "macs=0.5",
+    steps: int = 10,
+    loss: str = "cross_entropy",
+    batches: int = 8,
+    batch_size: int = 32,
+    output: list[str] | None = None,
+    idempotency_key: str | None = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = "",
+) -> None:
+    """Submit a pruning job and print it."""
+    metric, _, value = target.partition("=")
+    spec = {
+        "model_id": model,
+        "dataset_id": dataset,
+        "method": method,
+        "granularity": granularity,
+        "target": {metric: float(value)},
+        "schedule": {"steps": steps},
+        "loss": loss,
+        "calibration": {"batches": batches, "batch_size": batch_size},
+        "outputs": output or ["hf"],
+    }
+    with _client(url, api_key) as client:
+        _print(client.submit_job(spec, idempotency_key).model_dump(mode="json"))
+
+
+@jobs_app.command("watch")
+def watch(job_id: str, url: UrlOption = DEFAULT_URL, api_key: KeyOption = "") -> None:
+    """Follow a job with a progress bar until it ends."""
+    from rich.progress import Progress
+
+    with _client(url, api_key) as client, Progress() as progress:
+        bar = progress.add_task(f"job {job_id}", total=100)
+        for kind, data in client.events(job_id):
+            if kind == "progress":
+                stage = data.get("stage", "")
+                progress.update(bar, completed=data.get("percent", 0), description=stage)
+            elif kind == "state":
+                progress.console.print(f"state: {data['state']}")
+        job = client.job(job_id)
+    _print(job.model_dump(mode="json", include={"id", "state", "result", "error"}))
+    if job.state != "succeeded":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("download")
+def download(
+    job_id: str, output: Path = Path("."), url: UrlOption = DEFAULT_URL, api_key: KeyOption = ""
+) -> None:
+    """Download every artifact of a job into OUTPUT."""
+    with _client(url, api_key) as client:
+        for artifact in client.artifacts(job_id):
+            typer.echo(client.download(artifact, output))
+
+
+def main() -> None:
+    try:
+        app()
+    except ApiError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)

@@ -1,0 +1,75 @@
+"""/v1/datasets: calibration, fine-tuning and evaluation data."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from service import resources
+from service.auth import TenantDep
+from service.datasets.schemas import DATASET_FORMATS, DatasetOut, DatasetPage
+from service.deps import SessionDep
+from service.orm import Dataset, Job
+from service.pagination import MAX_LIMIT
+from service.problems import ProblemError
+from service.settings import get_settings
+from service.uploads import receive_upload
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=201, response_model=DatasetOut)
+async def upload_dataset(request: Request, tenant_id: TenantDep, session: SessionDep) -> Dataset:
+    settings = get_settings()
+    upload = await receive_upload(request, settings.home / "tmp", settings.max_upload_bytes)
+    dataset_format = upload.fields.get("format", "")
+    if dataset_format not in DATASET_FORMATS or upload.size == 0:
+        upload.path.unlink(missing_ok=True)
+        if upload.size == 0:
+            raise ProblemError(422, "empty_file", "the uploaded file is empty")
+        raise ProblemError(
+            422,
+            "unsupported_format",
+            f"dataset format must be one of {DATASET_FORMATS}, got {dataset_format!r}",
+        )
+    blob = await run_in_threadpool(resources.store_upload, upload)
+    dataset = Dataset(
+        tenant_id=tenant_id,
+        name=upload.fields.get("name") or upload.filename,
+        format=dataset_format,
+        blob_key=blob.key,
+        sha256=blob.sha256,
+        size=blob.size,
+    )
+    session.add(dataset)
+    session.commit()
+    return dataset
+
+
+@router.get("", response_model=DatasetPage)
+def list_datasets(
+    tenant_id: TenantDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: str | None = None,
+) -> DatasetPage:
+    rows, next_cursor = resources.page(session, Dataset, tenant_id, limit, cursor)
+    return DatasetPage(items=[DatasetOut.model_validate(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def read_dataset(dataset_id: str, tenant_id: TenantDep, session: SessionDep) -> Dataset:
+    return resources.owned(session, Dataset, tenant_id, dataset_id)
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: str, tenant_id: TenantDep, session: SessionDep) -> Response:
+    dataset = resources.owned(session, Dataset, tenant_id, dataset_id)
+    if session.scalar(select(Job.id).where(Job.dataset_id == dataset.id).limit(1)) is not None:
+        raise ProblemError(
+            409, "dataset_in_use", "jobs refer to this dataset; it cannot be deleted"
+        )
+    session.delete(dataset)
+    session.commit()
+    return Response(status_code=204)

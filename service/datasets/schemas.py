@@ -1,0 +1,23 @@
+"""Dataset resources as the API shows them."""
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+DATASET_FORMATS: tuple[str, ...] = ("tensors",)
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    format: str
+    sha256: str
+    size: int
+    created_at: datetime
+
+    model_config = {"from_attributes": True}
+
+
+class DatasetPage(BaseModel):
+    items: list[DatasetOut]
+    next_cursor: str | None

@@ -1,0 +1,87 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from service import queue
+from service.db import get_engine
+from service.storage import get_store
+
+router = APIRouter(tags=["health"])
+REGISTRY = CollectorRegistry()
+REQUESTS = Counter(
+    "apoptosis_http_requests_total",
+    "HTTP requests",
+    ["method", "route", "status"],
+    registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "apoptosis_http_request_seconds", "HTTP request latency", ["method", "route"], registry=REGISTRY
+)
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz() -> JSONResponse:
+    checks = {
+        "database": await run_in_threadpool(_database_ready),
+        "broker": await run_in_threadpool(queue.broker_ready),
+        "store": await run_in_threadpool(_store_ready),
+    }
+    ready = all(checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get("/metrics")
+def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def _database_ready() -> bool:
+    try:
+        with get_engine().connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return True
+    except Exception:  # any driver error means "not ready"
+        return False
+
+
+def _store_ready() -> bool:
+    try:
+        get_store().exists("sha256/00/" + "0" * 64)
+        return True
+    except Exception:  # any store error means "not ready"
+        return False
+
+
+def install_metrics(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def _measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        LATENCY.labels(request.method, path).observe(time.perf_counter() - started)
+        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        return response

@@ -1,0 +1,108 @@
+"""All SQL for jobs and their events. Every state change is a guarded UPDATE … WHERE state IN."""
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.jobs.states import ALLOWED_FROM, CANCELLING, RUNNING
+from service.orm import Job, JobEvent, utcnow
+
+
+def get(session: Session, tenant_id: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
+def by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def page(
+    session: Session,
+    tenant_id: str,
+    state: str | None,
+    limit: int,
+    cursor: tuple[datetime, str] | None,
+) -> Sequence[Job]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if cursor is not None:
+        created, job_id = cursor
+        query = query.where(
+            (Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id))
+        )
+    return session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)).all()
+
+
+def transition(
+    session: Session, job_id: str, target: str, *, owner: str | None = None, **values: Any
+) -> bool:
+    """Move `job_id` to `target` if its current state allows it; False if it did not.
+
+    With `owner`, only the worker holding the lease may make the change.
+    """
+    query = update(Job).where(Job.id == job_id, Job.state.in_(ALLOWED_FROM[target]))
+    if owner is not None:
+        query = query.where(Job.lease_owner == owner)
+    result = session.execute(query.values(state=target, **values))
+    changed = bool(result.rowcount)  # type: ignore[attr-defined]
+    if changed:
+        add_event(session, job_id, "state", {"state": target})
+    return changed
+
+
+def claim(session: Session, job_id: str, worker: str) -> bool:
+    """Atomically take a queued job (queued → running, attempt + 1): a redelivery is a no-op."""
+    now = utcnow()
+    return transition(
+        session,
+        job_id,
+        RUNNING,
+        attempt=Job.attempt + 1,
+        lease_owner=worker,
+        heartbeat_at=now,
+        started_at=func.coalesce(Job.started_at, now),
+    )
+
+
+def heartbeat(
+    session: Session, job_id: str, worker: str, progress: dict[str, Any] | None = None
+) -> str | None:
+    """Refresh the lease (and progress); returns the job's state, None if the lease is lost."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == worker, Job.state.in_((RUNNING, CANCELLING)))
+        .values(**values)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return None
+    return session.scalar(select(Job.state).where(Job.id == job_id))
+
+
+def stale(session: Session, older_than: timedelta) -> Sequence[Job]:
+    cutoff = utcnow() - older_than
+    return session.scalars(
+        select(Job).where(Job.state.in_((RUNNING, CANCELLING)), Job.heartbeat_at < cutoff)
+    ).all()
+
+
+def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data))
+
+
+def events_after(
+    session: Session, job_id: str, after_id: int, limit: int = 500
+) -> Sequence[JobEvent]:
+    return session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+        .order_by(JobEvent.id)
+        .limit(limit)
+    ).all()

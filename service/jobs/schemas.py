@@ -1,0 +1,102 @@
+"""The job spec (DESIGN §4) and job resources."""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+OutputFormat = Literal["hf"]
+
+
+def _default_outputs() -> list[OutputFormat]:
+    return ["hf"]
+
+
+class Target(BaseModel):
+    """Keep at most this fraction of MACs or parameters, or zero this fraction of weights."""
+
+    model_config = ConfigDict(extra="forbid")
+    macs: float | None = Field(default=None, gt=0, lt=1)
+    params: float | None = Field(default=None, gt=0, lt=1)
+    sparsity: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Target":
+        if sum(v is not None for v in (self.macs, self.params, self.sparsity)) != 1:
+            raise ValueError("give exactly one of macs, params or sparsity")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return next(k for k in ("macs", "params", "sparsity") if getattr(self, k) is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.metric))
+
+
+class Schedule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(default=10, ge=1, le=500)
+    kind: Literal["exponential", "linear"] = "exponential"
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batches: int = Field(default=8, ge=1, le=10_000)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+
+
+class Finetune(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(default=1, ge=0, le=100)
+    lr: float = Field(default=1e-3, gt=0, le=1)
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str
+    dataset_id: str
+    method: Literal["oba", "oba_full", "taylor", "obd", "magnitude", "random"] = "oba"
+    granularity: Literal["channel", "unstructured", "2:4"] = "channel"
+    target: Target = Field(default_factory=lambda: Target(macs=0.5))
+    schedule: Schedule = Field(default_factory=Schedule)
+    calibration: Calibration = Field(default_factory=Calibration)
+    loss: Literal["cross_entropy", "mse", "distill", "causal_lm"] = "cross_entropy"
+    finetune: Finetune | None = None
+    outputs: list[OutputFormat] = Field(default_factory=_default_outputs, min_length=1)
+
+    @model_validator(mode="after")
+    def _target_fits_granularity(self) -> "JobSpec":
+        structured = self.granularity == "channel"
+        if structured and self.target.metric == "sparsity":
+            raise ValueError("channel pruning targets macs or params, not sparsity")
+        if self.granularity == "unstructured" and self.target.metric != "sparsity":
+            raise ValueError("unstructured pruning targets sparsity")
+        return self
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    state: str
+    model_id: str
+    dataset_id: str | None
+    spec: dict[str, Any]
+    attempt: int
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error: JobError | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None

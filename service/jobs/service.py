@@ -1,0 +1,88 @@
+"""Job use cases: create (idempotently), cancel."""
+
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import queue, resources
+from service.jobs import repository
+from service.jobs.schemas import JobSpec
+from service.jobs.states import CANCELLED, CANCELLING, QUEUED, TERMINAL
+from service.orm import Dataset, Job, Model, utcnow
+from service.problems import ProblemError
+from service.settings import get_settings
+
+
+def create(
+    session: Session, tenant_id: str, spec: JobSpec, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """The job for this spec, and whether it is new. A repeated key returns the first job."""
+    if idempotency_key:
+        existing = repository.by_idempotency_key(session, tenant_id, idempotency_key)
+        if existing is not None:
+            return _same_spec(existing, spec), False
+    model = resources.owned(session, Model, tenant_id, spec.model_id)
+    resources.owned(session, Dataset, tenant_id, spec.dataset_id)
+    if model.state != "ready":
+        raise ProblemError(
+            409,
+            "model_not_ready",
+            f"model {model.id!r} is {model.state}; jobs need a ready model",
+            model_state=model.state,
+        )
+    settings = get_settings()
+    job = Job(
+        tenant_id=tenant_id,
+        model_id=spec.model_id,
+        dataset_id=spec.dataset_id,
+        spec=spec.model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+        max_attempts=settings.job_max_attempts,
+    )
+    session.add(job)
+    try:
+        session.flush()
+        repository.add_event(session, job.id, "state", {"state": QUEUED})
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same key won the race
+        session.rollback()
+        existing = repository.by_idempotency_key(session, tenant_id, idempotency_key or "")
+        if existing is None:
+            raise
+        return _same_spec(existing, spec), False
+    queue.enqueue_job(job.id, settings.job_queue)
+    return job, True
+
+
+def _same_spec(job: Job, spec: JobSpec) -> Job:
+    if job.spec != spec.model_dump(mode="json"):
+        raise ProblemError(
+            409,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different job spec",
+            job_id=job.id,
+        )
+    return job
+
+
+def cancel(session: Session, job: Job) -> None:
+    """queued → cancelled at once; running → cancelling (the worker stops between steps)."""
+    for _ in range(3):  # the state may move between our read and our guarded update
+        if job.state in TERMINAL:
+            raise ProblemError(
+                409,
+                "invalid_state_transition",
+                f"job {job.id!r} is {job.state}; it can no longer be cancelled",
+                state=job.state,
+            )
+        if job.state == CANCELLING:
+            return
+        target = CANCELLED if job.state == QUEUED else CANCELLING
+        values: dict[str, Any] = {"finished_at": utcnow()} if target == CANCELLED else {}
+        if repository.transition(session, job.id, target, **values):
+            session.commit()
+            return
+        session.rollback()
+        session.refresh(job)
+    raise ProblemError(409, "concurrent_update", "the job changed state repeatedly; try again")

@@ -1,0 +1,83 @@
+"""/v1/models: upload, list, read, delete."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from service import queue, resources
+from service.auth import TenantDep
+from service.deps import SessionDep
+from service.models.schemas import MODEL_FORMATS, ModelOut, ModelPage
+from service.orm import Job, Model
+from service.pagination import MAX_LIMIT
+from service.problems import ProblemError
+from service.settings import get_settings
+from service.uploads import receive_upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.post("", status_code=201, response_model=ModelOut)
+async def upload_model(request: Request, tenant_id: TenantDep, session: SessionDep) -> Model:
+    settings = get_settings()
+    upload = await receive_upload(request, settings.home / "tmp", settings.max_upload_bytes)
+    model_format = upload.fields.get("format", "")
+    if model_format not in MODEL_FORMATS:
+        upload.path.unlink(missing_ok=True)
+        raise ProblemError(
+            422,
+            "unsupported_format",
+            f"model format must be one of {MODEL_FORMATS}, got {model_format!r}",
+        )
+    if model_format == "torch_pickle" and not settings.trusted_mode:
+        upload.path.unlink(missing_ok=True)
+        raise ProblemError(
+            422,
+            "unsafe_format",
+            "torch_pickle uploads run code when loaded; the operator has not "
+            "enabled trusted mode. Upload a Hugging Face directory (format hf).",
+        )
+    if upload.size == 0:
+        upload.path.unlink(missing_ok=True)
+        raise ProblemError(422, "empty_file", "the uploaded file is empty")
+    blob = await run_in_threadpool(resources.store_upload, upload)
+    model = Model(
+        tenant_id=tenant_id,
+        name=upload.fields.get("name") or upload.filename,
+        format=model_format,
+        blob_key=blob.key,
+        sha256=blob.sha256,
+        size=blob.size,
+    )
+    session.add(model)
+    session.commit()
+    queue.enqueue_validation(model.id)
+    return model
+
+
+@router.get("", response_model=ModelPage)
+def list_models(
+    tenant_id: TenantDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: str | None = None,
+) -> ModelPage:
+    rows, next_cursor = resources.page(session, Model, tenant_id, limit, cursor)
+    return ModelPage(items=[ModelOut.model_validate(r) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{model_id}", response_model=ModelOut)
+def read_model(model_id: str, tenant_id: TenantDep, session: SessionDep) -> Model:
+    return resources.owned(session, Model, tenant_id, model_id)
+
+
+@router.delete("/{model_id}", status_code=204)
+def delete_model(model_id: str, tenant_id: TenantDep, session: SessionDep) -> Response:
+    model = resources.owned(session, Model, tenant_id, model_id)
+    if session.scalar(select(Job.id).where(Job.model_id == model.id).limit(1)) is not None:
+        raise ProblemError(409, "model_in_use", "jobs refer to this model; it cannot be deleted")
+    session.delete(model)
+    session.commit()
+    return Response(status_code=204)

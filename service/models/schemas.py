@@ -1,0 +1,28 @@
+"""Model resources as the API shows them."""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+ModelFormat = Literal["hf", "torch_pickle"]
+MODEL_FORMATS: tuple[str, ...] = ("hf", "torch_pickle")
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    format: str
+    state: str  # validating | ready | rejected
+    sha256: str
+    size: int
+    summary: dict[str, Any]  # params, macs, inputs, layers once ready
+    rejection_reason: str | None
+    created_at: datetime
+
+    model_config = {"from_attributes": True}
+
+
+class ModelPage(BaseModel):
+    items: list[ModelOut]
+    next_cursor: str | None

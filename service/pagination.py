@@ -1,0 +1,25 @@
+"""Keyset pagination: an opaque cursor encodes the (created_at, id) of the last item."""
+
+import base64
+import json
+from datetime import datetime
+
+from service.problems import ProblemError
+
+MAX_LIMIT = 200
+
+
+def encode_cursor(created_at: datetime, item_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), item_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    if not cursor:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, item_id = json.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(created), str(item_id)
+    except (ValueError, TypeError) as error:
+        raise ProblemError(400, "invalid_cursor", "the pagination cursor is not valid") from error

@@ -1,0 +1,65 @@
+"""RFC 9457 problem details: one error type per failure a client can act on, stable `code`s."""
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger("apoptosis.api")
+PROBLEM_JSON = "application/problem+json"
+
+
+class ProblemError(Exception):
+    """An expected failure, rendered as application/problem+json."""
+
+    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.extra = extra
+
+
+def not_found(kind: str, resource_id: str) -> ProblemError:
+    """Missing and other tenants' resources look the same: a 404."""
+    return ProblemError(404, f"{kind}_not_found", f"{kind} {resource_id!r} does not exist")
+
+
+def problem_response(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {
+        "type": f"https://apoptosis.dev/problems/{code}",
+        "title": code.replace("_", " "),
+        "status": status,
+        "code": code,
+        "detail": detail,
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, error: ProblemError) -> JSONResponse:
+        return problem_response(error.status, error.code, error.detail, **error.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in error.errors()]
+        return problem_response(422, "invalid_request", "the request is not valid", errors=errors)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, error: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return problem_response(error.status_code, code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex
+        log.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
+        return problem_response(
+            500, "internal_error", "an unexpected error occurred", error_id=error_id
+        )

@@ -1,0 +1,51 @@
+"""What models and datasets share: stored uploads owned by a tenant, listed newest first."""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.orm import Artifact, Dataset, Model
+from service.pagination import decode_cursor, encode_cursor
+from service.problems import not_found
+from service.storage import get_store
+from service.store import StoredBlob
+from service.uploads import Upload
+
+Resource = TypeVar("Resource", Model, Dataset, Artifact)
+
+
+def store_upload(upload: Upload) -> StoredBlob:
+    """Move a spooled upload into the artifact store (content-addressed) and drop the spool."""
+    try:
+        with upload.path.open("rb") as file:
+            return get_store().put_stream(iter(lambda: file.read(1 << 20), b""))
+    finally:
+        Path(upload.path).unlink(missing_ok=True)
+
+
+def owned(session: Session, kind: type[Resource], tenant_id: str, resource_id: str) -> Resource:
+    row = session.scalar(select(kind).where(kind.id == resource_id, kind.tenant_id == tenant_id))
+    if row is None:
+        raise not_found(kind.__tablename__, resource_id)
+    return row
+
+
+def page(
+    session: Session, kind: type[Resource], tenant_id: str, limit: int, cursor: str | None
+) -> tuple[Sequence[Resource], str | None]:
+    query = select(kind).where(kind.tenant_id == tenant_id)
+    after = decode_cursor(cursor)
+    if after is not None:
+        created, item_id = after
+        query = query.where(
+            (kind.created_at < created) | ((kind.created_at == created) & (kind.id < item_id))
+        )
+    rows = session.scalars(
+        query.order_by(kind.created_at.desc(), kind.id.desc()).limit(limit + 1)
+    ).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1].created_at, rows[-1].id) if more else None

@@ -1,0 +1,48 @@
+"""The one place settings are read (environment variables prefixed `APOPTOSIS_`)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="APOPTOSIS_", extra="ignore")
+
+    # Embedded default: everything under ./var, no servers.
+    home: Path = Path("var")
+    database_url: str = ""  # default: sqlite:///<home>/apoptosis.db
+    broker_url: str = ""  # default: filesystem:// under <home>/broker
+    store_url: str = ""  # default: <home>/store (local files); or s3://bucket?endpoint_url=…
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    # Uploads of pickled modules (torch_pickle, .bin weights) run code when loaded: refused
+    # unless the operator turns this on, and even then loaded only in the worker.
+    trusted_mode: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    job_queue: Literal["cpu", "gpu"] = "cpu"  # where the API sends jobs; GPU fleets use "gpu"
+    job_max_attempts: int = Field(default=3, ge=1)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    stale_after_seconds: float = Field(default=60.0, gt=0)
+    job_soft_time_limit: int = 6 * 3600
+    job_hard_time_limit: int = 6 * 3600 + 300
+    api_key: str = ""  # `apoptosis up` uses it for its tenant when set (automation)
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'apoptosis.db').resolve()}"
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    def resolved_store_url(self) -> str:
+        return self.store_url or str((self.home / "store").resolve())
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.home / "broker").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,124 @@
+"""Streaming multipart uploads: the file part goes to a temporary file chunk by chunk, hashed and
+counted as it arrives, and the request fails with 413 the moment it passes the cap."""
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from service.problems import ProblemError
+
+MAX_FIELD_BYTES = 64 * 1024
+
+
+@dataclass
+class Upload:
+    path: Path  # temporary file holding the file part; the caller deletes it
+    filename: str
+    size: int
+    sha256: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+class _Receiver:
+    def __init__(self, spool_dir: Path, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.fields: dict[str, str] = {}
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.filename = ""
+        # closed by receive_upload, which owns the file's whole life
+        self.file = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            dir=spool_dir, prefix="upload-", delete=False
+        )
+        self._headers: dict[bytes, bytes] = {}
+        self._header_field = b""
+        self._header_value = b""
+        self._part_name = ""
+        self._is_file = False
+        self._value = bytearray()
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._append("_header_field", d[s:e]),
+            "on_header_value": lambda d, s, e: self._append("_header_value", d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+
+    def _append(self, attribute: str, data: bytes) -> None:
+        setattr(self, attribute, getattr(self, attribute) + data)
+
+    def _part_begin(self) -> None:
+        self._headers, self._value = {}, bytearray()
+
+    def _header_end(self) -> None:
+        self._headers[self._header_field.lower()] = self._header_value
+        self._header_field, self._header_value = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self._part_name = options.get(b"name", b"").decode()
+        self._is_file = b"filename" in options and self._part_name == "file"
+        if self._is_file:
+            self.filename = options[b"filename"].decode(errors="replace")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self._is_file:
+            self.size += len(chunk)
+            if self.size > self.max_bytes:
+                raise ProblemError(
+                    413,
+                    "upload_too_large",
+                    f"the upload exceeds the limit of {self.max_bytes} bytes",
+                )
+            self.digest.update(chunk)
+            self.file.write(chunk)
+        else:
+            self._value += chunk
+            if len(self._value) > MAX_FIELD_BYTES:
+                raise ProblemError(
+                    413, "field_too_large", f"form field {self._part_name!r} is too large"
+                )
+
+    def _part_end(self) -> None:
+        if not self._is_file and self._part_name:
+            self.fields[self._part_name] = self._value.decode(errors="replace")
+
+
+async def receive_upload(request: Request, spool_dir: Path, max_bytes: int) -> Upload:
+    """Parse a multipart/form-data request with a `file` part and small text fields."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in options:
+        raise ProblemError(415, "unsupported_media_type", "send the upload as multipart/form-data")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes + MAX_FIELD_BYTES:
+        raise ProblemError(
+            413, "upload_too_large", f"the upload exceeds the limit of {max_bytes} bytes"
+        )
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    receiver = _Receiver(spool_dir, max_bytes)
+    parser = MultipartParser(options[b"boundary"], receiver.callbacks())  # type: ignore[arg-type]
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except BaseException:
+        receiver.file.close()
+        Path(receiver.file.name).unlink(missing_ok=True)
+        raise
+    receiver.file.close()
+    path = Path(receiver.file.name)
+    if not receiver.filename:
+        path.unlink(missing_ok=True)
+        raise ProblemError(422, "missing_file", "the form has no 'file' part")
+    return Upload(
+        path, receiver.filename, receiver.size, receiver.digest.hexdigest(), receiver.fields
+    )
