@@ -1,0 +1,56 @@
+"""Content-addressed artifact stores: local files (embedded) or S3 (production).
+
+`S3Store` is imported only when an `s3://` URL asks for it, so an embedded install runs without
+boto3.
+"""
+
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from service.store.base import (
+    ArtifactStore,
+    BlobNotFound,
+    InvalidKey,
+    StoredBlob,
+    StoreError,
+    UploadTooLarge,
+)
+from service.store.local import LocalStore
+
+__all__ = [
+    "ArtifactStore",
+    "BlobNotFound",
+    "InvalidKey",
+    "LocalStore",
+    "StoreError",
+    "StoredBlob",
+    "UploadTooLarge",
+    "store_from_url",
+]
+
+_S3_OPTIONS = {"endpoint_url", "region"}
+
+
+def store_from_url(url: str) -> ArtifactStore:
+    """The store `APOPTOSIS_STORE_URL` names: `file:///abs/path` or a plain path for local files,
+    `s3://bucket?endpoint_url=http://host:9000&region=us-east-1` for S3 (credentials from the
+    standard AWS environment variables). Raises ValueError, which settings validation reports."""
+    parts = urlsplit(url)
+    if parts.scheme == "":
+        return LocalStore(Path(url))
+    if parts.scheme == "file":
+        if parts.netloc not in {"", "localhost"} or parts.query:
+            raise ValueError(f"store URL {url!r}: use file:///absolute/path")
+        return LocalStore(Path(parts.path))
+    if parts.scheme == "s3":
+        options = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+        if not parts.netloc or parts.path not in {"", "/"} or options.keys() - _S3_OPTIONS:
+            raise ValueError(
+                f"store URL {url!r}: use s3://bucket with optional ?endpoint_url=…&region=…"
+            )
+        from service.store.s3 import S3Store
+
+        return S3Store(
+            parts.netloc, endpoint_url=options.get("endpoint_url"), region=options.get("region")
+        )
+    raise ValueError(f"store URL {url!r}: expected a path, file:// or s3://")

@@ -1,0 +1,135 @@
+"""The artifact-store contract: content-addressed blobs (uploads, pruned models, reports).
+
+Keys are derived from content (`sha256/<first 2 hex>/<sha256 hex>`), so storing the same bytes
+twice is a no-op, a key names one immutable blob forever, and the sha256 doubles as an ETag.
+Implementations stream with flat memory: a multi-GB model never sits in RAM.
+"""
+
+import hashlib
+import re
+from collections.abc import AsyncIterable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import anyio.from_thread
+import anyio.to_thread
+
+# The folder must repeat the digest's first two characters: the back-reference makes the pattern
+# itself refuse any key that content addressing could not have produced.
+_KEY = re.compile(r"sha256/([0-9a-f]{2})/\1[0-9a-f]{62}")
+
+
+class StoreError(Exception):
+    """Base of the failures a store reports; callers map them to problems or job errors."""
+
+
+class UploadTooLarge(StoreError):
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"the stream exceeds the limit of {max_bytes} bytes")
+        self.max_bytes = max_bytes
+
+
+class InvalidKey(StoreError):
+    """A key that is not `sha256/<2 hex>/<64 hex>`: refused before it reaches a path or bucket."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"not a content key: {key!r}")
+        self.key = key
+
+
+class BlobNotFound(StoreError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no blob stored under {key!r}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    key: str
+    sha256: str
+    size: int
+
+
+def key_for(sha256: str) -> str:
+    return validate_key(f"sha256/{sha256[:2]}/{sha256}")
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if it is a content key; anything else (`..`, absolute paths, temporary
+    names) could escape the store's root or reach blobs that are still being written."""
+    if _KEY.fullmatch(key) is None:
+        raise InvalidKey(key)
+    return key
+
+
+class StreamDigest:
+    """The running sha256 and size of a stream, enforcing `max_bytes` as the bytes arrive so that
+    an oversized upload stops at the first chunk past the cap, not after it has been stored."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    def update(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            raise UploadTooLarge(self.max_bytes)
+        self._hash.update(chunk)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class ArtifactStore(Protocol):
+    """What the API and the worker need from a blob store. `iter_chunks` and `put_async` are
+    written once here in terms of the other methods; stores inherit them by subclassing."""
+
+    def put_stream(self, chunks: Iterable[bytes], *, max_bytes: int | None = None) -> StoredBlob:
+        """Store the concatenated chunks under their content key. Raises `UploadTooLarge` as
+        soon as more than `max_bytes` have arrived; on any failure nothing is left behind."""
+        ...
+
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the blob; the caller closes it. Raises `BlobNotFound`."""
+        ...
+
+    def local_path(self, key: str) -> AbstractContextManager[Path]:
+        """A real file holding the blob for the duration of the `with` block (libraries such as
+        torch and safetensors want paths). It may be the stored blob itself: never write to it."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None:
+        """Remove the blob; deleting a missing blob is not an error (deletes are retried)."""
+        ...
+
+    def size(self, key: str) -> int:
+        """The blob's size in bytes. Raises `BlobNotFound`."""
+        ...
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        with self.open(key) as stream:
+            while chunk := stream.read(chunk_size):
+                yield chunk
+
+    async def put_async(
+        self, chunks: AsyncIterable[bytes], *, max_bytes: int | None = None
+    ) -> StoredBlob:
+        """`put_stream` for async sources (FastAPI's UploadFile, request bodies). The blocking
+        store runs in a worker thread and pulls each chunk back from the event loop, so memory
+        stays at one chunk and the loop is never blocked by disk or network writes."""
+        source = aiter(chunks)
+
+        async def next_chunk() -> bytes | None:
+            return await anext(source, None)
+
+        def pull() -> Iterator[bytes]:
+            while (chunk := anyio.from_thread.run(next_chunk)) is not None:
+                yield chunk
+
+        return await anyio.to_thread.run_sync(partial(self.put_stream, pull(), max_bytes=max_bytes))
