@@ -1,0 +1,86 @@
+"""A job's artifacts: listed per job, downloaded streamed with the sha256 as a strong ETag."""
+
+import hashlib
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from service.store import ArtifactStore
+from tests.service.conftest import Caller, make_artifact, make_job, problem
+
+CONTENT = b"PK\x03\x04" + bytes(range(256)) * 8192  # 2 MiB: more than one chunk of the stream
+
+
+def test_a_jobs_artifacts_are_listed(
+    client: TestClient, db: Session, store: ArtifactStore, alice: Caller
+) -> None:
+    job = make_job(db, alice.tenant_id, "succeeded")
+    other_job = make_job(db, alice.tenant_id, "succeeded")
+    artifact = make_artifact(db, store, job, CONTENT)
+    make_artifact(db, store, other_job, b"another job's output")
+
+    response = client.get(f"/v1/jobs/{job.id}/artifacts", headers=alice.headers)
+
+    assert response.status_code == 200
+    [listed] = response.json()
+    assert listed["id"] == artifact.id and listed["job_id"] == job.id
+    assert (listed["format"], listed["filename"]) == ("hf", "pruned.zip")
+    assert (listed["sha256"], listed["size"]) == (hashlib.sha256(CONTENT).hexdigest(), len(CONTENT))
+    assert "blob_key" not in listed
+
+
+def test_a_job_without_artifacts_lists_none(client: TestClient, db: Session, alice: Caller) -> None:
+    job = make_job(db, alice.tenant_id, "running")
+    assert client.get(f"/v1/jobs/{job.id}/artifacts", headers=alice.headers).json() == []
+
+
+def test_a_download_streams_the_exact_bytes_with_the_sha256_as_etag(
+    client: TestClient, db: Session, store: ArtifactStore, alice: Caller
+) -> None:
+    artifact = make_artifact(db, store, make_job(db, alice.tenant_id, "succeeded"), CONTENT)
+
+    response = client.get(f"/v1/artifacts/{artifact.id}/content", headers=alice.headers)
+
+    assert response.status_code == 200
+    assert response.content == CONTENT
+    assert response.headers["etag"] == f'"{hashlib.sha256(CONTENT).hexdigest()}"'
+    assert response.headers["content-length"] == str(len(CONTENT))
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["content-disposition"] == 'attachment; filename="pruned.zip"'
+
+
+@pytest.mark.parametrize("listed_with", ["{etag}", '"stale", {etag}', '{etag},"other"'])
+def test_a_matching_if_none_match_is_304_without_a_body(
+    client: TestClient, db: Session, store: ArtifactStore, alice: Caller, listed_with: str
+) -> None:
+    artifact = make_artifact(db, store, make_job(db, alice.tenant_id, "succeeded"), CONTENT)
+    etag = f'"{artifact.sha256}"'
+
+    response = client.get(
+        f"/v1/artifacts/{artifact.id}/content",
+        headers=alice.headers | {"If-None-Match": listed_with.format(etag=etag)},
+    )
+
+    assert response.status_code == 304
+    assert response.content == b""
+    assert response.headers["etag"] == etag
+
+
+@pytest.mark.parametrize("stale", ['"0000"', "{sha}"])
+def test_a_different_if_none_match_downloads_again(
+    client: TestClient, db: Session, store: ArtifactStore, alice: Caller, stale: str
+) -> None:
+    # "{sha}" is the digest without quotes: an ETag is a quoted string, so it does not match.
+    artifact = make_artifact(db, store, make_job(db, alice.tenant_id, "succeeded"), CONTENT)
+    response = client.get(
+        f"/v1/artifacts/{artifact.id}/content",
+        headers=alice.headers | {"If-None-Match": stale.format(sha=artifact.sha256)},
+    )
+    assert response.status_code == 200
+    assert response.content == CONTENT
+
+
+def test_an_unknown_artifact_is_404(client: TestClient, alice: Caller) -> None:
+    response = client.get(f"/v1/artifacts/{'e' * 32}/content", headers=alice.headers)
+    problem(response, 404, "artifact_not_found")

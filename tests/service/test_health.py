@@ -1,0 +1,117 @@
+"""Liveness, readiness, Prometheus metrics and the OpenAPI document."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service import queue
+from tests.service.conftest import Caller, problem, requests_counted
+
+
+@pytest.fixture
+def broker_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queue, "broker_ready", lambda: True)
+
+
+def test_healthz_is_200(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_readyz_checks_the_database_broker_and_store(client: TestClient, broker_up: None) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ready",
+        "checks": {"database": True, "broker": True, "store": True},
+    }
+
+
+def test_readyz_is_503_while_the_broker_is_down(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue, "broker_ready", lambda: False)
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "not_ready",
+        "checks": {"database": True, "broker": False, "store": True},
+    }
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "check"),
+    [
+        ("APOPTOSIS_DATABASE_URL", "sqlite:////nonexistent/folder/apoptosis.db", "database"),
+        ("APOPTOSIS_STORE_URL", "ftp://nowhere/", "store"),
+    ],
+)
+def test_readyz_is_503_when_a_dependency_fails(
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    broker_up: None,
+    variable: str,
+    value: str,
+    check: str,
+) -> None:
+    from service import db, storage
+    from service.settings import get_settings
+
+    monkeypatch.setenv(variable, value)
+    for cached in (get_settings, db.get_engine, storage.get_store):
+        cached.cache_clear()
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks.pop(check) is False
+    assert all(checks.values())
+
+
+def test_metrics_count_requests_by_route_template(client: TestClient, alice: Caller) -> None:
+    job_route = "/v1/jobs/{job_id}"
+    before_ok = requests_counted(client, "GET", "/healthz", 200)
+    before_404 = requests_counted(client, "GET", job_route, 404)
+
+    client.get("/healthz")
+    client.get("/healthz")
+    client.get(f"/v1/jobs/{'1' * 32}", headers=alice.headers)
+
+    assert requests_counted(client, "GET", "/healthz", 200) == before_ok + 2
+    # The template, not the path: one series per route, whatever the ids.
+    assert requests_counted(client, "GET", job_route, 404) == before_404 + 1
+    text = client.get("/metrics").text
+    assert "1" * 32 not in text
+    assert "apoptosis_http_request_seconds_bucket" in text
+
+
+def test_an_unknown_path_is_a_problem_and_counted_as_unmatched(client: TestClient) -> None:
+    before = requests_counted(client, "GET", "unmatched", 404)
+    problem(client.get("/v2/nothing"), 404, "not_found")
+    assert requests_counted(client, "GET", "unmatched", 404) == before + 1
+
+
+def test_a_wrong_method_is_a_405_problem(client: TestClient, alice: Caller) -> None:
+    problem(client.put("/v1/jobs", headers=alice.headers), 405, "method_not_allowed")
+
+
+def test_the_openapi_document_lists_the_v1_api(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    expected = {
+        "/v1/models": {"get", "post"},
+        "/v1/models/{model_id}": {"get", "delete"},
+        "/v1/datasets": {"get", "post"},
+        "/v1/datasets/{dataset_id}": {"get", "delete"},
+        "/v1/jobs": {"get", "post"},
+        "/v1/jobs/{job_id}": {"get"},
+        "/v1/jobs/{job_id}/cancel": {"post"},
+        "/v1/jobs/{job_id}/events": {"get"},
+        "/v1/jobs/{job_id}/artifacts": {"get"},
+        "/v1/jobs/{job_id}/report": {"get"},
+        "/v1/artifacts/{artifact_id}/content": {"get"},
+    }
+    for path, methods in expected.items():
+        assert path in paths, path
+        assert set(paths[path]) == methods, path
+    assert {"/healthz", "/readyz", "/metrics"} <= paths.keys()
