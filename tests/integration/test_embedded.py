@@ -1,0 +1,56 @@
+"""`apoptosis up` as a user runs it: SQLite, filesystem broker, local files, one worker."""
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.client import Client
+from tests.integration.flow import prune_bert_to_half_the_macs
+from tests.integration.services import apoptosis, bert_upload, free_port, stop, wait_healthy
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[Client]:
+    port = free_port()
+    log = tmp_path / "up.log"
+    process = apoptosis("up", "--port", str(port), "--home", str(tmp_path / "var"),
+                        env={"APOPTOSIS_API_KEY": ""}, log=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+        key = _printed_key(log)
+        with Client(url, key) as client:
+            yield client
+    finally:
+        stop(process)
+
+
+def _printed_key(log: Path) -> str:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = re.search(r"API key: (\S+)", log.read_text())
+        if found:
+            return found.group(1)
+        time.sleep(0.2)
+    raise AssertionError(f"`apoptosis up` printed no API key:\n{log.read_text()}")
+
+
+def test_embedded_service_prunes_an_uploaded_bert(embedded: Client, tmp_path: Path) -> None:
+    archive, data = bert_upload(tmp_path)
+    prune_bert_to_half_the_macs(embedded, archive, data, tmp_path)
+
+
+def test_api_process_never_imports_torch() -> None:
+    code = ("import sys, service.app, service.cli, service.client\n"
+            "service.app.create_app()\n"
+            "print(','.join(m for m in ('torch', 'worker', 'transformers') if m in sys.modules))")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "APOPTOSIS_HOME": "/tmp/apoptosis-import-check"})
+    assert out.stdout.strip() == ""
