@@ -19,9 +19,13 @@ _stop_reaper = threading.Event()
 def reap_once() -> None:
     from worker.pipeline import reap
 
-    for job_id in reap(get_settings()):
+    jobs, models = reap(get_settings())
+    for job_id in jobs:
         log.warning("job %s: its worker went silent; queued again", job_id)
         queue.enqueue_job(job_id, get_settings().job_queue)
+    for model_id in models:
+        log.warning("model %s: still validating; validating again", model_id)
+        queue.enqueue_validation(model_id)
 
 
 def _reaper_loop() -> None:

@@ -12,11 +12,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, get_args
 
 import torch
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from service.db import get_sessionmaker
 from service.jobs import repository
@@ -30,6 +31,7 @@ from worker.engine.config import TargetMetric
 
 log = logging.getLogger("apoptosis.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+VALIDATION_GRACE = 10  # × stale_after_seconds before a validating model is retried
 
 
 class Cancelled(Exception):
@@ -301,14 +303,17 @@ def _end(job_id: str, state: str, error: dict[str, str] | None) -> None:
             session.commit()
 
 
-def reap(settings: Settings) -> list[str]:
+def reap(settings: Settings) -> tuple[list[str], list[str]]:
     """Return stale running jobs to the queue (or fail them after max attempts); stale
-    cancelling jobs end cancelled. Returns the ids to enqueue again."""
-    from datetime import timedelta
+    cancelling jobs end cancelled. Models left validating far longer than a validation takes
+    (their message was lost with a killed worker) are validated again.
 
+    Returns the job ids and model ids to enqueue again.
+    """
     requeue = []
+    stale_after = timedelta(seconds=settings.stale_after_seconds)
     with get_sessionmaker()() as session:
-        for job in repository.stale(session, timedelta(seconds=settings.stale_after_seconds)):
+        for job in repository.stale(session, stale_after):
             if job.state == CANCELLING:
                 repository.transition(session, job.id, CANCELLED, finished_at=utcnow())
             elif job.attempt < job.max_attempts:
@@ -328,4 +333,10 @@ def reap(settings: Settings) -> list[str]:
                     },
                 )
         session.commit()
-    return requeue
+        cutoff = utcnow() - VALIDATION_GRACE * stale_after
+        models_to_validate = list(
+            session.scalars(
+                select(Model.id).where(Model.state == "validating", Model.created_at < cutoff)
+            )
+        )
+    return requeue, models_to_validate
