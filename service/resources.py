@@ -1,6 +1,7 @@
 """What models and datasets share: stored uploads owned by a tenant, listed newest first."""
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -9,12 +10,37 @@ from sqlalchemy.orm import Session
 
 from service.orm import Artifact, Dataset, Model
 from service.pagination import decode_cursor, encode_cursor
-from service.problems import not_found
+from service.problems import ProblemError, not_found
 from service.storage import get_store
 from service.store import StoredBlob
 from service.uploads import Upload
 
 Resource = TypeVar("Resource", Model, Dataset, Artifact)
+
+
+MAX_NAME = 200  # the name column's width
+
+
+@contextmanager
+def discard_on_error(upload: Upload) -> Iterator[None]:
+    """Checks of an upload: an empty file or a failed check leaves nothing behind."""
+    try:
+        if upload.size == 0:
+            raise ProblemError(422, "empty_file", "the uploaded file is empty")
+        yield
+    except BaseException:
+        upload.path.unlink(missing_ok=True)
+        raise
+
+
+def resource_name(upload: Upload) -> str:
+    """The `name` field, else the file name (shortened); a `name` too long is refused."""
+    name = upload.fields.get("name")
+    if name is None:
+        return upload.filename[:MAX_NAME]
+    if not 0 < len(name) <= MAX_NAME:
+        raise ProblemError(422, "invalid_name", f"name must have 1 to {MAX_NAME} characters")
+    return name
 
 
 def store_upload(upload: Upload) -> StoredBlob:

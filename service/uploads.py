@@ -5,6 +5,7 @@ import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -67,7 +68,9 @@ class _Receiver:
         self._part_name = options.get(b"name", b"").decode()
         self._is_file = b"filename" in options and self._part_name == "file"
         if self._is_file:
-            self.filename = options[b"filename"].decode(errors="replace")
+            if self.filename:
+                raise ProblemError(422, "multiple_files", "send exactly one 'file' part")
+            self.filename = options[b"filename"].decode(errors="replace") or "upload"
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
@@ -122,3 +125,19 @@ async def receive_upload(request: Request, spool_dir: Path, max_bytes: int) -> U
     return Upload(
         path, receiver.filename, receiver.size, receiver.digest.hexdigest(), receiver.fields
     )
+
+
+def openapi_form(formats: tuple[str, ...]) -> dict[str, Any]:
+    """OpenAPI description of the multipart form this module parses by hand."""
+    schema = {
+        "type": "object",
+        "required": ["file", "format"],
+        "properties": {
+            "file": {"type": "string", "format": "binary"},
+            "format": {"type": "string", "enum": list(formats)},
+            "name": {"type": "string", "maxLength": 200},
+        },
+    }
+    return {
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+    }

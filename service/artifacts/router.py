@@ -23,7 +23,7 @@ def download(
 ) -> Response:
     artifact = resources.owned(session, Artifact, tenant_id, artifact_id)
     etag = f'"{artifact.sha256}"'
-    if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
+    if if_none_match is not None and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
     return StreamingResponse(
         get_store().iter_chunks(artifact.blob_key),
@@ -34,3 +34,9 @@ def download(
             "Content-Disposition": f'attachment; filename="{artifact.filename}"',
         },
     )
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 weak comparison: `*`, or any listed tag equal to ours ignoring `W/`."""
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return "*" in tags or etag in tags

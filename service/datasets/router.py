@@ -14,29 +14,30 @@ from service.orm import Dataset, Job
 from service.pagination import MAX_LIMIT
 from service.problems import ProblemError
 from service.settings import get_settings
-from service.uploads import receive_upload
+from service.uploads import openapi_form, receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
+@router.post(
+    "", status_code=201, openapi_extra=openapi_form(DATASET_FORMATS), response_model=DatasetOut
+)
 async def upload_dataset(request: Request, tenant_id: TenantDep, session: SessionDep) -> Dataset:
     settings = get_settings()
     upload = await receive_upload(request, settings.home / "tmp", settings.max_upload_bytes)
-    dataset_format = upload.fields.get("format", "")
-    if dataset_format not in DATASET_FORMATS or upload.size == 0:
-        upload.path.unlink(missing_ok=True)
-        if upload.size == 0:
-            raise ProblemError(422, "empty_file", "the uploaded file is empty")
-        raise ProblemError(
-            422,
-            "unsupported_format",
-            f"dataset format must be one of {DATASET_FORMATS}, got {dataset_format!r}",
-        )
+    with resources.discard_on_error(upload):
+        dataset_format = upload.fields.get("format", "")
+        if dataset_format not in DATASET_FORMATS:
+            raise ProblemError(
+                422,
+                "unsupported_format",
+                f"dataset format must be one of {DATASET_FORMATS}, got {dataset_format!r}",
+            )
+        name = resources.resource_name(upload)
     blob = await run_in_threadpool(resources.store_upload, upload)
     dataset = Dataset(
         tenant_id=tenant_id,
-        name=upload.fields.get("name") or upload.filename,
+        name=name,
         format=dataset_format,
         blob_key=blob.key,
         sha256=blob.sha256,

@@ -137,7 +137,9 @@ async def _stream(job_id: str, after: int) -> AsyncIterator[str]:
 
 
 def _poll(job_id: str, after: int) -> tuple[list[tuple[int, str, dict[str, Any]]], str | None]:
+    # State first: an event committed after this read is still read below, so the stream
+    # never ends (on a terminal state) before sending the final events.
     with get_sessionmaker()() as session:
-        events = [(e.id, e.kind, e.data) for e in repository.events_after(session, job_id, after)]
         state = session.scalar(select(Job.state).where(Job.id == job_id))
+        events = [(e.id, e.kind, e.data) for e in repository.events_after(session, job_id, after)]
     return events, state

@@ -17,11 +17,19 @@ from service.settings import get_settings
 def create(
     session: Session, tenant_id: str, spec: JobSpec, idempotency_key: str | None
 ) -> tuple[Job, bool]:
-    """The job for this spec, and whether it is new. A repeated key returns the first job."""
+    """The job for this spec, and whether it is new. A repeated key returns the first job.
+
+    A retry of a job still queued sends it again: its first send may have failed after the
+    commit, and a duplicate delivery is a no-op for the worker's claim.
+    """
+    idempotency_key = idempotency_key or None  # an empty header is no key
     if idempotency_key:
         existing = repository.by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is not None:
-            return _same_spec(existing, spec), False
+            _same_spec(existing, spec)
+            if existing.state == QUEUED:
+                _send(existing.id)
+            return existing, False
     model = resources.owned(session, Model, tenant_id, spec.model_id)
     resources.owned(session, Dataset, tenant_id, spec.dataset_id)
     if model.state != "ready":
@@ -51,8 +59,21 @@ def create(
         if existing is None:
             raise
         return _same_spec(existing, spec), False
-    queue.enqueue_job(job.id, settings.job_queue)
+    _send(job.id)
     return job, True
+
+
+def _send(job_id: str) -> None:
+    try:
+        queue.enqueue_job(job_id, get_settings().job_queue)
+    except Exception as error:  # any transport failure: the job is saved, the send is not
+        raise ProblemError(
+            503,
+            "broker_unavailable",
+            "the job is saved but could not be queued; retry the request with "
+            "the same Idempotency-Key",
+            job_id=job_id,
+        ) from error
 
 
 def _same_spec(job: Job, spec: JobSpec) -> Job:

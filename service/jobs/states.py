@@ -12,7 +12,7 @@ ALLOWED_FROM: dict[str, frozenset[str]] = {
     CANCELLING: frozenset({RUNNING}),  # cancellation is cooperative while running
     CANCELLED: frozenset({QUEUED, CANCELLING}),
     SUCCEEDED: frozenset({RUNNING, CANCELLING}),  # finishing first wins over a late cancel
-    FAILED: frozenset({QUEUED, RUNNING, CANCELLING}),
+    FAILED: frozenset({RUNNING, CANCELLING}),
 }
 
 

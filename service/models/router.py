@@ -14,38 +14,37 @@ from service.orm import Job, Model
 from service.pagination import MAX_LIMIT
 from service.problems import ProblemError
 from service.settings import get_settings
-from service.uploads import receive_upload
+from service.uploads import openapi_form, receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.post("", status_code=201, response_model=ModelOut)
+@router.post(
+    "", status_code=201, openapi_extra=openapi_form(MODEL_FORMATS), response_model=ModelOut
+)
 async def upload_model(request: Request, tenant_id: TenantDep, session: SessionDep) -> Model:
     settings = get_settings()
     upload = await receive_upload(request, settings.home / "tmp", settings.max_upload_bytes)
-    model_format = upload.fields.get("format", "")
-    if model_format not in MODEL_FORMATS:
-        upload.path.unlink(missing_ok=True)
-        raise ProblemError(
-            422,
-            "unsupported_format",
-            f"model format must be one of {MODEL_FORMATS}, got {model_format!r}",
-        )
-    if model_format == "torch_pickle" and not settings.trusted_mode:
-        upload.path.unlink(missing_ok=True)
-        raise ProblemError(
-            422,
-            "unsafe_format",
-            "torch_pickle uploads run code when loaded; the operator has not "
-            "enabled trusted mode. Upload a Hugging Face directory (format hf).",
-        )
-    if upload.size == 0:
-        upload.path.unlink(missing_ok=True)
-        raise ProblemError(422, "empty_file", "the uploaded file is empty")
+    with resources.discard_on_error(upload):
+        model_format = upload.fields.get("format", "")
+        if model_format not in MODEL_FORMATS:
+            raise ProblemError(
+                422,
+                "unsupported_format",
+                f"model format must be one of {MODEL_FORMATS}, got {model_format!r}",
+            )
+        if model_format == "torch_pickle" and not settings.trusted_mode:
+            raise ProblemError(
+                422,
+                "unsafe_format",
+                "torch_pickle uploads run code when loaded; the operator has not "
+                "enabled trusted mode. Upload a Hugging Face directory (format hf).",
+            )
+        name = resources.resource_name(upload)
     blob = await run_in_threadpool(resources.store_upload, upload)
     model = Model(
         tenant_id=tenant_id,
-        name=upload.fields.get("name") or upload.filename,
+        name=name,
         format=model_format,
         blob_key=blob.key,
         sha256=blob.sha256,

@@ -43,12 +43,6 @@ def test_an_unexpected_error_is_a_500_problem_with_an_id_and_no_details(
     assert record.exc_info is not None and SECRET in str(record.exc_info[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the metrics middleware records a request only when call_next returns; an "
-    "unhandled exception propagates through it, so 500s never reach "
-    "apoptosis_http_requests_total",
-)
 def test_an_unexpected_error_is_counted_as_a_500(failing_client: TestClient, alice: Caller) -> None:
     route = "/v1/jobs/{job_id}"
     before = requests_counted(failing_client, "GET", route, 500)

@@ -136,11 +136,6 @@ def test_the_stream_follows_a_running_job_until_it_ends(
     assert polls == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _poll reads the events, then the state; a worker committing its last event "
-    "and terminal state in between ends the stream without sending that event",
-)
 def test_the_final_event_is_sent_when_the_job_ends_between_the_two_reads(
     client: TestClient,
     db: Session,

@@ -25,7 +25,6 @@ from tests.service.conftest import WORKER, Caller, make_job
 ALLOWED = {
     (QUEUED, RUNNING),  # a worker claims it
     (QUEUED, CANCELLED),  # cancelled before it started
-    (QUEUED, FAILED),  # failed before it started
     (RUNNING, SUCCEEDED),
     (RUNNING, FAILED),
     (RUNNING, CANCELLING),  # cancellation is cooperative

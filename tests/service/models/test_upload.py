@@ -188,22 +188,12 @@ def test_uploads_need_a_key(client: TestClient, settings: Settings) -> None:
     assert leftover_files(settings) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: model names are not length-checked; the column is VARCHAR(200), so a longer "
-    "name (or file name) is a 500 on Postgres and silently stored on SQLite",
-)
 def test_a_name_longer_than_its_column_is_refused(client: TestClient, alice: Caller) -> None:
     response = upload(client, alice, WEIGHTS, name="n" * 201)
     # Refusing the name and shortening it are both fine; storing what the column cannot hold is not.
     assert response.status_code == 422 or len(response.json()["name"]) <= 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: every part named 'file' is appended to the same spool file and digest, so a "
-    "form with two file parts stores their concatenation as the model",
-)
 def test_a_form_with_two_file_parts_does_not_store_their_concatenation(
     client: TestClient, alice: Caller
 ) -> None:
