@@ -43,7 +43,8 @@ def tenant_of_key(session: Session, key: str) -> str | None:
     return row
 
 
-def current_tenant(request: Request, session: SessionDep) -> str:
+async def current_tenant(request: Request, session: SessionDep) -> str:
+    # On the event loop: one indexed lookup is cheaper than a hop to the thread pool.
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:

@@ -1,6 +1,6 @@
 """Engine and sessions. SQLite gets WAL and foreign keys; Postgres works as configured."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from functools import lru_cache
 from typing import Any
 
@@ -36,6 +36,8 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
 
 
-def get_session() -> Iterator[Session]:
+async def get_session() -> AsyncIterator[Session]:
+    """A session per request. Async so FastAPI runs it on the event loop: opening and closing a
+    session does no I/O worth a thread hop, and hops dominate the cost of a poll."""
     with get_sessionmaker()() as session:
         yield session

@@ -1,9 +1,8 @@
 """Liveness, readiness and Prometheus metrics."""
 
 import time
-from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -14,6 +13,7 @@ from prometheus_client import (
 )
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import queue
 from service.db import get_engine
@@ -73,18 +73,32 @@ def _store_ready() -> bool:
         return False
 
 
-def install_metrics(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def _measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
+class MetricsMiddleware:
+    """Counts and times requests by route template (plain ASGI: no per-request task overhead)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
         status = 500  # an exception escaping the app is answered 500 by the server
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, send_status)
         finally:
-            path = getattr(request.scope.get("route"), "path", "unmatched")
-            LATENCY.labels(request.method, path).observe(time.perf_counter() - started)
-            REQUESTS.labels(request.method, path, str(status)).inc()
+            path = getattr(scope.get("route"), "path", "unmatched")
+            LATENCY.labels(scope["method"], path).observe(time.perf_counter() - started)
+            REQUESTS.labels(scope["method"], path, str(status)).inc()
+
+
+def install_metrics(app: FastAPI) -> None:
+    app.add_middleware(MetricsMiddleware)

@@ -66,7 +66,8 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def read_job(job_id: str, tenant_id: TenantDep, session: SessionDep) -> Job:
+async def read_job(job_id: str, tenant_id: TenantDep, session: SessionDep) -> Job:
+    # The endpoint clients poll: one primary-key read, on the event loop (no thread hop).
     return _owned(session, tenant_id, job_id)
 
 
