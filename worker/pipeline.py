@@ -19,13 +19,14 @@ from typing import Any, get_args
 import torch
 from sqlalchemy import select, update
 
+from service import archives
 from service.db import get_sessionmaker
 from service.jobs import repository
 from service.jobs.states import CANCELLED, CANCELLING, FAILED, QUEUED, SUCCEEDED
 from service.orm import Artifact, Dataset, Job, Model, utcnow
 from service.settings import Settings, get_settings
 from service.storage import get_store
-from worker import archives, datasets, export, losses, models
+from worker import datasets, export, losses, models
 from worker.engine import EngineError, PruneConfig, StepRecord, measure, prune
 from worker.engine.config import TargetMetric
 

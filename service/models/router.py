@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from service import queue, resources
+from service import archives, queue, resources
 from service.auth import TenantDep
 from service.deps import SessionDep
 from service.models.schemas import MODEL_FORMATS, ModelOut, ModelPage
@@ -14,7 +14,7 @@ from service.orm import Job, Model
 from service.pagination import MAX_LIMIT
 from service.problems import ProblemError
 from service.settings import get_settings
-from service.uploads import openapi_form, receive_upload
+from service.uploads import Upload, openapi_form, receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -41,6 +41,8 @@ async def upload_model(request: Request, tenant_id: TenantDep, session: SessionD
                 "enabled trusted mode. Upload a Hugging Face directory (format hf).",
             )
         name = resources.resource_name(upload)
+        if model_format == "hf":
+            await run_in_threadpool(_check_hf, upload, settings.trusted_mode)
     blob = await run_in_threadpool(resources.store_upload, upload)
     model = Model(
         tenant_id=tenant_id,
@@ -54,6 +56,14 @@ async def upload_model(request: Request, tenant_id: TenantDep, session: SessionD
     session.commit()
     queue.enqueue_validation(model.id)
     return model
+
+
+def _check_hf(upload: Upload, trusted: bool) -> None:
+    """Refuse a hostile or broken archive now (422); the worker loads the rest."""
+    try:
+        archives.check_hf_upload(upload.path, trusted=trusted)
+    except archives.UnsafeArchive as error:
+        raise ProblemError(422, error.code, str(error)) from error
 
 
 @router.get("", response_model=ModelPage)

@@ -19,8 +19,9 @@ from tests.service.conftest import (
     leftover_files,
     problem,
 )
+from tests.service.factories import hf_archive, hf_archive_of_size
 
-WEIGHTS = bytes(range(256)) * 1000  # 256 kB, every byte value
+WEIGHTS = hf_archive(bytes(range(256)) * 1000)  # ~256 kB, every byte value
 
 
 def upload(
@@ -115,7 +116,7 @@ def test_a_chunked_upload_over_the_cap_is_stopped_while_streaming(
 
 
 def test_exactly_the_cap_is_accepted(client: TestClient, alice: Caller) -> None:
-    response = upload(client, alice, b"\1" * MAX_UPLOAD_BYTES)
+    response = upload(client, alice, hf_archive_of_size(MAX_UPLOAD_BYTES))
     assert response.status_code == 201, response.text
     assert response.json()["size"] == MAX_UPLOAD_BYTES
 

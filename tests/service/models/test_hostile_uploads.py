@@ -1,0 +1,144 @@
+"""Hostile model uploads: refused with a 422 and a specific code, nothing stored, server fine."""
+
+import io
+import json
+import stat
+import tarfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.settings import Settings
+from tests.service.conftest import Caller, leftover_files, problem
+from tests.service.factories import hf_archive, safetensors_bytes
+
+
+def _zip(
+    entries: dict[str, bytes], *, compression: int = zipfile.ZIP_STORED, links: tuple[str, ...] = ()
+) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as bundle:
+        for name, data in entries.items():
+            bundle.writestr(name, data)
+        for name in links:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            bundle.writestr(info, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def _tar_with_symlink() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as bundle:
+        config = json.dumps({"architectures": ["BertModel"]}).encode()
+        info = tarfile.TarInfo("config.json")
+        info.size = len(config)
+        bundle.addfile(info, io.BytesIO(config))
+        link = tarfile.TarInfo("model.safetensors")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/shadow"
+        bundle.addfile(link)
+    return buffer.getvalue()
+
+
+VALID_WEIGHTS = safetensors_bytes(b"\0" * 64)
+CONFIG = json.dumps({"architectures": ["BertModel"]}).encode()
+HOSTILE: dict[str, tuple[Callable[[], bytes], str, str]] = {
+    "path traversal": (
+        lambda: _zip({"config.json": CONFIG, "../../evil.safetensors": VALID_WEIGHTS}),
+        "hf",
+        "path_traversal",
+    ),
+    "absolute path": (
+        lambda: _zip({"config.json": CONFIG, "/tmp/evil.safetensors": VALID_WEIGHTS}),
+        "hf",
+        "path_traversal",
+    ),
+    "symlink in zip": (
+        lambda: _zip({"config.json": CONFIG}, links=("model.safetensors",)),
+        "hf",
+        "link_in_archive",
+    ),
+    "symlink in tar": (_tar_with_symlink, "hf", "link_in_archive"),
+    "zip bomb": (
+        lambda: _zip(
+            {"config.json": CONFIG, "model.safetensors": b"\0" * 20_000_000},
+            compression=zipfile.ZIP_DEFLATED,
+        ),
+        "hf",
+        "zip_bomb",
+    ),
+    "pickle that would run code": (
+        lambda: b"\x80\x04cos\nsystem\n(S'touch /tmp/pwned'\ntR.",
+        "torch_pickle",
+        "unsafe_format",
+    ),
+    "pickled .bin weights": (
+        lambda: hf_archive(
+            b"", weights_name="pytorch_model.bin", weights=b"\x80\x04cos\nsystem\n."
+        ),
+        "hf",
+        "unsafe_format",
+    ),
+    "truncated safetensors": (
+        lambda: hf_archive(b"", weights=safetensors_bytes(b"x" * 100)[:-10]),
+        "hf",
+        "invalid_safetensors",
+    ),
+    "lying safetensors header": (
+        lambda: hf_archive(b"", weights=safetensors_bytes(b"x" * 64, lie=1000)),
+        "hf",
+        "invalid_safetensors",
+    ),
+    "config naming no class": (
+        lambda: hf_archive(b"x", config={"architectures": ["os.system('x')"]}),
+        "hf",
+        "invalid_config",
+    ),
+    "config that is not JSON": (
+        lambda: _zip({"config.json": b"{nope", "model.safetensors": VALID_WEIGHTS}),
+        "hf",
+        "invalid_config",
+    ),
+    "no config": (lambda: _zip({"model.safetensors": VALID_WEIGHTS}), "hf", "missing_config"),
+    "empty file": (lambda: b"", "hf", "empty_file"),
+    "wrong format for the content": (lambda: VALID_WEIGHTS, "hf", "invalid_archive"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_upload_is_refused_and_leaves_nothing(
+    client: TestClient, alice: Caller, settings: Settings, case: str
+) -> None:
+    build, model_format, code = HOSTILE[case]
+
+    response = client.post(
+        "/v1/models",
+        headers=alice.headers,
+        data={"format": model_format},
+        files={"file": ("upload.zip", build(), "application/octet-stream")},
+    )
+
+    problem(response, 422, code)
+    assert leftover_files(settings) == []
+    assert not Path("/tmp/pwned").exists()
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/v1/models", headers=alice.headers).json()["items"] == []
+
+
+def test_a_sound_archive_in_a_top_level_folder_is_accepted(
+    client: TestClient, alice: Caller
+) -> None:
+    content = _zip({"bert/config.json": CONFIG, "bert/model.safetensors": VALID_WEIGHTS})
+
+    response = client.post(
+        "/v1/models",
+        headers=alice.headers,
+        data={"format": "hf"},
+        files={"file": ("bert.zip", content, "application/zip")},
+    )
+
+    assert response.status_code == 201, response.text
