@@ -14,11 +14,19 @@ def prune_bert_to_half_the_macs(client: Client, archive: Path, data: Path, work:
     model = client.wait_for_model(client.upload_model(archive, "hf", name="bert").id)
     assert model.state == "ready", model.rejection_reason
     dataset = client.upload_dataset(data, "tensors")
-    job = client.submit_job({
-        "model_id": model.id, "dataset_id": dataset.id, "method": "oba",
-        "granularity": "channel", "target": {"macs": 0.5}, "schedule": {"steps": 3},
-        "calibration": {"batches": 2, "batch_size": 16}, "loss": "cross_entropy",
-        "outputs": ["hf"]})
+    job = client.submit_job(
+        {
+            "model_id": model.id,
+            "dataset_id": dataset.id,
+            "method": "oba",
+            "granularity": "channel",
+            "target": {"macs": 0.5},
+            "schedule": {"steps": 3},
+            "calibration": {"batches": 2, "batch_size": 16},
+            "loss": "cross_entropy",
+            "outputs": ["hf"],
+        }
+    )
 
     events = list(client.events(job.id))
 

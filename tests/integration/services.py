@@ -17,8 +17,10 @@ import transformers
 from safetensors.torch import save_file
 
 POSTGRES_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-REDIS_START = ("redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' "
-               "--appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log")
+REDIS_START = (
+    "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' "
+    "--appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log"
+)
 
 
 def free_port() -> int:
@@ -65,11 +67,18 @@ def postgres_database() -> Iterator[str]:
 def apoptosis(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-c", "from service.cli import main; main()", *args]
     with log.open("ab") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(command, env={**os.environ, **env}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
-def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+def wait_healthy(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -93,12 +102,18 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def bert_upload(directory: Path, *, hidden: int = 32, layers: int = 2, intermediate: int = 256
-                ) -> tuple[Path, Path]:
+def bert_upload(
+    directory: Path, *, hidden: int = 32, layers: int = 2, intermediate: int = 256
+) -> tuple[Path, Path]:
     """A small BERT (FFN-heavy, so half its MACs can go) as an hf zip, and a tensors dataset."""
-    config = transformers.BertConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers,
-                                     num_attention_heads=4, intermediate_size=intermediate,
-                                     max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=intermediate,
+        max_position_embeddings=64,
+    )
     config.num_labels = 3
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config)
@@ -110,6 +125,11 @@ def bert_upload(directory: Path, *, hidden: int = 32, layers: int = 2, intermedi
             bundle.write(file, file.name)
     generator = torch.Generator().manual_seed(0)
     data = directory / "data.safetensors"
-    save_file({"input_ids": torch.randint(0, 64, (256, 16), generator=generator),
-               "labels": torch.randint(0, 3, (256,), generator=generator)}, str(data))
+    save_file(
+        {
+            "input_ids": torch.randint(0, 64, (256, 16), generator=generator),
+            "labels": torch.randint(0, 3, (256,), generator=generator),
+        },
+        str(data),
+    )
     return archive, data

@@ -17,8 +17,15 @@ from tests.integration.services import apoptosis, bert_upload, free_port, stop, 
 def embedded(tmp_path: Path) -> Iterator[Client]:
     port = free_port()
     log = tmp_path / "up.log"
-    process = apoptosis("up", "--port", str(port), "--home", str(tmp_path / "var"),
-                        env={"APOPTOSIS_API_KEY": ""}, log=log)
+    process = apoptosis(
+        "up",
+        "--port",
+        str(port),
+        "--home",
+        str(tmp_path / "var"),
+        env={"APOPTOSIS_API_KEY": ""},
+        log=log,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, log)
@@ -45,12 +52,19 @@ def test_embedded_service_prunes_an_uploaded_bert(embedded: Client, tmp_path: Pa
 
 
 def test_api_process_never_imports_torch() -> None:
-    code = ("import sys, service.app, service.cli, service.client\n"
-            "service.app.create_app()\n"
-            "print(','.join(m for m in ('torch', 'worker', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, service.app, service.cli, service.client\n"
+        "service.app.create_app()\n"
+        "print(','.join(m for m in ('torch', 'worker', 'transformers') if m in sys.modules))"
+    )
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "APOPTOSIS_HOME": "/tmp/apoptosis-import-check"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "APOPTOSIS_HOME": "/tmp/apoptosis-import-check"},
+    )
     assert out.stdout.strip() == ""

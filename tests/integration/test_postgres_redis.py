@@ -27,10 +27,12 @@ def distributed(tmp_path: Path) -> Iterator[Client]:
     ensure_server(6379, REDIS_START)
     redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
     with postgres_database() as database_url:
-        env = {"APOPTOSIS_DATABASE_URL": database_url,
-               "APOPTOSIS_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-               "APOPTOSIS_STORE_URL": str(tmp_path / "store"),
-               "APOPTOSIS_HOME": str(tmp_path / "home")}
+        env = {
+            "APOPTOSIS_DATABASE_URL": database_url,
+            "APOPTOSIS_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+            "APOPTOSIS_STORE_URL": str(tmp_path / "store"),
+            "APOPTOSIS_HOME": str(tmp_path / "home"),
+        }
         assert apoptosis("migrate", env=env, log=tmp_path / "migrate.log").wait(60) == 0
         port = free_port()
         api = apoptosis("api", "--port", str(port), env=env, log=tmp_path / "api.log")
@@ -38,9 +40,10 @@ def distributed(tmp_path: Path) -> Iterator[Client]:
         try:
             url = f"http://127.0.0.1:{port}"
             wait_healthy(url, api, tmp_path / "api.log")
+            from sqlalchemy.orm import Session
+
             from service.auth import create_tenant
             from service.db import make_engine
-            from sqlalchemy.orm import Session
 
             engine = make_engine(database_url)
             with Session(engine) as session:
@@ -55,6 +58,7 @@ def distributed(tmp_path: Path) -> Iterator[Client]:
 
 
 def test_postgres_redis_and_a_separate_worker_prune_an_uploaded_bert(
-        distributed: Client, tmp_path: Path) -> None:
+    distributed: Client, tmp_path: Path
+) -> None:
     archive, data = bert_upload(tmp_path)
     prune_bert_to_half_the_macs(distributed, archive, data, tmp_path)

@@ -26,8 +26,15 @@ class Deployment:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         name = f"w{len(self.workers)}@%h"
-        worker = apoptosis("worker", "--queues", "cpu", "--name", name, env=self.env,
-                           log=self.work / f"worker{len(self.workers)}.log")
+        worker = apoptosis(
+            "worker",
+            "--queues",
+            "cpu",
+            "--name",
+            name,
+            env=self.env,
+            log=self.work / f"worker{len(self.workers)}.log",
+        )
         self.workers.append(worker)
         return worker
 
@@ -43,8 +50,11 @@ class Deployment:
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    env = {"APOPTOSIS_HOME": str(tmp_path / "home"), "APOPTOSIS_HEARTBEAT_SECONDS": "0.5",
-           "APOPTOSIS_STALE_AFTER_SECONDS": "3"}
+    env = {
+        "APOPTOSIS_HOME": str(tmp_path / "home"),
+        "APOPTOSIS_HEARTBEAT_SECONDS": "0.5",
+        "APOPTOSIS_STALE_AFTER_SECONDS": "3",
+    }
     assert apoptosis("migrate", env=env, log=tmp_path / "migrate.log").wait(60) == 0
     port = free_port()
     api = apoptosis("api", "--port", str(port), env=env, log=tmp_path / "api.log")
@@ -75,10 +85,16 @@ def _slow_job(deployment: Deployment) -> str:
     model = client.wait_for_model(client.upload_model(archive, "hf").id)
     assert model.state == "ready", model.rejection_reason
     dataset = client.upload_dataset(data, "tensors")
-    return client.submit_job({
-        "model_id": model.id, "dataset_id": dataset.id, "method": "oba_full",
-        "target": {"macs": 0.5}, "schedule": {"steps": 30},
-        "calibration": {"batches": 2, "batch_size": 32}}).id
+    return client.submit_job(
+        {
+            "model_id": model.id,
+            "dataset_id": dataset.id,
+            "method": "oba_full",
+            "target": {"macs": 0.5},
+            "schedule": {"steps": 30},
+            "calibration": {"batches": 2, "batch_size": 32},
+        }
+    ).id
 
 
 def _wait_for_pruning(client: Client, job_id: str) -> None:
