@@ -142,18 +142,22 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
+def set_head_count(owner: Any, heads: int, head_dim: int | None) -> None:
+    """Write a head count into the attributes attention modules split their inputs by."""
+    for attribute in ("num_attention_heads", "num_heads"):
+        if isinstance(getattr(owner, attribute, None), int):
+            setattr(owner, attribute, heads)
+    if isinstance(getattr(owner, "all_head_size", None), int) and head_dim is not None:
+        owner.all_head_size = heads * head_dim
+
+
 def sync_structure(model: nn.Module, layers: list[AttentionLayer]) -> dict[str, int]:
     """Write the pruned head counts into attention modules, and uniform widths into the config.
 
     Returns what was written to the config.
     """
     for layer in layers:
-        heads = layer.heads
-        for attribute in ("num_attention_heads", "num_heads"):
-            if isinstance(getattr(layer.owner, attribute, None), int):
-                setattr(layer.owner, attribute, heads)
-        if isinstance(getattr(layer.owner, "all_head_size", None), int):
-            layer.owner.all_head_size = heads * layer.head_dim
+        set_head_count(layer.owner, layer.heads, layer.head_dim)
     config = getattr(model, "config", None)
     written: dict[str, int] = {}
     if config is None:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from worker.engine.config import PruneConfig
 from worker.engine.cost import measure
 from worker.engine.errors import InvalidConfig
+from worker.engine.plan import Plan
 from worker.engine.scores import LossFn
 from worker.engine.structured import StepRecord, prune_channels_
 from worker.engine.unstructured import prune_2_4_, prune_unstructured_, sparsity
@@ -27,7 +28,13 @@ class PruneResult:
     sparsity: float | None = None  # unstructured and 2:4: fraction of eligible weights zeroed
     masks: dict[str, Tensor] = field(default_factory=dict)  # True where a weight is kept
     dense_layers: list[str] = field(default_factory=list)  # 2:4: weights left dense (width % 4)
-    config_updates: dict[str, int] = field(default_factory=dict)  # written to `model.config`
+    plan: Plan = field(default_factory=Plan)  # replays channel pruning on the original model
+
+    @property
+    def config_updates(self) -> dict[str, int]:
+        """What was written to `model.config` (Hugging Face models)."""
+        return self.plan.config_updates
+
     # False when the floors, ignored layers or unprunable parts stop short of the target
     target_met: bool = True
 
@@ -53,7 +60,7 @@ def prune(
     before = measure(model, example_inputs)
     result = PruneResult(model, before.macs, before.params, before.macs, before.params, [])
     if config.granularity == "channel":
-        result.history, result.config_updates = prune_channels_(
+        result.history, result.plan = prune_channels_(
             model, example_inputs, calibration, loss_fn, config, on_step
         )
     elif config.granularity == "unstructured":

@@ -28,6 +28,7 @@ from worker.engine.groups import (
     collect_groups,
     unit_view,
 )
+from worker.engine.plan import Plan
 from worker.engine.scores import LossFn, parameter_scores
 
 MAX_ROUNDS_PER_STEP = 25
@@ -59,10 +60,10 @@ def prune_channels_(
     loss_fn: LossFn,
     config: PruneConfig,
     on_step: Callable[[StepRecord], None] | None = None,
-) -> tuple[list[StepRecord], dict[str, int]]:
+) -> tuple[list[StepRecord], Plan]:
     """Prune `model` in place to `config.target` of its MACs or parameters.
 
-    Returns one record per step and what was written to the model's config.
+    Returns one record per step and the plan that replays the pruning on the original model.
     """
     named = dict(model.named_modules())
     unknown = [name for name in config.ignored_layers if name not in named]
@@ -141,7 +142,9 @@ def prune_channels_(
         history.append(record)
         if on_step is not None:
             on_step(record)
-    return history, architectures.sync_structure(model, layers)
+    config_updates = architectures.sync_structure(model, layers)
+    heads = {names[layer.owner]: layer.heads for layer in layers}
+    return history, Plan(list(graph.pruning_history()), heads, config_updates)
 
 
 def _check_forward(
