@@ -1,13 +1,77 @@
-"""Writing pruned models in formats people load without our code."""
+"""Writing pruned models in formats people load without our code.
 
+| format | file | loads with |
+|---|---|---|
+| `hf` | model-hf.zip | `AutoModel*.from_pretrained` on the extracted folder |
+| `safetensors` | weights + pruning-plan.json | original model, `apply_plan_`, `load_state_dict` |
+| `onnx` | model.onnx | onnxruntime (checked against torch here) |
+| `pt2` | model.pt2 | `torch.export.load(...).module()` (checked against torch here) |
+| `torch_pickle` | model.pt | `torch.load(weights_only=False)`: trusted mode only |
+"""
+
+import json
 import shutil
 import tempfile
+import warnings
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from torch import nn
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from worker.engine.plan import Plan
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+@dataclass
+class Exported:
+    format: str
+    path: Path
+    checks: dict[str, Any] = field(default_factory=dict)  # e.g. max |Δ| against torch
+
+
+class _Positional(nn.Module):
+    """Keyword-input models (Hugging Face) as a function of positional tensors returning the
+    first output tensor (logits), which is what exporters and runtimes expect."""
+
+    def __init__(self, model: nn.Module, names: list[str], constants: dict[str, Any]) -> None:
+        super().__init__()
+        self.model, self.names, self.constants = model, names, constants
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        output = self.model(**dict(zip(self.names, tensors, strict=True)), **self.constants)
+        if isinstance(output, Tensor):
+            return output
+        return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _split(inputs: dict[str, Any]) -> tuple[list[str], tuple[Tensor, ...], dict[str, Any]]:
+    names = [k for k, v in inputs.items() if isinstance(v, Tensor)]
+    constants = {k: v for k, v in inputs.items() if not isinstance(v, Tensor)}
+    return names, tuple(inputs[k] for k in names), constants
+
+
+def export(
+    fmt: str, model: nn.Module, inputs: dict[str, Any], source: Path, out: Path, plan: Plan
+) -> Exported:
+    model = model.eval()
+    if fmt == "hf":
+        return Exported(fmt, export_hf(model, source, out))
+    if fmt == "safetensors":
+        return Exported(fmt, export_safetensors(model, plan, out))
+    if fmt == "onnx":
+        return export_onnx(model, inputs, out)
+    if fmt == "pt2":
+        return export_pt2(model, inputs, out)
+    if fmt == "torch_pickle":
+        path = out / "model.pt"
+        torch.save(model, path)
+        return Exported(fmt, path)
+    raise ValueError(f"unknown output format {fmt!r}")
 
 
 def export_hf(model: nn.Module, source: Path, out: Path) -> Path:
@@ -21,11 +85,77 @@ def export_hf(model: nn.Module, source: Path, out: Path) -> Path:
                 shutil.copy2(item, directory / item.name)
         model.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
         archive = out / "model-hf.zip"
-        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
-            for file in sorted(directory.rglob("*")):
-                if file.is_file():
-                    bundle.write(file, file.relative_to(directory).as_posix())
+        _zip_folder(directory, archive)
     return archive
+
+
+def export_safetensors(model: nn.Module, plan: Plan, out: Path) -> Path:
+    """Weights plus the plan that shapes the original architecture to receive them, zipped."""
+    folder = out / "safetensors"
+    folder.mkdir()
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(_untie(state), str(folder / "model.safetensors"))
+    (folder / "pruning-plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+    archive = out / "model-safetensors.zip"
+    _zip_folder(folder, archive)
+    return archive
+
+
+def _untie(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    # safetensors refuses tensors sharing memory (tied embeddings); give each its own copy
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
+
+
+def export_onnx(model: nn.Module, inputs: dict[str, Any], out: Path) -> Exported:
+    import onnxruntime
+
+    names, tensors, constants = _split(inputs)
+    wrapper = _Positional(model, names, constants)
+    path = out / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter is chatty about internals
+        torch.onnx.export(
+            wrapper,
+            tensors,
+            str(path),
+            input_names=names,
+            output_names=["output"],
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {n: t.cpu().numpy() for n, t in zip(names, tensors, strict=True)})[0]
+    with torch.no_grad():
+        expected = wrapper(*tensors).cpu().numpy()
+    return Exported("onnx", path, {"max_abs_diff": float(abs(actual - expected).max())})
+
+
+def export_pt2(model: nn.Module, inputs: dict[str, Any], out: Path) -> Exported:
+    names, tensors, constants = _split(inputs)
+    wrapper = _Positional(model, names, constants)
+    path = out / "model.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(wrapper, tensors)
+    torch.export.save(program, str(path))
+    reloaded = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        difference = (reloaded(*tensors) - wrapper(*tensors)).abs().max()
+    return Exported("pt2", path, {"max_abs_diff": float(difference)})
+
+
+def _zip_folder(folder: Path, archive: Path) -> None:
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                bundle.write(file, file.relative_to(folder).as_posix())
 
 
 def _is_weights_or_config(name: str) -> bool:

@@ -15,7 +15,7 @@ def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def _logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+def logits_of(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     output = model(**_inputs(batch))
     return output.logits if hasattr(output, "logits") else output
 
@@ -27,7 +27,7 @@ def _labels(batch: dict[str, Any], loss: str) -> Tensor:
 
 
 def cross_entropy(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    logits = _logits(model, batch)
+    logits = logits_of(model, batch)
     # (…, classes) -> (rows, classes): sequence and token classification alike
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), _labels(batch, "cross_entropy").reshape(-1).long()
@@ -35,12 +35,12 @@ def cross_entropy(model: nn.Module, batch: dict[str, Any]) -> Tensor:
 
 
 def mse(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    logits = _logits(model, batch)
+    logits = logits_of(model, batch)
     return F.mse_loss(logits, _labels(batch, "mse").to(logits.dtype).view_as(logits))
 
 
 def causal_lm(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    logits = _logits(model, batch)
+    logits = logits_of(model, batch)
     tokens = batch["input_ids"]
     # predict token t+1 from tokens ≤ t: (batch, tokens-1, vocab) against (batch, tokens-1)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
@@ -56,8 +56,8 @@ def distillation(teacher: nn.Module) -> LossFn:
 
     def loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         with torch.no_grad():
-            target = F.log_softmax(_logits(frozen, batch), dim=-1)
-        student = F.log_softmax(_logits(model, batch), dim=-1)
+            target = F.log_softmax(logits_of(frozen, batch), dim=-1)
+        student = F.log_softmax(logits_of(model, batch), dim=-1)
         return F.kl_div(
             student.reshape(-1, student.shape[-1]),
             target.reshape(-1, target.shape[-1]),

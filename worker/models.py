@@ -84,14 +84,44 @@ def _forward_arguments(model: nn.Module) -> list[str]:
     return list(inspect.signature(model.forward).parameters)
 
 
-def example_inputs(loaded: LoadedModel, batch_size: int = 1, tokens: int = 16) -> dict[str, Any]:
-    """Dummy inputs for tracing and MAC counts: a short token sequence or one image."""
-    config: Any = loaded.model.config
-    if loaded.kind == "vision":
+def load(root: Path, model_format: str, *, trusted: bool) -> LoadedModel:
+    """An uploaded model: `hf` from its extracted folder, `torch_pickle` (trusted mode only)
+    from the pickled module itself."""
+    if model_format == "hf":
+        return load_hf(root, trusted=trusted)
+    if model_format == "torch_pickle":
+        if not trusted:
+            raise ModelRejected("unsafe_format", "torch_pickle models load only in trusted mode")
+        try:
+            model = torch.load(root, weights_only=False, map_location="cpu")
+        except Exception as error:  # unpickling fails in arbitrary ways
+            raise ModelRejected("invalid_model", f"the pickle does not load: {error}") from error
+        if not isinstance(model, nn.Module):
+            raise ModelRejected("invalid_model", "the pickle does not hold an nn.Module")
+        kind = "vision" if "pixel_values" in _forward_arguments(model) else "tensor"
+        return LoadedModel(model.eval(), root.parent, kind)
+    raise ModelRejected("unsupported_format", f"unknown model format {model_format!r}")
+
+
+def example_inputs(
+    loaded: LoadedModel, batch: dict[str, Any] | None = None, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Inputs for tracing, MAC counts and export: one row of `batch` when given, else a short
+    token sequence or one image of the configured size."""
+    inputs: dict[str, Any]
+    if batch is not None:
+        inputs = {
+            k: v[:1] for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)
+        }
+    elif loaded.kind == "vision":
+        config: Any = getattr(loaded.model, "config", None)
         size = getattr(config, "image_size", 224)
         channels = getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.zeros(batch_size, channels, size, size)}
-    inputs: dict[str, Any] = {"input_ids": torch.zeros(batch_size, tokens, dtype=torch.long)}
+        inputs = {"pixel_values": torch.zeros(1, channels, size, size)}
+    else:
+        inputs = {"input_ids": torch.zeros(1, 16, dtype=torch.long)}
+    if device is not None:
+        inputs = {k: v.to(device) for k, v in inputs.items()}
     if "use_cache" in _forward_arguments(loaded.model):
         inputs["use_cache"] = False  # key/value caches are not part of the model's structure
     return inputs

@@ -9,12 +9,11 @@ import os
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from sqlalchemy import select, update
@@ -26,9 +25,10 @@ from service.jobs.states import CANCELLED, CANCELLING, FAILED, QUEUED, SUCCEEDED
 from service.orm import Artifact, Dataset, Job, Model, utcnow
 from service.settings import Settings, get_settings
 from service.storage import get_store
-from worker import datasets, export, losses, models
-from worker.engine import EngineError, PruneConfig, StepRecord, measure, prune
-from worker.engine.config import TargetMetric
+from worker import datasets, models
+from worker.engine import EngineError, measure
+from worker.export import Exported
+from worker.job import JobFailed, JobFiles, execute
 
 log = logging.getLogger("apoptosis.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -43,12 +43,6 @@ class LeaseLost(Exception):
     """Another worker (or the reaper) took the job over; stop without touching it."""
 
 
-class JobFailed(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def device(settings: Settings) -> torch.device:
     if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
@@ -56,10 +50,14 @@ def device(settings: Settings) -> torch.device:
 
 
 @contextmanager
-def _unpacked_model(model: Model, work: Path, trusted: bool) -> Iterator[models.LoadedModel]:
-    with get_store().local_path(model.blob_key) as archive:
-        archives.extract(archive, work / "model")
-    yield models.load_hf(work / "model", trusted=trusted)
+def _model_files(model: Model, work: Path) -> Iterator[Path]:
+    """The upload as the loader wants it: an extracted folder (hf) or the file itself."""
+    with get_store().local_path(model.blob_key) as blob:
+        if model.format != "hf":
+            yield blob
+            return
+        archives.extract(blob, work / "model")
+    yield work / "model"
 
 
 def validate_model(model_id: str) -> None:
@@ -72,21 +70,9 @@ def validate_model(model_id: str) -> None:
         summary: dict[str, Any] = {}
         reason = None
         try:
-            with (
-                tempfile.TemporaryDirectory() as work,
-                _unpacked_model(model, Path(work), settings.trusted_mode) as loaded,
-            ):
-                inputs = models.example_inputs(loaded)
-                cost = measure(loaded.model, inputs)
-                summary = {
-                    "params": cost.params,
-                    "macs": cost.macs,
-                    "kind": loaded.kind,
-                    "architecture": type(loaded.model).__name__,
-                    "inputs": {
-                        k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)
-                    },
-                }
+            with tempfile.TemporaryDirectory() as work, _model_files(model, Path(work)) as root:
+                loaded = models.load(root, model.format, trusted=settings.trusted_mode)
+                summary = _summary(loaded)
         except (archives.UnsafeArchive, models.ModelRejected) as error:
             reason = f"{error.code}: {error}"
         except Exception as error:  # a model we cannot run is rejected, never a crash
@@ -99,6 +85,21 @@ def validate_model(model_id: str) -> None:
             .values(state=state, summary=summary, rejection_reason=reason)
         )
         session.commit()
+
+
+def _summary(loaded: models.LoadedModel) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "architecture": type(loaded.model).__name__,
+        "kind": loaded.kind,
+        "params": sum(p.numel() for p in loaded.model.parameters()),
+    }
+    if loaded.kind != "tensor":  # a pickled module's inputs are known only from its data
+        inputs = models.example_inputs(loaded)
+        summary["macs"] = measure(loaded.model, inputs).macs
+        summary["inputs"] = {
+            k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)
+        }
+    return summary
 
 
 class _Heartbeat:
@@ -149,124 +150,69 @@ def run_job(job_id: str) -> None:
         session.commit()
         job = session.get(Job, job_id)
         assert job is not None
-        model, dataset = session.get(Model, job.model_id), session.get(Dataset, job.dataset_id)
         spec = dict(job.spec)
+        model = session.get(Model, job.model_id)
+        dataset = session.get(Dataset, job.dataset_id)
+        eval_id = (spec.get("evaluation") or {}).get("dataset_id")
+        held_out = session.get(Dataset, eval_id) if eval_id else None
     log.info("job %s claimed by %s", job_id, WORKER_ID)
     with _Heartbeat(job_id, settings.heartbeat_seconds) as heartbeat:
+
+        def report(progress: dict[str, Any]) -> None:
+            heartbeat.beat(progress)
+            heartbeat.check()
+
         try:
-            if model is None or dataset is None:
+            if model is None or dataset is None or (eval_id and held_out is None):
                 raise JobFailed("missing_input", "the job's model or dataset no longer exists")
-            with tempfile.TemporaryDirectory() as work:
-                result, files = _prune(spec, model, dataset, Path(work), heartbeat, settings)
-                _finish(job_id, result, files)
+            with (
+                tempfile.TemporaryDirectory() as work,
+                _model_files(model, Path(work)) as model_root,
+                _optional_blob(dataset.blob_key) as data,
+                _optional_blob(held_out.blob_key if held_out else None) as evaluation,
+            ):
+                assert data is not None
+                files = JobFiles(
+                    model_root, model.format, data, dataset.format, evaluation, Path(work)
+                )
+                result, exports = execute(
+                    spec, files, device(settings), settings.trusted_mode, report
+                )
+                _finish(job_id, result, exports)
         except Cancelled:
             _end(job_id, CANCELLED, None)
         except LeaseLost:
             log.warning("job %s: lease lost, leaving it to its new owner", job_id)
-        except JobFailed as error:
-            _end(job_id, FAILED, {"code": error.code, "message": str(error)})
-        except EngineError as error:
-            _end(job_id, FAILED, {"code": error.code, "message": str(error)})
-        except (archives.UnsafeArchive, models.ModelRejected, datasets.DatasetRejected) as error:
+        except (
+            JobFailed,
+            EngineError,
+            archives.UnsafeArchive,
+            models.ModelRejected,
+            datasets.DatasetRejected,
+        ) as error:
             _end(job_id, FAILED, {"code": error.code, "message": str(error)})
         except Exception as error:
             log.exception("job %s failed", job_id)
             _end(job_id, FAILED, {"code": "internal_error", "message": str(error)})
 
 
-def _prune(
-    spec: dict[str, Any],
-    model: Model,
-    dataset: Dataset,
-    work: Path,
-    heartbeat: _Heartbeat,
-    settings: Settings,
-) -> tuple[dict[str, Any], list[tuple[str, Path]]]:
-    stages: dict[str, float] = {}
-    started = time.perf_counter()
-    target_device = device(settings)
-    heartbeat.beat({"stage": "loading", "percent": 0})
-    with _unpacked_model(model, work, settings.trusted_mode) as loaded:
-        with get_store().local_path(dataset.blob_key) as data_path:
-            columns = datasets.load_tensors(data_path)
-        net = loaded.model.to(target_device)
-        calibration = datasets.batches(
-            columns,
-            spec["calibration"]["batches"],
-            spec["calibration"]["batch_size"],
-            target_device,
-        )
-        if not calibration:
-            raise JobFailed("empty_dataset", "the dataset has no rows")
-        loss_fn = losses.make_loss(spec["loss"], net)
-        example = {
-            k: v.to(target_device) if isinstance(v, torch.Tensor) else v
-            for k, v in models.example_inputs(loaded).items()
-        }
-        stages["load"] = time.perf_counter() - started
-        heartbeat.check()
-        target = spec["target"]
-        metric: TargetMetric = next(m for m in get_args(TargetMetric) if target.get(m) is not None)
-        steps = spec["schedule"]["steps"]
-        config = PruneConfig(
-            method=spec["method"],
-            granularity=spec["granularity"],
-            target_metric=metric,
-            target=target[metric],
-            steps=steps,
-            schedule=spec["schedule"]["kind"],
-            global_ranking="hf" not in spec["outputs"],
-        )  # hf: widths a config can describe
-
-        def on_step(record: StepRecord) -> None:
-            heartbeat.beat(
-                {
-                    "stage": "pruning",
-                    "step": record.step,
-                    "total": steps,
-                    "percent": round(100 * record.step / steps, 1),
-                    "macs": record.macs,
-                    "params": record.params,
-                }
-            )
-            heartbeat.check()
-
-        with torch.no_grad():
-            loss_before = float(loss_fn(net, calibration[0]))
-        pruned_at = time.perf_counter()
-        try:
-            result = prune(net, example, calibration, loss_fn, config, on_step=on_step)
-        except ValueError as error:  # e.g. a loss that needs labels the dataset lacks
-            raise JobFailed("invalid_job", str(error)) from error
-        stages["prune"] = time.perf_counter() - pruned_at
-        with torch.no_grad():
-            loss_after = float(loss_fn(net, calibration[0]))
-        heartbeat.beat({"stage": "exporting", "percent": 100})
-        exported_at = time.perf_counter()
-        files = [("hf", export.export_hf(net.cpu(), loaded.directory, work))]
-        stages["export"] = time.perf_counter() - exported_at
-    return {
-        "params_before": result.initial_params,
-        "params_after": result.params,
-        "macs_before": result.initial_macs,
-        "macs_after": result.macs,
-        "target_met": result.target_met,
-        "sparsity": result.sparsity,
-        "loss_before": loss_before,
-        "loss_after": loss_after,
-        "config_updates": result.config_updates,
-        "widths": result.history[-1].widths if result.history else {},
-        "seconds": stages,
-    }, files
+@contextmanager
+def _optional_blob(key: str | None) -> Iterator[Path | None]:
+    if key is None:
+        yield None
+        return
+    with get_store().local_path(key) as path:
+        yield path
 
 
-def _finish(job_id: str, result: dict[str, Any], files: list[tuple[str, Path]]) -> None:
+def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> None:
     """Upload, then record artifacts and success in one transaction guarded by the lease."""
     store = get_store()
     blobs = []
-    for fmt, path in files:
-        with path.open("rb") as file:
-            blobs.append((fmt, path.name, store.put_stream(iter(lambda: file.read(1 << 20), b""))))
+    for exported in exports:
+        with exported.path.open("rb") as file:
+            blob = store.put_stream(iter(lambda: file.read(1 << 20), b""))
+        blobs.append((exported.format, exported.path.name, blob))
     with get_sessionmaker()() as session:
         job = session.get(Job, job_id)
         assert job is not None

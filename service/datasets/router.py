@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from service import resources
+from service import dataset_checks, resources
 from service.auth import TenantDep
 from service.datasets.schemas import DATASET_FORMATS, DatasetOut, DatasetPage
 from service.deps import SessionDep
@@ -14,7 +14,7 @@ from service.orm import Dataset, Job
 from service.pagination import MAX_LIMIT
 from service.problems import ProblemError
 from service.settings import get_settings
-from service.uploads import openapi_form, receive_upload
+from service.uploads import Upload, openapi_form, receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -34,6 +34,7 @@ async def upload_dataset(request: Request, tenant_id: TenantDep, session: Sessio
                 f"dataset format must be one of {DATASET_FORMATS}, got {dataset_format!r}",
             )
         name = resources.resource_name(upload)
+        await run_in_threadpool(_check, upload, dataset_format)
     blob = await run_in_threadpool(resources.store_upload, upload)
     dataset = Dataset(
         tenant_id=tenant_id,
@@ -46,6 +47,13 @@ async def upload_dataset(request: Request, tenant_id: TenantDep, session: Sessio
     session.add(dataset)
     session.commit()
     return dataset
+
+
+def _check(upload: Upload, dataset_format: str) -> None:
+    try:
+        dataset_checks.check(upload.path, dataset_format)
+    except dataset_checks.InvalidDataset as error:
+        raise ProblemError(422, error.code, str(error)) from error
 
 
 @router.get("", response_model=DatasetPage)

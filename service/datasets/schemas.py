@@ -4,7 +4,7 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
-DATASET_FORMATS: tuple[str, ...] = ("tensors",)
+DATASET_FORMATS: tuple[str, ...] = ("tensors", "jsonl", "imagefolder")
 
 
 class DatasetOut(BaseModel):

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-OutputFormat = Literal["hf"]
+OutputFormat = Literal["hf", "safetensors", "onnx", "pt2", "torch_pickle"]
 
 
 def _default_outputs() -> list[OutputFormat]:
@@ -53,6 +53,29 @@ class Finetune(BaseModel):
     lr: float = Field(default=1e-3, gt=0, le=1)
 
 
+class Evaluation(BaseModel):
+    """Where before/after metrics come from: a separate dataset, or the last fraction of rows."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset_id: str | None = None
+    fraction: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Evaluation":
+        if (self.dataset_id is None) == (self.fraction is None):
+            raise ValueError("give exactly one of dataset_id or fraction")
+        return self
+
+
+class Preprocess(BaseModel):
+    """Image preprocessing when the model's preprocessor_config.json should not decide."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: int | None = Field(default=None, ge=8, le=4096)
+    mean: list[float] | None = Field(default=None, min_length=1, max_length=4)
+    std: list[float] | None = Field(default=None, min_length=1, max_length=4)
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_id: str
@@ -64,6 +87,8 @@ class JobSpec(BaseModel):
     calibration: Calibration = Field(default_factory=Calibration)
     loss: Literal["cross_entropy", "mse", "distill", "causal_lm"] = "cross_entropy"
     finetune: Finetune | None = None
+    evaluation: Evaluation | None = None
+    preprocess: Preprocess | None = None
     outputs: list[OutputFormat] = Field(default_factory=_default_outputs, min_length=1)
 
     @model_validator(mode="after")

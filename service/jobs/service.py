@@ -31,7 +31,21 @@ def create(
                 _send(existing.id)
             return existing, False
     model = resources.owned(session, Model, tenant_id, spec.model_id)
-    resources.owned(session, Dataset, tenant_id, spec.dataset_id)
+    dataset = resources.owned(session, Dataset, tenant_id, spec.dataset_id)
+    if spec.evaluation is not None and spec.evaluation.dataset_id is not None:
+        held_out = resources.owned(session, Dataset, tenant_id, spec.evaluation.dataset_id)
+        if held_out.format != dataset.format:
+            raise ProblemError(
+                422,
+                "evaluation_format_mismatch",
+                "the evaluation dataset must have the format of the dataset",
+            )
+    if "torch_pickle" in spec.outputs and not get_settings().trusted_mode:
+        raise ProblemError(
+            422,
+            "unsafe_format",
+            "torch_pickle outputs need trusted mode; choose hf, safetensors, onnx or pt2",
+        )
     if model.state != "ready":
         raise ProblemError(
             409,

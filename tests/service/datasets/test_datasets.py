@@ -23,8 +23,9 @@ from tests.service.conftest import (
     problem,
     walk,
 )
+from tests.service.factories import safetensors_bytes
 
-TENSORS = b"\x93NUMPY" + bytes(range(256)) * 100
+TENSORS = safetensors_bytes(bytes(range(256)) * 100)
 
 
 def upload(client: TestClient, caller: Caller, content: bytes, fmt: str = "tensors") -> Response:
@@ -64,7 +65,8 @@ def test_a_dataset_upload_is_stored_and_hashed(
     [
         ("tensors", b"\0" * (MAX_UPLOAD_BYTES + 1), 413, "upload_too_large"),
         ("tensors", b"\0" * (3 * MAX_UPLOAD_BYTES), 413, "upload_too_large"),
-        ("jsonl", TENSORS, 422, "unsupported_format"),
+        ("jsonl", TENSORS, 422, "invalid_dataset"),
+        ("onnx", TENSORS, 422, "unsupported_format"),
         ("", TENSORS, 422, "unsupported_format"),
         ("tensors", b"", 422, "empty_file"),
     ],

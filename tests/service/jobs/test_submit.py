@@ -106,7 +106,7 @@ def test_unknown_inputs_are_404(
         {"schedule": {"steps": 0}},
         {"calibration": {"batches": 8, "batch_size": 0}},
         {"outputs": []},
-        {"outputs": ["torch_pickle"]},
+        {"outputs": ["pickle"]},
         {"surprise": True},
         {"model_id": None},
     ],
@@ -264,3 +264,14 @@ def test_an_empty_idempotency_key_is_not_a_key(
     second = client.post("/v1/jobs", json=spec | {"method": "taylor"}, headers=headers)
     # Ignoring an empty key and refusing it are both fine; treating it as a key is not.
     assert (first.status_code, second.status_code) in {(202, 202), (422, 422)}, second.text
+
+
+def test_a_pickle_output_needs_trusted_mode(
+    client: TestClient, queued: QueueRecorder, alice: Caller, spec: dict[str, Any]
+) -> None:
+    response = client.post(
+        "/v1/jobs", json=spec | {"outputs": ["torch_pickle"]}, headers=alice.headers
+    )
+
+    problem(response, 422, "unsafe_format")
+    assert queued.jobs == []

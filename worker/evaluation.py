@@ -1,0 +1,52 @@
+"""Measuring a model before and after pruning: loss, accuracy, latency."""
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from worker.engine.cost import run_forward
+from worker.losses import LossFn, logits_of
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[dict[str, Any]], loss_fn: LossFn) -> dict[str, float]:
+    """Mean loss and, where the batches carry class labels, accuracy (eval mode)."""
+    training = model.training
+    model.eval()
+    try:
+        losses, correct, counted = [], 0, 0
+        for batch in batches:
+            losses.append(float(loss_fn(model, batch)))
+            labels = batch.get("labels")
+            if labels is not None and not labels.is_floating_point():
+                logits = logits_of(model, batch)
+                # (…, classes): sequence and token classification alike
+                predictions = logits.reshape(-1, logits.shape[-1]).argmax(-1)
+                correct += int((predictions == labels.reshape(-1)).sum())
+                counted += labels.numel()
+    finally:
+        model.train(training)
+    metrics = {"loss": sum(losses) / max(len(losses), 1)}
+    if counted:
+        metrics["accuracy"] = correct / counted
+    return metrics
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, inputs: dict[str, Any], repeats: int = 20) -> float:
+    """Median wall time of one forward pass on `inputs` (after warm-up), in milliseconds."""
+    model.eval()
+    for _ in range(3):
+        run_forward(model, inputs)
+    timings = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        run_forward(model, inputs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+    return 1000 * sorted(timings)[len(timings) // 2]

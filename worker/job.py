@@ -1,0 +1,147 @@
+"""One pruning job, start to finish, free of the database and the queue (tests call it directly):
+load → measure → prune (with progress) → measure → fine-tune → measure → export."""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+
+from worker import datasets, evaluation, export, finetune, losses, models
+from worker.engine import PruneConfig, StepRecord, prune
+from worker.engine.config import TargetMetric
+
+
+class JobFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    model_root: Path  # the extracted model upload (or the pickle file)
+    model_format: str
+    data: Path
+    data_format: str
+    evaluation: Path | None  # a separate evaluation dataset, same format as `data`
+    work: Path  # where exports are written
+
+
+Report = Callable[[dict[str, Any]], None]
+
+
+def execute(
+    spec: dict[str, Any], files: JobFiles, device: torch.device, trusted: bool, report: Report
+) -> tuple[dict[str, Any], list[export.Exported]]:
+    """Run the job; `report` receives progress and may raise to stop it (cancellation)."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    report({"stage": "loading", "percent": 0})
+    loaded = models.load(files.model_root, files.model_format, trusted=trusted)
+    net = loaded.model.to(device)
+    columns = datasets.load(files.data, files.data_format, loaded, spec.get("preprocess"))
+    calibration_spec = spec["calibration"]
+    held_out = None
+    if files.evaluation is not None:
+        held_out = datasets.load(
+            files.evaluation, files.data_format, loaded, spec.get("preprocess")
+        )
+    elif (spec.get("evaluation") or {}).get("fraction"):
+        columns, held_out = datasets.split(columns, spec["evaluation"]["fraction"])
+    size = calibration_spec["batch_size"]
+    calibration = datasets.batches(columns, calibration_spec["batches"], size, device)
+    if not calibration:
+        raise JobFailed("empty_dataset", "the dataset has no rows")
+    eval_batches = (
+        datasets.batches(held_out, 10_000, size, device) if held_out is not None else calibration
+    )
+    loss_fn = losses.make_loss(spec["loss"], net)
+    example = models.example_inputs(loaded, batch=calibration[0], device=device)
+    seconds["load"] = time.perf_counter() - clock
+
+    before = _measure(net, eval_batches, loss_fn, example)
+    target = spec["target"]
+    metric: TargetMetric = next(m for m in get_args(TargetMetric) if target.get(m) is not None)
+    steps = spec["schedule"]["steps"]
+    config = PruneConfig(
+        method=spec["method"],
+        granularity=spec["granularity"],
+        target_metric=metric,
+        target=target[metric],
+        steps=steps,
+        schedule=spec["schedule"]["kind"],
+        global_ranking="hf" not in spec["outputs"],
+    )  # hf: widths a config can describe
+
+    def on_step(record: StepRecord) -> None:
+        report(
+            {
+                "stage": "pruning",
+                "step": record.step,
+                "total": steps,
+                "percent": round(100 * record.step / steps, 1),
+                "macs": record.macs,
+                "params": record.params,
+            }
+        )
+
+    clock = time.perf_counter()
+    try:
+        result = prune(net, example, calibration, loss_fn, config, on_step=on_step)
+    except ValueError as error:  # e.g. a loss that needs labels the dataset lacks
+        raise JobFailed("invalid_job", str(error)) from error
+    seconds["prune"] = time.perf_counter() - clock
+    after_pruning = _measure(net, eval_batches, loss_fn, example)
+    after_finetune = None
+    if spec.get("finetune"):
+        report({"stage": "finetuning", "percent": 100})
+        clock = time.perf_counter()
+        finetune.finetune_(
+            net,
+            calibration,
+            loss_fn,
+            spec["finetune"]["epochs"],
+            spec["finetune"]["lr"],
+            masks=result.masks,
+        )
+        seconds["finetune"] = time.perf_counter() - clock
+        after_finetune = _measure(net, eval_batches, loss_fn, example)
+
+    report({"stage": "exporting", "percent": 100})
+    clock = time.perf_counter()
+    cpu_example = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in example.items()}
+    exports = [
+        export.export(fmt, net.cpu(), cpu_example, loaded.directory, files.work, result.plan)
+        for fmt in spec["outputs"]
+    ]
+    seconds["export"] = time.perf_counter() - clock
+    return {
+        "before": before,
+        "after_pruning": after_pruning,
+        "after_finetune": after_finetune,
+        "params_before": result.initial_params,
+        "params_after": result.params,
+        "macs_before": result.initial_macs,
+        "macs_after": result.macs,
+        "target_met": result.target_met,
+        "sparsity": result.sparsity,
+        "config_updates": result.config_updates,
+        "widths": result.history[-1].widths if result.history else {},
+        "evaluated_on": "held_out" if held_out is not None else "calibration",
+        "exports": {e.format: e.checks for e in exports},
+        "seconds": seconds,
+    }, exports
+
+
+def _measure(
+    net: torch.nn.Module,
+    batches: list[dict[str, Any]],
+    loss_fn: losses.LossFn,
+    example: dict[str, Any],
+) -> dict[str, float]:
+    metrics = evaluation.evaluate(net, batches, loss_fn)
+    metrics["latency_ms"] = evaluation.latency_ms(net, example)
+    return metrics
