@@ -33,7 +33,7 @@ def finetune_(
             optimizer.step()
             if masks:
                 apply_masks_(model, masks)
-            total += float(loss)
+            total += float(loss.detach())
         last = total / max(len(batches), 1)
     model.eval()
     return last

@@ -128,6 +128,10 @@ def execute(
         "macs_after": result.macs,
         "target_met": result.target_met,
         "sparsity": result.sparsity,
+        # MACs and latency refer to one row of this shape
+        "example_inputs": {
+            k: list(v.shape) for k, v in example.items() if isinstance(v, torch.Tensor)
+        },
         "config_updates": result.config_updates,
         "widths": result.history[-1].widths if result.history else {},
         "evaluated_on": "held_out" if held_out is not None else "calibration",

@@ -1,0 +1,121 @@
+"""Model folders and datasets on disk for worker tests: built from configs, no downloads."""
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "a", "plot", "acting"]
+
+
+def bert_folder(root: Path, *, intermediate: int = 256) -> Path:
+    """A small FFN-heavy BERT classifier with a word-level tokenizer, saved as an upload."""
+    config = transformers.BertConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=intermediate,
+        max_position_embeddings=64,
+    )
+    config.num_labels = 2
+    torch.manual_seed(0)
+    folder = root / "bert"
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3} | {
+        w: i + 4 for i, w in enumerate(WORDS)
+    }
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    ).save_pretrained(folder)
+    return folder
+
+
+def vit_folder(root: Path) -> Path:
+    config = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+    )
+    config.num_labels = 2
+    torch.manual_seed(0)
+    folder = root / "vit"
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "size": {"height": 16, "width": 16},
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.25, 0.25, 0.25],
+            }
+        )
+    )
+    return folder
+
+
+def tensors_file(path: Path, rows: int = 64, seed: int = 0) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    save_file(
+        {
+            "input_ids": torch.randint(4, len(WORDS) + 4, (rows, 12), generator=generator),
+            "labels": torch.randint(0, 2, (rows,), generator=generator),
+        },
+        str(path),
+    )
+    return path
+
+
+def jsonl_file(path: Path, rows: int = 48) -> Path:
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(rows):
+        words = rng.choice(WORDS, size=rng.integers(2, 8)).tolist()
+        lines.append(json.dumps({"text": " ".join(words), "label": i % 2}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def imagefolder_zip(path: Path, per_class: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as bundle:
+        for label, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+            for i in range(per_class):
+                pixels = np.clip(rng.normal(colour, 30, (20, 24, 3)), 0, 255).astype(np.uint8)
+                image_path = path.parent / f"img{label}{i}.png"
+                Image.fromarray(pixels).save(image_path)
+                bundle.write(image_path, f"class{label}/{i}.png")
+                image_path.unlink()
+    return path
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "method": "oba",
+        "granularity": "channel",
+        "target": {"macs": 0.5},
+        "schedule": {"steps": 2, "kind": "exponential"},
+        "calibration": {"batches": 2, "batch_size": 16},
+        "loss": "cross_entropy",
+        "finetune": None,
+        "evaluation": None,
+        "preprocess": None,
+        "outputs": ["hf"],
+    }
+    return base | overrides

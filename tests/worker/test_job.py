@@ -1,0 +1,145 @@
+"""Whole jobs through worker.job.execute: every data format and output format, metrics."""
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from tests.worker import factories
+from worker.engine import measure
+from worker.engine.plan import Plan, apply_plan_
+from worker.job import JobFiles, execute
+
+CPU = torch.device("cpu")
+
+
+def _run(
+    spec: dict[str, Any],
+    model: Path,
+    data: Path,
+    data_format: str,
+    work: Path,
+    *,
+    trusted: bool = False,
+    evaluation: Path | None = None,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    work.mkdir(exist_ok=True)
+    progress: list[dict[str, Any]] = []
+    result, exports = execute(
+        spec,
+        JobFiles(model, "hf", data, data_format, evaluation, work),
+        CPU,
+        trusted,
+        progress.append,
+    )
+    assert [p["step"] for p in progress if p["stage"] == "pruning"] == [1, 2]
+    return result, {e.format: e.path for e in exports}
+
+
+def _unzip(archive: Path, into: Path) -> Path:
+    with zipfile.ZipFile(archive) as bundle:
+        bundle.extractall(into)
+    return into
+
+
+def test_text_classification_from_jsonl_to_every_portable_format(tmp_path: Path) -> None:
+    model = factories.bert_folder(tmp_path)
+    data = factories.jsonl_file(tmp_path / "data.jsonl")
+    spec = factories.spec(
+        outputs=["hf", "safetensors", "onnx", "pt2"],
+        evaluation={"dataset_id": None, "fraction": 0.25},
+        finetune={"epochs": 1, "lr": 1e-3},
+    )
+
+    result, files = _run(spec, model, data, "jsonl", tmp_path / "work")
+
+    assert result["macs_after"] <= 0.5 * result["macs_before"]
+    assert result["evaluated_on"] == "held_out"
+    for stage in ("before", "after_pruning", "after_finetune"):
+        assert set(result[stage]) == {"loss", "accuracy", "latency_ms"}
+    assert result["exports"]["onnx"]["max_abs_diff"] <= 1e-4
+    assert result["exports"]["pt2"]["max_abs_diff"] <= 1e-5
+    shape = result["example_inputs"]["input_ids"]
+    tokens = {"input_ids": torch.full(shape, 4, dtype=torch.long)}
+
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        _unzip(files["hf"], tmp_path / "hf")
+    ).eval()
+    assert measure(hf, tokens).macs == result["macs_after"]
+    with torch.no_grad():
+        expected = hf(**tokens).logits
+
+    # safetensors + plan: the original architecture, shaped by the plan, takes the weights
+    folder = _unzip(files["safetensors"], tmp_path / "st")
+    original = transformers.AutoModelForSequenceClassification.from_pretrained(model).eval()
+    plan = Plan.from_json(json.loads((folder / "pruning-plan.json").read_text()))
+    rebuilt = apply_plan_(original, {"input_ids": torch.zeros(1, 12, dtype=torch.long)}, plan)
+    rebuilt.load_state_dict(load_file(str(folder / "model.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**tokens).logits, expected)
+
+    # pt2 and ONNX run without this project's code, on the traced input shape
+    example = {"input_ids": torch.randint(4, 14, shape), "attention_mask": torch.ones(shape).long()}
+    with torch.no_grad():
+        reference = hf(**example).logits
+    program = torch.export.load(str(files["pt2"])).module()
+    torch.testing.assert_close(program(*example.values()), reference)
+    session = onnxruntime.InferenceSession(str(files["onnx"]))
+    feeds = {i.name: example[i.name].numpy() for i in session.get_inputs() if i.name in example}
+    assert np.abs(session.run(None, feeds)[0] - reference.numpy()).max() <= 1e-4
+
+
+def test_image_classification_from_an_imagefolder(tmp_path: Path) -> None:
+    model = factories.vit_folder(tmp_path)
+    data = factories.imagefolder_zip(tmp_path / "images.zip")
+
+    result, files = _run(factories.spec(), model, data, "imagefolder", tmp_path / "work")
+
+    assert result["before"]["accuracy"] >= 0.0 and "accuracy" in result["after_pruning"]
+    assert result["macs_after"] <= 0.5 * result["macs_before"]
+    vit = transformers.AutoModelForImageClassification.from_pretrained(
+        _unzip(files["hf"], tmp_path / "hf")
+    )
+    assert vit(pixel_values=torch.zeros(1, 3, 16, 16)).logits.shape == (1, 2)
+
+
+def test_tensors_with_a_separate_evaluation_set_and_a_distillation_loss(tmp_path: Path) -> None:
+    model = factories.bert_folder(tmp_path)
+    data = factories.tensors_file(tmp_path / "train.safetensors")
+    held_out = factories.tensors_file(tmp_path / "eval.safetensors", rows=32, seed=1)
+    spec = factories.spec(
+        method="oba_full",
+        loss="distill",
+        target={"params": 0.8},
+        evaluation={"dataset_id": "x", "fraction": None},
+    )
+
+    result, _ = _run(spec, model, data, "tensors", tmp_path / "work", evaluation=held_out)
+
+    assert result["evaluated_on"] == "held_out"
+    assert result["params_after"] <= 0.8 * result["params_before"]
+    assert result["before"]["loss"] == pytest.approx(0.0, abs=1e-6)  # student = teacher
+
+
+def test_a_pickle_output_only_in_trusted_mode(tmp_path: Path) -> None:
+    model = factories.bert_folder(tmp_path)
+    data = factories.tensors_file(tmp_path / "train.safetensors")
+
+    _, files = _run(
+        factories.spec(outputs=["torch_pickle"]),
+        model,
+        data,
+        "tensors",
+        tmp_path / "work",
+        trusted=True,
+    )
+
+    loaded = torch.load(files["torch_pickle"], weights_only=False)
+    assert isinstance(loaded, transformers.BertForSequenceClassification)

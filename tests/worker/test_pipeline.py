@@ -1,0 +1,129 @@
+"""The pipeline against a migrated SQLite database and a local store (no queue, no Celery)."""
+
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from service import migrate
+from service.auth import create_tenant
+from service.db import get_engine, get_sessionmaker
+from service.orm import Artifact, Dataset, Job, Model
+from service.settings import get_settings
+from service.storage import get_store
+from tests.worker import factories
+from worker import pipeline
+
+
+@pytest.fixture
+def tenant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("APOPTOSIS_HOME", str(tmp_path / "home"))
+    for cached in (get_settings, get_engine, get_sessionmaker, get_store):
+        cached.cache_clear()
+    migrate.upgrade(get_settings().resolved_database_url())
+    with get_sessionmaker()() as session:
+        created, _ = create_tenant(session, "t")
+        session.commit()
+    yield created.id
+    get_engine().dispose()
+    for cached in (get_settings, get_engine, get_sessionmaker, get_store):
+        cached.cache_clear()
+
+
+def _zip(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for file in folder.iterdir():
+            bundle.write(file, file.name)
+    return archive
+
+
+def _stored_model(tenant: str, archive: Path) -> str:
+    with archive.open("rb") as file:
+        blob = get_store().put_stream(iter(lambda: file.read(1 << 20), b""))
+    with get_sessionmaker()() as session:
+        model = Model(
+            tenant_id=tenant,
+            name="m",
+            format="hf",
+            blob_key=blob.key,
+            sha256=blob.sha256,
+            size=blob.size,
+        )
+        session.add(model)
+        session.commit()
+        return model.id
+
+
+def test_validation_records_params_and_macs(tenant: str, tmp_path: Path) -> None:
+    model_id = _stored_model(tenant, _zip(factories.bert_folder(tmp_path), tmp_path / "b.zip"))
+
+    pipeline.validate_model(model_id)
+
+    with get_sessionmaker()() as session:
+        model = session.get(Model, model_id)
+        assert model is not None and model.state == "ready", model and model.rejection_reason
+        assert model.summary["params"] > 0 and model.summary["macs"] > 0
+        assert model.summary["architecture"] == "BertForSequenceClassification"
+
+
+def test_a_class_outside_transformers_is_rejected_with_a_reason(
+    tenant: str, tmp_path: Path
+) -> None:
+    folder = factories.bert_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"architectures": ["EvilModel"]}))
+    model_id = _stored_model(tenant, _zip(folder, tmp_path / "evil.zip"))
+
+    pipeline.validate_model(model_id)
+
+    with get_sessionmaker()() as session:
+        model = session.get(Model, model_id)
+        assert model is not None and model.state == "rejected"
+        assert (model.rejection_reason or "").startswith("unknown_architecture")
+
+
+def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
+    tenant: str, tmp_path: Path
+) -> None:
+    model_id = _stored_model(tenant, _zip(factories.bert_folder(tmp_path), tmp_path / "b.zip"))
+    pipeline.validate_model(model_id)
+    data = factories.tensors_file(tmp_path / "d.safetensors")
+    with data.open("rb") as file:
+        blob = get_store().put_stream(iter(lambda: file.read(1 << 20), b""))
+    with get_sessionmaker()() as session:
+        dataset = Dataset(
+            tenant_id=tenant,
+            name="d",
+            format="tensors",
+            blob_key=blob.key,
+            sha256=blob.sha256,
+            size=blob.size,
+        )
+        session.add(dataset)
+        session.flush()
+        job = Job(
+            tenant_id=tenant,
+            model_id=model_id,
+            dataset_id=dataset.id,
+            spec=factories.spec(outputs=["hf", "onnx"]),
+        )
+        session.add(job)
+        session.commit()
+        job_id = job.id
+
+    pipeline.run_job(job_id)
+    pipeline.run_job(job_id)  # a duplicate delivery: the claim makes it a no-op
+
+    with get_sessionmaker()() as session:
+        finished = session.get(Job, job_id)
+        assert finished is not None and finished.state == "succeeded", finished and finished.error
+        assert finished.attempt == 1
+        formats = sorted(session.scalars(select(Artifact.format).where(Artifact.job_id == job_id)))
+        assert formats == ["hf", "onnx"]
+        assert (
+            finished.result is not None
+            and finished.result["exports"]["onnx"]["max_abs_diff"] <= 1e-4
+        )
