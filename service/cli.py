@@ -259,6 +259,47 @@ def download(
             typer.echo(client.download(artifact, output))
 
 
+@app.command()
+def prune(
+    model: Annotated[Path, typer.Argument(help="model folder or archive")],
+    data: Annotated[Path, typer.Option(help="calibration data file")],
+    output: Annotated[Path, typer.Option(help="where the pruned model goes")] = Path("pruned"),
+    format: Annotated[str, typer.Option(help="model format: hf | torch_pickle")] = "hf",
+    data_format: Annotated[str, typer.Option(help="tensors | jsonl | imagefolder")] = "tensors",
+    target: Annotated[str, typer.Option(help="macs=0.5 | params=0.5 | sparsity=0.5")] = "macs=0.5",
+    method: str = "oba",
+    granularity: str = "channel",
+    steps: int = 10,
+    loss: str = "cross_entropy",
+    batches: int = 8,
+    batch_size: int = 32,
+    outputs: Annotated[str, typer.Option(help="comma-separated output formats")] = "hf",
+    finetune_epochs: int = 0,
+    device: str = "auto",
+    trusted: Annotated[bool, typer.Option(help="allow pickled models (runs their code)")] = False,
+) -> None:
+    """Prune a model on this machine, without a server: the worker's pipeline in-process."""
+    import importlib
+
+    # Loaded only here: the API process never reaches this command, and `import service.cli`
+    # stays free of torch (a test checks it).
+    local = importlib.import_module("worker.local")
+    metric, _, value = target.partition("=")
+    spec = {
+        "method": method,
+        "granularity": granularity,
+        "target": {metric: float(value)},
+        "schedule": {"steps": steps},
+        "loss": loss,
+        "calibration": {"batches": batches, "batch_size": batch_size},
+        "outputs": outputs.split(","),
+        "finetune": {"epochs": finetune_epochs} if finetune_epochs else None,
+    }
+    local.prune_local(
+        model, format, data, data_format, spec, output, trusted=trusted, device=device
+    )
+
+
 def main() -> None:
     try:
         app()

@@ -83,6 +83,10 @@ def load_jsonl(path: Path, loaded: LoadedModel) -> dict[str, Tensor]:
                 labels.append(row["label"])
     if labels and len(labels) != len(texts):
         raise DatasetRejected("invalid_dataset", "either every line has a 'label' or none does")
+    if loaded.directory is None:
+        raise DatasetRejected(
+            "missing_tokenizer", "jsonl data needs a model upload with its tokenizer"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(loaded.directory, local_files_only=True)
     except Exception as error:  # no tokenizer files in the upload
@@ -134,8 +138,8 @@ def _image_settings(
 ) -> tuple[int, int, Tensor, Tensor]:
     """Size and normalisation: the job spec, else preprocessor_config.json, else the config."""
     processor: dict[str, Any] = {}
-    config_file = loaded.directory / "preprocessor_config.json"
-    if config_file.is_file():
+    config_file = loaded.directory / "preprocessor_config.json" if loaded.directory else None
+    if config_file is not None and config_file.is_file():
         processor = json.loads(config_file.read_text())
     size: Any = (
         preprocess.get("size")

@@ -56,7 +56,7 @@ def _split(inputs: dict[str, Any]) -> tuple[list[str], tuple[Tensor, ...], dict[
 
 
 def export(
-    fmt: str, model: nn.Module, inputs: dict[str, Any], source: Path, out: Path, plan: Plan
+    fmt: str, model: nn.Module, inputs: dict[str, Any], source: Path | None, out: Path, plan: Plan
 ) -> Exported:
     model = model.eval()
     if fmt == "hf":
@@ -74,13 +74,13 @@ def export(
     raise ValueError(f"unknown output format {fmt!r}")
 
 
-def export_hf(model: nn.Module, source: Path, out: Path) -> Path:
+def export_hf(model: nn.Module, source: Path | None, out: Path) -> Path:
     """A zip of a Hugging Face directory: `from_pretrained` on its extraction loads the pruned
     model. Tokenizer and preprocessor files of the upload are carried over."""
     with tempfile.TemporaryDirectory() as work:
         directory = Path(work) / "model"
         directory.mkdir()
-        for item in source.iterdir():
+        for item in source.iterdir() if source is not None else ():
             if item.is_file() and not _is_weights_or_config(item.name):
                 shutil.copy2(item, directory / item.name)
         model.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
@@ -91,13 +91,13 @@ def export_hf(model: nn.Module, source: Path, out: Path) -> Path:
 
 def export_safetensors(model: nn.Module, plan: Plan, out: Path) -> Path:
     """Weights plus the plan that shapes the original architecture to receive them, zipped."""
-    folder = out / "safetensors"
-    folder.mkdir()
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(_untie(state), str(folder / "model.safetensors"))
-    (folder / "pruning-plan.json").write_text(json.dumps(plan.to_json(), indent=1))
     archive = out / "model-safetensors.zip"
-    _zip_folder(folder, archive)
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(_untie(state), str(folder / "model.safetensors"))
+        (folder / "pruning-plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+        _zip_folder(folder, archive)
     return archive
 
 

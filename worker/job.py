@@ -42,6 +42,11 @@ def execute(
     report({"stage": "loading", "percent": 0})
     loaded = models.load(files.model_root, files.model_format, trusted=trusted)
     net = loaded.model.to(device)
+    if "hf" in spec["outputs"] and not hasattr(net, "save_pretrained"):
+        raise JobFailed(
+            "invalid_output",
+            "the hf output needs a Hugging Face model; choose safetensors, onnx or pt2",
+        )
     columns = datasets.load(files.data, files.data_format, loaded, spec.get("preprocess"))
     calibration_spec = spec["calibration"]
     held_out = None

@@ -21,7 +21,8 @@ class ModelRejected(ValueError):
 @dataclass(frozen=True)
 class LoadedModel:
     model: nn.Module
-    directory: Path  # the extracted upload (tokenizer and preprocessor files live here too)
+    # the extracted upload, where tokenizer and preprocessor files live (None for a pickle)
+    directory: Path | None
     kind: str  # "text" | "vision"
 
 
@@ -99,7 +100,7 @@ def load(root: Path, model_format: str, *, trusted: bool) -> LoadedModel:
         if not isinstance(model, nn.Module):
             raise ModelRejected("invalid_model", "the pickle does not hold an nn.Module")
         kind = "vision" if "pixel_values" in _forward_arguments(model) else "tensor"
-        return LoadedModel(model.eval(), root.parent, kind)
+        return LoadedModel(model.eval(), None, kind)
     raise ModelRejected("unsupported_format", f"unknown model format {model_format!r}")
 
 

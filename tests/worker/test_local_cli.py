@@ -1,0 +1,103 @@
+"""`apoptosis prune`: every input and output format through the local CLI."""
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from service.cli import app
+from tests.worker import factories
+
+
+def _zip(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for file in folder.iterdir():
+            bundle.write(file, file.name)
+    return archive
+
+
+def _prune(*args: str) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["prune", *args, "--steps", "2", "--batches", "2", "--batch-size", "16", "--device", "cpu"],
+    )
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    assert "MACs" in result.output  # the before/after table
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_an_hf_model_to_every_output(tmp_path: Path, packed: bool) -> None:
+    folder = factories.bert_folder(tmp_path)
+    model = _zip(folder, tmp_path / "bert.zip") if packed else folder
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+    out = tmp_path / "out"
+
+    _prune(
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--target",
+        "macs=0.5",
+        "--outputs",
+        "hf,safetensors,onnx,pt2,torch_pickle",
+        "--trusted",
+    )
+
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model-hf.zip",
+        "model-safetensors.zip",
+        "model.onnx",
+        "model.pt",
+        "model.pt2",
+    ]
+    with zipfile.ZipFile(out / "model-hf.zip") as bundle:
+        bundle.extractall(tmp_path / "hf")
+    pruned = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert pruned.config.intermediate_size < 256
+    assert isinstance(torch.load(out / "model.pt", weights_only=False), torch.nn.Module)
+
+
+def test_a_pickled_model_needs_trusted_mode(tmp_path: Path) -> None:
+    folder = factories.bert_folder(tmp_path)
+    pickled = tmp_path / "bert.pt"
+    torch.save(transformers.AutoModelForSequenceClassification.from_pretrained(folder), pickled)
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+
+    refused = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            str(pickled),
+            "--format",
+            "torch_pickle",
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "no"),
+        ],
+    )
+    assert refused.exit_code != 0
+    assert "trusted" in str(refused.exception)
+
+    _prune(
+        str(pickled),
+        "--format",
+        "torch_pickle",
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "out"),
+        "--outputs",
+        "safetensors,pt2",
+        "--trusted",
+        "--granularity",
+        "unstructured",
+        "--target",
+        "sparsity=0.5",
+    )
+    assert (tmp_path / "out" / "model.pt2").is_file()
