@@ -1,0 +1,545 @@
+"""Accuracy of pruning criteria at equal MACs: the engine's methods against Torch-Pruning's.
+
+What is measured, per dataset (`digits`, `mnist1d`), seed and MACs target (50% and 25% of the
+dense model's MACs):
+
+- the achieved MACs fraction of the pruned model (counted by the engine's meter for every row);
+- test accuracy right after pruning, with BatchNorm statistics re-estimated on the calibration
+  batches (the engine does it after every step; the peers get the same routine after every step);
+- test accuracy after one epoch of fine-tuning (Adam, lr 1e-3, identical for every row);
+- the dense model's test accuracy, for reference.
+
+Our rows call `worker.engine.prune` once per method in `worker.engine.METHODS`, with the default
+switches (cost-aware ranking, 10% layer floor, BatchNorm recalibration). The peers are
+Torch-Pruning 1.6.1's own `MagnitudeImportance`, `TaylorImportance`, `HessianImportance` (with its
+accumulation bug fixed, see `FixedHessianImportance`) and `LAMPImportance`, run by its own
+`BasePruner` with global ranking. Torch-Pruning's `pruning_ratio` counts channels, not MACs, so each
+peer's channel ratio is searched (regula falsi with bisection safeguards, each probe a full pruning
+run on a fresh copy) until its MACs land at or just under the target: every criterion is compared
+at the same achieved MACs. Every criterion scores on the same calibration batches.
+
+An ablation turns `oba`'s three allocation switches off one at a time.
+
+Run `python bench/quality.py --help`; `--quick` is a seconds-long smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from common import (
+    DATASETS,
+    Batch,
+    Dataset,
+    accuracy,
+    build_model,
+    calibration_batches,
+    cross_entropy,
+    finetune_one_epoch,
+    load_dataset,
+    macs,
+    markdown_table,
+    mean_std,
+    recalibrate,
+    set_threads,
+    train_epochs,
+)
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from worker.engine import METHODS, PruneConfig, prune
+
+PEERS = ("tp_magnitude", "tp_taylor", "tp_hessian", "tp_lamp")
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "oba, cost_aware=False": {"cost_aware": False},
+    "oba, layer_floor=0.0": {"layer_floor": 0.0},
+    "oba, recalibrate_batchnorm=False": {"recalibrate_batchnorm": False},
+}
+# Dense training: epochs and peak learning rate (cosine decay), per dataset.
+TRAINING = {"digits": (15, 3e-3), "mnist1d": (20, 3e-3)}
+# The peers' per-layer floor: Torch-Pruning's `max_pruning_ratio` stops shrinking a layer once it
+# is under (1 - ratio) of its initial width, the closest it has to the engine's `layer_floor`.
+PEER_MAX_PRUNING_RATIO = 0.9
+
+
+@dataclass
+class Row:
+    """One pruned model: which criterion, where, and how it did."""
+
+    method: str
+    dataset: str
+    target: float
+    seed: int
+    macs_fraction: float
+    acc_pruned: float
+    acc_finetuned: float
+    acc_dense: float
+    seconds: float  # pruning wall time (for peers: the whole channel-ratio search)
+
+
+# --------------------------------------------------------------------------------------------
+# Torch-Pruning peers
+
+
+class FixedHessianImportance(tp.importance.HessianImportance):
+    """Torch-Pruning's OBD criterion with its gradient accumulation fixed.
+
+    In 1.6.1 `accumulate_grad` checks `name not in self._accu_grad` but stores under the
+    parameter, so the check is always true and every call overwrites the sum: only the last
+    sample's squared gradient survives. Here the dictionaries are keyed by parameter throughout.
+    `accumulate_squared` adds a batch of per-sample gradients at once (computed with
+    `torch.func.vmap`, the same numbers as one backward per sample, about 7× faster on CPU).
+    """
+
+    def accumulate_grad(self, model: nn.Module) -> None:
+        for param in model.parameters():
+            if param.grad is not None:
+                self._add(param, param.grad.detach().pow(2), 1)
+
+    def accumulate_squared(self, per_sample: dict[nn.Parameter, Tensor]) -> None:
+        for param, grads in per_sample.items():
+            self._add(param, grads.pow(2).sum(0), grads.shape[0])
+
+    def _add(self, param: nn.Parameter, squared: Tensor, count: int) -> None:
+        if param in self._accu_grad:
+            self._accu_grad[param] += squared
+            self._counter[param] += count
+        else:
+            self._accu_grad[param] = squared.clone()
+            self._counter[param] = count
+
+
+def per_sample_gradients(model: nn.Module, batch: Batch) -> dict[nn.Parameter, Tensor]:
+    """Gradient of each sample's cross-entropy (eval mode), stacked along a leading axis."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def sample_loss(values: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = functional_call(model, (values, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, *batch)
+    return {p: grads[name] for name, p in model.named_parameters()}
+
+
+def check_hessian_fix(model: nn.Module, batch: Batch) -> tuple[float, float]:
+    """Relative errors against the true mean of squared per-sample gradients on `batch`.
+
+    Returns (Torch-Pruning's own `accumulate_grad` loop, `FixedHessianImportance.
+    accumulate_squared`): the first is large (only the last sample is kept), the second ~1e-7.
+    """
+    model.eval()
+    losses = F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    original, fixed = tp.importance.HessianImportance(), FixedHessianImportance()
+    truth = {p: torch.zeros_like(p) for p in model.parameters()}
+    for i, loss in enumerate(losses):
+        model.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=i < len(losses) - 1)
+        original.accumulate_grad(model)
+        for p in model.parameters():
+            if p.grad is not None:
+                truth[p] += p.grad.pow(2) / len(losses)
+    model.zero_grad(set_to_none=True)
+    fixed.accumulate_squared(per_sample_gradients(model, batch))
+
+    def error(importance: tp.importance.Importance) -> float:
+        return max(
+            float(
+                (importance._accu_grad[p] / importance._counter[p] - truth[p]).norm()
+                / truth[p].norm()
+            )
+            for p in model.parameters()
+        )
+
+    return error(original), error(fixed)
+
+
+def _peer_importance(name: str) -> tp.importance.Importance:
+    return {
+        "tp_magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
+        "tp_taylor": tp.importance.TaylorImportance,
+        "tp_hessian": FixedHessianImportance,
+        "tp_lamp": lambda: tp.importance.LAMPImportance(p=2),
+    }[name]()
+
+
+def _prepare_peer_scores(
+    name: str, importance: tp.importance.Importance, model: nn.Module, batches: list[Batch]
+) -> None:
+    """Put what the peer's importance reads (`.grad`, accumulated squares) in place, eval mode."""
+    if name not in ("tp_taylor", "tp_hessian"):
+        return
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    if name == "tp_taylor":  # gradient of the mean loss over all calibration batches
+        for batch in batches:
+            (cross_entropy(model, batch) / len(batches)).backward()
+        return
+    assert isinstance(importance, FixedHessianImportance)
+    importance.zero_grad()
+    for batch in batches:
+        importance.accumulate_squared(per_sample_gradients(model, batch))
+    for param in model.parameters():  # HessianImportance writes its averages into `.grad`
+        param.grad = torch.zeros_like(param)
+
+
+def prune_peer(
+    name: str,
+    dense: nn.Module,
+    example: Tensor,
+    batches: list[Batch],
+    channel_ratio: float,
+    steps: int,
+) -> nn.Module:
+    """A copy of `dense` pruned by Torch-Pruning with `name`'s criterion to `channel_ratio`.
+
+    `steps` re-scored iterative steps (Torch-Pruning's linear channel schedule), BatchNorm
+    statistics recalibrated on `batches` after each step, as the engine does.
+    """
+    model = copy.deepcopy(dense)
+    importance = _peer_importance(name)
+    pruner = tp.pruner.BasePruner(
+        model,
+        example,
+        importance=importance,
+        global_pruning=True,
+        pruning_ratio=channel_ratio,
+        max_pruning_ratio=PEER_MAX_PRUNING_RATIO,
+        iterative_steps=steps,
+        ignored_layers=[model.classifier],
+    )
+    for _ in range(steps):
+        _prepare_peer_scores(name, importance, model, batches)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        recalibrate(model, batches)
+    model.eval()
+    return model
+
+
+def match_macs(
+    run: Callable[[float], nn.Module],
+    fraction_of: Callable[[nn.Module], float],
+    target: float,
+    tolerance: float,
+    max_probes: int,
+    scan: int = 10,
+) -> tuple[nn.Module, float, float]:
+    """Search the channel ratio whose pruned model keeps the most MACs not above `target`.
+
+    Regula falsi on (ratio, MACs fraction), each guess kept inside the middle 80% of the current
+    bracket so a flat stretch cannot stall it. Stops once a feasible model is within `tolerance`
+    of the target. Achieved MACs need not be monotone in the ratio (a one-channel change early
+    on changes every later step of an iterative run): if the bracket closes on a jump, `scan`
+    more ratios around it are tried. Returns (model, MACs fraction, channel ratio).
+    """
+    lo, f_lo = 0.0, 1.0
+    hi = 0.95
+    model = run(hi)
+    f_hi = fraction_of(model)
+    best = (model, f_hi, hi)
+    if f_hi > target:  # cannot get there: report the deepest it goes
+        return best
+
+    def probe(ratio: float) -> float:
+        nonlocal best
+        model = run(ratio)
+        fraction = fraction_of(model)
+        if best[1] < fraction <= target:
+            best = (model, fraction, ratio)
+        return fraction
+
+    for _ in range(max_probes):
+        if target - best[1] <= tolerance or hi - lo < 1e-3:
+            break
+        guess = lo + (hi - lo) * (f_lo - target) / max(f_lo - f_hi, 1e-12)
+        ratio = min(max(guess, lo + 0.1 * (hi - lo)), hi - 0.1 * (hi - lo))
+        fraction = probe(ratio)
+        if fraction <= target:
+            hi, f_hi = ratio, fraction
+        else:
+            lo, f_lo = ratio, fraction
+    if target - best[1] > tolerance and scan > 0:
+        start, stop = max(0.0, lo - 0.05), min(0.95, hi + 0.05)
+        for i in range(scan):
+            probe(start + (stop - start) * (i + 0.5) / scan)
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Experimental variants of the engine's channel score (bench-side patches, engine untouched)
+
+VARIANTS = ("default", "abs_elements", "mean_norm", "abs_elements+mean_norm")
+
+
+@contextlib.contextmanager
+def channel_score_variant(variant: str) -> Iterator[None]:
+    """Temporarily change how the engine turns element scores into a ranked channel score.
+
+    Experimental, for the "what we tried" part of docs/benchmarks.md; it patches two private
+    engine functions, so it fails loudly if they move. `abs_elements` sums |element score| over
+    a channel (as Torch-Pruning's Taylor does) instead of |signed sum| (as OBA does);
+    `mean_norm` divides each group's channel scores by their mean (Torch-Pruning's default
+    normaliser) instead of their max. Neither changes which channel ranks first within a group;
+    both change how groups compare in the global ranking.
+    """
+    from worker.engine import groups, structured
+
+    patches: list[tuple[Any, str, Any]] = []
+    if "abs_elements" in variant:
+        original_reduce = groups._reduce
+
+        def reduce_abs(rows: Tensor, method: str) -> Tensor:
+            return original_reduce(rows if method == "magnitude" else rows.abs(), method)
+
+        patches.append((groups, "_reduce", reduce_abs))
+    if "mean_norm" in variant:
+
+        def mean_normalised(scores: Tensor) -> Tensor:
+            mean = scores.mean()
+            return scores / mean if mean > 0 else scores
+
+        patches.append((structured, "_normalised", mean_normalised))
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    try:
+        for module, name, value in patches:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment
+
+
+@dataclass(frozen=True)
+class Settings:
+    seeds: int
+    datasets: tuple[str, ...]
+    targets: tuple[float, ...]
+    methods: tuple[str, ...]
+    peers: tuple[str, ...]
+    ablation: bool
+    steps: int
+    schedule: str
+    calibration_batches: int
+    calibration_size: int
+    training_scale: float
+    tolerance: float
+    max_probes: int
+    variant: str = "default"
+
+
+def _evaluate(
+    method: str,
+    model: nn.Module,
+    data: Dataset,
+    target: float,
+    seed: int,
+    initial_macs: int,
+    acc_dense: float,
+    seconds: float,
+) -> Row:
+    fraction = macs(model, data.example) / initial_macs
+    acc_pruned = accuracy(model, data)
+    finetune_one_epoch(model, data, seed)
+    row = Row(
+        method, data.name, target, seed, fraction, acc_pruned, accuracy(model, data), acc_dense,
+        seconds,
+    )  # fmt: skip
+    print(
+        f"  {data.name} seed={seed} target={target:.2f} {method:<34} MACs {fraction:.3f}  "
+        f"pruned {acc_pruned:.3f}  fine-tuned {row.acc_finetuned:.3f}  ({seconds:.1f}s)",
+        flush=True,
+    )
+    return row
+
+
+def run_setting(
+    settings: Settings, data: Dataset, dense: nn.Module, seed: int, target: float
+) -> list[Row]:
+    """Every criterion (and the ablation) on one trained model at one MACs target."""
+    batches = calibration_batches(
+        data, seed, count=settings.calibration_batches, size=settings.calibration_size
+    )
+    initial = macs(dense, data.example)
+    acc_dense = accuracy(dense, data)
+    rows = []
+
+    def ours(label: str, method: str, **switches: Any) -> None:
+        model = copy.deepcopy(dense)
+        config = PruneConfig(
+            method=method,
+            target_metric="macs",
+            target=target,
+            steps=settings.steps,
+            schedule=settings.schedule,  # type: ignore[arg-type]
+            seed=seed,
+            **switches,
+        )
+        started = time.perf_counter()
+        with channel_score_variant(settings.variant):
+            prune(model, data.example, batches, cross_entropy, config)
+        seconds = time.perf_counter() - started
+        rows.append(_evaluate(label, model, data, target, seed, initial, acc_dense, seconds))
+
+    for method in settings.methods:
+        ours(method, method)
+    for peer in settings.peers:
+        started = time.perf_counter()
+        model, _, _ = match_macs(
+            functools.partial(prune_peer, peer, dense, data.example, batches, steps=settings.steps),
+            lambda m: macs(m, data.example) / initial,
+            target,
+            settings.tolerance,
+            settings.max_probes,
+        )
+        seconds = time.perf_counter() - started
+        rows.append(_evaluate(peer, model, data, target, seed, initial, acc_dense, seconds))
+    if settings.ablation:
+        for label, switches in ABLATIONS.items():
+            ours(label, "oba", **switches)
+    return rows
+
+
+def train_dense(data: Dataset, seed: int, scale: float) -> nn.Module:
+    epochs, lr = TRAINING[data.name]
+    model = build_model(data.name, seed)
+    train_epochs(model, data, max(1, round(epochs * scale)), lr, seed)
+    return model
+
+
+def run(settings: Settings) -> list[Row]:
+    rows: list[Row] = []
+    for name in settings.datasets:
+        data = load_dataset(name)
+        for seed in range(settings.seeds):
+            dense = train_dense(data, seed, settings.training_scale)
+            print(f"{name} seed={seed}: dense accuracy {accuracy(dense, data):.3f}", flush=True)
+            if seed == 0 and "tp_hessian" in settings.peers:
+                sample = (data.x_train[:32], data.y_train[:32])
+                broken, fixed = check_hessian_fix(copy.deepcopy(dense), sample)
+                print(
+                    f"  HessianImportance mean of squared per-sample gradients, relative error: "
+                    f"Torch-Pruning's accumulate_grad {broken:.2f}, fixed {fixed:.1e}",
+                    flush=True,
+                )
+            for target in settings.targets:
+                rows += run_setting(settings, data, dense, seed, target)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _cells(rows: Sequence[Row]) -> list[str]:
+    return [
+        f"{statistics.fmean(r.macs_fraction for r in rows):.3f}",
+        mean_std([r.acc_pruned for r in rows], 100),
+        mean_std([r.acc_finetuned for r in rows], 100),
+        mean_std([r.acc_dense for r in rows], 100),
+    ]
+
+
+def tables(rows: Sequence[Row], labels: Sequence[str]) -> str:
+    """One markdown table per dataset: rows of `labels`, mean ± std over seeds (accuracy in %)."""
+    headers = [
+        "method", "dataset", "target", "MACs kept", "acc. pruned (BN recal.)",
+        "acc. +1 epoch FT", "dense acc.",
+    ]  # fmt: skip
+    out = []
+    for dataset in dict.fromkeys(r.dataset for r in rows):
+        body = []
+        for target in dict.fromkeys(r.target for r in rows):
+            for label in labels:
+                group = [
+                    r for r in rows if (r.dataset, r.target, r.method) == (dataset, target, label)
+                ]
+                if group:
+                    body.append([label, dataset, f"{target:.2f}", *_cells(group)])
+        if body:
+            out.append(markdown_table(headers, body))
+    return "\n\n".join(out)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--no-ablation", action="store_true", help="skip the oba ablation")
+    parser.add_argument("--steps", type=int, default=10, help="re-scored pruning steps")
+    parser.add_argument("--schedule", choices=("exponential", "linear"), default="exponential")
+    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--calibration-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="default",
+        help="experimental: change the engine's channel score for our rows (see docs)",
+    )
+    parser.add_argument("--json", help="also write every row to this JSON file")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 seed, digits, target 0.5, 2 steps, short training",
+    )
+    args = parser.parse_args(argv)
+    quick = args.quick
+    settings = Settings(
+        seeds=1 if quick else args.seeds,
+        datasets=("digits",) if quick else tuple(args.datasets),
+        targets=(0.5,) if quick else tuple(args.targets),
+        methods=tuple(args.methods),
+        peers=tuple(args.peers),
+        ablation=not args.no_ablation,
+        steps=2 if quick else args.steps,
+        schedule=args.schedule,
+        calibration_batches=2 if quick else args.calibration_batches,
+        calibration_size=args.calibration_size,
+        training_scale=0.2 if quick else 1.0,
+        tolerance=0.05 if quick else 0.0075,
+        max_probes=2 if quick else 12,
+        variant=args.variant,
+    )
+    return settings, args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings, args = parse_args(argv)
+    set_threads(args.threads)
+    started = time.perf_counter()
+    rows = run(settings)
+    elapsed = time.perf_counter() - started
+    labels = [*settings.methods, *settings.peers]
+    print("\n## Criteria at equal MACs\n")
+    print(tables(rows, labels))
+    if settings.ablation:
+        print("\n## Ablation of oba's allocation switches\n")
+        print(tables(rows, ["oba", *ABLATIONS]))
+    print(f"\nTotal wall time: {elapsed:.0f} s ({settings})")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"settings": asdict(settings), "rows": [asdict(r) for r in rows]}, handle)
+
+
+if __name__ == "__main__":
+    main()
