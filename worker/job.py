@@ -10,7 +10,7 @@ from typing import Any, get_args
 import torch
 
 from worker import datasets, evaluation, export, finetune, losses, models
-from worker.engine import PruneConfig, StepRecord, prune
+from worker.engine import PruneConfig, StepRecord, architectures, prune
 from worker.engine.config import TargetMetric
 
 
@@ -42,11 +42,8 @@ def execute(
     report({"stage": "loading", "percent": 0})
     loaded = models.load(files.model_root, files.model_format, trusted=trusted)
     net = loaded.model.to(device)
-    if "hf" in spec["outputs"] and not hasattr(net, "save_pretrained"):
-        raise JobFailed(
-            "invalid_output",
-            "the hf output needs a Hugging Face model; choose safetensors, onnx or pt2",
-        )
+    if "hf" in spec["outputs"]:
+        _check_hf_output(net, spec["granularity"])
     columns = datasets.load(files.data, files.data_format, loaded, spec.get("preprocess"))
     calibration_spec = spec["calibration"]
     held_out = None
@@ -143,6 +140,21 @@ def execute(
         "exports": {e.format: e.checks for e in exports},
         "seconds": seconds,
     }, exports
+
+
+def _check_hf_output(net: torch.nn.Module, granularity: str) -> None:
+    """Fail before pruning when a Hugging Face config could not describe the result."""
+    if not hasattr(net, "save_pretrained"):
+        raise JobFailed(
+            "invalid_output",
+            "the hf output needs a Hugging Face model; choose safetensors, onnx or pt2",
+        )
+    if granularity == "channel" and not architectures.is_transformer(net):
+        raise JobFailed(
+            "invalid_output",
+            f"the config of {type(net).__name__} cannot describe "
+            "pruned channels; choose safetensors, onnx or pt2 (or unstructured)",
+        )
 
 
 def _measure(

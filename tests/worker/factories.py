@@ -119,3 +119,81 @@ def spec(**overrides: Any) -> dict[str, Any]:
         "outputs": ["hf"],
     }
     return base | overrides
+
+
+def architecture_folder(root: Path, name: str) -> tuple[Path, str]:
+    """Each architecture family of the issue, FFN-heavy where it has an FFN (so a config-
+    describable prune can halve its MACs), saved as an upload; and its data kind."""
+    torch.manual_seed(0)
+    folder = root / name
+    if name == "gpt2":
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=len(WORDS) + 4,
+                n_positions=32,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_inner=256,
+            )
+        ).save_pretrained(folder)
+        return folder, "lm"
+    if name == "llama":
+        transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=len(WORDS) + 4,
+                hidden_size=32,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+            )
+        ).save_pretrained(folder)
+        return folder, "lm"
+    if name == "resnet":
+        config: Any = transformers.ResNetConfig(
+            num_channels=3,
+            embedding_size=16,
+            hidden_sizes=[16, 32],
+            depths=[1, 1],
+            layer_type="basic",
+        )
+        config.num_labels = 2
+        transformers.ResNetForImageClassification(config).save_pretrained(folder)
+        return folder, "image"
+    if name == "convnext":
+        config = transformers.ConvNextConfig(
+            num_channels=3,
+            hidden_sizes=[16, 32],
+            depths=[1, 1],
+            num_stages=2,
+            patch_size=2,
+            image_size=16,
+        )
+        config.num_labels = 2
+        transformers.ConvNextForImageClassification(config).save_pretrained(folder)
+        return folder, "image"
+    if name == "vit":
+        return vit_folder(root), "image"
+    return bert_folder(root), "text"
+
+
+def image_tensors_file(path: Path, rows: int = 32) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "pixel_values": torch.randn(rows, 3, 16, 16, generator=generator),
+            "labels": torch.randint(0, 2, (rows,), generator=generator),
+        },
+        str(path),
+    )
+    return path
+
+
+def lm_tensors_file(path: Path, rows: int = 32) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    save_file(
+        {"input_ids": torch.randint(4, len(WORDS) + 4, (rows, 12), generator=generator)}, str(path)
+    )
+    return path
