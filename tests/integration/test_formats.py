@@ -1,0 +1,136 @@
+"""Every input and output format through the HTTP API of a running embedded service."""
+
+import re
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnxruntime
+import pytest
+import torch
+import transformers
+
+from service.client import Client
+from tests.integration.services import apoptosis, free_port, stop, wait_healthy
+from tests.worker import factories
+
+
+@pytest.fixture(scope="module")
+def trusted_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    home = tmp_path_factory.mktemp("formats")
+    port = free_port()
+    log = home / "up.log"
+    process = apoptosis(
+        "up",
+        "--port",
+        str(port),
+        "--home",
+        str(home / "var"),
+        env={"APOPTOSIS_TRUSTED_MODE": "true", "APOPTOSIS_API_KEY": ""},
+        log=log,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        deadline = time.monotonic() + 10
+        while not (found := re.search(r"API key: (\S+)", log.read_text())):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        with Client(f"http://127.0.0.1:{port}", found.group(1)) as client:
+            yield client
+    finally:
+        stop(process)
+
+
+def _zip(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for file in folder.iterdir():
+            bundle.write(file, file.name)
+    return archive
+
+
+def _run(
+    client: Client, model: Path, model_format: str, data: Path, data_format: str, **spec: Any
+) -> dict[str, Path]:
+    uploaded = client.wait_for_model(client.upload_model(model, model_format).id)
+    assert uploaded.state == "ready", uploaded.rejection_reason
+    dataset = client.upload_dataset(data, data_format)
+    job = client.submit_job(
+        {
+            "model_id": uploaded.id,
+            "dataset_id": dataset.id,
+            "schedule": {"steps": 2},
+            "calibration": {"batches": 2, "batch_size": 16},
+            **spec,
+        }
+    )
+    finished = client.wait(job.id)
+    assert finished.state == "succeeded", finished.error
+    artifacts = client.artifacts(job.id)
+    assert sorted(a.format for a in artifacts) == sorted(spec["outputs"])
+    out = model.parent / f"out-{job.id}"
+    return {a.format: client.download(a, out) for a in artifacts}
+
+
+def test_jsonl_text_to_hf_safetensors_onnx_and_pt2(trusted_service: Client, tmp_path: Path) -> None:
+    model = _zip(factories.bert_folder(tmp_path), tmp_path / "bert.zip")
+    data = factories.jsonl_file(tmp_path / "reviews.jsonl")
+
+    files = _run(
+        trusted_service,
+        model,
+        "hf",
+        data,
+        "jsonl",
+        target={"macs": 0.5},
+        outputs=["hf", "safetensors", "onnx", "pt2"],
+    )
+
+    with zipfile.ZipFile(files["hf"]) as bundle:
+        bundle.extractall(tmp_path / "hf")
+    pruned = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert pruned.config.intermediate_size < 256
+    with zipfile.ZipFile(files["safetensors"]) as bundle:
+        assert sorted(bundle.namelist()) == ["model.safetensors", "pruning-plan.json"]
+    session = onnxruntime.InferenceSession(str(files["onnx"]))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert torch.export.load(str(files["pt2"])).module() is not None
+
+
+def test_imagefolder_to_hf(trusted_service: Client, tmp_path: Path) -> None:
+    model = _zip(factories.vit_folder(tmp_path), tmp_path / "vit.zip")
+    data = factories.imagefolder_zip(tmp_path / "images.zip")
+
+    files = _run(
+        trusted_service, model, "hf", data, "imagefolder", target={"macs": 0.5}, outputs=["hf"]
+    )
+
+    with zipfile.ZipFile(files["hf"]) as bundle:
+        bundle.extractall(tmp_path / "hf")
+    vit = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "hf")
+    assert vit(pixel_values=torch.zeros(1, 3, 16, 16)).logits.shape == (1, 2)
+
+
+def test_a_pickled_model_in_trusted_mode_to_a_pickle(
+    trusted_service: Client, tmp_path: Path
+) -> None:
+    folder = factories.bert_folder(tmp_path)
+    pickled = tmp_path / "bert.pt"
+    torch.save(transformers.AutoModelForSequenceClassification.from_pretrained(folder), pickled)
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+
+    files = _run(
+        trusted_service,
+        pickled,
+        "torch_pickle",
+        data,
+        "tensors",
+        granularity="unstructured",
+        target={"sparsity": 0.5},
+        outputs=["torch_pickle", "pt2"],
+    )
+
+    model = torch.load(files["torch_pickle"], weights_only=False)
+    weights = model.bert.encoder.layer[0].intermediate.dense.weight
+    assert 0.3 < float((weights == 0).float().mean()) < 0.7
