@@ -208,3 +208,20 @@ def test_unknown_ignored_layer_is_invalid_config() -> None:
 def test_invalid_configs_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(InvalidConfig):
         PruneConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_pruning_keeps_the_callers_mode_and_batchnorm_statistics() -> None:
+    model = _cnn().train()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+
+    prune(
+        model,
+        EXAMPLE,
+        CALIBRATION,
+        models.cross_entropy,
+        PruneConfig(target=0.6, steps=1, recalibrate_batchnorm=False),
+    )
+
+    assert all(m.training for m in model.modules())
+    kept = dict(model.named_buffers())
+    assert int(kept["bn0.num_batches_tracked"]) == int(before["bn0.num_batches_tracked"])

@@ -57,6 +57,25 @@ def prune(
     calibration = list(batches)
     if not calibration and config.method not in ("magnitude", "random"):
         raise InvalidConfig(f"method {config.method!r} needs at least one calibration batch")
+    modes = {module: module.training for module in model.modules()}
+    # Tracing and output detection run forward passes: in eval mode they leave BatchNorm
+    # statistics alone. The caller's modes come back at the end.
+    model.eval()
+    try:
+        return _prune(model, example_inputs, calibration, loss_fn, config, on_step)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+def _prune(
+    model: nn.Module,
+    example_inputs: Any,
+    calibration: list[Any],
+    loss_fn: LossFn,
+    config: PruneConfig,
+    on_step: Callable[[StepRecord], None] | None,
+) -> PruneResult:
     before = measure(model, example_inputs)
     result = PruneResult(model, before.macs, before.params, before.macs, before.params, [])
     if config.granularity == "channel":
