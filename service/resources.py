@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from service.orm import Artifact, Dataset, Model
 from service.pagination import decode_cursor, encode_cursor
 from service.problems import ProblemError, not_found
-from service.storage import get_store
+from service.storage import store_file
 from service.store import StoredBlob
 from service.uploads import Upload
 
@@ -46,8 +46,7 @@ def resource_name(upload: Upload) -> str:
 def store_upload(upload: Upload) -> StoredBlob:
     """Move a spooled upload into the artifact store (content-addressed) and drop the spool."""
     try:
-        with upload.path.open("rb") as file:
-            return get_store().put_stream(iter(lambda: file.read(1 << 20), b""))
+        return store_file(upload.path)
     finally:
         Path(upload.path).unlink(missing_ok=True)
 

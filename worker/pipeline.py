@@ -24,7 +24,7 @@ from service.jobs import repository
 from service.jobs.states import CANCELLED, CANCELLING, FAILED, QUEUED, SUCCEEDED
 from service.orm import Artifact, Dataset, Job, Model, utcnow
 from service.settings import Settings, get_settings
-from service.storage import get_store
+from service.storage import get_store, store_file
 from worker import datasets, models
 from worker.engine import EngineError, measure
 from worker.export import Exported
@@ -207,12 +207,7 @@ def _optional_blob(key: str | None) -> Iterator[Path | None]:
 
 def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> None:
     """Upload, then record artifacts and success in one transaction guarded by the lease."""
-    store = get_store()
-    blobs = []
-    for exported in exports:
-        with exported.path.open("rb") as file:
-            blob = store.put_stream(iter(lambda: file.read(1 << 20), b""))
-        blobs.append((exported.format, exported.path.name, blob))
+    blobs = [(e.format, e.path.name, store_file(e.path)) for e in exports]
     with get_sessionmaker()() as session:
         job = session.get(Job, job_id)
         assert job is not None

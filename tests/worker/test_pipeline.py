@@ -13,7 +13,7 @@ from service.auth import create_tenant
 from service.db import get_engine, get_sessionmaker
 from service.orm import Artifact, Dataset, Job, Model
 from service.settings import get_settings
-from service.storage import get_store
+from service.storage import get_store, store_file
 from tests.worker import factories
 from worker import pipeline
 
@@ -41,8 +41,7 @@ def _zip(folder: Path, archive: Path) -> Path:
 
 
 def _stored_model(tenant: str, archive: Path) -> str:
-    with archive.open("rb") as file:
-        blob = get_store().put_stream(iter(lambda: file.read(1 << 20), b""))
+    blob = store_file(archive)
     with get_sessionmaker()() as session:
         model = Model(
             tenant_id=tenant,
@@ -91,8 +90,7 @@ def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
     model_id = _stored_model(tenant, _zip(factories.bert_folder(tmp_path), tmp_path / "b.zip"))
     pipeline.validate_model(model_id)
     data = factories.tensors_file(tmp_path / "d.safetensors")
-    with data.open("rb") as file:
-        blob = get_store().put_stream(iter(lambda: file.read(1 << 20), b""))
+    blob = store_file(data)
     with get_sessionmaker()() as session:
         dataset = Dataset(
             tenant_id=tenant,
