@@ -1,11 +1,12 @@
 """Cost of each scoring method relative to one training step (forward + `loss.backward()`).
 
-For a ResNet-style CNN (CIFAR-like 32×32 input, BatchNorm, residual blocks) and a ViT-style model
-(patch convolution, LayerNorm, multi-head attention, GELU MLP; patch 4, dim 192, 6 blocks, 3
-heads), both with random weights in eval mode and a batch of 32, it reports per method of
-`worker.engine.METHODS` the time and the peak memory of `parameter_scores` on that one batch, each
-as a ratio to one forward + backward on the same batch. Two reference rows score `oba_full` and
-`oba` with the plain double-backward (`hvp` with v = θ, no θ shortcut), to show what it saves.
+For ResNet-style CNNs (CIFAR ResNet-18 and ResNet-20: 32×32 input, BatchNorm, residual blocks)
+and a ViT-style model (patch convolution, LayerNorm, multi-head attention, GELU MLP; patch 4,
+dim 192, 6 blocks, 3 heads), all with random weights in eval mode and a batch of 32, it reports
+per method of `worker.engine.METHODS` the time and the peak memory of `parameter_scores` on that
+one batch, each as a ratio to one forward + backward on the same batch. Two reference rows score
+`oba_full` and `oba` with the plain double-backward (`hvp` with v = θ, no θ shortcut), to show
+what it saves.
 
 Time: one process per model runs every measurement once per round, interleaved over `--repeats`
 rounds after a warm-up round, and reports medians, so that load from other processes hits all
@@ -63,16 +64,30 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def resnet(classes: int = 10) -> nn.Module:
-    """ResNet-20-style: a stem and three stages of three basic blocks (16, 32, 64 channels)."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
-    cin = 16
-    for cout, first_stride in ((16, 1), (32, 2), (64, 2)):
-        for stride in (first_stride, 1, 1):
-            layers.append(BasicBlock(cin, cout, stride))
+def _resnet(widths: tuple[int, ...], blocks: int, classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(),
+    ]
+    cin = widths[0]
+    for stage, cout in enumerate(widths):
+        for block in range(blocks):
+            layers.append(BasicBlock(cin, cout, 2 if block == 0 and stage > 0 else 1))
             cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
     return nn.Sequential(*layers)
+
+
+def resnet18() -> nn.Module:
+    """CIFAR ResNet-18: four stages of two basic blocks (64, 128, 256, 512 channels)."""
+    return _resnet((64, 128, 256, 512), blocks=2)
+
+
+def resnet20() -> nn.Module:
+    """CIFAR ResNet-20: three stages of three basic blocks (16, 32, 64 channels). Its 32 ms
+    training step makes per-layer overheads weigh most: the hardest case for the ratios."""
+    return _resnet((16, 32, 64), blocks=3)
 
 
 class Attention(nn.Module):
@@ -122,7 +137,11 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(x)).mean(dim=1))
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"resnet": resnet, "vit": ViT}
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet20": resnet20,
+    "vit": ViT,
+}
 REFERENCES = ("oba_full (plain double-backward)", "oba (plain double-backward)")
 BASELINE = "forward + backward"
 

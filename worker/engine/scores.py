@@ -67,19 +67,20 @@ def parameter_scores(
         return dict(zip(names, _data_free_scores(params, method, generator), strict=True))
 
     scorer = _BATCH_SCORERS[method]
-    totals = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    totals: list[Tensor] = []
     count = 0
     # The math kernel of scaled_dot_product_attention is the one with a double backward on CPU.
     with _eval_mode(model), sdpa_kernel(SDPBackend.MATH):
         for batch in batches:
-            for total, score in zip(
-                totals, scorer(model, params, batch, loss_fn, generator), strict=True
-            ):
-                total += score.detach().to(torch.float64)
+            batch_scores = [s.detach() for s in scorer(model, params, batch, loss_fn, generator)]
+            if not totals:  # allocated after the first pass, so they never add to its peak
+                totals = [torch.zeros_like(s, dtype=torch.float64) for s in batch_scores]
+            for total, score in zip(totals, batch_scores, strict=True):
+                total.add_(score)  # promoted per element: no float64 copy
             count += 1
     if count == 0:
         raise InvalidConfig(f"method {method!r} needs at least one calibration batch")
-    scores = {name: total / count for name, total in zip(names, totals, strict=True)}
+    scores = {name: total.div_(count) for name, total in zip(names, totals, strict=True)}
     for name, score in scores.items():
         if not torch.isfinite(score).all():
             raise NumericalError(f"non-finite {method} scores for parameter {name!r}")
@@ -94,7 +95,7 @@ def _oba_full(
     generator: torch.Generator,
 ) -> list[Tensor]:
     products = theta_hvp(lambda: loss_fn(model, batch), params)
-    return [p.detach() * hp for p, hp in zip(params, products, strict=True)]
+    return [hp.mul_(p.detach()) for p, hp in zip(params, products, strict=True)]  # in place
 
 
 def _oba(
@@ -105,7 +106,7 @@ def _oba(
     generator: torch.Generator,
 ) -> list[Tensor]:
     products = theta_hvp(lambda: linearised_loss(model, batch, loss_fn), params)
-    return [p.detach() * hp for p, hp in zip(params, products, strict=True)]
+    return [hp.mul_(p.detach()) for p, hp in zip(params, products, strict=True)]  # in place
 
 
 def _taylor(
