@@ -149,7 +149,8 @@ def _check_hf_output(net: torch.nn.Module, granularity: str) -> None:
             "invalid_output",
             "the hf output needs a Hugging Face model; choose safetensors, onnx or pt2",
         )
-    if granularity == "channel" and not architectures.is_transformer(net):
+    describable = architectures.is_transformer(net) or architectures.describes_stage_widths(net)
+    if granularity == "channel" and not describable:
         raise JobFailed(
             "invalid_output",
             f"the config of {type(net).__name__} cannot describe "

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from torch import nn
 
 from tests.worker import factories
+from worker.engine import measure
 from worker.job import JobFailed, JobFiles, execute
 
 DATA = {
@@ -21,8 +23,7 @@ DATA = {
 def test_half_the_macs_reloads_and_matches_onnx(tmp_path: Path, name: str) -> None:
     folder, kind = factories.architecture_folder(tmp_path, name)
     data = DATA[kind](tmp_path / "data.safetensors")
-    describable = name not in ("resnet", "convnext")  # their configs cannot state pruned widths
-    outputs = ["hf", "onnx"] if describable else ["onnx", "pt2", "safetensors"]
+    outputs = ["hf", "onnx"]
     spec = factories.spec(
         outputs=outputs,
         loss="causal_lm" if kind == "lm" else "cross_entropy",
@@ -40,29 +41,34 @@ def test_half_the_macs_reloads_and_matches_onnx(tmp_path: Path, name: str) -> No
 
     assert result["macs_after"] <= 0.5 * result["macs_before"]
     assert result["exports"]["onnx"]["max_abs_diff"] <= 1e-4
-    if describable:
-        [hf] = [e.path for e in exports if e.format == "hf"]
-        with zipfile.ZipFile(hf) as bundle:
-            bundle.extractall(tmp_path / "reloaded")
-        model = transformers.AutoModel.from_pretrained(tmp_path / "reloaded")
-        shape = result["example_inputs"]
-        inputs = {
-            k: torch.zeros(v, dtype=torch.long if k == "input_ids" else torch.float)
-            for k, v in shape.items()
-        }
-        with torch.no_grad():
-            model(**inputs)
+    [hf] = [e.path for e in exports if e.format == "hf"]
+    with zipfile.ZipFile(hf) as bundle:
+        bundle.extractall(tmp_path / "reloaded")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "reloaded")
+    architecture = getattr(transformers, config.architectures[0])
+    model = architecture.from_pretrained(tmp_path / "reloaded").eval()
+    shape = result["example_inputs"]
+    inputs = {
+        k: torch.zeros(v, dtype=torch.long if k == "input_ids" else torch.float)
+        for k, v in shape.items()
+    }
+    with torch.no_grad():
+        model(**inputs)
+    assert measure(model, inputs).macs == result["macs_after"]
 
 
-def test_hf_output_of_a_pruned_cnn_fails_clearly_before_pruning(tmp_path: Path) -> None:
-    folder, _ = factories.architecture_folder(tmp_path, "resnet")
+def test_hf_output_of_a_plain_module_fails_clearly_before_pruning(tmp_path: Path) -> None:
+    pickled = tmp_path / "cnn.pt"
+    torch.save(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)), pickled
+    )
     data = factories.image_tensors_file(tmp_path / "data.safetensors")
 
-    with pytest.raises(JobFailed, match="cannot describe pruned channels"):
+    with pytest.raises(JobFailed, match="needs a Hugging Face model"):
         execute(
             factories.spec(outputs=["hf"]),
-            JobFiles(folder, "hf", data, "tensors", None, tmp_path),
+            JobFiles(pickled, "torch_pickle", data, "tensors", None, tmp_path),
             torch.device("cpu"),
-            False,
+            True,
             lambda progress: None,
         )

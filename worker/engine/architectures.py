@@ -151,7 +151,7 @@ def set_head_count(owner: Any, heads: int, head_dim: int | None) -> None:
         owner.all_head_size = heads * head_dim
 
 
-def sync_structure(model: nn.Module, layers: list[AttentionLayer]) -> dict[str, int]:
+def sync_structure(model: nn.Module, layers: list[AttentionLayer]) -> dict[str, Any]:
     """Write the pruned head counts into attention modules, and uniform widths into the config.
 
     Returns what was written to the config.
@@ -159,7 +159,7 @@ def sync_structure(model: nn.Module, layers: list[AttentionLayer]) -> dict[str, 
     for layer in layers:
         set_head_count(layer.owner, layer.heads, layer.head_dim)
     config = getattr(model, "config", None)
-    written: dict[str, int] = {}
+    written: dict[str, Any] = {}
     if config is None:
         return written
     head_counts = {layer.heads for layer in layers}
@@ -173,8 +173,37 @@ def sync_structure(model: nn.Module, layers: list[AttentionLayer]) -> dict[str, 
         if len(widths) == 1:
             attribute = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
             written[attribute] = widths.pop()
+    if not is_transformer(model) and isinstance(getattr(config, "hidden_sizes", None), list):
+        written.update(_stage_widths(model, len(config.hidden_sizes)))
     for attribute, value in written.items():
         setattr(config, attribute, value)
+    return written
+
+
+def describes_stage_widths(model: nn.Module) -> bool:
+    """Hugging Face CNNs (ResNet, ConvNeXt) state one width per stage: `hidden_sizes`."""
+    config = getattr(model, "config", None)
+    return not is_transformer(model) and isinstance(getattr(config, "hidden_sizes", None), list)
+
+
+def _stage_widths(model: nn.Module, stages: int) -> dict[str, Any]:
+    """`hidden_sizes` from each stage's last layer and `embedding_size` from the stem.
+
+    With uniform pruning in exact steps, inner widths stay the fixed multiples the architecture
+    derives from these (a basic block's = the stage's, ConvNeXt's MLP = 4×)."""
+    last: dict[int, int] = {}
+    stem: int | None = None
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or not isinstance(weight, Tensor):
+            continue
+        stem = int(weight.shape[0]) if stem is None else stem
+        for stage in range(stages):
+            if f"stages.{stage}." in name:
+                last[stage] = int(weight.shape[0])
+    written: dict[str, Any] = {"hidden_sizes": [last[i] for i in range(stages)]}
+    if stem is not None and hasattr(getattr(model, "config", None), "embedding_size"):
+        written["embedding_size"] = stem
     return written
 
 

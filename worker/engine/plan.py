@@ -23,7 +23,7 @@ PLAN_FORMAT = "apoptosis-pruning-plan/1"
 class Plan:
     history: list[tuple[str, bool, list[int]]] = field(default_factory=list)
     heads: dict[str, int] = field(default_factory=dict)  # attention module name -> heads
-    config_updates: dict[str, int] = field(default_factory=dict)
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, **asdict(self)}

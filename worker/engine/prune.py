@@ -31,7 +31,7 @@ class PruneResult:
     plan: Plan = field(default_factory=Plan)  # replays channel pruning on the original model
 
     @property
-    def config_updates(self) -> dict[str, int]:
+    def config_updates(self) -> dict[str, Any]:
         """What was written to `model.config` (Hugging Face models)."""
         return self.plan.config_updates
 

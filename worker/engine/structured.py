@@ -32,6 +32,7 @@ from worker.engine.plan import Plan
 from worker.engine.scores import LossFn, parameter_scores
 
 MAX_ROUNDS_PER_STEP = 25
+MIN_EXACT_STEPS = 8  # fewer would make each uniform step too coarse
 
 
 @dataclass(frozen=True)
@@ -227,23 +228,32 @@ def _select(
     if config.global_ranking:
         ranked = sorted((c for cs in per_group for c in cs), key=lambda c: c.value)
         return _take_until(ranked, excess)
-    # Uniform widths: every group gives up the same fraction of its initial units.
-    largest = max((initial_units[cs[0].group.root] for cs in per_group if cs), default=0)
-    for depth in range(1, largest + 1):
+    # Uniform widths: every group gives up the same fraction of its initial units, in exact
+    # steps of 1/gcd when the widths share a large enough divisor (a config then states the
+    # kept widths exactly, e.g. a stage and its 4× inner layer), else rounded steps.
+    initial = [initial_units[cs[0].group.root] for cs in per_group if cs]
+    steps = math.gcd(*initial) if initial else 0
+    if steps < MIN_EXACT_STEPS:
+        steps = max(initial, default=0)
+    previous: list[_Candidate] = []
+    for depth in range(1, steps + 1):
         chosen = []
         for cs in per_group:
             if not cs:
                 continue
-            quota = round(depth * initial_units[cs[0].group.root] / largest)
+            quota = round(depth * initial_units[cs[0].group.root] / steps)
             taken = 0
             for candidate in cs:
                 if taken >= quota:
                     break
                 chosen.append(candidate)
                 taken += len(candidate.units)
+            if taken < quota:  # a group reached its floor: all stop, widths stay proportional
+                return previous
         if sum(c.saving for c in chosen) >= excess:
             return chosen
-    return [c for cs in per_group for c in cs]
+        previous = chosen
+    return []
 
 
 def _take_until(ranked: list[_Candidate], excess: float) -> list[_Candidate]:
