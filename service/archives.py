@@ -14,7 +14,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -23,6 +23,8 @@ MAX_TOTAL_BYTES = 20 * 1024**3
 MAX_RATIO = 200  # a model's weights compress ~1.1×; text ~10×; bombs reach 1000×
 COPY_CHUNK = 1 << 20
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+ARCHITECTURES = Path(__file__).with_name("transformers_architectures.txt")
+TRANSFORMERS_RELEASE = "5.23.0"  # the worker's pin; refresh the list with it
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 
 
@@ -194,6 +196,18 @@ def _check_config(entry: Entry) -> None:
         and _IDENTIFIER.fullmatch(names[0])
     ):
         raise UnsafeArchive("invalid_config", "config.json names no architectures[0] class")
+    if names[0] not in known_architectures():
+        raise UnsafeArchive(
+            "unknown_architecture",
+            f"{names[0]!r} is not a model class of transformers "
+            f"{TRANSFORMERS_RELEASE}; remote code is never run",
+        )
+
+
+@lru_cache
+def known_architectures() -> frozenset[str]:
+    """Model classes of the pinned transformers release (scripts/refresh_architectures.py)."""
+    return frozenset(ARCHITECTURES.read_text().split())
 
 
 def check_safetensors(entry: Entry) -> None:

@@ -98,6 +98,11 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str, str]] = {
         "hf",
         "invalid_config",
     ),
+    "config naming a class outside transformers": (
+        lambda: hf_archive(b"x", config={"architectures": ["EvilModel"], "auto_map": {}}),
+        "hf",
+        "unknown_architecture",
+    ),
     "config that is not JSON": (
         lambda: _zip({"config.json": b"{nope", "model.safetensors": VALID_WEIGHTS}),
         "hf",
