@@ -12,7 +12,8 @@ through `service.auth` and the ORM. Nothing leaves 127.0.0.1; the folder is remo
    would measure itself (client and server share the machine's CPUs). A run with one client
    comes first: the server's cost per request, without queueing. Target: p99 < 50 ms with
    `--concurrency` clients.
-2. Upload memory: a `--upload-mib` file of zeros is posted to `/v1/models` as multipart built
+2. Upload memory: a `--upload-mib` safetensors file of zeros is posted to `/v1/datasets` as
+   multipart built
    by hand from a generator (one 1 MiB buffer, repeated: never the file in memory) with the
    server's upload cap raised above it, while the server's resident set size (VmRSS from
    /proc/<pid>/status) is sampled every 20 ms. Growth = peak during the upload − before it.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -238,16 +240,19 @@ class UploadMemory:
 
 def upload_memory(fixture: Fixture, size: int) -> UploadMemory:
     block = bytes(MIB)
+    # A valid safetensors file (one uint8 tensor of zeros), so the API's content check passes.
+    header = json.dumps({"zeros": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}})
+    preamble = len(header).to_bytes(8, "little") + header.encode()
     head = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="format"\r\n\r\nhf\r\n'
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="zeros.bin"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="format"\r\n\r\ntensors\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+        'filename="zeros.safetensors"\r\nContent-Type: application/octet-stream\r\n\r\n'
     ).encode()
     tail = f"\r\n--{BOUNDARY}--\r\n".encode()
-    sent = hashlib.sha256()
+    sent = hashlib.sha256(preamble)
 
     def body() -> Iterator[bytes]:
-        yield head
+        yield head + preamble
         for start in range(0, size, MIB):
             chunk = block[: min(MIB, size - start)]
             sent.update(chunk)
@@ -269,12 +274,12 @@ def upload_memory(fixture: Fixture, size: int) -> UploadMemory:
     started = time.perf_counter()
     try:
         response = httpx.post(
-            f"{fixture.url}/v1/models",
+            f"{fixture.url}/v1/datasets",
             content=body(),
             headers={
                 "Authorization": f"Bearer {fixture.key}",
                 "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
-                "Content-Length": str(len(head) + size + len(tail)),
+                "Content-Length": str(len(head) + len(preamble) + size + len(tail)),
             },
             timeout=600,
         )
@@ -284,7 +289,7 @@ def upload_memory(fixture: Fixture, size: int) -> UploadMemory:
         sampler.join()
     peak = max(peak, rss_bytes(pid))
     stored = response.json() if response.status_code == 201 else {}
-    match = stored.get("sha256") == sent.hexdigest() and stored.get("size") == size
+    match = stored.get("sha256") == sent.hexdigest() and stored.get("size") == size + len(preamble)
     return UploadMemory(size, elapsed, before, peak, response.status_code, match)
 
 

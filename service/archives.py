@@ -11,6 +11,7 @@ import re
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,15 +58,37 @@ def _safe_name(name: str) -> PurePosixPath:
 def entries(
     archive: Path, *, max_total: int = MAX_TOTAL_BYTES, max_files: int = MAX_FILES
 ) -> Iterator[list[Entry]]:
-    """The checked entries of a zip or tar archive (any compression tarfile reads)."""
-    if zipfile.is_zipfile(archive):
+    """The checked entries of a zip, tar or gzip-compressed tar archive.
+
+    The kind is read from magic bytes, not by letting tarfile try every decompressor on the
+    whole upload (a gigabyte of zeros is a valid empty tar and takes a minute to find so).
+    """
+    kind = _kind(archive)
+    if kind == "zip" and zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as bundle:
             yield _zip_entries(bundle, max_total, max_files)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as bundle:
-            yield _tar_entries(bundle, max_total, max_files)
+    elif kind in ("tar", "gz"):
+        try:
+            with tarfile.open(archive, "r:gz" if kind == "gz" else "r:") as bundle:
+                yield _tar_entries(bundle, max_total, max_files)
+        except (tarfile.TarError, EOFError, zlib.error) as error:
+            raise UnsafeArchive(
+                "invalid_archive", f"the tar archive is damaged: {error}"
+            ) from error
     else:
         raise UnsafeArchive("invalid_archive", "the upload is neither a zip nor a tar archive")
+
+
+def _kind(archive: Path) -> str | None:
+    with archive.open("rb") as stream:
+        head = stream.read(512)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if head.startswith(b"\x1f\x8b"):
+        return "gz"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
 
 
 def _zip_entries(bundle: zipfile.ZipFile, max_total: int, max_files: int) -> list[Entry]:

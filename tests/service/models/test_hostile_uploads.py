@@ -109,6 +109,7 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str, str]] = {
         "invalid_config",
     ),
     "no config": (lambda: _zip({"model.safetensors": VALID_WEIGHTS}), "hf", "missing_config"),
+    "a file of zeros (an empty tar to tarfile)": (lambda: bytes(4096), "hf", "invalid_archive"),
     "empty file": (lambda: b"", "hf", "empty_file"),
     "wrong format for the content": (lambda: VALID_WEIGHTS, "hf", "invalid_archive"),
 }
