@@ -94,8 +94,7 @@ def _oba_full(
     loss_fn: LossFn,
     generator: torch.Generator,
 ) -> list[Tensor]:
-    products = theta_hvp(lambda: loss_fn(model, batch), params)
-    return [hp.mul_(p.detach()) for p, hp in zip(params, products, strict=True)]  # in place
+    return _theta_times_hvp(lambda: loss_fn(model, batch), params)
 
 
 def _oba(
@@ -105,8 +104,13 @@ def _oba(
     loss_fn: LossFn,
     generator: torch.Generator,
 ) -> list[Tensor]:
-    products = theta_hvp(lambda: linearised_loss(model, batch, loss_fn), params)
-    return [hp.mul_(p.detach()) for p, hp in zip(params, products, strict=True)]  # in place
+    return _theta_times_hvp(lambda: linearised_loss(model, batch, loss_fn), params)
+
+
+def _theta_times_hvp(objective: Callable[[], Tensor], params: list[nn.Parameter]) -> list[Tensor]:
+    """θ ⊙ (Hθ) for the objective's Hessian, turning the products into scores in place."""
+    products = theta_hvp(objective, params)
+    return [hp.mul_(p.detach()) for p, hp in zip(params, products, strict=True)]
 
 
 def _taylor(
