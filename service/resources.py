@@ -8,7 +8,7 @@ from typing import TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.orm import Artifact, Dataset, Model
+from service.orm import Artifact, Dataset, Job, Model
 from service.pagination import decode_cursor, encode_cursor
 from service.problems import ProblemError, not_found
 from service.storage import store_file
@@ -74,3 +74,15 @@ def page(
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
+
+
+def delete_unless_used(session: Session, row: Model | Dataset) -> None:
+    """Delete an upload no job refers to; a 409 `<kind>_in_use` otherwise."""
+    column = Job.model_id if isinstance(row, Model) else Job.dataset_id
+    if session.scalar(select(Job.id).where(column == row.id).limit(1)) is not None:
+        kind = row.__tablename__
+        raise ProblemError(
+            409, f"{kind}_in_use", f"jobs refer to this {kind}; it cannot be deleted"
+        )
+    session.delete(row)
+    session.commit()

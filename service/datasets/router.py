@@ -3,14 +3,13 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service import dataset_checks, resources
 from service.auth import TenantDep
 from service.datasets.schemas import DATASET_FORMATS, DatasetOut, DatasetPage
 from service.deps import SessionDep
-from service.orm import Dataset, Job
+from service.orm import Dataset
 from service.pagination import MAX_LIMIT
 from service.problems import ProblemError
 from service.settings import get_settings
@@ -74,11 +73,5 @@ def read_dataset(dataset_id: str, tenant_id: TenantDep, session: SessionDep) -> 
 
 @router.delete("/{dataset_id}", status_code=204)
 def delete_dataset(dataset_id: str, tenant_id: TenantDep, session: SessionDep) -> Response:
-    dataset = resources.owned(session, Dataset, tenant_id, dataset_id)
-    if session.scalar(select(Job.id).where(Job.dataset_id == dataset.id).limit(1)) is not None:
-        raise ProblemError(
-            409, "dataset_in_use", "jobs refer to this dataset; it cannot be deleted"
-        )
-    session.delete(dataset)
-    session.commit()
+    resources.delete_unless_used(session, resources.owned(session, Dataset, tenant_id, dataset_id))
     return Response(status_code=204)

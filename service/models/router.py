@@ -3,14 +3,13 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service import archives, queue, resources
 from service.auth import TenantDep
 from service.deps import SessionDep
 from service.models.schemas import MODEL_FORMATS, ModelOut, ModelPage
-from service.orm import Job, Model
+from service.orm import Model
 from service.pagination import MAX_LIMIT
 from service.problems import ProblemError
 from service.settings import get_settings
@@ -84,9 +83,5 @@ def read_model(model_id: str, tenant_id: TenantDep, session: SessionDep) -> Mode
 
 @router.delete("/{model_id}", status_code=204)
 def delete_model(model_id: str, tenant_id: TenantDep, session: SessionDep) -> Response:
-    model = resources.owned(session, Model, tenant_id, model_id)
-    if session.scalar(select(Job.id).where(Job.model_id == model.id).limit(1)) is not None:
-        raise ProblemError(409, "model_in_use", "jobs refer to this model; it cannot be deleted")
-    session.delete(model)
-    session.commit()
+    resources.delete_unless_used(session, resources.owned(session, Model, tenant_id, model_id))
     return Response(status_code=204)
