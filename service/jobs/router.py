@@ -3,10 +3,10 @@
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -14,7 +14,7 @@ from service.artifacts.schemas import ArtifactOut
 from service.auth import TenantDep
 from service.db import get_sessionmaker
 from service.deps import SessionDep
-from service.jobs import repository, service
+from service.jobs import report, repository, service
 from service.jobs.schemas import JobOut, JobPage, JobSpec
 from service.jobs.states import STATES, TERMINAL
 from service.orm import Artifact, Job
@@ -90,15 +90,19 @@ def list_artifacts(job_id: str, tenant_id: TenantDep, session: SessionDep) -> li
 
 
 @router.get("/{job_id}/report")
-def job_report(job_id: str, tenant_id: TenantDep, session: SessionDep) -> dict[str, Any]:
+def job_report(
+    job_id: str, tenant_id: TenantDep, session: SessionDep, format: Literal["json", "html"] = "json"
+) -> Any:
+    """The job's metrics as JSON, or (`?format=html`) as a page with before/after charts."""
     job = _owned(session, tenant_id, job_id)
-    return {
+    body = {
         "job_id": job.id,
         "state": job.state,
         "spec": job.spec,
         "result": job.result,
         "error": job.error,
     }
+    return HTMLResponse(report.render(body)) if format == "html" else body
 
 
 @router.get("/{job_id}/events")

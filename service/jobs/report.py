@@ -1,0 +1,80 @@
+"""The job report as a self-contained HTML page: before/after bars drawn as inline SVG, no
+scripts and no external assets, every value escaped."""
+
+from html import escape
+from typing import Any
+
+BAR_WIDTH = 360
+
+
+def render(report: dict[str, Any]) -> str:
+    result = report.get("result") or {}
+    sections = [
+        f"<h1>Job {escape(str(report['job_id']))}</h1>",
+        f"<p>State: <b>{escape(str(report['state']))}</b></p>",
+    ]
+    if report.get("error"):
+        error = report["error"]
+        sections.append(
+            f"<p>Error <code>{escape(str(error.get('code')))}</code>: "
+            f"{escape(str(error.get('message')))}</p>"
+        )
+    bars = [
+        (label, result.get(f"{key}_before"), result.get(f"{key}_after"))
+        for label, key in (("MACs", "macs"), ("Parameters", "params"))
+    ]
+    stages = [(s, result.get(s) or {}) for s in ("before", "after_pruning", "after_finetune")]
+    for metric in ("latency_ms", "loss", "accuracy"):
+        values = [m.get(metric) for _, m in stages]
+        if values[0] is not None:
+            bars.append((metric, values[0], values[2] if values[2] is not None else values[1]))
+    charts = [
+        _bar_chart(label, before, after)
+        for label, before, after in bars
+        if isinstance(before, (int, float)) and isinstance(after, (int, float))
+    ]
+    if charts:
+        sections.append("<h2>Before → after</h2>" + "".join(charts))
+    widths = result.get("widths") or {}
+    if widths:
+        rows = "".join(
+            f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>"
+            for k, v in sorted(widths.items())
+        )
+        sections.append(
+            f"<h2>Widths</h2><table><tr><th>layer</th><th>width</th></tr>{rows}</table>"
+        )
+    seconds = result.get("seconds") or {}
+    if seconds:
+        rows = "".join(
+            f"<tr><td>{escape(str(k))}</td><td>{float(v):.2f} s</td></tr>"
+            for k, v in seconds.items()
+        )
+        sections.append(f"<h2>Time per stage</h2><table>{rows}</table>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Apoptosis report</title>"
+        "<style>body{font-family:sans-serif;max-width:760px;margin:2em auto}"
+        "td,th{padding:2px 12px;text-align:left}</style></head><body>"
+        + "".join(sections)
+        + "</body></html>"
+    )
+
+
+def _bar_chart(label: str, before: float, after: float) -> str:
+    top = max(abs(before), abs(after)) or 1.0
+    bars = ""
+    for row, (name, value, colour) in enumerate(
+        (("before", before, "#999"), ("after", after, "#2a7"))
+    ):
+        width = BAR_WIDTH * abs(value) / top
+        y = 4 + 22 * row
+        bars += (
+            f"<rect x='60' y='{y}' width='{width:.1f}' height='18' fill='{colour}'/>"
+            f"<text x='0' y='{y + 14}'>{name}</text>"
+            f"<text x='{66 + width:.1f}' y='{y + 14}'>{value:.4g}</text>"
+        )
+    ratio = f" ({after / before:.2f}×)" if before else ""
+    return (
+        f"<h3>{escape(label)}{ratio}</h3><svg width='{BAR_WIDTH + 160}' height='52' "
+        f"role='img' aria-label='{escape(label)}'>{bars}</svg>"
+    )

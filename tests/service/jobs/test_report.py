@@ -1,0 +1,44 @@
+"""GET /v1/jobs/{id}/report: JSON, and an HTML page with before/after charts."""
+
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from tests.service.conftest import Caller, make_job, problem
+
+RESULT = {
+    "macs_before": 1000,
+    "macs_after": 500,
+    "params_before": 200,
+    "params_after": 120,
+    "before": {"loss": 0.5, "accuracy": 0.9, "latency_ms": 4.0},
+    "after_pruning": {"loss": 0.7, "accuracy": 0.8, "latency_ms": 2.0},
+    "after_finetune": None,
+    "widths": {"<script>alert(1)</script>": 8, "fc1": 16},
+    "seconds": {"prune": 1.5},
+}
+
+
+def test_the_report_is_json_by_default_and_html_on_request(
+    client: TestClient, db: Session, alice: Caller
+) -> None:
+    job = make_job(db, alice.tenant_id, "succeeded")
+    job.result = RESULT
+    db.flush()
+
+    as_json = client.get(f"/v1/jobs/{job.id}/report", headers=alice.headers)
+    page = client.get(f"/v1/jobs/{job.id}/report?format=html", headers=alice.headers)
+
+    assert as_json.json()["result"]["macs_after"] == 500
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "MACs (0.50×)" in page.text and "latency_ms (0.50×)" in page.text
+    assert page.text.count("<svg") == 5  # MACs, params, latency, loss, accuracy
+    assert "<script>" not in page.text and "&lt;script&gt;" in page.text
+
+
+def test_an_unknown_report_format_is_422(client: TestClient, db: Session, alice: Caller) -> None:
+    job = make_job(db, alice.tenant_id)
+    problem(
+        client.get(f"/v1/jobs/{job.id}/report?format=pdf", headers=alice.headers),
+        422,
+        "invalid_request",
+    )
