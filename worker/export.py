@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from worker.engine.plan import Plan
 
+MAX_EXPORT_BATCH = 4096
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
 
 
@@ -112,17 +113,40 @@ def _untie(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _batch_dynamic(tensors: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Any]:
+    """Two-row example inputs and a dynamic batch axis for the exporters: an example of one row
+    would make torch.export specialise the batch to 1."""
+    two = tuple(torch.cat([t[:1], t[:1]]) for t in tensors)
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    return two, (tuple({0: batch} for _ in tensors),)
+
+
+def _exported_program(
+    wrapper: nn.Module, tensors: tuple[Tensor, ...]
+) -> tuple[torch.export.ExportedProgram, bool]:
+    """The traced program with a dynamic batch axis, or with fixed shapes if the model's code
+    ties the batch size down; returns whether the batch is dynamic."""
+    two, dynamic = _batch_dynamic(tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters are chatty about internals
+        try:
+            return torch.export.export(wrapper, two, dynamic_shapes=dynamic), True
+        except Exception:  # torch.export reports a specialised batch in several ways
+            return torch.export.export(wrapper, tensors), False
+
+
 def export_onnx(model: nn.Module, inputs: dict[str, Any], out: Path) -> Exported:
     import onnxruntime
 
     names, tensors, constants = _split(inputs)
     wrapper = _Positional(model, names, constants)
+    program, dynamic = _exported_program(wrapper, tensors)
     path = out / "model.onnx"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter is chatty about internals
+        warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper,
-            tensors,
+            program,
+            (),
             str(path),
             input_names=names,
             output_names=["output"],
@@ -131,24 +155,28 @@ def export_onnx(model: nn.Module, inputs: dict[str, Any], out: Path) -> Exported
             verbose=False,
         )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    actual = session.run(None, {n: t.cpu().numpy() for n, t in zip(names, tensors, strict=True)})[0]
+    probe = _batch_dynamic(tensors)[0] if dynamic else tensors
+    actual = session.run(None, {n: t.cpu().numpy() for n, t in zip(names, probe, strict=True)})[0]
     with torch.no_grad():
-        expected = wrapper(*tensors).cpu().numpy()
-    return Exported("onnx", path, {"max_abs_diff": float(abs(actual - expected).max())})
+        expected = wrapper(*probe).cpu().numpy()
+    return Exported(
+        "onnx",
+        path,
+        {"max_abs_diff": float(abs(actual - expected).max()), "dynamic_batch": dynamic},
+    )
 
 
 def export_pt2(model: nn.Module, inputs: dict[str, Any], out: Path) -> Exported:
     names, tensors, constants = _split(inputs)
     wrapper = _Positional(model, names, constants)
+    program, dynamic = _exported_program(wrapper, tensors)
     path = out / "model.pt2"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.export.export(wrapper, tensors)
     torch.export.save(program, str(path))
     reloaded = torch.export.load(str(path)).module()
+    probe = _batch_dynamic(tensors)[0] if dynamic else tensors
     with torch.no_grad():
-        difference = (reloaded(*tensors) - wrapper(*tensors)).abs().max()
-    return Exported("pt2", path, {"max_abs_diff": float(difference)})
+        difference = (reloaded(*probe) - wrapper(*probe)).abs().max()
+    return Exported("pt2", path, {"max_abs_diff": float(difference), "dynamic_batch": dynamic})
 
 
 def _zip_folder(folder: Path, archive: Path) -> None:

@@ -88,6 +88,9 @@ def _table(result: dict[str, Any], exports: list[Exported]) -> Table:
                 f"{tuned[key]:.4g}" if key in tuned else "",
             )
     for exported in exports:
-        checks = ", ".join(f"{k} {v:.2e}" for k, v in exported.checks.items())
+        checks = ", ".join(
+            f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in exported.checks.items()
+        )
         table.add_row(f"→ {exported.format}", "", str(exported.path), checks)
     return table

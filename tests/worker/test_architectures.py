@@ -41,6 +41,7 @@ def test_half_the_macs_reloads_and_matches_onnx(tmp_path: Path, name: str) -> No
 
     assert result["macs_after"] <= 0.5 * result["macs_before"]
     assert result["exports"]["onnx"]["max_abs_diff"] <= 1e-4
+    assert result["exports"]["onnx"]["dynamic_batch"] is True
     [hf] = [e.path for e in exports if e.format == "hf"]
     with zipfile.ZipFile(hf) as bundle:
         bundle.extractall(tmp_path / "reloaded")

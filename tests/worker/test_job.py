@@ -94,6 +94,9 @@ def test_text_classification_from_jsonl_to_every_portable_format(tmp_path: Path)
     session = onnxruntime.InferenceSession(str(files["onnx"]))
     feeds = {i.name: example[i.name].numpy() for i in session.get_inputs() if i.name in example}
     assert np.abs(session.run(None, feeds)[0] - reference.numpy()).max() <= 1e-4
+    # the batch axis is dynamic: three rows at once give the three rows' outputs
+    batch = {k: np.concatenate([v] * 3) for k, v in feeds.items()}
+    assert session.run(None, batch)[0].shape[0] == 3
 
 
 def test_image_classification_from_an_imagefolder(tmp_path: Path) -> None:
