@@ -43,13 +43,6 @@ def trusted_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client
         stop(process)
 
 
-def _zip(folder: Path, archive: Path) -> Path:
-    with zipfile.ZipFile(archive, "w") as bundle:
-        for file in folder.iterdir():
-            bundle.write(file, file.name)
-    return archive
-
-
 def _run(
     client: Client, model: Path, model_format: str, data: Path, data_format: str, **spec: Any
 ) -> dict[str, Path]:
@@ -74,7 +67,7 @@ def _run(
 
 
 def test_jsonl_text_to_hf_safetensors_onnx_and_pt2(trusted_service: Client, tmp_path: Path) -> None:
-    model = _zip(factories.bert_folder(tmp_path), tmp_path / "bert.zip")
+    model = factories.zip_folder(factories.bert_folder(tmp_path), tmp_path / "bert.zip")
     data = factories.jsonl_file(tmp_path / "reviews.jsonl")
 
     files = _run(
@@ -99,7 +92,7 @@ def test_jsonl_text_to_hf_safetensors_onnx_and_pt2(trusted_service: Client, tmp_
 
 
 def test_imagefolder_to_hf(trusted_service: Client, tmp_path: Path) -> None:
-    model = _zip(factories.vit_folder(tmp_path), tmp_path / "vit.zip")
+    model = factories.zip_folder(factories.vit_folder(tmp_path), tmp_path / "vit.zip")
     data = factories.imagefolder_zip(tmp_path / "images.zip")
 
     files = _run(

@@ -105,6 +105,14 @@ def imagefolder_zip(path: Path, per_class: int = 12) -> Path:
     return path
 
 
+def zip_folder(folder: Path, archive: Path) -> Path:
+    """A model folder packed as an upload (files at the archive root)."""
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for file in folder.iterdir():
+            bundle.write(file, file.name)
+    return archive
+
+
 def spec(**overrides: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "method": "oba",

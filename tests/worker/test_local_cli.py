@@ -12,13 +12,6 @@ from service.cli import app
 from tests.worker import factories
 
 
-def _zip(folder: Path, archive: Path) -> Path:
-    with zipfile.ZipFile(archive, "w") as bundle:
-        for file in folder.iterdir():
-            bundle.write(file, file.name)
-    return archive
-
-
 def _prune(*args: str) -> None:
     result = CliRunner().invoke(
         app,
@@ -31,7 +24,7 @@ def _prune(*args: str) -> None:
 @pytest.mark.parametrize("packed", [True, False])
 def test_an_hf_model_to_every_output(tmp_path: Path, packed: bool) -> None:
     folder = factories.bert_folder(tmp_path)
-    model = _zip(folder, tmp_path / "bert.zip") if packed else folder
+    model = factories.zip_folder(folder, tmp_path / "bert.zip") if packed else folder
     data = factories.tensors_file(tmp_path / "data.safetensors")
     out = tmp_path / "out"
 

@@ -1,7 +1,6 @@
 """The pipeline against a migrated SQLite database and a local store (no queue, no Celery)."""
 
 import json
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,13 +32,6 @@ def tenant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         cached.cache_clear()
 
 
-def _zip(folder: Path, archive: Path) -> Path:
-    with zipfile.ZipFile(archive, "w") as bundle:
-        for file in folder.iterdir():
-            bundle.write(file, file.name)
-    return archive
-
-
 def _stored_model(tenant: str, archive: Path) -> str:
     blob = store_file(archive)
     with get_sessionmaker()() as session:
@@ -56,8 +48,14 @@ def _stored_model(tenant: str, archive: Path) -> str:
         return model.id
 
 
+def _stored_bert(tenant: str, root: Path) -> str:
+    return _stored_model(tenant, factories.zip_folder(factories.bert_folder(root), root / "b.zip"))
+
+
 def test_validation_records_params_and_macs(tenant: str, tmp_path: Path) -> None:
-    model_id = _stored_model(tenant, _zip(factories.bert_folder(tmp_path), tmp_path / "b.zip"))
+    model_id = _stored_model(
+        tenant, factories.zip_folder(factories.bert_folder(tmp_path), tmp_path / "b.zip")
+    )
 
     pipeline.validate_model(model_id)
 
@@ -74,7 +72,7 @@ def test_a_class_outside_transformers_is_rejected_with_a_reason(
     folder = factories.bert_folder(tmp_path)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"architectures": ["EvilModel"]}))
-    model_id = _stored_model(tenant, _zip(folder, tmp_path / "evil.zip"))
+    model_id = _stored_model(tenant, factories.zip_folder(folder, tmp_path / "evil.zip"))
 
     pipeline.validate_model(model_id)
 
@@ -87,7 +85,9 @@ def test_a_class_outside_transformers_is_rejected_with_a_reason(
 def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
     tenant: str, tmp_path: Path
 ) -> None:
-    model_id = _stored_model(tenant, _zip(factories.bert_folder(tmp_path), tmp_path / "b.zip"))
+    model_id = _stored_model(
+        tenant, factories.zip_folder(factories.bert_folder(tmp_path), tmp_path / "b.zip")
+    )
     pipeline.validate_model(model_id)
     data = factories.tensors_file(tmp_path / "d.safetensors")
     blob = store_file(data)
