@@ -60,7 +60,7 @@ def execute(
     eval_batches = (
         datasets.batches(held_out, 10_000, size, device) if held_out is not None else calibration
     )
-    loss_fn = losses.make_loss(spec["loss"], net)
+    loss_fn = losses.make_loss(spec["loss"], net, loaded.pooling)
     example = models.example_inputs(loaded, batch=calibration[0], device=device)
     seconds["load"] = time.perf_counter() - clock
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worker.models import Pooling
+
 LossFn = Callable[[nn.Module, dict[str, Any]], Tensor]
 
 
@@ -46,29 +48,140 @@ def causal_lm(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def distillation(teacher: nn.Module) -> LossFn:
-    """KL(teacher ‖ student) on the outputs: needs no labels.
+def distillation(teacher: nn.Module, pooling: Pooling | None = None) -> LossFn:
+    """The student's distance to the unpruned model (the teacher) on what the model outputs:
+    needs no labels.
+
+    - outputs with logits: KL(teacher ‖ student) of the output distributions;
+    - otherwise the embeddings the model is used for (`representations`), per row r:
+      (1 − cos(s_r, t_r)) + ‖s_r − t_r‖² / ‖t_r‖², averaged over rows and summed over
+      embeddings. The cosine term is what retrieval compares; the relative squared error also
+      holds the norm (it matters where no Normalize follows) and keeps the loss free of the
+      embedding's scale.
 
     At the starting point student = teacher, so the loss and its gradient are zero: `oba` and
     `taylor` score nothing on the first step; `oba_full` (which keeps the loss curvature) does.
+    Both branches are twice differentiable, as the Hessian-vector products need.
     """
     frozen = copy.deepcopy(teacher).eval().requires_grad_(False)
 
     def loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         with torch.no_grad():
-            target = F.log_softmax(logits_of(frozen, batch), dim=-1)
-        student = F.log_softmax(logits_of(model, batch), dim=-1)
-        return F.kl_div(
-            student.reshape(-1, student.shape[-1]),
-            target.reshape(-1, target.shape[-1]),
-            log_target=True,
-            reduction="batchmean",
-        )
+            target = frozen(**_inputs(batch))
+        output = model(**_inputs(batch))
+        if _has_logits(target):
+            return _kl(_logits(output), _logits(target))
+        teacher_rows = representations(target, batch, pooling)
+        student_rows = representations(output, batch, pooling)
+        return torch.stack(
+            [embedding_distance(student_rows[k], teacher_rows[k]) for k in teacher_rows]
+        ).sum()
 
     return loss
 
 
-def make_loss(name: str, model: nn.Module) -> LossFn:
+def _has_logits(output: Any) -> bool:
+    return isinstance(output, Tensor) or getattr(output, "logits", None) is not None
+
+
+def _logits(output: Any) -> Tensor:
+    return output if isinstance(output, Tensor) else output.logits
+
+
+def _kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    student = F.log_softmax(student_logits, dim=-1)
+    target = F.log_softmax(teacher_logits, dim=-1)
+    return F.kl_div(
+        student.reshape(-1, student.shape[-1]),
+        target.reshape(-1, target.shape[-1]),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+def embedding_distance(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over rows of (1 − cos(s, t)) + ‖s − t‖² / ‖t‖²; (rows, dim) each. Zero at s = t."""
+    cosine = F.cosine_similarity(student, teacher, dim=-1)
+    relative = (student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp_min(1e-12)
+    return (1 - cosine + relative).mean()
+
+
+def representations(
+    output: Any, batch: dict[str, Any], pooling: Pooling | None
+) -> dict[str, Tensor]:
+    """The (rows, dim) embeddings a model without a task head is used for:
+
+    - a sentence-transformers folder: its sentence embedding (`sentence_embedding`);
+    - CLIP-style projections: `text_embeds` and / or `image_embeds`;
+    - any other base model: its last hidden state, averaged over the tokens that
+      `attention_mask` keeps (all tokens without one; the spatial axes of a feature map).
+    """
+    mask = batch.get("attention_mask")
+    if pooling is not None:
+        return {"sentence": sentence_embedding(_last_hidden_state(output), mask, pooling)}
+    projected = {
+        name: getattr(output, name)
+        for name in ("text_embeds", "image_embeds")
+        if getattr(output, name, None) is not None
+    }
+    return projected or {"hidden": _mean_over_tokens(_last_hidden_state(output), mask)}
+
+
+def _last_hidden_state(output: Any) -> Tensor:
+    state = getattr(output, "last_hidden_state", None)
+    return state if state is not None else output[0]
+
+
+def _mean_over_tokens(hidden: Tensor, mask: Tensor | None) -> Tensor:
+    if hidden.dim() == 4:  # (rows, channels, height, width) feature maps
+        return hidden.mean(dim=(2, 3))
+    if hidden.dim() != 3:
+        return hidden.flatten(1)
+    # (rows, tokens, dim) -> (rows, dim)
+    weights = _token_mask(hidden, mask).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
+def _token_mask(hidden: Tensor, mask: Tensor | None) -> Tensor:
+    """(rows, tokens) weights: the attention mask where it matches the tokens, else all ones."""
+    if mask is None or mask.shape != hidden.shape[:2]:
+        return hidden.new_ones(hidden.shape[:2])
+    return mask.to(hidden.dtype)
+
+
+def sentence_embedding(hidden: Tensor, mask: Tensor | None, pooling: Pooling) -> Tensor:
+    """sentence-transformers' Pooling (then Normalize) of (rows, tokens, dim) token states,
+    one (rows, dim) block per mode, concatenated in the order the library uses."""
+    keep = _token_mask(hidden, mask)  # (rows, tokens)
+    weights = keep.unsqueeze(-1)
+    count = weights.sum(1).clamp_min(1e-9)  # (rows, 1)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    tokens = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype)
+    first = keep.argmax(1)  # the first kept token (left padding skipped)
+    blocks = []
+    for mode in pooling.modes:
+        if mode == "cls":
+            blocks.append(hidden[rows, first])
+        elif mode == "max":
+            blocks.append(hidden.masked_fill(weights == 0, float("-inf")).amax(1))
+        elif mode == "mean":
+            blocks.append((hidden * weights).sum(1) / count)
+        elif mode == "mean_sqrt_len_tokens":
+            blocks.append((hidden * weights).sum(1) / count.sqrt())
+        elif mode == "weightedmean":
+            # positions count from the first kept token: 1, 2, … (rows, tokens, 1)
+            position = (tokens - first.unsqueeze(1).to(hidden.dtype)).unsqueeze(-1) * weights
+            blocks.append((hidden * position).sum(1) / position.sum(1).clamp_min(1e-9))
+        else:  # lasttoken: the last kept token (right padding skipped)
+            last = hidden.shape[1] - 1 - keep.flip(1).argmax(1)
+            blocks.append(hidden[rows, last])
+    embedding = torch.cat(blocks, dim=-1)
+    return F.normalize(embedding, dim=-1) if pooling.normalize else embedding
+
+
+def make_loss(name: str, model: nn.Module, pooling: Pooling | None = None) -> LossFn:
+    """The loss `name` for `model`; `pooling` is the model's sentence-transformers pooling,
+    which `distill` compares embeddings after."""
     if name == "distill":
-        return distillation(model)
+        return distillation(model, pooling)
     return {"cross_entropy": cross_entropy, "mse": mse, "causal_lm": causal_lm}[name]

@@ -1,5 +1,7 @@
 """Loading uploaded models: Hugging Face directories, resolved only among transformers' own
-classes (never remote code), weights only from safetensors unless trusted mode is on."""
+classes (never remote code), weights only from safetensors unless trusted mode is on. A
+sentence-transformers folder (a Hugging Face model plus `modules.json`) also yields the pooling
+that turns its token states into sentence embeddings."""
 
 import json
 from dataclasses import dataclass
@@ -18,12 +20,35 @@ class ModelRejected(ValueError):
         self.code = code
 
 
+# sentence-transformers' pooling modes, in the order it concatenates them
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+MAX_JSON_BYTES = 1024 * 1024  # modules.json and a pooling config are a few hundred bytes
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How a sentence-transformers folder turns token states into its sentence embedding."""
+
+    modes: tuple[str, ...]  # concatenated in this order (POOLING_MODES)
+    normalize: bool  # modules.json lists a Normalize module (L2 norm of the embedding)
+    config: Path  # the Pooling module's config.json, relative to the model folder
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     model: nn.Module
     # the extracted upload, where tokenizer and preprocessor files live (None for a pickle)
     directory: Path | None
     kind: str  # "text" | "vision"
+    pooling: Pooling | None = None  # set for a sentence-transformers folder
 
 
 def model_directory(root: Path) -> Path:
@@ -76,7 +101,68 @@ def load_hf(root: Path, *, trusted: bool) -> LoadedModel:
     except Exception as error:  # transformers raises many types for a broken upload
         raise ModelRejected("invalid_weights", f"the weights do not load: {error}") from error
     kind = "vision" if "pixel_values" in _forward_arguments(model) else "text"
-    return LoadedModel(model.eval(), directory, kind)
+    return LoadedModel(model.eval(), directory, kind, sentence_pooling(directory))
+
+
+def sentence_modules(directory: Path) -> dict[str, str]:
+    """The modules of a sentence-transformers folder as `modules.json` lists them: class name
+    (Transformer, Pooling, Normalize, Dense…) → its folder relative to `directory` ("" for the
+    model itself). Empty where there is no modules.json. Read as JSON only."""
+    if not (directory / "modules.json").is_file():
+        return {}
+    listed = _read_json(directory, "modules.json")
+    if not isinstance(listed, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("type"), str) and isinstance(m.get("path"), str)
+        for m in listed
+    ):
+        raise ModelRejected(
+            "invalid_modules", "modules.json is not a list of modules with a type and a path"
+        )
+    # "sentence_transformers.models.Pooling" and later module paths alike: the class name
+    return {m["type"].rpartition(".")[2]: m["path"] for m in listed}
+
+
+def sentence_pooling(directory: Path) -> Pooling | None:
+    """The Pooling (and Normalize) modules that `modules.json` lists, None where the folder has
+    no modules.json or it lists no Pooling module. Read as JSON only, from inside `directory`."""
+    modules = sentence_modules(directory)
+    if "Pooling" not in modules:
+        return None
+    config_path = (Path(modules["Pooling"]) / "config.json").as_posix()
+    config = _read_json(directory, config_path)
+    if not isinstance(config, dict):
+        raise ModelRejected("invalid_pooling", f"{config_path} is not a JSON object")
+    return Pooling(_pooling_modes(config, config_path), "Normalize" in modules, Path(config_path))
+
+
+def _pooling_modes(config: dict[str, Any], name: str) -> tuple[str, ...]:
+    """`pooling_mode` (a name or a list), or the older `pooling_mode_*` booleans; mean when
+    neither says anything, as sentence-transformers does."""
+    stated = config.get("pooling_mode")
+    if stated is None:
+        modes = [mode for key, mode in _LEGACY_POOLING_KEYS.items() if config.get(key) is True]
+    else:
+        modes = [stated] if isinstance(stated, str) else stated
+    if not isinstance(modes, list) or any(m not in POOLING_MODES for m in modes):
+        raise ModelRejected(
+            "invalid_pooling", f"{name} states pooling {stated!r}; known modes: {POOLING_MODES}"
+        )
+    return tuple(modes) or ("mean",)
+
+
+def _read_json(directory: Path, relative: str) -> Any:
+    """A small JSON file at `relative` inside `directory`; never a path that leaves it."""
+    path = (directory / relative).resolve()
+    if not path.is_relative_to(directory.resolve()):
+        raise ModelRejected("invalid_modules", f"{relative!r} points outside the model folder")
+    if path.is_file() and path.stat().st_size > MAX_JSON_BYTES:
+        raise ModelRejected("invalid_modules", f"{relative} is implausibly large")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelRejected(
+            "invalid_modules", f"{relative} is not readable JSON: {error}"
+        ) from error
 
 
 def _forward_arguments(model: nn.Module) -> list[str]:

@@ -29,6 +29,46 @@ def bert_folder(root: Path, *, intermediate: int = 256) -> Path:
     torch.manual_seed(0)
     folder = root / "bert"
     transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    _save_word_tokenizer(folder)
+    return folder
+
+
+def sentence_transformers_folder(
+    root: Path, *, pooling: dict[str, Any] | None = None, normalize: bool = True
+) -> Path:
+    """A small BERT without a task head laid out as sentence-transformers saves one: the model
+    at the root, `modules.json`, `1_Pooling/config.json` and (with `normalize`) `2_Normalize`."""
+    config = transformers.BertConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    folder = root / "sentence-bert"
+    transformers.BertModel(config).save_pretrained(folder)
+    _save_word_tokenizer(folder)
+    layout = {"Transformer": "", "Pooling": "1_Pooling"} | (
+        {"Normalize": "2_Normalize"} if normalize else {}
+    )
+    modules = [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (kind, path) in enumerate(layout.items())
+    ]
+    for path in layout.values():
+        (folder / path).mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    stated = pooling or {"pooling_mode_mean_tokens": True}
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32} | stated)
+    )
+    return folder
+
+
+def _save_word_tokenizer(folder: Path) -> None:
     vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3} | {
         w: i + 4 for i, w in enumerate(WORDS)
     }
@@ -41,7 +81,6 @@ def bert_folder(root: Path, *, intermediate: int = 256) -> Path:
         cls_token="[CLS]",
         sep_token="[SEP]",
     ).save_pretrained(folder)
-    return folder
 
 
 def vit_folder(root: Path) -> Path:
@@ -82,12 +121,13 @@ def tensors_file(path: Path, rows: int = 64, seed: int = 0) -> Path:
     return path
 
 
-def jsonl_file(path: Path, rows: int = 48) -> Path:
+def jsonl_file(path: Path, rows: int = 48, *, labels: bool = True) -> Path:
     rng = np.random.default_rng(0)
     lines = []
     for i in range(rows):
         words = rng.choice(WORDS, size=rng.integers(2, 8)).tolist()
-        lines.append(json.dumps({"text": " ".join(words), "label": i % 2}))
+        row: dict[str, Any] = {"text": " ".join(words)}
+        lines.append(json.dumps(row | {"label": i % 2} if labels else row))
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -106,10 +146,11 @@ def imagefolder_zip(path: Path, per_class: int = 12) -> Path:
 
 
 def zip_folder(folder: Path, archive: Path) -> Path:
-    """A model folder packed as an upload (files at the archive root)."""
+    """A model folder packed as an upload (files at the archive root, subfolders kept)."""
     with zipfile.ZipFile(archive, "w") as bundle:
-        for file in folder.iterdir():
-            bundle.write(file, file.name)
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                bundle.write(file, file.relative_to(folder).as_posix())
     return archive
 
 
