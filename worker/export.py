@@ -2,7 +2,7 @@
 
 | format | file | loads with |
 |---|---|---|
-| `hf` | model-hf.zip | `AutoModel*.from_pretrained` on the extracted folder |
+| `hf` | model-hf.zip | `AutoModel*.from_pretrained` (or `SentenceTransformer`) on its folder |
 | `safetensors` | weights + pruning-plan.json | original model, `apply_plan_`, `load_state_dict` |
 | `onnx` | model.onnx | onnxruntime (checked against torch here) |
 | `pt2` | model.pt2 | `torch.export.load(...).module()` (checked against torch here) |
@@ -15,7 +15,7 @@ import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -23,9 +23,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from worker.engine.plan import Plan
+from worker.models import sentence_modules, sentence_pooling
 
 MAX_EXPORT_BATCH = 4096
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+RUNTIME_SUFFIXES = (".onnx", ".onnx_data", ".pt2", ".gguf")  # other runtimes' copies of weights
 
 
 @dataclass
@@ -77,17 +79,53 @@ def export(
 
 def export_hf(model: nn.Module, source: Path | None, out: Path) -> Path:
     """A zip of a Hugging Face directory: `from_pretrained` on its extraction loads the pruned
-    model. Tokenizer and preprocessor files of the upload are carried over."""
+    model. Tokenizer and preprocessor files of the upload are carried over, and so are its
+    sentence-transformers modules (`1_Pooling/`, `2_Normalize/`…), so that a sentence-transformers
+    folder comes back as one."""
     with tempfile.TemporaryDirectory() as work:
         directory = Path(work) / "model"
         directory.mkdir()
-        for item in source.iterdir() if source is not None else ():
-            if item.is_file() and not _is_weights_or_config(item.name):
-                shutil.copy2(item, directory / item.name)
+        if source is not None:
+            _copy_companions(source, directory)
         model.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
+        if source is not None:
+            _restate_pooling_width(model, source, directory)
         archive = out / "model-hf.zip"
         _zip_folder(directory, archive)
     return archive
+
+
+def _copy_companions(source: Path, directory: Path) -> None:
+    """Everything of the upload but the model's own weights and config: top-level files, and
+    subfolders that hold no weights (a Pooling config) or are modules of its sentence-
+    transformers pipeline (a Dense layer's weights, which pruning leaves alone). Other folders
+    with weights (`onnx/`, `openvino/`) are exports of the unpruned model: left out."""
+    modules = {PurePosixPath(path).parts[0] for path in sentence_modules(source).values() if path}
+    for item in source.iterdir():
+        if item.is_file() and not _is_weights_or_config(item.name):
+            shutil.copy2(item, directory / item.name)
+        elif item.is_dir() and (item.name in modules or not _holds_weights(item)):
+            shutil.copytree(item, directory / item.name)
+
+
+def _holds_weights(folder: Path) -> bool:
+    return any(f.name.endswith(WEIGHT_SUFFIXES + RUNTIME_SUFFIXES) for f in folder.rglob("*"))
+
+
+def _restate_pooling_width(model: nn.Module, source: Path, directory: Path) -> None:
+    """The Pooling config states the width of the token states it pools: keep it equal to the
+    saved model's hidden size."""
+    pooling = sentence_pooling(source)
+    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+    config_file = directory / pooling.config if pooling is not None else None
+    if config_file is None or not config_file.is_file() or not isinstance(hidden_size, int):
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    # sentence-transformers renamed the key; a folder states one or the other
+    for key in ("word_embedding_dimension", "embedding_dimension"):
+        if key in config:
+            config[key] = hidden_size
+    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def export_safetensors(model: nn.Module, plan: Plan, out: Path) -> Path:
