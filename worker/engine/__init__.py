@@ -5,10 +5,16 @@ A pure library over `nn.Module`s: torch, torch-pruning and the standard library 
 
 from worker.engine.config import PruneConfig
 from worker.engine.cost import Cost, measure
-from worker.engine.errors import EngineError, InvalidConfig, NumericalError, UnsupportedModel
-from worker.engine.prune import PruneResult, prune
+from worker.engine.errors import (
+    EngineError,
+    InvalidConfig,
+    NumericalError,
+    TargetUnreachable,
+    UnsupportedModel,
+)
+from worker.engine.prune import PruneResult, prune, reachable_fraction
+from worker.engine.records import StepRecord
 from worker.engine.scores import METHODS, parameter_scores
-from worker.engine.structured import StepRecord
 
 __all__ = [
     "METHODS",
@@ -19,8 +25,10 @@ __all__ = [
     "PruneConfig",
     "PruneResult",
     "StepRecord",
+    "TargetUnreachable",
     "UnsupportedModel",
     "measure",
     "parameter_scores",
     "prune",
+    "reachable_fraction",
 ]

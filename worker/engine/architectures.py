@@ -4,7 +4,7 @@ config can describe, and keeping head counts in modules and configs in step with
 Duck-typed on module attributes: the engine never imports `transformers`.
 """
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from worker.engine.cost import run_forward
 from worker.engine.errors import InvalidConfig
 from worker.engine.groups import ChannelGroup
+from worker.engine.kv_groups import GroupedAttention
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,9 @@ def attention_layers(
     """Attention layers whose heads can be pruned whole, and projections that must stay as is.
 
     `explicit` maps a projection's module name to its number of heads (hand-written attention).
-    Grouped-query attention (fewer key/value heads than query heads) and fused qkv projections
-    (GPT-2's `c_attn`) are kept whole: their heads are not pruned.
+    Fused qkv projections (GPT-2's `c_attn`) are kept whole. Grouped-query attention (fewer
+    key/value heads than query heads) is frozen here, out of Torch-Pruning's reach: `kv_groups`
+    prunes it by whole key/value groups.
     """
     named = dict(model.named_modules())
     layers: list[AttentionLayer] = []
@@ -87,6 +89,59 @@ def config_describes_head_size(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "head_dim", None) is not None
 
 
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """A transformer's token (or patch) embedding module, if it names one."""
+    getter: Any = getattr(model, "get_input_embeddings", None)
+    if not is_transformer(model) or not callable(getter):
+        return None
+    try:
+        found = getter()
+    except (NotImplementedError, AttributeError):  # transformers' default raises for some models
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def is_residual_stream(group: ChannelGroup) -> bool:
+    """The group whose members include the input embeddings: a transformer's hidden size."""
+    return any(isinstance(m, nn.Embedding) for m, is_out, _, _ in group.members if is_out)
+
+
+def hidden_size_problem(model: nn.Module, example_inputs: Any) -> str | None:
+    """Why the residual stream of `model` cannot be pruned into a config that states it, or None.
+
+    The config must state `head_dim` apart from `hidden_size` (else the head size is derived from
+    it), and the forward pass must not read `config.hidden_size` itself (Gemma scales its
+    embeddings by √hidden_size: pruning would change the function). Checked by running the model
+    with the attribute changed.
+    """
+    config: Any = getattr(model, "config", None)
+    if not is_transformer(model) or not config_describes_head_size(model):
+        return "its config derives the head size from hidden_size"
+    if not isinstance(getattr(config, "hidden_size", None), int):
+        return "its config states no hidden_size"
+    embeddings = input_embeddings(model)
+    if getattr(embeddings, "scalar_embed_scale", None) is not None:
+        return "its embeddings are scaled by a function of hidden_size (Gemma)"
+    with torch.no_grad():
+        reference = next(_tensors(run_forward(model, example_inputs)))
+        config.hidden_size += 1
+        try:
+            changed = next(_tensors(run_forward(model, example_inputs)))
+        except Exception:  # a forward that breaks on it certainly reads it
+            return "its forward pass reads config.hidden_size"
+        finally:
+            config.hidden_size -= 1
+    if not torch.equal(reference, changed):
+        return "its forward pass reads config.hidden_size"
+    return None
+
+
+def hidden_size_multiple(model: nn.Module) -> int:
+    """transformers' configs require hidden_size to stay a multiple of the attention heads."""
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    return heads if isinstance(heads, int) and heads > 0 else 1
+
+
 def intermediate_size(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     if config is None:
@@ -99,15 +154,16 @@ def intermediate_size(model: nn.Module) -> int | None:
     return 4 * hidden if isinstance(hidden, int) else None
 
 
-def group_filter(model: nn.Module) -> Callable[[ChannelGroup], bool]:
-    """Hugging Face transformers: only attention heads and FFN neurons, never the hidden size."""
+def group_filter(model: nn.Module, hidden_size: bool) -> Callable[[ChannelGroup], bool]:
+    """Hugging Face transformers: attention heads, FFN neurons and, when `hidden_size`, the
+    residual stream (the group whose members include the input embeddings)."""
     if not is_transformer(model):
         return lambda group: True
     ffn_width = intermediate_size(model)
 
     def allowed(group: ChannelGroup) -> bool:
-        if any(isinstance(m, nn.Embedding) for m, is_out, _, _ in group.members if is_out):
-            return False
+        if is_residual_stream(group):
+            return hidden_size
         return group.unit > 1 or group.width == ffn_width
 
     return allowed
@@ -151,7 +207,9 @@ def set_head_count(owner: Any, heads: int, head_dim: int | None) -> None:
         owner.all_head_size = heads * head_dim
 
 
-def sync_structure(model: nn.Module, layers: list[AttentionLayer]) -> dict[str, Any]:
+def sync_structure(
+    model: nn.Module, layers: list[AttentionLayer], grouped: Iterable[GroupedAttention] = ()
+) -> dict[str, Any]:
     """Write the pruned head counts into attention modules, and uniform widths into the config.
 
     Returns what was written to the config.
@@ -167,6 +225,16 @@ def sync_structure(model: nn.Module, layers: list[AttentionLayer]) -> dict[str, 
         written["num_attention_heads"] = head_counts.pop()
         if getattr(config, "num_key_value_heads", None) is not None:
             written["num_key_value_heads"] = written["num_attention_heads"]
+    grouped_counts = {(layer.heads, layer.kv_heads) for layer in grouped}
+    if len(grouped_counts) == 1:
+        written["num_attention_heads"], written["num_key_value_heads"] = grouped_counts.pop()
+    embeddings = input_embeddings(model)
+    hidden = getattr(embeddings, "embedding_dim", None)
+    if is_transformer(model) and isinstance(hidden, int) and hidden != config.hidden_size:
+        written["hidden_size"] = hidden
+    tie: Any = getattr(model, "tie_weights", None)
+    if getattr(config, "tie_word_embeddings", False) and callable(tie):
+        tie()  # pruning replaced the shared weight by two equal copies
     ffn_width = intermediate_size(model)
     if ffn_width is not None:
         widths = set(_ffn_widths(model))

@@ -9,7 +9,7 @@ from torch import nn
 from worker.engine.errors import InvalidConfig
 from worker.engine.scores import METHODS
 
-Granularity = Literal["channel", "unstructured", "2:4"]
+Granularity = Literal["channel", "layer", "unstructured", "2:4"]
 TargetMetric = Literal["macs", "params", "sparsity"]
 Schedule = Literal["exponential", "linear"]
 FinetuneFn = Callable[[nn.Module, int], None]
@@ -36,6 +36,13 @@ class PruneConfig:
     ignored_layers: tuple[str, ...] = ()  # module names; their output channels are never pruned
     round_to: int | None = None  # keep channel counts at multiples of this
     prune_heads: bool = True  # prune attention heads whole (query/key/value/output together)
+    # Transformers: prune the residual stream (embedding channels, every norm and every projection
+    # reading or writing it) as one group. None: wherever the config states head_dim apart from
+    # hidden_size and the model's forward does not read hidden_size itself.
+    hidden_size: bool | None = None
+    # Share (in log space) of the target's reduction taken by removing whole transformer blocks
+    # first; widths take the rest. 0: widths only; granularity "layer" is depth only.
+    depth_share: float = 0.0
     # Hand-written attention: projection module name -> number of heads. Hugging Face attention
     # layers are recognised without it.
     attention_heads: Mapping[str, int] = field(default_factory=dict, compare=False)
@@ -56,9 +63,9 @@ class PruneConfig:
             raise InvalidConfig(f"unknown schedule {self.schedule!r}")
         if self.target_metric not in get_args(TargetMetric):
             raise InvalidConfig(f"unknown target metric {self.target_metric!r}")
-        structured = self.granularity == "channel"
+        structured = self.granularity in ("channel", "layer")
         if structured and self.target_metric == "sparsity":
-            raise InvalidConfig("channel pruning targets 'macs' or 'params', not 'sparsity'")
+            raise InvalidConfig(f"{self.granularity} pruning targets 'macs' or 'params'")
         if self.granularity == "unstructured" and self.target_metric != "sparsity":
             raise InvalidConfig("unstructured pruning targets 'sparsity'")
         if not 0.0 < self.target < 1.0:
@@ -67,6 +74,10 @@ class PruneConfig:
             raise InvalidConfig(f"steps must be at least 1, got {self.steps}")
         if not 0.0 <= self.layer_floor < 1.0:
             raise InvalidConfig(f"layer_floor must lie in [0, 1), got {self.layer_floor}")
+        if not 0.0 <= self.depth_share <= 1.0:
+            raise InvalidConfig(f"depth_share must lie in [0, 1], got {self.depth_share}")
+        if self.depth_share and self.granularity != "channel":
+            raise InvalidConfig("depth_share combines depth with channel pruning")
         if self.round_to is not None and self.round_to < 1:
             raise InvalidConfig(f"round_to must be positive, got {self.round_to}")
 
@@ -75,9 +86,11 @@ class PruneConfig:
         """Final kept fraction of the target metric (of the weights, for sparsity)."""
         return 1.0 - self.target if self.target_metric == "sparsity" else self.target
 
-    def step_target(self, step: int) -> float:
-        """Kept fraction after `step` of `steps` (1-based): exponential decay, as OBA, or linear."""
+    def step_target(self, step: int, start: float = 1.0, final: float | None = None) -> float:
+        """Goal after `step` of `steps` (1-based) on the way from `start` to `final` (default:
+        the kept fraction of `start`): exponential decay, as OBA, or linear."""
+        end = self.kept_fraction * start if final is None else final
         progress = step / self.steps
         if self.schedule == "exponential":
-            return float(self.kept_fraction**progress)
-        return 1.0 - (1.0 - self.kept_fraction) * progress
+            return float(start * (end / start) ** progress)
+        return start - (start - end) * progress

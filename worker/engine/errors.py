@@ -23,3 +23,17 @@ class NumericalError(EngineError):
     """Scores or losses became non-finite."""
 
     code = "numerical_error"
+
+
+class TargetUnreachable(EngineError):
+    """The target lies below what pruning can reach under the run's constraints."""
+
+    code = "target_unreachable"
+
+    def __init__(self, metric: str, target: float, reachable: float) -> None:
+        self.metric, self.target, self.reachable = metric, target, reachable
+        super().__init__(
+            f"a {metric} target of {target:g} cannot be reached: under this job's constraints "
+            f"(output format, floors, granularity) the model keeps at least {reachable:.4f} of "
+            f"its {metric}; ask for {reachable:.4f} or more, or loosen the constraints"
+        )

@@ -31,6 +31,7 @@ class ChannelGroup:
     width: int  # current output channels of the root
     unit: int  # channels removed together: 1, or head_dim for attention heads
     members: list[tuple[nn.Module, bool, list[int], list[int]]]  # (module, is_out, idxs, root_idxs)
+    multiple: int = 1  # kept units must stay a multiple of this (hidden size: of the heads)
 
     @property
     def units(self) -> int:

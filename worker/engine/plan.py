@@ -13,8 +13,10 @@ from typing import Any
 from torch import nn
 
 from worker.engine.architectures import set_head_count
+from worker.engine.depth import remove_blocks_
 from worker.engine.errors import InvalidConfig
 from worker.engine.graph import build_graph
+from worker.engine.kv_groups import grouped_attention_layers, remove_kv_groups_
 
 PLAN_FORMAT = "apoptosis-pruning-plan/1"
 
@@ -24,6 +26,11 @@ class Plan:
     history: list[tuple[str, bool, list[int]]] = field(default_factory=list)
     heads: dict[str, int] = field(default_factory=dict)  # attention module name -> heads
     config_updates: dict[str, Any] = field(default_factory=dict)
+    # grouped-query attention: (attention module name, kv heads removed), in order
+    kv_removals: list[tuple[str, list[int]]] = field(default_factory=list)
+    # depth: the blocks' ModuleList and each removed block's position at its removal, in order
+    block_container: str = ""
+    blocks_removed: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, **asdict(self)}
@@ -35,15 +42,31 @@ class Plan:
         history = [
             (str(name), bool(out), [int(i) for i in idxs]) for name, out, idxs in data["history"]
         ]
-        return cls(history, dict(data.get("heads", {})), dict(data.get("config_updates", {})))
+        kv_removals = [
+            (str(name), [int(g) for g in groups]) for name, groups in data.get("kv_removals", [])
+        ]
+        return cls(
+            history,
+            dict(data.get("heads", {})),
+            dict(data.get("config_updates", {})),
+            kv_removals,
+            str(data.get("block_container", "")),
+            [int(i) for i in data.get("blocks_removed", [])],
+        )
 
 
 def apply_plan_(model: nn.Module, example_inputs: Any, plan: Plan) -> nn.Module:
     """Prune `model` (the original architecture, any weights) in place to the plan's shapes."""
+    for index in plan.blocks_removed:  # depth came first: the rest refers to the shorter model
+        remove_blocks_(model, plan.block_container, [index])
     if plan.history:
         graph = build_graph(model, example_inputs)
         graph.load_pruning_history([list(step) for step in plan.history])
     modules = dict(model.named_modules())
+    names = {module: name for name, module in modules.items()}
+    grouped = {names[layer.owner]: layer for layer in grouped_attention_layers(model)}
+    for name, groups in plan.kv_removals:
+        remove_kv_groups_(grouped[name], groups)
     for name, heads in plan.heads.items():
         owner: Any = modules[name]
         head_dim = getattr(owner, "attention_head_size", None) or getattr(owner, "head_dim", None)

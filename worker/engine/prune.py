@@ -1,17 +1,20 @@
 """The engine's entry point: prune a model to a target, structured or not."""
 
+import copy
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor, nn
 
 from worker.engine.config import PruneConfig
-from worker.engine.cost import measure
-from worker.engine.errors import InvalidConfig
+from worker.engine.cost import Cost, measure
+from worker.engine.depth import prune_blocks_
+from worker.engine.errors import InvalidConfig, TargetUnreachable
 from worker.engine.plan import Plan
+from worker.engine.records import StepRecord
 from worker.engine.scores import LossFn
-from worker.engine.structured import StepRecord, prune_channels_
+from worker.engine.structured import prune_channels_
 from worker.engine.unstructured import prune_2_4_, prune_unstructured_, sparsity
 
 
@@ -62,6 +65,10 @@ def prune(
     # statistics alone. The caller's modes come back at the end.
     model.eval()
     try:
+        if config.granularity in ("channel", "layer"):
+            reachable = reachable_fraction(model, example_inputs, config)
+            if config.target < reachable:
+                raise TargetUnreachable(config.target_metric, config.target, reachable)
         return _prune(model, example_inputs, calibration, loss_fn, config, on_step)
     finally:
         for module, training in modes.items():
@@ -78,9 +85,9 @@ def _prune(
 ) -> PruneResult:
     before = measure(model, example_inputs)
     result = PruneResult(model, before.macs, before.params, before.macs, before.params, [])
-    if config.granularity == "channel":
-        result.history, result.plan = prune_channels_(
-            model, example_inputs, calibration, loss_fn, config, on_step
+    if config.granularity in ("channel", "layer"):
+        result.history, result.plan = _prune_structure_(
+            model, example_inputs, calibration, loss_fn, config, on_step, before
         )
     elif config.granularity == "unstructured":
         result.masks, result.history = prune_unstructured_(
@@ -92,7 +99,74 @@ def _prune(
         result.sparsity = sparsity(model, result.masks)
     after = measure(model, example_inputs)
     result.macs, result.params = after.macs, after.params
-    if config.granularity == "channel":
+    if config.granularity in ("channel", "layer"):
         goal = config.target * before.metric(config.target_metric)
         result.target_met = after.metric(config.target_metric) <= goal
     return result
+
+
+def _prune_structure_(
+    model: nn.Module,
+    example_inputs: Any,
+    calibration: list[Any],
+    loss_fn: LossFn,
+    config: PruneConfig,
+    on_step: Callable[[StepRecord], None] | None,
+    before: Cost,
+) -> tuple[list[StepRecord], Plan]:
+    """Depth first (whole blocks, down to target^depth_share), then widths to the target."""
+    initial = before.metric(config.target_metric)
+    final = config.target * initial
+    share = 1.0 if config.granularity == "layer" else config.depth_share
+    history: list[StepRecord] = []
+    container, removed = "", list[int]()
+    if share > 0:
+        history, container, removed = prune_blocks_(
+            model,
+            example_inputs,
+            calibration,
+            loss_fn,
+            config.method,
+            config.layer_floor,
+            initial * config.target**share,
+            config.target_metric,
+            on_step,
+        )
+    plan = Plan()
+    if config.granularity == "channel":
+        widths, plan = prune_channels_(
+            model, example_inputs, calibration, loss_fn, config, on_step, final
+        )
+        history += widths
+    if removed:
+        plan.block_container, plan.blocks_removed = container, removed
+        plan.config_updates |= {
+            k: getattr(getattr(model, "config", None), k, None)
+            for k in ("num_hidden_layers", "n_layer", "layer_types")
+            if getattr(getattr(model, "config", None), k, None) is not None
+        }
+    return history, plan
+
+
+def reachable_fraction(model: nn.Module, example_inputs: Any, config: PruneConfig) -> float:
+    """The smallest fraction of `config.target_metric` that structured pruning can reach under
+    `config` (floors, ignored layers, uniform widths, what the config can describe, depth):
+    measured by pruning a copy as far as the constraints allow. Scores do not matter for that,
+    so the copy is pruned by magnitude, in one step, without data."""
+    trial = copy.deepcopy(model).eval()
+    limit = replace(
+        config,
+        method="magnitude",
+        target=1e-9,
+        steps=1,
+        recalibrate_batchnorm=False,
+        finetune=None,
+    )
+    before = measure(trial, example_inputs)
+    _prune_structure_(trial, example_inputs, [], _no_loss, limit, None, before)
+    after = measure(trial, example_inputs)
+    return after.metric(config.target_metric) / before.metric(config.target_metric)
+
+
+def _no_loss(model: nn.Module, batch: Any) -> Tensor:
+    raise AssertionError("data-free pruning computes no loss")

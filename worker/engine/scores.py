@@ -70,7 +70,7 @@ def parameter_scores(
     totals: list[Tensor] = []
     count = 0
     # The math kernel of scaled_dot_product_attention is the one with a double backward on CPU.
-    with _eval_mode(model), sdpa_kernel(SDPBackend.MATH):
+    with eval_mode(model), sdpa_kernel(SDPBackend.MATH):
         for batch in batches:
             batch_scores = [s.detach() for s in scorer(model, params, batch, loss_fn, generator)]
             if not totals:  # allocated after the first pass, so they never add to its peak
@@ -206,7 +206,7 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:

@@ -28,22 +28,18 @@ from worker.engine.groups import (
     collect_groups,
     unit_view,
 )
+from worker.engine.kv_groups import (
+    GroupedAttention,
+    grouped_attention_layers,
+    kv_channel_group,
+    remove_kv_groups_,
+)
 from worker.engine.plan import Plan
+from worker.engine.records import StepRecord
 from worker.engine.scores import LossFn, parameter_scores
 
 MAX_ROUNDS_PER_STEP = 25
 MIN_EXACT_STEPS = 8  # fewer would make each uniform step too coarse
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    step: int
-    macs: int
-    params: int
-    seconds_scoring: float
-    seconds_pruning: float
-    channels_removed: int
-    widths: dict[str, int]  # output channels of each group's root layer, by module name
 
 
 @dataclass
@@ -61,8 +57,10 @@ def prune_channels_(
     loss_fn: LossFn,
     config: PruneConfig,
     on_step: Callable[[StepRecord], None] | None = None,
+    final_goal: float | None = None,
 ) -> tuple[list[StepRecord], Plan]:
-    """Prune `model` in place to `config.target` of its MACs or parameters.
+    """Prune `model` in place to `config.target` of its MACs or parameters (or to `final_goal`,
+    an absolute value of the metric, when depth pruning took part of the way already).
 
     Returns one record per step and the plan that replays the pruning on the original model.
     """
@@ -77,13 +75,17 @@ def prune_channels_(
         or config.global_ranking
         or architectures.config_describes_head_size(model)
     )
+    kv_layers: dict[nn.Module, GroupedAttention] = {
+        layer.k: layer for layer in grouped_attention_layers(model)
+    }
     if not (config.prune_heads and heads_describable):
         frozen += [p for layer in layers for p in layer.projections]
         layers = []
+        kv_layers = {}
     ignored = [named[n] for n in config.ignored_layers]
     ignored += architectures.output_layers(model, example_inputs) + frozen
     graph = build_graph(model, example_inputs)
-    describable = architectures.group_filter(model)
+    describable = architectures.group_filter(model, _prune_hidden(model, example_inputs, config))
     prunable_roots: set[nn.Module] = set()
 
     def allowed(group: ChannelGroup) -> bool:
@@ -91,22 +93,33 @@ def prune_channels_(
         return group.root in prunable_roots
 
     head_dims = architectures.head_dims(layers)
-    prunable_roots.update(
-        g.root for g in collect_groups(graph, names, ignored, head_dims, describable)
-    )
+    hidden_multiple = architectures.hidden_size_multiple(model)
+
+    def all_groups(keep: Callable[[ChannelGroup], bool]) -> list[ChannelGroup]:
+        groups = collect_groups(graph, names, ignored, head_dims, keep)
+        for group in groups:
+            if architectures.is_residual_stream(group):
+                group.multiple = hidden_multiple
+        kv = [kv_channel_group(layer, names[layer.owner]) for layer in kv_layers.values()]
+        return groups + [g for g in kv if g.width > g.unit and keep(g)]
+
+    prunable_roots.update(g.root for g in all_groups(describable))
     initial = measure(model, example_inputs).metric(config.target_metric)
     initial_units: dict[nn.Module, int] = {}
     history: list[StepRecord] = []
+    kv_removals: list[tuple[str, list[int]]] = []
+    config_updates: dict[str, Any] = {}  # accumulated: each sync writes what changed since
 
+    end = config.target * initial if final_goal is None else final_goal
     for step in range(1, config.steps + 1):
-        goal = config.step_target(step) * initial
+        goal = config.step_target(step, initial, end)
         started = time.perf_counter()
         scores = parameter_scores(
             model, calibration, loss_fn, config.method, seed=config.seed + step
         )
         by_param = {p: scores[n] for n, p in model.named_parameters() if n in scores}
         seconds_scoring = time.perf_counter() - started
-        groups = collect_groups(graph, names, ignored, head_dims, allowed)
+        groups = all_groups(allowed)
         unit_scores = {
             g.root: _normalised(unit_view(channel_scores(g, by_param, config.method), g))
             for g in groups
@@ -122,10 +135,10 @@ def prune_channels_(
             chosen = _select(groups, unit_scores, cost, excess, initial_units, config)
             if not chosen:
                 break
-            removed += _remove_units(graph, chosen, unit_scores)
-            architectures.sync_structure(model, layers)
+            removed += _remove_units(graph, chosen, unit_scores, kv_layers, kv_removals, names)
+            config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
             _check_forward(model, example_inputs, chosen, names)
-            groups = collect_groups(graph, names, ignored, head_dims, allowed)
+            groups = all_groups(allowed)
         if config.recalibrate_batchnorm:
             recalibrate_batchnorm_(model, calibration, loss_fn)
         if config.finetune is not None:
@@ -143,9 +156,18 @@ def prune_channels_(
         history.append(record)
         if on_step is not None:
             on_step(record)
-    config_updates = architectures.sync_structure(model, layers)
+    config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
     heads = {names[layer.owner]: layer.heads for layer in layers}
-    return history, Plan(list(graph.pruning_history()), heads, config_updates)
+    return history, Plan(list(graph.pruning_history()), heads, config_updates, kv_removals)
+
+
+def _prune_hidden(model: nn.Module, example_inputs: Any, config: PruneConfig) -> bool:
+    if not architectures.is_transformer(model) or config.hidden_size is False:
+        return False
+    problem = architectures.hidden_size_problem(model, example_inputs)
+    if config.hidden_size and problem is not None:
+        raise InvalidConfig(f"cannot prune the hidden size of {type(model).__name__}: {problem}")
+    return problem is None
 
 
 def _check_forward(
@@ -177,7 +199,7 @@ def _floor_units(
 
 def _chunks(group: ChannelGroup, order: list[int], config: PruneConfig) -> list[list[int]]:
     """Units in removal order, chunked so the kept channel count stays a multiple of round_to."""
-    step = config.round_to if config.round_to and group.unit == 1 else 1
+    step = math.lcm(config.round_to or 1, group.multiple) if group.unit == 1 else 1
     first = group.width % step
     chunks = [order[:first]] if first else []
     chunks += [order[i : i + step] for i in range(first, len(order), step)]
@@ -242,13 +264,14 @@ def _select(
             if not cs:
                 continue
             quota = round(depth * initial_units[cs[0].group.root] / steps)
-            taken = 0
-            for candidate in cs:
-                if taken >= quota:
+            taken = used = 0
+            for candidate in cs:  # chunks (of a multiple) never overshoot the group's quota
+                if taken + len(candidate.units) > quota:
                     break
                 chosen.append(candidate)
                 taken += len(candidate.units)
-            if taken < quota:  # a group reached its floor: all stop, widths stay proportional
+                used += 1
+            if used == len(cs) and taken < quota:  # a group reached its floor: all stop
                 return previous
         if sum(c.saving for c in chosen) >= excess:
             return chosen
@@ -267,16 +290,28 @@ def _take_until(ranked: list[_Candidate], excess: float) -> list[_Candidate]:
 
 
 def _remove_units(
-    graph: Any, chosen: list[_Candidate], unit_scores: dict[nn.Module, Tensor]
+    graph: Any,
+    chosen: list[_Candidate],
+    unit_scores: dict[nn.Module, Tensor],
+    kv_layers: dict[nn.Module, GroupedAttention],
+    kv_removals: list[tuple[str, list[int]]],
+    names: dict[nn.Module, str],
 ) -> int:
-    """Remove every chosen unit, one pruning call per group (indices shift after each call)."""
+    """Remove every chosen unit, one pruning call per group (indices shift after each call).
+
+    Key/value groups of grouped-query attention are removed here and recorded for the plan;
+    every other group goes through Torch-Pruning (which records its own history)."""
     by_group: dict[nn.Module, tuple[ChannelGroup, list[int]]] = {}
     for candidate in chosen:
         by_group.setdefault(candidate.group.root, (candidate.group, []))[1].extend(candidate.units)
     removed = 0
     for root, (group, units) in by_group.items():
         channels = [u * group.unit + j for u in units for j in range(group.unit)]
-        graph.get_pruning_group(root, group.handler, channels).prune()
+        if root in kv_layers:
+            remove_kv_groups_(kv_layers[root], sorted(units))
+            kv_removals.append((names[kv_layers[root].owner], sorted(units)))
+        else:
+            graph.get_pruning_group(root, group.handler, channels).prune()
         keep = torch.ones(len(unit_scores[root]), dtype=torch.bool)
         keep[units] = False
         unit_scores[root] = unit_scores[root][keep]

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from worker.engine.config import PruneConfig
 from worker.engine.cost import measure
 from worker.engine.groups import is_conv1d_transposed
+from worker.engine.records import StepRecord
 from worker.engine.scores import LossFn, parameter_scores
-from worker.engine.structured import StepRecord
 
 TIE_BREAK = 1e-6
 

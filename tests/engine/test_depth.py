@@ -1,0 +1,138 @@
+"""Depth pruning: the block-removal estimator against measured loss changes, and whole-block
+removal that configs, reloads and plans agree on."""
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from tests.engine.hf_models import causal_lm_loss, classification_loss, lm_batches, text_batches
+from worker.engine import PruneConfig, prune
+from worker.engine.depth import block_scores, remove_blocks_, transformer_blocks
+from worker.engine.plan import Plan, apply_plan_
+
+
+def _llama(family: str = "llama", layers: int = 4) -> nn.Module:
+    config = transformers.AutoConfig.for_model(
+        family,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _inputs(seed: int) -> dict[str, Any]:
+    return {"input_ids": lm_batches(1, seed)[0]["input_ids"], "use_cache": False}
+
+
+def _loss(model: nn.Module, batches: list[dict[str, Any]]) -> float:
+    with torch.no_grad():
+        return sum(float(causal_lm_loss(model, b)) for b in batches) / len(batches)
+
+
+def test_estimator_predicts_the_measured_loss_change_of_removing_each_block() -> None:
+    model = _llama().double()
+    for block in model.model.layers:  # small block contributions: second order is accurate
+        block.self_attn.o_proj.weight.data *= 0.2
+        block.mlp.down_proj.weight.data *= 0.2
+    batches = lm_batches(3, 0)
+    found = transformer_blocks(model)
+    assert found is not None
+    name, blocks = found
+
+    predicted = block_scores(model, blocks, batches, causal_lm_loss, "oba_full")
+    base = _loss(model, batches)
+    measured = []
+    for index in range(len(blocks)):
+        trial = copy.deepcopy(model)
+        remove_blocks_(trial, name, [index])
+        measured.append(_loss(trial, batches) - base)
+
+    measured_t = torch.tensor(measured, dtype=torch.float64)
+    torch.testing.assert_close(predicted, measured_t, rtol=0.1, atol=1e-4)
+    assert torch.equal(predicted.argsort(), measured_t.argsort())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_layer_granularity_removes_blocks_and_reloads(family: str, tmp_path: Path) -> None:
+    model = _llama(family)
+    original = copy.deepcopy(model)
+    result = prune(
+        model,
+        _inputs(0),
+        lm_batches(2, 0),
+        causal_lm_loss,
+        PruneConfig(method="oba_full", granularity="layer", target=0.6, steps=1),
+    )
+
+    assert model.config.num_hidden_layers == len(model.model.layers) < 4
+    assert result.macs <= 0.6 * result.initial_macs
+    if family == "qwen2":
+        assert len(model.config.layer_types) == len(model.model.layers)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(
+        range(len(model.model.layers))
+    )
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    rebuilt = apply_plan_(original, _inputs(0), Plan.from_json(result.plan.to_json()))
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected = model(**_inputs(3)).logits
+        torch.testing.assert_close(reloaded(**_inputs(3)).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(rebuilt(**_inputs(3)).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_depth_and_width_combine_in_one_run(tmp_path: Path) -> None:
+    model = _llama()
+    result = prune(
+        model,
+        _inputs(0),
+        lm_batches(2, 0),
+        causal_lm_loss,
+        PruneConfig(method="oba_full", target=0.5, steps=2, depth_share=0.5, global_ranking=False),
+    )
+
+    assert len(model.model.layers) < 4
+    assert result.config_updates["intermediate_size"] < 48
+    assert result.macs <= 0.5 * result.initial_macs
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(**_inputs(3)).logits, model(**_inputs(3)).logits, rtol=0, atol=1e-6
+        )
+
+
+def test_bert_drops_encoder_layers() -> None:
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    batches = text_batches(2, 0)
+    prune(
+        model,
+        {"input_ids": batches[0]["input_ids"][:1]},
+        batches,
+        classification_loss,
+        PruneConfig(method="oba_full", granularity="layer", target=0.8, steps=1),
+    )
+
+    assert model.config.num_hidden_layers == len(model.bert.encoder.layer) == 2
