@@ -75,8 +75,10 @@ def execute(
         target=target[metric],
         steps=steps,
         schedule=spec["schedule"]["kind"],
-        global_ranking="hf" not in spec["outputs"],
-    )  # hf: widths a config can describe
+        global_ranking="hf" not in spec["outputs"],  # hf: widths a config can describe
+        hidden_size=spec.get("hidden_size"),
+        depth_share=spec.get("depth_share", 0.0),
+    )
 
     def on_step(record: StepRecord) -> None:
         report(
@@ -96,6 +98,16 @@ def execute(
     except ValueError as error:  # e.g. a loss that needs labels the dataset lacks
         raise JobFailed("invalid_job", str(error)) from error
     seconds["prune"] = time.perf_counter() - clock
+    if not result.target_met:  # never a success that missed its target
+        reached = result.macs / result.initial_macs
+        if metric == "params":
+            reached = result.params / result.initial_params
+        raise JobFailed(
+            "target_unreachable",
+            f"pruning stopped at {reached:.4f} of the {metric} (target {target[metric]:g}): "
+            "floors or the output format's uniform widths allow no more; ask for "
+            f"{reached:.4f} or more",
+        )
     after_pruning = _measure(net, eval_batches, loss_fn, example)
     after_finetune = None
     if spec.get("finetune"):

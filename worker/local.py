@@ -12,8 +12,13 @@ from rich.table import Table
 
 from service import archives
 from service.jobs.schemas import JobSpec
+from worker.datasets import DatasetRejected
+from worker.engine import EngineError
 from worker.export import Exported
-from worker.job import JobFiles, execute
+from worker.job import JobFailed, JobFiles, execute
+from worker.models import ModelRejected
+
+USER_ERRORS = (JobFailed, EngineError, ModelRejected, DatasetRejected, archives.UnsafeArchive)
 
 
 def prune_local(
@@ -50,8 +55,13 @@ def prune_local(
                     label = f"pruning step {update['step']}/{update['total']}"
                 progress.update(bar, completed=update.get("percent", 0), description=label)
 
-            result, exports = execute(full_spec, files, _device(device), trusted, report)
-    console.print(_table(result, exports))
+            try:
+                result, exports = execute(full_spec, files, _device(device), trusted, report)
+            except USER_ERRORS as error:  # one line, what to do; never a traceback
+                progress.stop()
+                console.print(f"[red]error[/red] {error.code}: {error}")
+                raise SystemExit(2) from error
+    console.print(_table(result, exports, checked.target.metric, checked.target.value))
     return [e.path for e in exports]
 
 
@@ -70,8 +80,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _table(result: dict[str, Any], exports: list[Exported]) -> Table:
-    table = Table(title="before → after")
+def _table(result: dict[str, Any], exports: list[Exported], metric: str, target: float) -> Table:
+    if metric == "sparsity":
+        title = f"before → after (sparsity {result['sparsity']:.4f}, target {target:g})"
+    else:
+        reached = result[f"{metric}_after"] / result[f"{metric}_before"]
+        title = f"before → after ({metric} kept {reached:.4f}, target {target:g})"
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after pruning", justify="right")

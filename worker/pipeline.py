@@ -26,7 +26,7 @@ from service.orm import Artifact, Dataset, Job, Model, utcnow
 from service.settings import Settings, get_settings
 from service.storage import get_store, store_file
 from worker import datasets, models
-from worker.engine import EngineError, measure
+from worker.engine import EngineError, PruneConfig, measure, reachable_fraction
 from worker.export import Exported
 from worker.job import JobFailed, JobFiles, execute
 
@@ -99,7 +99,21 @@ def _summary(loaded: models.LoadedModel) -> dict[str, Any]:
         summary["inputs"] = {
             k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)
         }
+        summary["reachable_params"] = _reachable_params(loaded.model, inputs)
     return summary
+
+
+def _reachable_params(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, float]:
+    """The least fraction of parameters channel pruning reaches, with global and with uniform
+    widths (the hf output): the API refuses lower parameter targets at submit."""
+    reachable = {}
+    for allocation, global_ranking in (("global", True), ("uniform", False)):
+        config = PruneConfig(target_metric="params", global_ranking=global_ranking)
+        try:
+            reachable[allocation] = round(reachable_fraction(model, inputs, config), 6)
+        except EngineError:  # a model we cannot prune structurally says so in its job
+            log.info("no reachable %s params for a %s", allocation, type(model).__name__)
+    return reachable
 
 
 class _Heartbeat:

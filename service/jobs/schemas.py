@@ -81,7 +81,11 @@ class JobSpec(BaseModel):
     model_id: str
     dataset_id: str
     method: Literal["oba", "oba_full", "taylor", "obd", "magnitude", "random"] = "oba"
-    granularity: Literal["channel", "unstructured", "2:4"] = "channel"
+    granularity: Literal["channel", "layer", "unstructured", "2:4"] = "channel"
+    # transformers: prune the hidden size too (null: where the config can state it)
+    hidden_size: bool | None = None
+    # channel granularity: share (in log space) of the reduction taken by whole blocks first
+    depth_share: float = Field(default=0.0, ge=0, le=1)
     target: Target = Field(default_factory=lambda: Target(macs=0.5))
     schedule: Schedule = Field(default_factory=Schedule)
     calibration: Calibration = Field(default_factory=Calibration)
@@ -93,9 +97,11 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _target_fits_granularity(self) -> "JobSpec":
-        structured = self.granularity == "channel"
+        structured = self.granularity in ("channel", "layer")
         if structured and self.target.metric == "sparsity":
-            raise ValueError("channel pruning targets macs or params, not sparsity")
+            raise ValueError(f"{self.granularity} pruning targets macs or params, not sparsity")
+        if self.depth_share and self.granularity != "channel":
+            raise ValueError("depth_share combines depth with channel pruning")
         if self.granularity == "unstructured" and self.target.metric != "sparsity":
             raise ValueError("unstructured pruning targets sparsity")
         return self

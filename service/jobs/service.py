@@ -53,6 +53,7 @@ def create(
             f"model {model.id!r} is {model.state}; jobs need a ready model",
             model_state=model.state,
         )
+    _check_reachable(model, spec)
     settings = get_settings()
     job = Job(
         tenant_id=tenant_id,
@@ -75,6 +76,32 @@ def create(
         return _same_spec(existing, spec), False
     _send(job.id)
     return job, True
+
+
+def _check_reachable(model: Model, spec: JobSpec) -> None:
+    """Refuse a parameter target below what the worker measured reachable when it validated the
+    model (`summary.reachable_params`, default switches). MAC fractions depend on the input
+    shape the data brings, so those are checked by the job before it prunes."""
+    reachable = (model.summary or {}).get("reachable_params") or {}
+    allocation = "uniform" if "hf" in spec.outputs else "global"
+    default_switches = spec.hidden_size is None and not spec.depth_share
+    if (
+        spec.granularity != "channel"
+        or spec.target.params is None
+        or not default_switches
+        or allocation not in reachable
+    ):
+        return
+    if spec.target.params < reachable[allocation]:
+        raise ProblemError(
+            422,
+            "target_unreachable",
+            f"this model keeps at least {reachable[allocation]:.4f} of its params with "
+            f"{'the hf output (uniform widths)' if allocation == 'uniform' else 'channel pruning'}"
+            f"; ask for {reachable[allocation]:.4f} or more",
+            metric="params",
+            reachable=reachable[allocation],
+        )
 
 
 def _send(job_id: str) -> None:

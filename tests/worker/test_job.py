@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import load_file
 
 from tests.worker import factories
-from worker.engine import measure
+from worker.engine import EngineError, measure
 from worker.engine.plan import Plan, apply_plan_
 from worker.job import JobFiles, execute
 
@@ -146,3 +146,24 @@ def test_a_pickle_output_only_in_trusted_mode(tmp_path: Path) -> None:
 
     loaded = torch.load(files["torch_pickle"], weights_only=False)
     assert isinstance(loaded, transformers.BertForSequenceClassification)
+
+
+def test_an_unreachable_target_fails_before_pruning_with_the_reachable_value(
+    tmp_path: Path,
+) -> None:
+    model = factories.bert_folder(tmp_path, intermediate=64)  # FFN 2× hidden: hf can't halve it
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+    progress: list[dict[str, Any]] = []
+
+    with pytest.raises(EngineError) as raised:
+        execute(
+            factories.spec(target={"macs": 0.5}, outputs=["hf"]),
+            JobFiles(model, "hf", data, "tensors", None, tmp_path),
+            CPU,
+            False,
+            progress.append,
+        )
+
+    assert raised.value.code == "target_unreachable"
+    assert "keeps at least 0." in str(raised.value)
+    assert not [p for p in progress if p["stage"] == "pruning"]

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from service import queue
 from service.jobs import repository
-from service.orm import Job, JobEvent
+from service.orm import Job, JobEvent, Model
 from tests.service.conftest import Caller, QueueRecorder, make_dataset, make_model, problem
 
 
@@ -275,3 +275,23 @@ def test_a_pickle_output_needs_trusted_mode(
 
     problem(response, 422, "unsafe_format")
     assert queued.jobs == []
+
+
+def test_a_params_target_below_the_reachable_value_is_422(
+    client: TestClient, db: Session, queued: QueueRecorder, alice: Caller, spec: dict[str, Any]
+) -> None:
+    model = db.get(Model, spec["model_id"])
+    assert model is not None
+    model.summary = {"reachable_params": {"global": 0.3, "uniform": 0.7}}
+    db.flush()
+    params = spec | {"target": {"params": 0.5}}
+
+    body = problem(
+        client.post("/v1/jobs", json=params, headers=alice.headers), 422, "target_unreachable"
+    )
+    assert body["reachable"] == 0.7 and body["metric"] == "params"
+    assert queued.jobs == []
+    accepted = client.post(
+        "/v1/jobs", json=params | {"outputs": ["safetensors"]}, headers=alice.headers
+    )
+    assert accepted.status_code == 202, accepted.text
