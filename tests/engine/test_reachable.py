@@ -19,8 +19,8 @@ def _bert() -> nn.Module:
         num_attention_heads=4,
         intermediate_size=128,
         max_position_embeddings=32,
-        num_labels=3,
     )
+    config.num_labels = 3
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config).eval()
 
