@@ -197,12 +197,24 @@ def upload_dataset(
         _print(client.upload_dataset(path, format, name).model_dump(mode="json"))
 
 
+GranularityOption = Annotated[str, typer.Option(help="channel | layer | unstructured | 2:4")]
+HiddenSizeOption = Annotated[
+    bool | None,
+    typer.Option(help="prune a transformer's hidden size (default: where its config states it)"),
+]
+DepthShareOption = Annotated[
+    float, typer.Option(help="channel: share of the reduction taken by whole blocks first")
+]
+
+
 @jobs_app.command("submit")
 def submit(
     model: str,
     dataset: str,
     method: str = "oba",
-    granularity: str = "channel",
+    granularity: GranularityOption = "channel",
+    hidden_size: HiddenSizeOption = None,
+    depth_share: DepthShareOption = 0.0,
     target: Annotated[str, typer.Option(help="macs=0.5 | params=0.5 | sparsity=0.5")] = "macs=0.5",
     steps: int = 10,
     loss: str = "cross_entropy",
@@ -220,6 +232,8 @@ def submit(
         "dataset_id": dataset,
         "method": method,
         "granularity": granularity,
+        "hidden_size": hidden_size,
+        "depth_share": depth_share,
         "target": {metric: float(value)},
         "schedule": {"steps": steps},
         "loss": loss,
@@ -268,7 +282,9 @@ def prune(
     data_format: Annotated[str, typer.Option(help="tensors | jsonl | imagefolder")] = "tensors",
     target: Annotated[str, typer.Option(help="macs=0.5 | params=0.5 | sparsity=0.5")] = "macs=0.5",
     method: str = "oba",
-    granularity: str = "channel",
+    granularity: GranularityOption = "channel",
+    hidden_size: HiddenSizeOption = None,
+    depth_share: DepthShareOption = 0.0,
     steps: int = 10,
     loss: str = "cross_entropy",
     batches: int = 8,
@@ -288,6 +304,8 @@ def prune(
     spec = {
         "method": method,
         "granularity": granularity,
+        "hidden_size": hidden_size,
+        "depth_share": depth_share,
         "target": {metric: float(value)},
         "schedule": {"steps": steps},
         "loss": loss,
