@@ -9,17 +9,35 @@ import transformers
 from torch import Tensor, nn
 
 
-def bert() -> nn.Module:
+def bert(hidden: int = 32, intermediate: int = 48, layers: int = 2) -> nn.Module:
     config = transformers.BertConfig(
         vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
-        intermediate_size=48,
+        intermediate_size=intermediate,
         max_position_embeddings=32,
     )
     config.num_labels = 3
     return transformers.BertForSequenceClassification(config)
+
+
+def grouped_query_lm(family: str, layers: int = 2) -> nn.Module:
+    """A causal LM of a transformers family with q/k/v/o projections and a stated head_dim:
+    4 query heads reading 2 key/value heads of 8 channels, hidden 32, FFN 48."""
+    config = transformers.AutoConfig.for_model(
+        family,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 def vit() -> nn.Module:

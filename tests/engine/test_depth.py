@@ -10,26 +10,15 @@ import torch
 import transformers
 from torch import nn
 
+from tests.engine import hf_models
 from tests.engine.hf_models import causal_lm_loss, classification_loss, lm_batches, text_batches
 from worker.engine import PruneConfig, prune
 from worker.engine.depth import block_scores, remove_blocks_, transformer_blocks
 from worker.engine.plan import Plan, apply_plan_
 
 
-def _llama(family: str = "llama", layers: int = 4) -> nn.Module:
-    config = transformers.AutoConfig.for_model(
-        family,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+def _llama(family: str = "llama") -> nn.Module:
+    return hf_models.grouped_query_lm(family, layers=4)
 
 
 def _count(blocks: Any) -> int:
@@ -119,17 +108,8 @@ def test_depth_and_width_combine_in_one_run(tmp_path: Path) -> None:
 
 
 def test_bert_drops_encoder_layers() -> None:
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-    )
-    config.num_labels = 3
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = hf_models.bert(layers=3).eval()
     batches = text_batches(2, 0)
     prune(
         model,

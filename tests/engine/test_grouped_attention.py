@@ -9,7 +9,7 @@ import torch
 import transformers
 from torch import nn
 
-from tests.engine.hf_models import causal_lm_loss, lm_batches
+from tests.engine.hf_models import causal_lm_loss, grouped_query_lm, lm_batches
 from worker.engine import InvalidConfig, PruneConfig, prune
 from worker.engine.kv_groups import grouped_attention_layers, remove_kv_groups_
 from worker.engine.plan import Plan, apply_plan_
@@ -18,20 +18,8 @@ from worker.engine.plan import Plan, apply_plan_
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"]
 
 
-def _model(family: str, kv_heads: int = 2) -> nn.Module:
-    config = transformers.AutoConfig.for_model(
-        family,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        head_dim=8,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+def _model(family: str) -> nn.Module:
+    return grouped_query_lm(family)
 
 
 def _inputs(seed: int) -> dict[str, Any]:

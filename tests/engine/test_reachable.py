@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
+from tests.engine import hf_models
 from tests.engine.hf_models import classification_loss, text_batches
 from worker.engine import PruneConfig, TargetUnreachable, prune, reachable_fraction
 
@@ -12,17 +12,8 @@ from worker.engine import PruneConfig, TargetUnreachable, prune, reachable_fract
 def _bert() -> nn.Module:
     """The issue's case: hidden 64, FFN 128, 4 heads. A config cannot state BERT's pruned
     heads, so uniform (hf) widths prune FFN neurons only, which cannot halve the MACs."""
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-    )
-    config.num_labels = 3
     torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).eval()
+    return hf_models.bert(hidden=64, intermediate=128).eval()
 
 
 INPUTS = {"input_ids": text_batches(1, 0)[0]["input_ids"][:1]}
