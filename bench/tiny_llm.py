@@ -187,7 +187,11 @@ def shape_of(model: LlamaForCausalLM) -> str:
         return str(values.pop()) if len(values) == 1 else f"{min(values)}–{max(values)}"
 
     hidden = hidden_width(model)
-    return f"{len(layers)}L h{hidden} ffn{fmt(ffn)} q{fmt(heads)} kv{fmt(kv)}"
+    origin = [getattr(layer, "bench_origin", None) for layer in layers]
+    blocks = (
+        "blocks " + ",".join(str(i) for i in origin) if None not in origin else f"{len(layers)}L"
+    )
+    return f"{blocks} h{hidden} ffn{fmt(ffn)} q{fmt(heads)} kv{fmt(kv)}"
 
 
 def batch_of(tokens: Tensor) -> dict[str, Any]:
@@ -719,8 +723,9 @@ def engine_prune(
             break
         if attempt == ENGINE_ATTEMPTS - 1:
             notes.append(f"{overshoot:,} non-embedding parameters over the goal")
-        else:
-            target -= overshoot / total
+        else:  # ask for less than this run kept, by the overshoot
+            kept = sum(p.numel() for p in model.parameters())
+            target = min(target, kept / total) - overshoot / total
     if attempt:
         notes.append(f"{attempt + 1} runs: target lowered by the overshoot")
     return model, seconds, "; ".join(notes)
@@ -883,6 +888,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(corpus.description)
     training = Training(steps=args.train_steps)
     dense, record = trained_model(corpus, training, args.cache)
+    for index, layer in enumerate(dense.model.layers):
+        layer.bench_origin = index  # which blocks survive depth pruning (copied with the model)
     windows = even_windows(corpus.heldout, 16 if args.quick else EVAL_WINDOWS, SEQ)
     ppl_dense = perplexity(dense, windows)
     print(
