@@ -39,8 +39,10 @@ Rows:
    ratio for heads and channels, `--steps` re-scored steps. Its ratio counts channels, so it is
    searched until the achieved MACs land at or just under the target.
 5. `allocation`: allocation rules for the engine's global ranking, tried bench-side by replacing
-   two private engine functions (`_normalised`, `_select` of `worker.engine.structured`) for the
-   duration of a run; the engine's files are untouched.
+   private engine functions (`_normalised`, `_select`, and for one rule `unit_view`, of
+   `worker.engine.structured`) for the duration of a run; the engine's files are untouched.
+   First, one scoring pass of the dense model shows what each kind of unit scores, costs and is
+   valued at on the first step (`first_step_table`).
 
 With `distill` the loss and its gradient are zero at the start (student = teacher): `taylor`,
 `oba`, Torch-Pruning's Taylor and Hessian see all-zero scores on the first step and prune
@@ -127,6 +129,7 @@ class Setup:
     library: Any  # a SentenceTransformer whose first module's model is swapped per row
     reference: Tensor
     reference_retrieval: float
+    diagnosis: str = ""  # `first_step_table`, when the allocation section ran
 
 
 def load_setup(work: Path, batches: int) -> Setup:
@@ -432,6 +435,100 @@ def _channel_max_unit_view(per_channel: Tensor, group: ChannelGroup) -> Tensor:
     """Channel scores divided by the group's largest channel score, then summed per unit."""
     top = per_channel.max()
     return unit_view(per_channel / top if top > 0 else per_channel, group)
+
+
+class _FirstStep(Exception):
+    """Raised from `_select` to stop a run once the first step's scores are known."""
+
+
+def first_step_table(setup: Setup, steps: int, target: float) -> str:
+    """Why the default allocation strips heads: unit scores and values of the dense model.
+
+    One `oba_full` scoring pass of the engine's own loop (stopped before anything is removed);
+    per kind of unit, medians over units (and, for per-layer quantities, over layers) of the
+    raw unit score, the MACs a unit saves, and the value a unit is ranked by under three rules.
+    "MACs share of step 1" is how much of the first step's removal each rule takes from heads.
+    """
+    channel: dict[nn.Module, Tensor] = {}
+    seen: dict[str, Any] = {}
+
+    def recording_view(per_channel: Tensor, group: ChannelGroup) -> Tensor:
+        channel[group.root] = per_channel.clone()
+        return unit_view(per_channel, group)
+
+    def recording_select(
+        groups: list[ChannelGroup], unit_scores: dict[nn.Module, Tensor], cost: Cost,
+        excess: float, initial_units: dict[nn.Module, int], config: PruneConfig,
+    ) -> list[structured._Candidate]:  # fmt: skip
+        if config.method != "oba_full":  # `prune`'s reachability check, by magnitude
+            return saved[1](groups, unit_scores, cost, excess, initial_units, config)
+        seen.update(groups=groups, cost=cost, excess=excess)
+        raise _FirstStep
+
+    model = copy.deepcopy(setup.dense)
+    loss = losses.make_loss("distill", model, setup.pooling)
+    saved = structured._normalised, structured._select, structured.unit_view
+    structured._normalised = lambda scores: scores
+    structured._select = recording_select
+    structured.unit_view = recording_view
+    try:
+        config = PruneConfig(method="oba_full", target=target, steps=steps)
+        prune(model, setup.example, setup.calibration, loss, config)
+    except _FirstStep:
+        pass
+    finally:
+        structured._normalised, structured._select, structured.unit_view = saved
+    groups: list[ChannelGroup] = seen["groups"]
+    cost: Cost = seen["cost"]
+    kinds = ("head", "ffn")
+    stats: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
+    values: dict[str, dict[nn.Module, Tensor]] = {"group max": {}, "channel max": {}, "raw": {}}
+    for group in groups:
+        raw = unit_view(channel[group.root], group)
+        saving = unit_view(channel_costs(group, cost, "macs"), group)
+        values["group max"][group.root] = raw / raw.max() / saving
+        values["channel max"][group.root] = raw / channel[group.root].max() / saving
+        values["raw"][group.root] = raw / saving
+        row = stats[_kind(group)]
+        row.setdefault("units per layer", []).append(group.units)
+        row.setdefault("MACs a unit saves", []).append(float(saving.median()))
+        row.setdefault("raw unit score, median", []).append(float(raw.median()))
+        row.setdefault("raw unit score, layer max", []).append(float(raw.max()))
+        for rule, by_root in values.items():
+            row.setdefault(f"value ({rule}), median", []).append(
+                float(by_root[group.root].median())
+            )
+    for by_root in values.values():
+        ranked = sorted(
+            ((float(v), _kind(g), float(s)) for g in groups for v, s in zip(
+                by_root[g.root], unit_view(channel_costs(g, cost, "macs"), g), strict=True
+            )),
+            key=lambda item: item[0],
+        )  # fmt: skip
+        taken = {k: 0.0 for k in kinds}
+        for _, kind, saving_value in ranked:
+            if sum(taken.values()) >= seen["excess"]:
+                break
+            taken[kind] += saving_value
+        share = taken["head"] / max(sum(taken.values()), 1e-12)
+        stats["head"].setdefault("MACs share of step 1", []).append(share)
+        stats["ffn"].setdefault("MACs share of step 1", []).append(1 - share)
+    headers = ["quantity (median over layers)", "heads", "FFN neurons"]
+    body = []
+    for quantity in stats["head"]:
+        cells = []
+        for kind in kinds:
+            numbers = stats[kind][quantity]
+            if quantity == "MACs share of step 1":
+                cells.append(" / ".join(f"{100 * n:.0f}%" for n in numbers))
+            else:
+                median = float(torch.tensor(numbers).median())
+                cells.append(str(int(median)) if median.is_integer() else f"{median:.3g}")
+        label = quantity
+        if quantity == "MACs share of step 1":
+            label += " (group max / channel max / raw)"
+        body.append([label, *cells])
+    return markdown_table(headers, body)
 
 
 def prune_engine(
@@ -761,6 +858,8 @@ def run(settings: Settings, work: Path) -> tuple[Setup, list[Row]]:
             note = f"ratio {ratio:.3f} after {probes} probes"
             rows.append(evaluate(setup, "peers", peer, model, seconds, note=note))
     if "allocation" in settings.sections:
+        setup.diagnosis = first_step_table(setup, settings.steps, settings.target)
+        print(setup.diagnosis, flush=True)
         # the default and the recipe are the rows above when those ran (the bench-side default
         # rule picks the engine's very units: checked on magnitude and oba_full)
         same = {DEFAULT: ("engine", "oba_full"), RECIPE_LABEL: ("recipe", RECIPE_ROW)}
@@ -822,6 +921,8 @@ def report(setup: Setup, rows: Sequence[Row]) -> str:
         if chosen:
             first = "rule" if section == "allocation" else "method"
             parts.append(f"### {title}\n\n{table(chosen, first)}")
+    if setup.diagnosis:
+        parts.append(f"### First step, dense model (oba_full)\n\n{setup.diagnosis}")
     return "\n\n".join(parts)
 
 
