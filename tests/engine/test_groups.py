@@ -7,6 +7,7 @@ from torch import nn
 
 from worker.engine.graph import build_graph
 from worker.engine.groups import ChannelGroup, channel_scores, collect_groups
+from worker.engine.structured import unit_scores_of
 
 
 def _only_group(model: nn.Module, example: torch.Tensor, ignored: list[Any]) -> ChannelGroup:
@@ -70,4 +71,26 @@ def test_flattened_inputs_sum_back_to_their_root_channel() -> None:
     # the linear layer sees channel 0 as inputs 0-3 and channel 1 as inputs 4-7
     torch.testing.assert_close(
         result, torch.tensor([(0 + 6) / 2, (0 + 22) / 2], dtype=torch.float64)
+    )
+
+
+def test_units_of_several_channels_are_normalised_per_channel() -> None:
+    """A head of 2 channels counts as its 2 channels against the group's best channel, so it
+    competes with one-channel units (FFN neurons) as the channels it holds."""
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    group = _only_group(model, torch.randn(1, 2), [model[2]])
+    group.unit = 2  # two heads of two channels
+    scores: dict[Any, torch.Tensor] = {
+        model[0].weight: torch.tensor([[1.0, 0], [3, 0], [2, 0], [2, 0]], dtype=torch.float64),
+        model[2].weight: torch.tensor([[1.0, 3, 2, 2]], dtype=torch.float64),
+    }
+
+    units = unit_scores_of(group, scores, "oba")
+
+    # channel scores 1, 3, 2, 2 over the best channel (3), summed per head
+    torch.testing.assert_close(units, torch.tensor([4 / 3, 4 / 3], dtype=torch.float64))
+    group.unit = 1
+    torch.testing.assert_close(
+        unit_scores_of(group, scores, "oba"),
+        torch.tensor([1 / 3, 1, 2 / 3, 2 / 3], dtype=torch.float64),
     )

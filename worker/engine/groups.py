@@ -6,7 +6,8 @@ one group per attention layer whose unit is a whole head (`head_dim` channels).
 
 Group score, following OBA (Sun et al., ICLR 2025): per member, the signed sum of element scores
 over each channel (bias included), absolute value, averaged over the Conv/Linear members (norm
-layers excluded). Scores arrive already averaged over batches; the sum over a channel commutes
+layers excluded). `structured.unit_scores_of` then divides by the group's largest channel score
+and sums per unit. Scores arrive already averaged over batches; the sum over a channel commutes
 with that mean, so this equals "signed sum per batch, mean over batches, absolute value".
 """
 
