@@ -504,7 +504,11 @@ def _size(config: Any, layers: int, hidden: int, ffn: int) -> int:
 
 
 def minitron_prune(
-    model: LlamaForCausalLM, batches: list[dict[str, Any]], axis: str, goal: int
+    model: LlamaForCausalLM,
+    batches: list[dict[str, Any]],
+    axis: str,
+    goal: int,
+    depth_share: float = DEPTH_SHARE,
 ) -> None:
     """Prune in place to ≤ `goal` non-embedding parameters, one shot, uniform widths."""
     config: Any = model.config
@@ -515,7 +519,7 @@ def minitron_prune(
             hidden, ffn = config.hidden_size, config.intermediate_size
             drop = next(k for k in range(blocks) if _size(config, blocks - k, hidden, ffn) <= goal)
         else:
-            drop = depth_blocks_to_remove(blocks, KEPT**DEPTH_SHARE)
+            drop = depth_blocks_to_remove(blocks, KEPT**depth_share)
         order = torch.argsort(scores.block_influence).tolist()  # least influential first
         keep_blocks(model, [i for i in range(blocks) if i not in order[:drop]])
         if axis == "depth":
@@ -664,7 +668,9 @@ ENGINE_STEPS = 5
 ENGINE_ATTEMPTS = 3
 
 
-def engine_config(method: str, axis: str, global_ranking: bool, target: float) -> PruneConfig:
+def engine_config(
+    method: str, axis: str, global_ranking: bool, target: float, depth_share: float
+) -> PruneConfig:
     """The engine's configuration for a row; `NotAvailable` names what the engine lacks."""
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     kwargs: dict[str, Any] = {
@@ -683,7 +689,7 @@ def engine_config(method: str, axis: str, global_ranking: bool, target: float) -
     else:
         if "depth_share" not in fields:
             raise NotAvailable("engine lacks PruneConfig.depth_share")
-        kwargs.update(granularity="channel", depth_share=DEPTH_SHARE)
+        kwargs.update(granularity="channel", depth_share=depth_share)
     try:
         return PruneConfig(**kwargs)
     except InvalidConfig as error:
@@ -701,6 +707,7 @@ def engine_prune(
     global_ranking: bool,
     batches: list[dict[str, Any]],
     goal: int,
+    depth_share: float = DEPTH_SHARE,
 ) -> tuple[LlamaForCausalLM, float, str]:
     """A pruned copy, the seconds it took and a note. The target is a fraction of all
     parameters chosen so the non-embedding ones land at ≤ `goal`; when pruning the hidden size
@@ -711,7 +718,7 @@ def engine_prune(
     seconds = 0.0
     notes = []
     for attempt in range(ENGINE_ATTEMPTS):
-        config = engine_config(method, axis, global_ranking, target)
+        config = engine_config(method, axis, global_ranking, target, depth_share)
         model = copy.deepcopy(dense)
         started = time.perf_counter()
         result = prune(model, example, batches, causal_lm, config)
@@ -746,6 +753,7 @@ class Context:
     windows: Tensor
     goal: int  # non-embedding parameters to land at or under
     distill: Distill
+    depth_share: float
 
 
 def evaluate(
@@ -785,20 +793,26 @@ def timed_prune(fn: Callable[[], LlamaForCausalLM]) -> tuple[LlamaForCausalLM, f
     return model, time.perf_counter() - started, ""
 
 
+def axis_label(ctx: Context, axis: str) -> str:
+    if axis == "both" and ctx.depth_share != DEPTH_SHARE:
+        return f"both, depth_share {ctx.depth_share}"
+    return axis
+
+
 def run_rows(ctx: Context, args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     for axis in args.axes:
         for method in args.methods:
             run = functools.partial(
-                engine_prune, ctx.dense, method, axis, False, ctx.batches, ctx.goal
+                engine_prune, ctx.dense, method, axis, False, ctx.batches, ctx.goal, ctx.depth_share
             )
-            rows.append(evaluate(ctx, f"ours: {method}", axis, run))
+            rows.append(evaluate(ctx, f"ours: {method}", axis_label(ctx, axis), run))
     tp_ratio: float | None = None
     for peer in args.peers:
         if peer == "minitron":
             for axis in args.axes:
                 run = functools.partial(timed_prune, functools.partial(minitron, ctx, axis))
-                rows.append(evaluate(ctx, "Minitron", axis, run))
+                rows.append(evaluate(ctx, "Minitron", axis_label(ctx, axis), run))
             continue
         if "width" not in args.axes:
             continue
@@ -822,7 +836,7 @@ def run_rows(ctx: Context, args: argparse.Namespace) -> list[Row]:
 
 def minitron(ctx: Context, axis: str) -> LlamaForCausalLM:
     model = copy.deepcopy(ctx.dense)
-    minitron_prune(model, ctx.batches, axis, ctx.goal)
+    minitron_prune(model, ctx.batches, axis, ctx.goal, ctx.depth_share)
     return model
 
 
@@ -869,6 +883,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="*", choices=ENGINE_METHODS, default=ENGINE_METHODS)
     parser.add_argument("--axes", nargs="+", choices=AXES, default=AXES)
     parser.add_argument("--peers", nargs="*", choices=PEERS, default=PEERS)
+    parser.add_argument(
+        "--depth-share", type=float, default=DEPTH_SHARE, help="'both': log-space depth share"
+    )
     parser.add_argument("--global-rows", action="store_true", help="also ours, global ranking")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=CACHE, help="trained-model cache folder")
@@ -907,6 +924,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         windows,
         nonembedding_goal(dense),
         Distill(steps=5 if args.quick else args.distill_steps),
+        args.depth_share,
     )
     rows = run_rows(ctx, args)
     print()
