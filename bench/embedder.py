@@ -26,8 +26,8 @@ Rows:
    `SentenceTransformer(path)`. A BERT config cannot state fewer heads of the same size, so these
    jobs prune FFN neurons only, with one width for every layer.
 2. `engine`: `worker.engine.prune` in this process, heads and FFN neurons, the engine's default
-   global allocation (`global_ranking=True`: each group's unit scores divided by the group's
-   maximum, then by the MACs a unit saves, one ranking for the whole model).
+   global allocation (`global_ranking=True`: each group's channel scores divided by the group's
+   largest, summed per unit, then divided by the MACs a unit saves; one ranking for the model).
 3. `recipe`: the equal-fraction recipe, scored by `oba_full`: every attention layer and every
    FFN keeps the same fraction of its heads / neurons (heads rounded to whole heads), the
    lowest-scored units of each going first. The engine's `global_ranking=False` keeps BERT's
@@ -39,8 +39,11 @@ Rows:
    ratio for heads and channels, `--steps` re-scored steps. Its ratio counts channels, so it is
    searched until the achieved MACs land at or just under the target.
 5. `allocation`: allocation rules for the engine's global ranking, tried bench-side by replacing
-   private engine functions (`_normalised`, `_select`, and for one rule `unit_view`, of
-   `worker.engine.structured`) for the duration of a run; the engine's files are untouched.
+   `unit_scores_of` and the private `_select` of `worker.engine.structured` for the duration of
+   a run; the engine's files are untouched. Until commit 0c64f59 the engine divided each
+   group's *unit* scores by the group's largest unit score ("unit max"); it now divides channel
+   scores by the largest channel score before summing them into units ("channel max"), the rule
+   this section found. The old default is kept here as a bench-side rule.
    First, one scoring pass of the dense model shows what each kind of unit scores, costs and is
    valued at on the first step (`first_step_table`).
 
@@ -84,7 +87,7 @@ from torch import Tensor, nn
 from worker import datasets, losses, models
 from worker.engine import PruneConfig, architectures, measure, prune, structured
 from worker.engine.cost import Cost
-from worker.engine.groups import ChannelGroup, channel_costs, unit_view
+from worker.engine.groups import ChannelGroup, channel_costs, channel_scores, unit_view
 
 ENGINE_METHODS = ("oba_full", "oba", "taylor", "magnitude")
 PEERS = ("tp_magnitude", "tp_taylor", "tp_hessian")
@@ -244,26 +247,27 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------------
-# Allocation rules (bench-side replacements of the engine's private `_normalised` / `_select`)
+# Allocation rules (bench-side replacements of the engine's `unit_scores_of` / `_select`)
 
 
 @dataclass(frozen=True)
 class Allocation:
     """How units of different groups and kinds (heads, FFN neurons) are compared.
 
-    `normaliser`: what each unit score is divided by before ranking: its group's max (the
-    engine's default) or mean, the max or mean over every unit of its kind in the model, or
-    nothing (`none`: raw scores, all shares of the same θᵀHθ). Computed once per step, as the
-    engine does; `channel_max` divides each channel's score by the group's largest channel
-    score before a head's channels are summed (the same as `group_max` where a unit is one
-    channel). `alpha`: value = normalised score / (MACs the unit saves)^alpha (1 = the
-    engine's cost-aware ranking, 0 = no cost awareness). `budget`: `global` (one ranking),
-    `per_kind` (heads and FFN neurons each give up the same fraction of their current MACs,
-    ranked globally within the kind) or `equal_fraction` (every group keeps the same fraction of
-    its units).
+    `normaliser`: what unit scores are divided by before ranking. `channel_max` (the engine's
+    default since 0c64f59): each channel's score by the group's largest channel score, before a
+    head's channels are summed; `unit_max` (the engine's default before) or `unit_mean`: each
+    unit's score by the group's largest or mean unit score; `kind_max` / `kind_mean`: by the
+    max or mean over every unit of its kind in the model; `none`: raw scores, all shares of the
+    same θᵀHθ. Where a unit is one channel, `channel_max` and `unit_max` are the same. Computed
+    once per step, as the engine does. `alpha`: value = normalised score / (MACs the unit
+    saves)^alpha (1 = the engine's cost-aware ranking, 0 = no cost awareness). `budget`:
+    `global` (one ranking), `per_kind` (heads and FFN neurons each give up the same fraction of
+    their current MACs, ranked globally within the kind) or `equal_fraction` (every group keeps
+    the same fraction of its units).
     """
 
-    normaliser: str = "group_max"
+    normaliser: str = "channel_max"
     alpha: float = 1.0
     budget: str = "global"
 
@@ -271,18 +275,19 @@ class Allocation:
 RECIPE = Allocation(budget="equal_fraction")
 RECIPE_LABEL = "equal-fraction recipe"
 RECIPE_ROW = "oba_full, equal-fraction recipe"
-DEFAULT = "group max, score/MACs (engine default)"
+DEFAULT = "channel max, score/MACs (engine default)"
+OLD_DEFAULT = "unit max, score/MACs (engine before 0c64f59)"
 ALLOCATIONS: dict[str, Allocation] = {
-    DEFAULT: Allocation(),
-    "group max, no cost (α=0)": Allocation(alpha=0.0),
-    "group max, score/MACs^0.5": Allocation(alpha=0.5),
-    "group mean, score/MACs": Allocation(normaliser="group_mean"),
-    "group mean, no cost (α=0)": Allocation(normaliser="group_mean", alpha=0.0),
+    OLD_DEFAULT: Allocation(normaliser="unit_max"),
+    "unit max, no cost (α=0)": Allocation(normaliser="unit_max", alpha=0.0),
+    "unit max, score/MACs^0.5": Allocation(normaliser="unit_max", alpha=0.5),
+    "unit mean, score/MACs": Allocation(normaliser="unit_mean"),
+    "unit mean, no cost (α=0)": Allocation(normaliser="unit_mean", alpha=0.0),
     "kind max, score/MACs": Allocation(normaliser="kind_max"),
     "kind mean, score/MACs": Allocation(normaliser="kind_mean"),
     "raw scores, score/MACs": Allocation(normaliser="none"),
-    "channel max, score/MACs": Allocation(normaliser="channel_max"),
-    "group max, per-kind budget": Allocation(budget="per_kind"),
+    "unit max, per-kind budget": Allocation(normaliser="unit_max", budget="per_kind"),
+    DEFAULT: Allocation(),
     RECIPE_LABEL: RECIPE,
 }
 
@@ -316,7 +321,7 @@ def _divisors(
 
     if normaliser in ("none", "channel_max"):  # channel_max: done before units are summed
         return {g.root: 1.0 for g in groups}
-    if normaliser.startswith("group"):
+    if normaliser.startswith("unit"):
         return {g.root: reduce(scores[g.root]) for g in groups}
     by_kind = {
         kind: reduce(torch.cat([scores[g.root] for g in groups if _kind(g) == kind]))
@@ -412,29 +417,28 @@ def _select(
 def allocation_rule(rule: Allocation | None) -> Iterator[None]:
     """Within the block the engine ranks units by `rule` (None: the engine as it is).
 
-    `_normalised` becomes the identity so raw unit scores reach `_select`, which normalises,
-    values and chooses as `rule` says. Fails loudly if the private functions move.
+    Unit scores reach `_select` raw (per-channel sums, `_raw_unit_scores`) except under
+    `channel_max`, where the engine's own `unit_scores_of` normalises them; `_select`
+    normalises, values and chooses as `rule` says. Fails loudly if the functions move.
     """
     if rule is None:
         yield
         return
-    saved = structured._normalised, structured._select, structured.unit_view
-    structured._normalised = lambda scores: scores
+    saved = structured.unit_scores_of, structured._select
+    if rule.normaliser != "channel_max":
+        structured.unit_scores_of = _raw_unit_scores
     structured._select = functools.partial(_select, rule, _Scales())
-    if rule.normaliser == "channel_max":
-        # in the engine only the unit scores go through `structured.unit_view` (costs are
-        # summed by `_unit_candidates` through `groups.unit_view`)
-        structured.unit_view = _channel_max_unit_view
     try:
         yield
     finally:
-        structured._normalised, structured._select, structured.unit_view = saved
+        structured.unit_scores_of, structured._select = saved
 
 
-def _channel_max_unit_view(per_channel: Tensor, group: ChannelGroup) -> Tensor:
-    """Channel scores divided by the group's largest channel score, then summed per unit."""
-    top = per_channel.max()
-    return unit_view(per_channel / top if top > 0 else per_channel, group)
+def _raw_unit_scores(
+    group: ChannelGroup, by_param: dict[nn.Parameter, Tensor], method: str
+) -> Tensor:
+    """The group's channel scores summed per unit, not normalised."""
+    return unit_view(channel_scores(group, by_param, method), group)
 
 
 class _FirstStep(Exception):
@@ -452,9 +456,11 @@ def first_step_table(setup: Setup, steps: int, target: float) -> str:
     channel: dict[nn.Module, Tensor] = {}
     seen: dict[str, Any] = {}
 
-    def recording_view(per_channel: Tensor, group: ChannelGroup) -> Tensor:
-        channel[group.root] = per_channel.clone()
-        return unit_view(per_channel, group)
+    def recording_scores(
+        group: ChannelGroup, by_param: dict[nn.Parameter, Tensor], method: str
+    ) -> Tensor:
+        channel[group.root] = channel_scores(group, by_param, method)
+        return unit_view(channel[group.root], group)
 
     def recording_select(
         groups: list[ChannelGroup], unit_scores: dict[nn.Module, Tensor], cost: Cost,
@@ -467,26 +473,25 @@ def first_step_table(setup: Setup, steps: int, target: float) -> str:
 
     model = copy.deepcopy(setup.dense)
     loss = losses.make_loss("distill", model, setup.pooling)
-    saved = structured._normalised, structured._select, structured.unit_view
-    structured._normalised = lambda scores: scores
+    saved = structured.unit_scores_of, structured._select
+    structured.unit_scores_of = recording_scores
     structured._select = recording_select
-    structured.unit_view = recording_view
     try:
         config = PruneConfig(method="oba_full", target=target, steps=steps)
         prune(model, setup.example, setup.calibration, loss, config)
     except _FirstStep:
         pass
     finally:
-        structured._normalised, structured._select, structured.unit_view = saved
+        structured.unit_scores_of, structured._select = saved
     groups: list[ChannelGroup] = seen["groups"]
     cost: Cost = seen["cost"]
     kinds = ("head", "ffn")
     stats: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
-    values: dict[str, dict[nn.Module, Tensor]] = {"group max": {}, "channel max": {}, "raw": {}}
+    values: dict[str, dict[nn.Module, Tensor]] = {"unit max": {}, "channel max": {}, "raw": {}}
     for group in groups:
         raw = unit_view(channel[group.root], group)
         saving = unit_view(channel_costs(group, cost, "macs"), group)
-        values["group max"][group.root] = raw / raw.max() / saving
+        values["unit max"][group.root] = raw / raw.max() / saving
         values["channel max"][group.root] = raw / channel[group.root].max() / saving
         values["raw"][group.root] = raw / saving
         row = stats[_kind(group)]
@@ -526,7 +531,7 @@ def first_step_table(setup: Setup, steps: int, target: float) -> str:
                 cells.append(str(int(median)) if median.is_integer() else f"{median:.3g}")
         label = quantity
         if quantity == "MACs share of step 1":
-            label += " (group max / channel max / raw)"
+            label += " (unit max / channel max / raw)"
         body.append([label, *cells])
     return markdown_table(headers, body)
 
@@ -952,7 +957,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         sections=tuple(args.sections),
         methods=("magnitude",) if quick else tuple(args.methods),
         peers=("tp_magnitude",) if quick else tuple(args.peers),
-        allocations=("kind max, score/MACs",) if quick else tuple(args.allocations),
+        allocations=(OLD_DEFAULT,) if quick else tuple(args.allocations),
         steps=1 if quick else args.steps,
         batches=1 if quick else args.batches,
         target=args.target,
