@@ -10,8 +10,9 @@ trained here on CPU on the Jargon File (see `text_corpus.py`) and cached under
 var/bench/tiny_llm/ (keyed by model, training settings and corpus hash), so reruns skip training.
 
 Every row starts from the same trained model, is pruned to ≤ 50% of its non-embedding
-parameters (everything but `embed_tokens` and `lm_head`), and then gets the same distillation
-fine-tune (KL to the unpruned model's next-byte distribution, `DISTILL`). Perplexity is per byte
+parameters (everything but `embed_tokens` and `lm_head`; precisely: half the blocks' parameters
+plus the final norm, so that half the blocks fit), and then gets the same distillation
+fine-tune (KL to the unpruned model's next-byte distribution, `Distill`). Perplexity is per byte
 on `EVAL_WINDOWS` fixed windows of the held-out text.
 
 Rows:
@@ -19,10 +20,11 @@ Rows:
   calibration batches, methods `oba`, `oba_full`, `taylor`, `magnitude`, on three axes: width
   (`granularity="channel"`: FFN neurons, whole KV groups, hidden size), depth
   (`granularity="layer"`: whole decoder blocks) and both (`granularity="channel"`,
-  `depth_share=0.5`). Uniform widths (`global_ranking=False`: what a Llama config can state),
-  and optionally global ranking (`--global-rows`). The target is set on the engine's `params`
-  metric (all parameters) so that the non-embedding parameters land at ≤ 50%; where pruning the
-  hidden size also shrinks the embeddings, one corrected rerun brings them back under.
+  `depth_share=0.5`, `--depth-share`). Uniform widths (`global_ranking=False`: what a Llama
+  config can state), and optionally global ranking (`--global-rows`). The target is set on the
+  engine's `params` metric (all parameters) so that the non-embedding parameters land at ≤ 50%;
+  where pruning the hidden size also shrinks the embeddings, reruns ask for less than the
+  previous run kept.
 - Torch-Pruning 1.6.1: `MagnitudeImportance`, `TaylorImportance` and `HessianImportance` (with its
   accumulation bug fixed, `FixedHessianImportance`) run by `tp.pruner.BasePruner` as its own
   Llama example does (local, i.e. uniform, ratio; one shot) on FFN neurons and the hidden size:
@@ -33,14 +35,17 @@ Rows:
   before `o_proj`, averaged) and per hidden channel (RMSNorm outputs, summed over all norms);
   depth importance is ShortGPT's block influence 1 − cos(block input, block output). Width keeps
   the attention heads (as Minitron's published Llama/Mistral models do) and shrinks the hidden
-  size and the FFN by the same factor; depth drops the least influential blocks; both drops
-  blocks first (the same log-space share as the engine's `depth_share=0.5`), then widths. One
+  size and the FFN by the same factor (hidden at a multiple of the head count, as transformers'
+  Llama config requires); depth drops the least influential blocks; both first drops the number
+  of blocks nearest `KEPT ** depth_share` of them in log space, re-scores, then widths. One
   shot, structural removal by slicing the Linear/Embedding/RMSNorm weights here.
 
 Every pruned model is saved with `save_pretrained` and reloaded with `from_pretrained`; the
 `reloads` column says whether that round trip gives the same logits.
 
-Run `python bench/tiny_llm.py --help`; `--quick` is a minutes-long smoke run.
+Needs `apt-get install jargon-text` (or `--corpus FILE`). docs/benchmarks.md has the results.
+Run `python bench/tiny_llm.py --help`; `--quick` is a shorter smoke run (fewer calibration
+batches and held-out windows, 5 fine-tune steps) of every row.
 """
 
 from __future__ import annotations
