@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from worker.engine.cost import measure
+from worker.engine.cost import Cost, measure
 from worker.engine.errors import InvalidConfig, UnsupportedModel
 from worker.engine.records import StepRecord
 from worker.engine.scores import LossFn, eval_mode
@@ -137,6 +137,18 @@ def remove_blocks_(model: nn.Module, container_name: str, indices: list[int]) ->
         config.layer_types = [t for i, t in enumerate(types) if i not in drop]
 
 
+def _overshoots(cost: Cost, block: nn.Module, metric: str, goal: float) -> bool:
+    """Whether removing `block` lands further below `goal` than the model now is above it."""
+    now = cost.metric(metric)
+    saving = cost.module_macs.get(block, 0) if metric == "macs" else _params(block)
+    after = now - saving
+    return after < goal and (after <= 0 or math.log(goal / after) > math.log(now / goal))
+
+
+def _params(block: nn.Module) -> int:
+    return sum(p.numel() for p in block.parameters())
+
+
 def floor_blocks(count: int, layer_floor: float) -> int:
     return max(1, math.ceil(layer_floor * count))
 
@@ -151,9 +163,14 @@ def prune_blocks_(
     goal: float,
     metric: str,
     on_step: Callable[[StepRecord], None] | None = None,
+    nearest: bool = False,
 ) -> tuple[list[StepRecord], str, list[int]]:
     """Remove blocks one at a time, lowest predicted ΔL first, until `metric` ≤ `goal` or the
-    floor. Returns a record per removal, the blocks' container name and the removed positions."""
+    floor. Returns a record per removal, the blocks' container name and the removed positions.
+
+    `nearest` (depth before widths): stop short of `goal` when the next removal would land
+    further from it, in log space, than where the model is; widths take the rest.
+    """
     found = transformer_blocks(model)
     if found is None:
         raise UnsupportedModel(
@@ -170,6 +187,8 @@ def prune_blocks_(
         scores = block_scores(model, blocks, calibration, loss_fn, method)
         scored = time.perf_counter() - started
         index = int(torch.argmin(scores))
+        if nearest and _overshoots(cost, blocks[index], metric, goal):
+            break
         remove_blocks_(model, name, [index])
         removed.append(index)
         cost = measure(model, example_inputs)

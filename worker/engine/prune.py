@@ -131,6 +131,7 @@ def _prune_structure_(
             initial * config.target**share,
             config.target_metric,
             on_step,
+            nearest=config.granularity == "channel",
         )
     plan = Plan()
     if config.granularity == "channel":
