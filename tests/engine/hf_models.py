@@ -1,6 +1,7 @@
 """Tiny Hugging Face models built from configs with random weights (no downloads)."""
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,3 +161,17 @@ CASES: dict[str, Case] = {
 
 def inputs_of(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def assert_reloads_identically(
+    model: nn.Module, directory: Path, inputs: dict[str, Any], rebuilt: nn.Module | None = None
+) -> None:
+    """`save_pretrained` → `AutoModelForCausalLM.from_pretrained` gives the pruned module's
+    logits (and so does a plan-rebuilt copy, when given)."""
+    model.save_pretrained(directory)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=0, atol=1e-6)
+        if rebuilt is not None:
+            torch.testing.assert_close(rebuilt(**inputs).logits, expected, rtol=0, atol=1e-6)

@@ -7,11 +7,16 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 from tests.engine import hf_models
-from tests.engine.hf_models import causal_lm_loss, classification_loss, lm_batches, text_batches
+from tests.engine.hf_models import (
+    assert_reloads_identically,
+    causal_lm_loss,
+    classification_loss,
+    lm_batches,
+    text_batches,
+)
 from worker.engine import PruneConfig, prune
 from worker.engine.depth import block_scores, remove_blocks_, transformer_blocks
 from worker.engine.plan import Plan, apply_plan_
@@ -76,14 +81,9 @@ def test_layer_granularity_removes_blocks_and_reloads(family: str, tmp_path: Pat
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(
         range(_count(model.model.layers))
     )
-    model.save_pretrained(tmp_path)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     rebuilt = apply_plan_(original, _inputs(0), Plan.from_json(result.plan.to_json()))
     rebuilt.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        expected = model(**_inputs(3)).logits
-        torch.testing.assert_close(reloaded(**_inputs(3)).logits, expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(rebuilt(**_inputs(3)).logits, expected, rtol=0, atol=1e-6)
+    assert_reloads_identically(model, tmp_path, _inputs(3), rebuilt.eval())
 
 
 def test_depth_and_width_combine_in_one_run(tmp_path: Path) -> None:
@@ -100,12 +100,7 @@ def test_depth_and_width_combine_in_one_run(tmp_path: Path) -> None:
     assert _count(model.model.layers) == 3
     assert result.config_updates["intermediate_size"] < 48
     assert result.macs <= 0.5 * result.initial_macs
-    model.save_pretrained(tmp_path)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            reloaded(**_inputs(3)).logits, model(**_inputs(3)).logits, rtol=0, atol=1e-6
-        )
+    assert_reloads_identically(model, tmp_path, _inputs(3))
 
 
 def test_bert_drops_encoder_layers() -> None:

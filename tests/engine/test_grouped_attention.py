@@ -6,10 +6,14 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
-from tests.engine.hf_models import causal_lm_loss, grouped_query_lm, lm_batches
+from tests.engine.hf_models import (
+    assert_reloads_identically,
+    causal_lm_loss,
+    grouped_query_lm,
+    lm_batches,
+)
 from worker.engine import InvalidConfig, PruneConfig, prune
 from worker.engine.kv_groups import grouped_attention_layers, remove_kv_groups_
 from worker.engine.plan import Plan, apply_plan_
@@ -60,14 +64,9 @@ def test_prunes_kv_groups_and_reloads_with_identical_outputs(family: str, tmp_pa
     assert {(layer.heads, layer.kv_heads) for layer in layers} == {(2, 1)}
     assert result.config_updates["num_key_value_heads"] == 1
     assert result.config_updates["num_attention_heads"] == 2
-    model.save_pretrained(tmp_path)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     rebuilt = apply_plan_(original, _inputs(0), Plan.from_json(result.plan.to_json()))
     rebuilt.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        expected = model(**_inputs(3)).logits
-        torch.testing.assert_close(reloaded(**_inputs(3)).logits, expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(rebuilt(**_inputs(3)).logits, expected, rtol=0, atol=1e-6)
+    assert_reloads_identically(model, tmp_path, _inputs(3), rebuilt.eval())
 
 
 @pytest.mark.parametrize(("family", "tied"), [("llama", False), ("qwen3", True)])
@@ -87,12 +86,7 @@ def test_prunes_the_hidden_size_and_reloads(family: str, tied: bool, tmp_path: P
     assert hidden < 32 and hidden % 4 == 0  # transformers requires a multiple of the heads
     assert model.model.embed_tokens.embedding_dim == model.model.norm.weight.numel() == hidden
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    model.save_pretrained(tmp_path)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            reloaded(**_inputs(3)).logits, model(**_inputs(3)).logits, rtol=0, atol=1e-6
-        )
+    assert_reloads_identically(model, tmp_path, _inputs(3))
 
 
 def test_gemma_keeps_its_hidden_size() -> None:
