@@ -1,9 +1,15 @@
-"""Engine and sessions. SQLite gets WAL and foreign keys; Postgres works as configured."""
+"""Engine, sessions, and the session factory requests use.
 
-from collections.abc import AsyncIterator
+SQLite gets WAL and foreign keys; Postgres works as configured. Requests open sessions off the
+event loop (in plain `def` handlers and dependencies, which run in the thread pool) and close them
+before any long wait, such as an upload body or an event stream: a request holds a pooled
+connection only while it reads or writes.
+"""
+
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Depends
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,8 +42,14 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
 
 
-async def get_session() -> AsyncIterator[Session]:
-    """A session per request. Async so FastAPI runs it on the event loop: opening and closing a
-    session does no I/O worth a thread hop, and hops dominate the cost of a poll."""
-    with get_sessionmaker()() as session:
-        yield session
+async def session_factory() -> sessionmaker[Session]:
+    """The dependency that hands out the session factory (tests bind it to their transaction).
+    Async: it only returns an object, and a sync dependency would cost a thread hop."""
+    return get_sessionmaker()
+
+
+# A handler opens, uses and closes its session in one call on the thread pool
+# (`with sessions() as session:` inside a plain `def`), never across two: a connection taken in
+# one thread hop and given back in another lets threads waiting for the pool take every thread
+# token while the sessions that hold connections wait for one to close — a deadlock.
+SessionsDep = Annotated[sessionmaker[Session], Depends(session_factory)]

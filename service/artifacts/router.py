@@ -7,7 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from service import resources
 from service.auth import TenantDep
-from service.deps import SessionDep
+from service.db import SessionsDep
 from service.orm import Artifact
 from service.storage import get_store
 
@@ -18,10 +18,11 @@ router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 def download(
     artifact_id: str,
     tenant_id: TenantDep,
-    session: SessionDep,
+    sessions: SessionsDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    artifact = resources.owned(session, Artifact, tenant_id, artifact_id)
+    with sessions() as session:
+        artifact = resources.owned(session, Artifact, tenant_id, artifact_id)
     etag = f'"{artifact.sha256}"'
     if if_none_match is not None and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})

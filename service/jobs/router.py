@@ -5,15 +5,16 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.responses import HTMLResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.artifacts.schemas import ArtifactOut
 from service.auth import TenantDep
-from service.db import get_sessionmaker
-from service.deps import SessionDep
+from service.db import SessionsDep
 from service.jobs import report, repository, service
 from service.jobs.schemas import JobOut, JobPage, JobSpec
 from service.jobs.states import STATES, TERMINAL
@@ -23,10 +24,9 @@ from service.problems import ProblemError, not_found
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 EVENT_POLL_SECONDS = 0.5
-KEEPALIVE_SECONDS = 15.0
 
 
-def _owned(session: SessionDep, tenant_id: str, job_id: str) -> Job:
+def _owned(session: Session, tenant_id: str, job_id: str) -> Job:
     job = repository.get(session, tenant_id, job_id)
     if job is None:
         raise not_found("job", job_id)
@@ -38,10 +38,11 @@ def submit_job(
     spec: JobSpec,
     response: Response,
     tenant_id: TenantDep,
-    session: SessionDep,
+    sessions: SessionsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Job:
-    job, created = service.create(session, tenant_id, spec, idempotency_key)
+    with sessions() as session:
+        job, created = service.create(session, tenant_id, spec, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.status_code = 200
@@ -51,14 +52,15 @@ def submit_job(
 @router.get("", response_model=JobPage)
 def list_jobs(
     tenant_id: TenantDep,
-    session: SessionDep,
+    sessions: SessionsDep,
     state: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
     cursor: str | None = None,
 ) -> JobPage:
     if state is not None and state not in STATES:
         raise ProblemError(400, "invalid_state_filter", f"state must be one of {STATES}")
-    rows = repository.page(session, tenant_id, state, limit + 1, decode_cursor(cursor))
+    with sessions() as session:
+        rows = repository.page(session, tenant_id, state, limit + 1, decode_cursor(cursor))
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
@@ -66,35 +68,41 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-async def read_job(job_id: str, tenant_id: TenantDep, session: SessionDep) -> Job:
-    # The endpoint clients poll: one primary-key read, on the event loop (no thread hop).
-    return _owned(session, tenant_id, job_id)
+def read_job(job_id: str, tenant_id: TenantDep, sessions: SessionsDep) -> Job:
+    with sessions() as session:
+        return _owned(session, tenant_id, job_id)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
-def cancel_job(job_id: str, tenant_id: TenantDep, session: SessionDep) -> Job:
-    job = _owned(session, tenant_id, job_id)
-    service.cancel(session, job)
-    session.refresh(job)
-    return job
+def cancel_job(job_id: str, tenant_id: TenantDep, sessions: SessionsDep) -> Job:
+    with sessions() as session:
+        job = _owned(session, tenant_id, job_id)
+        service.cancel(session, job)
+        session.refresh(job)
+        return job
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
-def list_artifacts(job_id: str, tenant_id: TenantDep, session: SessionDep) -> list[Artifact]:
-    job = _owned(session, tenant_id, job_id)
-    return list(
-        session.scalars(
-            select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.created_at)
+def list_artifacts(job_id: str, tenant_id: TenantDep, sessions: SessionsDep) -> list[Artifact]:
+    with sessions() as session:
+        job = _owned(session, tenant_id, job_id)
+        return list(
+            session.scalars(
+                select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.created_at)
+            )
         )
-    )
 
 
 @router.get("/{job_id}/report")
 def job_report(
-    job_id: str, tenant_id: TenantDep, session: SessionDep, format: Literal["json", "html"] = "json"
+    job_id: str,
+    tenant_id: TenantDep,
+    sessions: SessionsDep,
+    format: Literal["json", "html"] = "json",
 ) -> Any:
     """The job's metrics as JSON, or (`?format=html`) as a page with before/after charts."""
-    job = _owned(session, tenant_id, job_id)
+    with sessions() as session:
+        job = _owned(session, tenant_id, job_id)
     body = {
         "job_id": job.id,
         "state": job.state,
@@ -105,46 +113,43 @@ def job_report(
     return HTMLResponse(report.render(body)) if format == "html" else body
 
 
-@router.get("/{job_id}/events")
+def _followed_job(job_id: str, tenant_id: TenantDep, sessions: SessionsDep) -> str:
+    """The id of a job the caller owns, checked with a session closed before the stream starts."""
+    with sessions() as session:
+        return _owned(session, tenant_id, job_id).id
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
 async def job_events(
-    job_id: str,
-    tenant_id: TenantDep,
-    session: SessionDep,
+    job_id: Annotated[str, Depends(_followed_job)],
+    sessions: SessionsDep,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> StreamingResponse:
-    """Server-Sent Events of the job's state and progress until it ends (resumable by id)."""
-    _owned(session, tenant_id, job_id)
-    start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
-    return StreamingResponse(
-        _stream(job_id, start),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-Sent Events of the job's state and progress until it ends (resumable by id).
 
-
-async def _stream(job_id: str, after: int) -> AsyncIterator[str]:
-    idle = 0.0
+    Each poll opens a session in the thread pool and closes it: an open stream holds no database
+    connection between polls. FastAPI sends keep-alive comments while nothing happens.
+    """
+    given = last_event_id or ""
+    after = int(given) if given.isdigit() and len(given) <= 18 else 0  # else start over
     while True:
-        events, state = await run_in_threadpool(_poll, job_id, after)
+        events, state = await run_in_threadpool(_poll, sessions, job_id, after)
         for event_id, kind, data in events:
             after = event_id
-            yield f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+            yield ServerSentEvent(raw_data=json.dumps(data), event=kind, id=str(event_id))
         if events:
-            idle = 0.0
             continue
         if state in TERMINAL:
             return
         await asyncio.sleep(EVENT_POLL_SECONDS)
-        idle += EVENT_POLL_SECONDS
-        if idle >= KEEPALIVE_SECONDS:
-            idle = 0.0
-            yield ": keep-alive\n\n"
 
 
-def _poll(job_id: str, after: int) -> tuple[list[tuple[int, str, dict[str, Any]]], str | None]:
+def _poll(
+    sessions: sessionmaker[Session], job_id: str, after: int
+) -> tuple[list[tuple[int, str, dict[str, Any]]], str | None]:
     # State first: an event committed after this read is still read below, so the stream
     # never ends (on a terminal state) before sending the final events.
-    with get_sessionmaker()() as session:
+    with sessions() as session:
         state = session.scalar(select(Job.state).where(Job.id == job_id))
         events = [(e.id, e.kind, e.data) for e in repository.events_after(session, job_id, after)]
     return events, state

@@ -1,7 +1,9 @@
 """Service test fixtures: a real SQLite database migrated by Alembic, one transaction per test.
 
-Every test runs inside an outer transaction on one connection that is rolled back afterwards; the
-request handlers' `commit()`s only release savepoints inside it. The queue is replaced by a
+Every test runs inside an outer transaction on one connection that is rolled back afterwards.
+The test's session (`db`) and the handlers' sessions each work in savepoints inside it: their
+`commit()`s release a savepoint, so the factories below commit what they make, as the rows a
+request finds would be. The queue is replaced by a
 recorder (no broker here: tests/integration runs real workers). The factories below are plain
 functions that tests import from this module.
 """
@@ -24,7 +26,6 @@ from service import db as service_db
 from service import queue, storage
 from service.app import create_app
 from service.auth import create_tenant
-from service.jobs import router as jobs_router
 from service.jobs.states import CANCELLING, RUNNING
 from service.migrate import upgrade
 from service.orm import Artifact, Dataset, Job, Model
@@ -55,7 +56,7 @@ class Caller:
 
 def make_tenant(session: Session, name: str = "tenant") -> Caller:
     tenant, key = create_tenant(session, name)
-    session.flush()
+    session.commit()
     return Caller(tenant.id, key)
 
 
@@ -85,7 +86,7 @@ def make_model(
     if created_at is not None:
         model.created_at = created_at
     session.add(model)
-    session.flush()
+    session.commit()
     return model
 
 
@@ -99,7 +100,7 @@ def make_dataset(
     if created_at is not None:
         dataset.created_at = created_at
     session.add(dataset)
-    session.flush()
+    session.commit()
     return dataset
 
 
@@ -128,7 +129,7 @@ def make_job(
     if created_at is not None:
         job.created_at = created_at
     session.add(job)
-    session.flush()
+    session.commit()
     return job
 
 
@@ -144,7 +145,7 @@ def make_artifact(session: Session, store: ArtifactStore, job: Job, content: byt
         size=blob.size,
     )
     session.add(artifact)
-    session.flush()
+    session.commit()
     return artifact
 
 
@@ -317,23 +318,14 @@ def queued(monkeypatch: pytest.MonkeyPatch, connection: Connection) -> QueueReco
 
 
 @pytest.fixture
-def app(
-    settings: Settings,
-    db: Session,
-    connection: Connection,
-    queued: QueueRecorder,
-    monkeypatch: pytest.MonkeyPatch,
-) -> FastAPI:
+def app(settings: Settings, connection: Connection, queued: QueueRecorder) -> FastAPI:
     app = create_app()
-
-    def test_session() -> Iterator[Session]:
-        yield db
-
-    app.dependency_overrides[service_db.get_session] = test_session
-    # The SSE stream polls with sessions of its own: give it read-only ones inside the test's
-    # transaction, whose close leaves alone whatever was written meanwhile.
-    streams = sessionmaker(bind=connection, join_transaction_mode="rollback_only")
-    monkeypatch.setattr(jobs_router, "get_sessionmaker", lambda: streams)
+    # Handlers open sessions of their own on the test's connection: a handler's commit releases
+    # a savepoint inside the test's transaction, and its rollback undoes only its own writes.
+    sessions = sessionmaker(
+        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
+    app.dependency_overrides[service_db.session_factory] = lambda: sessions
     return app
 
 

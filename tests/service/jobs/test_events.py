@@ -124,7 +124,7 @@ def test_the_stream_follows_a_running_job_until_it_ends(
         if polls == 3:  # the first poll sent the history, the second found nothing new
             repository.add_event(session, job_id, *HISTORY[2])
             assert repository.transition(session, job_id, SUCCEEDED)
-            session.flush()
+            session.commit()
         return original(session, job_id, after_id)
 
     monkeypatch.setattr(repository, "events_after", worker_finishes_before_the_third_poll)
@@ -155,7 +155,7 @@ def test_the_final_event_is_sent_when_the_job_ends_between_the_two_reads(
         events = original(session, job_id, after_id)
         if not finished:
             assert repository.transition(session, job_id, SUCCEEDED)
-            session.flush()
+            session.commit()
             finished = True
         return events
 

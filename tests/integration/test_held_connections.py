@@ -1,0 +1,157 @@
+"""The API keeps answering while clients hold more stalled uploads and more open event streams
+than its database pool has connections (SQLite: 5 + 10 overflow; Postgres: 10 + 20).
+
+Before the fix, each of these requests held a pooled connection from its key check until its
+response ended, and the key check waited for the pool on the event loop: 16 stalled uploads froze
+every endpoint, `/healthz` included.
+"""
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.orm import Session
+
+from service.auth import create_tenant
+from service.db import make_engine
+from service.jobs import repository
+from service.migrate import upgrade
+from service.orm import Dataset, Job, Model
+from tests.integration.services import apoptosis, free_port, postgres_database, stop, wait_healthy
+
+HELD = 40  # more than either pool holds
+ANSWER_WITHIN_S = 5.0
+BOUNDARY = "held"
+
+
+@dataclass(frozen=True)
+class Api:
+    url: str
+    key: str
+    job_id: str
+
+
+def _seed(database_url: str) -> tuple[str, str]:
+    """A tenant and its key, and a running job (its event stream stays open); (key, job id)."""
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            tenant, key = create_tenant(session, "held")
+            blob = {"blob_key": "sha256/00/" + "0" * 64, "sha256": "0" * 64, "size": 1}
+            model = Model(tenant_id=tenant.id, name="m", format="hf", state="ready", **blob)
+            dataset = Dataset(tenant_id=tenant.id, name="d", format="tensors", **blob)
+            session.add_all([model, dataset])
+            session.flush()
+            spec = {"model_id": model.id, "dataset_id": dataset.id, "target": {"macs": 0.5}}
+            job = Job(
+                tenant_id=tenant.id,
+                model_id=model.id,
+                dataset_id=dataset.id,
+                spec=spec,
+                state="running",
+            )
+            session.add(job)
+            session.flush()
+            repository.add_event(session, job.id, "state", {"state": "running"})
+            session.commit()
+            return key, job.id
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _database(kind: str, folder: Path) -> Iterator[str]:
+    if kind == "postgres":
+        with postgres_database() as url:
+            yield url
+    else:
+        yield f"sqlite:///{folder / 'apoptosis.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
+    with _database(request.param, tmp_path) as database_url:
+        key, job_id = _seed(database_url)
+        env = {
+            "APOPTOSIS_DATABASE_URL": database_url,
+            "APOPTOSIS_HOME": str(tmp_path / "home"),
+            "APOPTOSIS_STORE_URL": str(tmp_path / "store"),
+        }
+        port = free_port()
+        log = tmp_path / "api.log"
+        process = apoptosis("api", "--port", str(port), env=env, log=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, process, log)
+            yield Api(url, key, job_id)
+        finally:
+            stop(process)
+
+
+def _connect(api: Api, head: str) -> socket.socket:
+    port = int(api.url.rsplit(":", 1)[1])
+    connection = socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN_S)
+    connection.sendall(head.encode())
+    return connection
+
+
+def stalled_upload(api: Api) -> socket.socket:
+    """A model upload that sends its headers and the start of its file, then nothing more."""
+    part = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="m.zip"\r\n'
+        "Content-Type: application/zip\r\n\r\nPK"
+    )
+    return _connect(
+        api,
+        f"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {api.key}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: 1000000\r\n\r\n{part}",
+    )
+
+
+def open_stream(api: Api) -> socket.socket:
+    """An event stream of the running job, read up to its first event, then left open."""
+    connection = _connect(
+        api,
+        f"GET /v1/jobs/{api.job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {api.key}\r\n\r\n",
+    )
+    received = b""
+    while b"event: state" not in received:
+        chunk = connection.recv(4096)
+        assert chunk, f"the stream closed early: {received!r}"
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received
+    return connection
+
+
+def answers(api: Api) -> list[float]:
+    """Seconds each of a round of ordinary requests took; each must answer 200 in time."""
+    headers = {"Authorization": f"Bearer {api.key}"}
+    timings = []
+    with httpx.Client(base_url=api.url, headers=headers, timeout=ANSWER_WITHIN_S) as client:
+        for path in ("/healthz", f"/v1/jobs/{api.job_id}", "/v1/models", "/v1/datasets") * 3:
+            started = time.monotonic()
+            response = client.get(path)
+            timings.append(time.monotonic() - started)
+            assert response.status_code == 200, (path, response.text)
+    return timings
+
+
+@pytest.mark.parametrize("hold", [stalled_upload, open_stream], ids=["uploads", "streams"])
+def test_other_requests_answer_while_connections_are_held(
+    api: Api, hold: Callable[[Api], socket.socket]
+) -> None:
+    with ExitStack() as held:
+        for _ in range(HELD):
+            held.enter_context(hold(api))
+        time.sleep(1.0)  # every held request is past its key check and waiting
+        timings = answers(api)
+    assert max(timings) < ANSWER_WITHIN_S
