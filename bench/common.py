@@ -11,7 +11,7 @@ import contextlib
 import math
 import statistics
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,12 +219,3 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """`fn()` and the wall seconds it took."""
-    import time
-
-    started = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - started

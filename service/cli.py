@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from service.client import ApiError, Client
+from service.jobs.states import JobState
 
 app = typer.Typer(
     help="Apoptosis: Hessian-based model pruning as a service.",
@@ -259,7 +260,7 @@ def watch(job_id: str, url: UrlOption = DEFAULT_URL, api_key: KeyOption = "") ->
                 progress.console.print(f"state: {data['state']}")
         job = client.job(job_id)
     _print(job.model_dump(mode="json", include={"id", "state", "result", "error"}))
-    if job.state != "succeeded":
+    if job.state != JobState.SUCCEEDED:
         raise typer.Exit(1)
 
 

@@ -13,6 +13,7 @@ from service.datasets.schemas import DatasetOut
 from service.jobs.schemas import JobOut
 from service.jobs.states import TERMINAL
 from service.models.schemas import ModelOut
+from service.models.states import ModelState
 
 
 class ApiError(Exception):
@@ -80,7 +81,7 @@ class Client:
 
     def wait_for_model(self, model_id: str, timeout: float = 300.0) -> ModelOut:
         deadline = time.monotonic() + timeout
-        while (model := self.model(model_id)).state == "validating":
+        while (model := self.model(model_id)).state == ModelState.VALIDATING:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"model {model_id} still validating after {timeout}s")
             time.sleep(0.5)

@@ -7,6 +7,9 @@ from typing import Any, ClassVar
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service.jobs.states import JobState
+from service.models.states import ModelState
+
 
 def new_id() -> str:
     return uuid.uuid4().hex
@@ -48,7 +51,9 @@ class Model(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     format: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16), default="validating")  # → ready | rejected
+    state: Mapped[str] = mapped_column(
+        String(16), default=ModelState.VALIDATING
+    )  # → ready | rejected
     blob_key: Mapped[str] = mapped_column(String(200))
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
@@ -80,7 +85,7 @@ class Job(Base):
     model_id: Mapped[str] = mapped_column(ForeignKey("model.id", ondelete="RESTRICT"))
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("dataset.id", ondelete="RESTRICT"))
     spec: Mapped[dict[str, Any]] = mapped_column()
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)

@@ -1,7 +1,6 @@
-"""Streaming multipart uploads: the file part goes to a temporary file chunk by chunk, hashed and
-counted as it arrives, and the request fails with 413 the moment it passes the cap."""
+"""Streaming multipart uploads: the file part goes to a temporary file chunk by chunk, counted as
+it arrives, and the request fails with 413 the moment it passes the cap."""
 
-import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,6 @@ class Upload:
     path: Path  # temporary file holding the file part; the caller deletes it
     filename: str
     size: int
-    sha256: str
     fields: dict[str, str] = field(default_factory=dict)
 
 
@@ -28,7 +26,6 @@ class _Receiver:
     def __init__(self, spool_dir: Path, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.fields: dict[str, str] = {}
-        self.digest = hashlib.sha256()
         self.size = 0
         self.filename = ""
         # closed by receive_upload, which owns the file's whole life
@@ -82,7 +79,6 @@ class _Receiver:
                     "upload_too_large",
                     f"the upload exceeds the limit of {self.max_bytes} bytes",
                 )
-            self.digest.update(chunk)
             self.file.write(chunk)
         else:
             self._value += chunk
@@ -122,9 +118,7 @@ async def receive_upload(request: Request, spool_dir: Path, max_bytes: int) -> U
     if not receiver.filename:
         path.unlink(missing_ok=True)
         raise ProblemError(422, "missing_file", "the form has no 'file' part")
-    return Upload(
-        path, receiver.filename, receiver.size, receiver.digest.hexdigest(), receiver.fields
-    )
+    return Upload(path, receiver.filename, receiver.size, receiver.fields)
 
 
 def openapi_form(formats: tuple[str, ...]) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from sqlalchemy import select, update
 from service import archives
 from service.db import get_sessionmaker
 from service.jobs import repository
-from service.jobs.states import CANCELLED, CANCELLING, FAILED, QUEUED, SUCCEEDED
+from service.jobs.states import JobState
+from service.models.states import ModelState
 from service.orm import Artifact, Dataset, Job, Model, utcnow
 from service.settings import Settings, get_settings
 from service.storage import get_store, store_file
@@ -65,7 +66,7 @@ def validate_model(model_id: str) -> None:
     settings = get_settings()
     with get_sessionmaker()() as session:
         model = session.get(Model, model_id)
-        if model is None or model.state != "validating":
+        if model is None or model.state != ModelState.VALIDATING:
             return
         summary: dict[str, Any] = {}
         reason = None
@@ -78,10 +79,10 @@ def validate_model(model_id: str) -> None:
         except Exception as error:  # a model we cannot run is rejected, never a crash
             log.exception("validation of model %s failed", model_id)
             reason = f"invalid_model: {error}"
-        state = "rejected" if reason else "ready"
+        state = ModelState.REJECTED if reason else ModelState.READY
         session.execute(
             update(Model)
-            .where(Model.id == model_id, Model.state == "validating")
+            .where(Model.id == model_id, Model.state == ModelState.VALIDATING)
             .values(state=state, summary=summary, rejection_reason=reason)
         )
         session.commit()
@@ -122,7 +123,7 @@ class _Heartbeat:
     def __init__(self, job_id: str, interval: float) -> None:
         self.job_id = job_id
         self.interval = interval
-        self.state: str | None = "running"
+        self.state: str | None = JobState.RUNNING
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -144,7 +145,7 @@ class _Heartbeat:
     def check(self) -> None:
         if self.state is None:
             raise LeaseLost(self.job_id)
-        if self.state == CANCELLING:
+        if self.state == JobState.CANCELLING:
             raise Cancelled(self.job_id)
 
     def _run(self) -> None:
@@ -194,7 +195,7 @@ def run_job(job_id: str) -> None:
                 )
                 _finish(job_id, result, exports)
         except Cancelled:
-            _end(job_id, CANCELLED, None)
+            _end(job_id, JobState.CANCELLED, None)
         except LeaseLost:
             log.warning("job %s: lease lost, leaving it to its new owner", job_id)
         except (
@@ -204,10 +205,10 @@ def run_job(job_id: str) -> None:
             models.ModelRejected,
             datasets.DatasetRejected,
         ) as error:
-            _end(job_id, FAILED, {"code": error.code, "message": str(error)})
+            _end(job_id, JobState.FAILED, {"code": error.code, "message": str(error)})
         except Exception as error:
             log.exception("job %s failed", job_id)
-            _end(job_id, FAILED, {"code": "internal_error", "message": str(error)})
+            _end(job_id, JobState.FAILED, {"code": "internal_error", "message": str(error)})
 
 
 @contextmanager
@@ -228,7 +229,7 @@ def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> Non
         if not repository.transition(
             session,
             job_id,
-            SUCCEEDED,
+            JobState.SUCCEEDED,
             owner=WORKER_ID,
             result=result,
             finished_at=utcnow(),
@@ -251,7 +252,7 @@ def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> Non
         session.commit()
 
 
-def _end(job_id: str, state: str, error: dict[str, str] | None) -> None:
+def _end(job_id: str, state: JobState, error: dict[str, str] | None) -> None:
     with get_sessionmaker()() as session:
         if repository.transition(
             session, job_id, state, owner=WORKER_ID, error=error, finished_at=utcnow()
@@ -270,18 +271,18 @@ def reap(settings: Settings) -> tuple[list[str], list[str]]:
     stale_after = timedelta(seconds=settings.stale_after_seconds)
     with get_sessionmaker()() as session:
         for job in repository.stale(session, stale_after):
-            if job.state == CANCELLING:
-                repository.transition(session, job.id, CANCELLED, finished_at=utcnow())
+            if job.state == JobState.CANCELLING:
+                repository.transition(session, job.id, JobState.CANCELLED, finished_at=utcnow())
             elif job.attempt < job.max_attempts:
                 if repository.transition(
-                    session, job.id, QUEUED, lease_owner=None, heartbeat_at=None
+                    session, job.id, JobState.QUEUED, lease_owner=None, heartbeat_at=None
                 ):
                     requeue.append(job.id)
             else:
                 repository.transition(
                     session,
                     job.id,
-                    FAILED,
+                    JobState.FAILED,
                     finished_at=utcnow(),
                     error={
                         "code": "worker_lost",
@@ -292,7 +293,9 @@ def reap(settings: Settings) -> tuple[list[str], list[str]]:
         cutoff = utcnow() - VALIDATION_GRACE * stale_after
         models_to_validate = list(
             session.scalars(
-                select(Model.id).where(Model.state == "validating", Model.created_at < cutoff)
+                select(Model.id).where(
+                    Model.state == ModelState.VALIDATING, Model.created_at < cutoff
+                )
             )
         )
     return requeue, models_to_validate

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service.jobs.states import ALLOWED_FROM, CANCELLING, RUNNING
+from service.jobs.states import ALLOWED_FROM, LEASED, JobState
 from service.orm import Job, JobEvent, utcnow
 
 
@@ -39,7 +39,7 @@ def page(
 
 
 def transition(
-    session: Session, job_id: str, target: str, *, owner: str | None = None, **values: Any
+    session: Session, job_id: str, target: JobState, *, owner: str | None = None, **values: Any
 ) -> bool:
     """Move `job_id` to `target` if its current state allows it; False if it did not.
 
@@ -61,7 +61,7 @@ def claim(session: Session, job_id: str, worker: str) -> bool:
     return transition(
         session,
         job_id,
-        RUNNING,
+        JobState.RUNNING,
         attempt=Job.attempt + 1,
         lease_owner=worker,
         heartbeat_at=now,
@@ -78,7 +78,11 @@ def heartbeat(
         values["progress"] = progress
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.lease_owner == worker, Job.state.in_((RUNNING, CANCELLING)))
+        .where(
+            Job.id == job_id,
+            Job.lease_owner == worker,
+            Job.state.in_(LEASED),
+        )
         .values(**values)
     )
     if not result.rowcount:  # type: ignore[attr-defined]
@@ -89,7 +93,7 @@ def heartbeat(
 def stale(session: Session, older_than: timedelta) -> Sequence[Job]:
     cutoff = utcnow() - older_than
     return session.scalars(
-        select(Job).where(Job.state.in_((RUNNING, CANCELLING)), Job.heartbeat_at < cutoff)
+        select(Job).where(Job.state.in_(LEASED), Job.heartbeat_at < cutoff)
     ).all()
 
 

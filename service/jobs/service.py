@@ -8,7 +8,8 @@ from sqlalchemy.orm import Session
 from service import queue, resources
 from service.jobs import repository
 from service.jobs.schemas import JobSpec
-from service.jobs.states import CANCELLED, CANCELLING, QUEUED, TERMINAL
+from service.jobs.states import TERMINAL, JobState
+from service.models.states import ModelState
 from service.orm import Dataset, Job, Model, utcnow
 from service.problems import ProblemError
 from service.settings import get_settings
@@ -27,7 +28,7 @@ def create(
         existing = repository.by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is not None:
             _same_spec(existing, spec)
-            if existing.state == QUEUED:
+            if existing.state == JobState.QUEUED:
                 _send(existing.id)
             return existing, False
     model = resources.owned(session, Model, tenant_id, spec.model_id)
@@ -46,7 +47,7 @@ def create(
             "unsafe_format",
             "torch_pickle outputs need trusted mode; choose hf, safetensors, onnx or pt2",
         )
-    if model.state != "ready":
+    if model.state != ModelState.READY:
         raise ProblemError(
             409,
             "model_not_ready",
@@ -66,7 +67,7 @@ def create(
     session.add(job)
     try:
         session.flush()
-        repository.add_event(session, job.id, "state", {"state": QUEUED})
+        repository.add_event(session, job.id, "state", {"state": JobState.QUEUED})
         session.commit()
     except IntegrityError:  # a concurrent request with the same key won the race
         session.rollback()
@@ -138,10 +139,10 @@ def cancel(session: Session, job: Job) -> None:
                 f"job {job.id!r} is {job.state}; it can no longer be cancelled",
                 state=job.state,
             )
-        if job.state == CANCELLING:
+        if job.state == JobState.CANCELLING:
             return
-        target = CANCELLED if job.state == QUEUED else CANCELLING
-        values: dict[str, Any] = {"finished_at": utcnow()} if target == CANCELLED else {}
+        target = JobState.CANCELLED if job.state == JobState.QUEUED else JobState.CANCELLING
+        values: dict[str, Any] = {"finished_at": utcnow()} if target == JobState.CANCELLED else {}
         if repository.transition(session, job.id, target, **values):
             session.commit()
             return

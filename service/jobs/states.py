@@ -1,20 +1,28 @@
 """The job state machine (DESIGN §3). Terminal states never change."""
 
-QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
-SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
-STATES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+STATES = tuple(JobState)
+LEASED = (JobState.RUNNING, JobState.CANCELLING)  # a worker holds the job's lease
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 # to-state -> the states it may be reached from
-ALLOWED_FROM: dict[str, frozenset[str]] = {
-    RUNNING: frozenset({QUEUED}),  # a worker claims the job
-    QUEUED: frozenset({RUNNING}),  # the reaper returns a job whose worker went silent
-    CANCELLING: frozenset({RUNNING}),  # cancellation is cooperative while running
-    CANCELLED: frozenset({QUEUED, CANCELLING}),
-    SUCCEEDED: frozenset({RUNNING, CANCELLING}),  # finishing first wins over a late cancel
-    FAILED: frozenset({RUNNING, CANCELLING}),
+ALLOWED_FROM: dict[JobState, frozenset[JobState]] = {
+    JobState.RUNNING: frozenset({JobState.QUEUED}),  # a worker claims the job
+    JobState.QUEUED: frozenset({JobState.RUNNING}),  # the reaper returns a silent worker's job
+    JobState.CANCELLING: frozenset({JobState.RUNNING}),  # cooperative while running
+    JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.CANCELLING}),
+    # finishing first wins over a late cancel
+    JobState.SUCCEEDED: frozenset({JobState.RUNNING, JobState.CANCELLING}),
+    JobState.FAILED: frozenset({JobState.RUNNING, JobState.CANCELLING}),
 }
-
-
-def can_transition(current: str, target: str) -> bool:
-    return current in ALLOWED_FROM.get(target, frozenset())

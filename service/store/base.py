@@ -7,15 +7,11 @@ Implementations stream with flat memory: a multi-GB model never sits in RAM.
 
 import hashlib
 import re
-from collections.abc import AsyncIterable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol
-
-import anyio.from_thread
-import anyio.to_thread
 
 # The folder must repeat the digest's first two characters: the back-reference makes the pattern
 # itself refuse any key that content addressing could not have produced.
@@ -85,8 +81,8 @@ class StreamDigest:
 
 
 class ArtifactStore(Protocol):
-    """What the API and the worker need from a blob store. `iter_chunks` and `put_async` are
-    written once here in terms of the other methods; stores inherit them by subclassing."""
+    """What the API and the worker need from a blob store. `iter_chunks` is written once here in
+    terms of `open`; stores inherit it by subclassing."""
 
     def put_stream(self, chunks: Iterable[bytes], *, max_bytes: int | None = None) -> StoredBlob:
         """Store the concatenated chunks under their content key. Raises `UploadTooLarge` as
@@ -116,20 +112,3 @@ class ArtifactStore(Protocol):
         with self.open(key) as stream:
             while chunk := stream.read(chunk_size):
                 yield chunk
-
-    async def put_async(
-        self, chunks: AsyncIterable[bytes], *, max_bytes: int | None = None
-    ) -> StoredBlob:
-        """`put_stream` for async sources (FastAPI's UploadFile, request bodies). The blocking
-        store runs in a worker thread and pulls each chunk back from the event loop, so memory
-        stays at one chunk and the loop is never blocked by disk or network writes."""
-        source = aiter(chunks)
-
-        async def next_chunk() -> bytes | None:
-            return await anext(source, None)
-
-        def pull() -> Iterator[bytes]:
-            while (chunk := anyio.from_thread.run(next_chunk)) is not None:
-                yield chunk
-
-        return await anyio.to_thread.run_sync(partial(self.put_stream, pull(), max_bytes=max_bytes))

@@ -26,7 +26,7 @@ from service import db as service_db
 from service import queue, storage
 from service.app import create_app
 from service.auth import create_tenant
-from service.jobs.states import CANCELLING, RUNNING
+from service.jobs.states import JobState
 from service.migrate import upgrade
 from service.orm import Artifact, Dataset, Job, Model
 from service.settings import Settings, get_settings
@@ -116,7 +116,7 @@ def make_job(
     """A job row in `state`; running and cancelling jobs hold WORKER's lease."""
     model = model or make_model(session, tenant_id)
     dataset = dataset or make_dataset(session, tenant_id)
-    leased = state in (RUNNING, CANCELLING)
+    leased = state in (JobState.RUNNING, JobState.CANCELLING)
     job = Job(
         tenant_id=tenant_id,
         model_id=model.id,

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.jobs import repository
 from service.jobs import router as jobs_router
-from service.jobs.states import QUEUED, RUNNING, SUCCEEDED
+from service.jobs.states import JobState
 from service.orm import JobEvent
 from tests.service.conftest import Caller, make_job
 
@@ -42,11 +42,11 @@ def log(db: Session, job_id: str, *entries: tuple[str, dict[str, Any]]) -> list[
 
 
 HISTORY = (
-    ("state", {"state": QUEUED}),
-    ("state", {"state": RUNNING}),
+    ("state", {"state": JobState.QUEUED}),
+    ("state", {"state": JobState.RUNNING}),
     ("progress", {"stage": "pruning", "step": 1, "total": 2, "percent": 50.0}),
     ("progress", {"stage": "pruning", "step": 2, "total": 2, "percent": 100.0}),
-    ("state", {"state": SUCCEEDED}),
+    ("state", {"state": JobState.SUCCEEDED}),
 )
 
 
@@ -58,7 +58,7 @@ def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_finished_jobs_events_stream_in_order_then_end(
     client: TestClient, db: Session, alice: Caller
 ) -> None:
-    job = make_job(db, alice.tenant_id, SUCCEEDED)
+    job = make_job(db, alice.tenant_id, JobState.SUCCEEDED)
     expected = log(db, job.id, *HISTORY)
 
     response = client.get(f"/v1/jobs/{job.id}/events", headers=alice.headers)
@@ -73,7 +73,7 @@ def test_a_finished_jobs_events_stream_in_order_then_end(
 def test_last_event_id_resumes_after_that_event(
     client: TestClient, db: Session, alice: Caller, resume_after: int
 ) -> None:
-    job = make_job(db, alice.tenant_id, SUCCEEDED)
+    job = make_job(db, alice.tenant_id, JobState.SUCCEEDED)
     expected = log(db, job.id, *HISTORY)
     last_seen = expected[resume_after][0]
 
@@ -87,7 +87,7 @@ def test_last_event_id_resumes_after_that_event(
 def test_a_malformed_last_event_id_replays_from_the_start(
     client: TestClient, db: Session, alice: Caller
 ) -> None:
-    job = make_job(db, alice.tenant_id, SUCCEEDED)
+    job = make_job(db, alice.tenant_id, JobState.SUCCEEDED)
     expected = log(db, job.id, *HISTORY)
     response = client.get(
         f"/v1/jobs/{job.id}/events", headers=alice.headers | {"Last-Event-ID": "abc"}
@@ -98,7 +98,7 @@ def test_a_malformed_last_event_id_replays_from_the_start(
 def test_a_long_log_streams_whole_across_polls(
     client: TestClient, db: Session, alice: Caller
 ) -> None:
-    job = make_job(db, alice.tenant_id, SUCCEEDED)
+    job = make_job(db, alice.tenant_id, JobState.SUCCEEDED)
     expected = log(db, job.id, *[("progress", {"step": step}) for step in range(1234)])
     response = client.get(f"/v1/jobs/{job.id}/events", headers=alice.headers)
     assert frames(response.text) == expected
@@ -111,7 +111,7 @@ def test_the_stream_follows_a_running_job_until_it_ends(
     fast_polls: None,
     alice: Caller,
 ) -> None:
-    job = make_job(db, alice.tenant_id, RUNNING)
+    job = make_job(db, alice.tenant_id, JobState.RUNNING)
     log(db, job.id, *HISTORY[:2])
     original: EventsAfter = repository.events_after
     polls = 0
@@ -123,7 +123,7 @@ def test_the_stream_follows_a_running_job_until_it_ends(
         polls += 1
         if polls == 3:  # the first poll sent the history, the second found nothing new
             repository.add_event(session, job_id, *HISTORY[2])
-            assert repository.transition(session, job_id, SUCCEEDED)
+            assert repository.transition(session, job_id, JobState.SUCCEEDED)
             session.commit()
         return original(session, job_id, after_id)
 
@@ -132,7 +132,7 @@ def test_the_stream_follows_a_running_job_until_it_ends(
     response = client.get(f"/v1/jobs/{job.id}/events", headers=alice.headers)
 
     sent = [(kind, data) for _, kind, data in frames(response.text)]
-    assert sent == [*HISTORY[:3], ("state", {"state": SUCCEEDED})]
+    assert sent == [*HISTORY[:3], ("state", {"state": JobState.SUCCEEDED})]
     assert polls == 4
 
 
@@ -143,7 +143,7 @@ def test_the_final_event_is_sent_when_the_job_ends_between_the_two_reads(
     fast_polls: None,
     alice: Caller,
 ) -> None:
-    job = make_job(db, alice.tenant_id, RUNNING)
+    job = make_job(db, alice.tenant_id, JobState.RUNNING)
     seen = log(db, job.id, *HISTORY[:2])
     original: EventsAfter = repository.events_after
     finished = False
@@ -154,7 +154,7 @@ def test_the_final_event_is_sent_when_the_job_ends_between_the_two_reads(
         nonlocal finished
         events = original(session, job_id, after_id)
         if not finished:
-            assert repository.transition(session, job_id, SUCCEEDED)
+            assert repository.transition(session, job_id, JobState.SUCCEEDED)
             session.commit()
             finished = True
         return events
@@ -166,5 +166,5 @@ def test_the_final_event_is_sent_when_the_job_ends_between_the_two_reads(
     )
 
     assert [(kind, data) for _, kind, data in frames(response.text)] == [
-        ("state", {"state": SUCCEEDED})
+        ("state", {"state": JobState.SUCCEEDED})
     ]

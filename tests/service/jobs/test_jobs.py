@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.jobs.states import CANCELLED, CANCELLING, QUEUED, RUNNING, STATES, TERMINAL
+from service.jobs.states import STATES, TERMINAL, JobState
 from service.orm import Job, JobEvent
 from tests.service.conftest import (
     Caller,
@@ -94,7 +94,7 @@ def test_the_state_filter_pages_through_that_state_only(
     )
 
 
-@pytest.mark.parametrize("state", ["done", "QUEUED", ""])
+@pytest.mark.parametrize("state", ["done", "JobState.QUEUED", ""])
 def test_an_unknown_state_filter_is_400(client: TestClient, alice: Caller, state: str) -> None:
     response = client.get("/v1/jobs", params={"state": state}, headers=alice.headers)
     problem(response, 400, "invalid_state_filter")
@@ -115,39 +115,39 @@ def events_of(db: Session, job: Job) -> list[dict[str, object]]:
 
 
 def test_cancelling_a_queued_job_ends_it(client: TestClient, db: Session, alice: Caller) -> None:
-    job = make_job(db, alice.tenant_id, QUEUED)
+    job = make_job(db, alice.tenant_id, JobState.QUEUED)
     response = cancel(client, alice, job)
     assert response.status_code == 202, response.text
-    assert response.json()["state"] == CANCELLED
+    assert response.json()["state"] == JobState.CANCELLED
     db.expire_all()
     ended = db.get(Job, job.id)
     assert ended is not None
-    assert ended.state == CANCELLED and ended.finished_at is not None
-    assert events_of(db, job) == [{"state": CANCELLED}]
+    assert ended.state == JobState.CANCELLED and ended.finished_at is not None
+    assert events_of(db, job) == [{"state": JobState.CANCELLED}]
 
 
 def test_cancelling_a_running_job_asks_its_worker_to_stop(
     client: TestClient, db: Session, alice: Caller
 ) -> None:
-    job = make_job(db, alice.tenant_id, RUNNING)
+    job = make_job(db, alice.tenant_id, JobState.RUNNING)
     response = cancel(client, alice, job)
     assert response.status_code == 202
-    assert response.json()["state"] == CANCELLING
+    assert response.json()["state"] == JobState.CANCELLING
     db.expire_all()
     asked = db.get(Job, job.id)
     assert asked is not None
-    assert asked.state == CANCELLING and asked.finished_at is None
-    assert events_of(db, job) == [{"state": CANCELLING}]
+    assert asked.state == JobState.CANCELLING and asked.finished_at is None
+    assert events_of(db, job) == [{"state": JobState.CANCELLING}]
 
 
 def test_cancelling_twice_is_accepted_and_changes_nothing(
     client: TestClient, db: Session, alice: Caller
 ) -> None:
-    job = make_job(db, alice.tenant_id, CANCELLING)
+    job = make_job(db, alice.tenant_id, JobState.CANCELLING)
     response = cancel(client, alice, job)
     assert response.status_code == 202
-    assert response.json()["state"] == CANCELLING
-    assert state(db, job) == CANCELLING
+    assert response.json()["state"] == JobState.CANCELLING
+    assert state(db, job) == JobState.CANCELLING
     assert events_of(db, job) == []
 
 

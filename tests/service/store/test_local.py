@@ -6,11 +6,10 @@
 import hashlib
 import random
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
-import anyio
 import pytest
 
 from service.store import (
@@ -45,11 +44,6 @@ def payload(size: int, seed: int = 0) -> bytes:
 
 def chunked(data: bytes, size: int) -> Iterator[bytes]:
     return (data[start : start + size] for start in range(0, len(data), size))
-
-
-async def asynchronously(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
 
 
 class StoreContract:
@@ -145,14 +139,6 @@ class StoreContract:
         for operation in operations:
             with pytest.raises(InvalidKey):
                 operation()
-
-    def test_put_async(self, store: ArtifactStore) -> None:
-        data = payload(200_000)
-        blob = anyio.run(store.put_async, asynchronously(chunked(data, 30_000)))
-        assert blob == store.put_stream([data])
-        too_large = partial(store.put_async, max_bytes=100)
-        with pytest.raises(UploadTooLarge):
-            anyio.run(too_large, asynchronously(chunked(data, 30_000)))
 
 
 class TestLocalStore(StoreContract):
