@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -296,11 +298,7 @@ def prune(
     trusted: Annotated[bool, typer.Option(help="allow pickled models (runs their code)")] = False,
 ) -> None:
     """Prune a model on this machine, without a server: the worker's pipeline in-process."""
-    import importlib
-
-    # Loaded only here: the API process never reaches this command, and `import service.cli`
-    # stays free of torch (a test checks it).
-    local = importlib.import_module("worker.local")
+    prune_local = _local_pruner()
     metric, _, value = target.partition("=")
     spec = {
         "method": method,
@@ -314,9 +312,22 @@ def prune(
         "outputs": outputs.split(","),
         "finetune": {"epochs": finetune_epochs} if finetune_epochs else None,
     }
-    local.prune_local(
-        model, format, data, data_format, spec, output, trusted=trusted, device=device
-    )
+    prune_local(model, format, data, data_format, spec, output, trusted=trusted, device=device)
+
+
+def _local_pruner() -> Callable[..., None]:
+    """The worker's in-process pipeline, found through the `apoptosis.local` entry point
+    (pyproject.toml): the service never imports worker code, and `import service.cli` stays free
+    of torch (import-linter and a test check both)."""
+    try:
+        return cast(Callable[..., None], entry_points(group="apoptosis.local")["prune"].load())
+    except ImportError as error:
+        typer.echo(
+            f"error: local pruning needs the worker's packages ({error.name} is missing); "
+            "install apoptosis[worker]",
+            err=True,
+        )
+        raise typer.Exit(2) from error
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The Celery application of the worker (configuration shared with the API's client)."""
+"""The Celery application of the worker (configuration shared with the API's client). The reaper
+sends its re-queued tasks through this app, not through the API's client."""
 
 import logging
 import threading
@@ -6,8 +7,7 @@ import threading
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
-from service import queue
-from service.broker import celery_config
+from service.broker import RUN_JOB, VALIDATE_MODEL, celery_config
 from service.settings import get_settings
 
 log = logging.getLogger("apoptosis.worker")
@@ -22,10 +22,10 @@ def reap_once() -> None:
     jobs, models = reap(get_settings())
     for job_id in jobs:
         log.warning("job %s: its worker went silent; queued again", job_id)
-        queue.enqueue_job(job_id, get_settings().job_queue)
+        app.send_task(RUN_JOB, args=[job_id], queue=get_settings().job_queue)
     for model_id in models:
         log.warning("model %s: still validating; validating again", model_id)
-        queue.enqueue_validation(model_id)
+        app.send_task(VALIDATE_MODEL, args=[model_id], queue="cpu")
 
 
 def _reaper_loop() -> None:
