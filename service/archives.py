@@ -19,6 +19,8 @@ from functools import lru_cache, partial
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from service.errors import CodedError
+
 MAX_FILES = 2_000
 MAX_TOTAL_BYTES = 20 * 1024**3
 MAX_RATIO = 200  # a model's weights compress ~1.1×; text ~10×; bombs reach 1000×
@@ -29,12 +31,8 @@ TRANSFORMERS_RELEASE = "5.23.0"  # the worker's pin; refresh the list with it
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 
 
-class UnsafeArchive(ValueError):
+class UnsafeArchive(CodedError, ValueError):
     """The archive is malformed or hostile; `code` says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,13 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from service import archives
+from service.errors import CodedError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-class InvalidDataset(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class InvalidDataset(CodedError, ValueError):
+    """A dataset upload that is not what its format says; checked before it is stored."""
 
 
 def check(path: Path, data_format: str) -> None:

@@ -17,16 +17,15 @@ import torch
 from torch import Tensor
 
 from service import archives
+from service.errors import CodedError
 from worker.models import LoadedModel
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MAX_TEXT_LENGTH = 512
 
 
-class DatasetRejected(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class DatasetRejected(CodedError, ValueError):
+    """Data the job cannot use with its model (shape, vocabulary, labels); the message says what."""
 
 
 def load(

@@ -9,15 +9,14 @@ from typing import Any, get_args
 
 import torch
 
+from service.errors import CodedError
 from worker import datasets, evaluation, export, finetune, losses, models
 from worker.engine import PruneConfig, StepRecord, architectures, prune
 from worker.engine.config import TargetMetric
 
 
-class JobFailed(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class JobFailed(CodedError):
+    """A job that cannot go on for a reason its user can fix (`target_unreachable`, …)."""
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from service.errors import CodedError
 
-class ModelRejected(ValueError):
+
+class ModelRejected(CodedError, ValueError):
     """The upload is not a model we will load; `code` says why, the message says what to do."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # sentence-transformers' pooling modes, in the order it concatenates them

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from worker.engine.modes import eval_mode
+
 
 def recalibrate_batchnorm_(
     model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor]
@@ -28,20 +30,17 @@ def recalibrate_batchnorm_(
     ]
     if not norms:
         return False
-    modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
-    model.eval()
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative moving average: every batch weighs the same
-        norm.train()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                loss_fn(model, batch)
-    finally:
-        for norm, momentum in momenta.items():
-            norm.momentum = momentum
-        for module, training in modes.items():
-            module.train(training)
+    with eval_mode(model):
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative moving average: every batch weighs the same
+            norm.train()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    loss_fn(model, batch)
+        finally:
+            for norm, momentum in momenta.items():
+                norm.momentum = momentum
     return True

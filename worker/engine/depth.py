@@ -25,8 +25,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worker.engine.cost import Cost, measure
 from worker.engine.errors import InvalidConfig, UnsupportedModel
+from worker.engine.modes import eval_mode
 from worker.engine.records import StepRecord
-from worker.engine.scores import LossFn, eval_mode
+from worker.engine.scores import LossFn
 
 LAYER_COUNT_ATTRIBUTES = ("num_hidden_layers", "n_layer")
 

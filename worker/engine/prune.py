@@ -11,6 +11,7 @@ from worker.engine.config import PruneConfig
 from worker.engine.cost import Cost, measure
 from worker.engine.depth import prune_blocks_
 from worker.engine.errors import InvalidConfig, TargetUnreachable
+from worker.engine.modes import eval_mode
 from worker.engine.plan import Plan
 from worker.engine.records import StepRecord
 from worker.engine.scores import LossFn
@@ -60,19 +61,14 @@ def prune(
     calibration = list(batches)
     if not calibration and config.method not in ("magnitude", "random"):
         raise InvalidConfig(f"method {config.method!r} needs at least one calibration batch")
-    modes = {module: module.training for module in model.modules()}
     # Tracing and output detection run forward passes: in eval mode they leave BatchNorm
     # statistics alone. The caller's modes come back at the end.
-    model.eval()
-    try:
+    with eval_mode(model):
         if config.granularity in ("channel", "layer"):
             reachable = reachable_fraction(model, example_inputs, config)
             if config.target < reachable:
                 raise TargetUnreachable(config.target_metric, config.target, reachable)
         return _prune(model, example_inputs, calibration, loss_fn, config, on_step)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 def _prune(

@@ -26,7 +26,6 @@ restored afterwards.
 """
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any, Literal, get_args
 
 import torch
@@ -35,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worker.engine.errors import InvalidConfig, NumericalError
 from worker.engine.hvp import hvp, theta_hvp
+from worker.engine.modes import eval_mode
 
 Method = Literal["oba", "oba_full", "taylor", "obd", "magnitude", "random"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -203,14 +203,3 @@ def _tensors(value: Any) -> Iterator[Tensor]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
