@@ -2,7 +2,7 @@
 
 from fastapi import FastAPI
 
-from service import health, problems
+from service import health, metrics, problems
 from service.artifacts.router import router as artifacts_router
 from service.datasets.router import router as datasets_router
 from service.jobs.router import router as jobs_router
@@ -16,7 +16,14 @@ def create_app() -> FastAPI:
         description="Hessian-based model pruning (Optimal Brain Apoptosis) as a service.",
     )
     problems.install(app)
-    health.install_metrics(app)
-    for router in (health.router, models_router, datasets_router, jobs_router, artifacts_router):
+    metrics.install(app)
+    for router in (
+        health.router,
+        metrics.router,
+        models_router,
+        datasets_router,
+        jobs_router,
+        artifacts_router,
+    ):
         app.include_router(router)
     return app

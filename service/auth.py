@@ -5,12 +5,12 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db import SessionsDep
-from service.orm import ApiKey, Tenant
+from service.orm import Tenant
 from service.problems import ProblemError
+from service.tenants import repository
 
 KEY_PREFIX = "apo_"
 
@@ -23,24 +23,18 @@ def hash_key(key: str) -> str:
 def create_key(session: Session, tenant_id: str, key: str | None = None) -> str:
     """Store a new key for `tenant_id` and return it (the only time it is ever visible)."""
     key = key or KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(tenant_id=tenant_id, key_hash=hash_key(key), prefix=key[:10]))
+    repository.add_key(session, tenant_id, hash_key(key), key[:10])
     return key
 
 
 def create_tenant(session: Session, name: str, key: str | None = None) -> tuple[Tenant, str]:
-    tenant = Tenant(name=name)
-    session.add(tenant)
-    session.flush()
+    tenant = repository.add_tenant(session, name)
     return tenant, create_key(session, tenant.id, key)
 
 
 def tenant_of_key(session: Session, key: str) -> str | None:
-    row = session.scalar(
-        select(ApiKey.tenant_id).where(
-            ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
-        )
-    )
-    return row
+    """The tenant an unrevoked key belongs to."""
+    return repository.tenant_of_key(session, hash_key(key))
 
 
 def current_tenant(request: Request, sessions: SessionsDep) -> str:

@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import Depends
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import get_settings
@@ -30,6 +30,12 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def ping(engine: Engine) -> None:
+    """One round trip to the database; raises what the driver raises when it cannot."""
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
 
 
 @lru_cache

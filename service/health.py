@@ -1,39 +1,19 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness and readiness."""
 
-import time
-
-from fastapi import APIRouter, FastAPI, Response
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
-from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import queue
-from service.db import get_engine
-from service.storage import get_store
+from service.db import get_engine, ping
+from service.store import get_store
 
 router = APIRouter(tags=["health"])
-REGISTRY = CollectorRegistry()
-REQUESTS = Counter(
-    "apoptosis_http_requests_total",
-    "HTTP requests",
-    ["method", "route", "status"],
-    registry=REGISTRY,
-)
-LATENCY = Histogram(
-    "apoptosis_http_request_seconds", "HTTP request latency", ["method", "route"], registry=REGISTRY
-)
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    """Liveness: answered on the event loop, so it says whether the loop is free."""
     return {"status": "ok"}
 
 
@@ -51,15 +31,9 @@ async def readyz() -> JSONResponse:
     )
 
 
-@router.get("/metrics")
-def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-
 def _database_ready() -> bool:
     try:
-        with get_engine().connect() as connection:
-            connection.execute(text("SELECT 1"))
+        ping(get_engine())
         return True
     except Exception:  # any driver error means "not ready"
         return False
@@ -71,34 +45,3 @@ def _store_ready() -> bool:
         return True
     except Exception:  # any store error means "not ready"
         return False
-
-
-class MetricsMiddleware:
-    """Counts and times requests by route template (plain ASGI: no per-request task overhead)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # an exception escaping the app is answered 500 by the server
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = getattr(scope.get("route"), "path", "unmatched")
-            LATENCY.labels(scope["method"], path).observe(time.perf_counter() - started)
-            REQUESTS.labels(scope["method"], path, str(status)).inc()
-
-
-def install_metrics(app: FastAPI) -> None:
-    app.add_middleware(MetricsMiddleware)

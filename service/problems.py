@@ -2,7 +2,7 @@
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 
 log = logging.getLogger("apoptosis.api")
 PROBLEM_JSON = "application/problem+json"
+Row = TypeVar("Row")
 
 
 class ProblemError(Exception):
@@ -27,6 +28,13 @@ class ProblemError(Exception):
 def not_found(kind: str, resource_id: str) -> ProblemError:
     """Missing and other tenants' resources look the same: a 404."""
     return ProblemError(404, f"{kind}_not_found", f"{kind} {resource_id!r} does not exist")
+
+
+def found(row: Row | None, kind: str, resource_id: str) -> Row:
+    """`row`, or a 404 `<kind>_not_found` when the lookup found nothing."""
+    if row is None:
+        raise not_found(kind, resource_id)
+    return row
 
 
 def problem_response(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:

@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select, update
 
 from service import archives
+from service.artifacts import repository as artifacts_repository
+from service.datasets import repository as datasets_repository
 from service.db import get_sessionmaker
 from service.jobs import repository
 from service.jobs.states import JobState
+from service.models import repository as models_repository
 from service.models.states import ModelState
-from service.orm import Artifact, Dataset, Job, Model, utcnow
+from service.orm import Artifact, Model, utcnow
 from service.settings import Settings, get_settings
-from service.storage import get_store, store_file
+from service.store import get_store, store_file
 from worker import datasets, models
 from worker.engine import EngineError, PruneConfig, measure, reachable_fraction
 from worker.export import Exported
@@ -65,7 +67,7 @@ def validate_model(model_id: str) -> None:
     """validating → ready (params, MACs, inputs recorded) or rejected (with a readable reason)."""
     settings = get_settings()
     with get_sessionmaker()() as session:
-        model = session.get(Model, model_id)
+        model = models_repository.by_id(session, model_id)
         if model is None or model.state != ModelState.VALIDATING:
             return
         summary: dict[str, Any] = {}
@@ -80,11 +82,7 @@ def validate_model(model_id: str) -> None:
             log.exception("validation of model %s failed", model_id)
             reason = f"invalid_model: {error}"
         state = ModelState.REJECTED if reason else ModelState.READY
-        session.execute(
-            update(Model)
-            .where(Model.id == model_id, Model.state == ModelState.VALIDATING)
-            .values(state=state, summary=summary, rejection_reason=reason)
-        )
+        models_repository.settle(session, model_id, state, summary, reason)
         session.commit()
 
 
@@ -163,13 +161,13 @@ def run_job(job_id: str) -> None:
             session.rollback()
             return  # already taken, finished or cancelled: a duplicate delivery
         session.commit()
-        job = session.get(Job, job_id)
+        job = repository.by_id(session, job_id)
         assert job is not None
         spec = dict(job.spec)
-        model = session.get(Model, job.model_id)
-        dataset = session.get(Dataset, job.dataset_id)
+        model = models_repository.by_id(session, job.model_id)
+        dataset = datasets_repository.by_id(session, job.dataset_id)
         eval_id = (spec.get("evaluation") or {}).get("dataset_id")
-        held_out = session.get(Dataset, eval_id) if eval_id else None
+        held_out = datasets_repository.by_id(session, eval_id)
     log.info("job %s claimed by %s", job_id, WORKER_ID)
     with _Heartbeat(job_id, settings.heartbeat_seconds) as heartbeat:
 
@@ -224,7 +222,7 @@ def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> Non
     """Upload, then record artifacts and success in one transaction guarded by the lease."""
     blobs = [(e.format, e.path.name, store_file(e.path)) for e in exports]
     with get_sessionmaker()() as session:
-        job = session.get(Job, job_id)
+        job = repository.by_id(session, job_id)
         assert job is not None
         if not repository.transition(
             session,
@@ -238,7 +236,8 @@ def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> Non
             session.rollback()
             raise LeaseLost(job_id)
         for fmt, name, blob in blobs:
-            session.add(
+            artifacts_repository.add(
+                session,
                 Artifact(
                     tenant_id=job.tenant_id,
                     job_id=job_id,
@@ -247,7 +246,7 @@ def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> Non
                     blob_key=blob.key,
                     sha256=blob.sha256,
                     size=blob.size,
-                )
+                ),
             )
         session.commit()
 
@@ -291,11 +290,5 @@ def reap(settings: Settings) -> tuple[list[str], list[str]]:
                 )
         session.commit()
         cutoff = utcnow() - VALIDATION_GRACE * stale_after
-        models_to_validate = list(
-            session.scalars(
-                select(Model.id).where(
-                    Model.state == ModelState.VALIDATING, Model.created_at < cutoff
-                )
-            )
-        )
+        models_to_validate = models_repository.validating_since(session, cutoff)
     return requeue, models_to_validate

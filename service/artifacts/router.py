@@ -5,11 +5,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Response
 from fastapi.responses import StreamingResponse
 
-from service import resources
 from service.auth import TenantDep
 from service.db import SessionsDep
 from service.orm import Artifact
-from service.storage import get_store
+from service.problems import found
+from service.store import get_store
+from service.tenants import repository as tenants
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -22,7 +23,8 @@ def download(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     with sessions() as session:
-        artifact = resources.owned(session, Artifact, tenant_id, artifact_id)
+        owned = tenants.owned(session, Artifact, tenant_id, artifact_id)
+        artifact = found(owned, "artifact", artifact_id)
     etag = f'"{artifact.sha256}"'
     if if_none_match is not None and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})

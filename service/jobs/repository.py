@@ -1,7 +1,7 @@
 """All SQL for jobs and their events. Every state change is a guarded UPDATE … WHERE state IN."""
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -11,31 +11,32 @@ from service.jobs.states import ALLOWED_FROM, LEASED, JobState
 from service.orm import Job, JobEvent, utcnow
 
 
-def get(session: Session, tenant_id: str, job_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+def by_id(session: Session, job_id: str) -> Job | None:
+    """Any tenant's job: for the worker, which has ids from the queue, never from a user."""
+    return session.get(Job, job_id)
+
+
+def state_of(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.state).where(Job.id == job_id))
+
+
+def add(session: Session, job: Job) -> None:
+    """A new job and the first event of its log, in the session's transaction."""
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "state", {"state": job.state})
+
+
+def uses_model(session: Session, model_id: str) -> bool:
+    return session.scalar(select(Job.id).where(Job.model_id == model_id).limit(1)) is not None
+
+
+def uses_dataset(session: Session, dataset_id: str) -> bool:
+    return session.scalar(select(Job.id).where(Job.dataset_id == dataset_id).limit(1)) is not None
 
 
 def by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
-
-
-def page(
-    session: Session,
-    tenant_id: str,
-    state: str | None,
-    limit: int,
-    cursor: tuple[datetime, str] | None,
-) -> Sequence[Job]:
-    """Newest first, keyset-paginated on (created_at, id)."""
-    query = select(Job).where(Job.tenant_id == tenant_id)
-    if state is not None:
-        query = query.where(Job.state == state)
-    if cursor is not None:
-        created, job_id = cursor
-        query = query.where(
-            (Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id))
-        )
-    return session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)).all()
 
 
 def transition(

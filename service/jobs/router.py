@@ -8,10 +8,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import HTMLResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from service.artifacts import repository as artifacts
 from service.artifacts.schemas import ArtifactOut
 from service.auth import TenantDep
 from service.db import SessionsDep
@@ -19,18 +19,16 @@ from service.jobs import report, repository, service
 from service.jobs.schemas import JobOut, JobPage, JobSpec
 from service.jobs.states import STATES, TERMINAL
 from service.orm import Artifact, Job
-from service.pagination import MAX_LIMIT, decode_cursor, encode_cursor
-from service.problems import ProblemError, not_found
+from service.pagination import MAX_LIMIT
+from service.problems import ProblemError, found
+from service.tenants import repository as tenants
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 EVENT_POLL_SECONDS = 0.5
 
 
 def _owned(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = repository.get(session, tenant_id, job_id)
-    if job is None:
-        raise not_found("job", job_id)
-    return job
+    return found(tenants.owned(session, Job, tenant_id, job_id), "job", job_id)
 
 
 @router.post("", status_code=202, response_model=JobOut)
@@ -59,11 +57,9 @@ def list_jobs(
 ) -> JobPage:
     if state is not None and state not in STATES:
         raise ProblemError(400, "invalid_state_filter", f"state must be one of {STATES}")
+    where = [Job.state == state] if state is not None else []
     with sessions() as session:
-        rows = repository.page(session, tenant_id, state, limit + 1, decode_cursor(cursor))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
+        rows, next_cursor = tenants.page(session, Job, tenant_id, limit, cursor, *where)
     return JobPage(items=[JobOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
@@ -85,12 +81,7 @@ def cancel_job(job_id: str, tenant_id: TenantDep, sessions: SessionsDep) -> Job:
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
 def list_artifacts(job_id: str, tenant_id: TenantDep, sessions: SessionsDep) -> list[Artifact]:
     with sessions() as session:
-        job = _owned(session, tenant_id, job_id)
-        return list(
-            session.scalars(
-                select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.created_at)
-            )
-        )
+        return list(artifacts.of_job(session, _owned(session, tenant_id, job_id).id))
 
 
 @router.get("/{job_id}/report")
@@ -150,6 +141,6 @@ def _poll(
     # State first: an event committed after this read is still read below, so the stream
     # never ends (on a terminal state) before sending the final events.
     with sessions() as session:
-        state = session.scalar(select(Job.state).where(Job.id == job_id))
+        state = repository.state_of(session, job_id)
         events = [(e.id, e.kind, e.data) for e in repository.events_after(session, job_id, after)]
     return events, state

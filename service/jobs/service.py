@@ -5,14 +5,16 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import queue, resources
+from service import queue
 from service.jobs import repository
 from service.jobs.schemas import JobSpec
 from service.jobs.states import TERMINAL, JobState
 from service.models.states import ModelState
 from service.orm import Dataset, Job, Model, utcnow
-from service.problems import ProblemError
+from service.problems import ProblemError, found
 from service.settings import get_settings
+from service.tenants import repository as tenants
+from service.tenants.repository import Owned
 
 
 def create(
@@ -31,10 +33,10 @@ def create(
             if existing.state == JobState.QUEUED:
                 _send(existing.id)
             return existing, False
-    model = resources.owned(session, Model, tenant_id, spec.model_id)
-    dataset = resources.owned(session, Dataset, tenant_id, spec.dataset_id)
+    model = _owned(session, Model, tenant_id, spec.model_id)
+    dataset = _owned(session, Dataset, tenant_id, spec.dataset_id)
     if spec.evaluation is not None and spec.evaluation.dataset_id is not None:
-        held_out = resources.owned(session, Dataset, tenant_id, spec.evaluation.dataset_id)
+        held_out = _owned(session, Dataset, tenant_id, spec.evaluation.dataset_id)
         if held_out.format != dataset.format:
             raise ProblemError(
                 422,
@@ -63,11 +65,10 @@ def create(
         spec=spec.model_dump(mode="json"),
         idempotency_key=idempotency_key,
         max_attempts=settings.job_max_attempts,
+        state=JobState.QUEUED,
     )
-    session.add(job)
     try:
-        session.flush()
-        repository.add_event(session, job.id, "state", {"state": JobState.QUEUED})
+        repository.add(session, job)
         session.commit()
     except IntegrityError:  # a concurrent request with the same key won the race
         session.rollback()
@@ -77,6 +78,10 @@ def create(
         return _same_spec(existing, spec), False
     _send(job.id)
     return job, True
+
+
+def _owned(session: Session, kind: type[Owned], tenant_id: str, row_id: str) -> Owned:
+    return found(tenants.owned(session, kind, tenant_id, row_id), kind.__tablename__, row_id)
 
 
 def _check_reachable(model: Model, spec: JobSpec) -> None:

@@ -1,12 +1,15 @@
-"""Content-addressed artifact stores: local files (embedded) or S3 (production).
+"""Content-addressed artifact stores: local files (embedded) or S3 (production), and the one
+this process is configured with (`get_store`).
 
 `S3Store` is imported only when an `s3://` URL asks for it, so an embedded install runs without
 boto3.
 """
 
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from service.settings import get_settings
 from service.store.base import (
     ArtifactStore,
     BlobNotFound,
@@ -25,6 +28,8 @@ __all__ = [
     "StoreError",
     "StoredBlob",
     "UploadTooLarge",
+    "get_store",
+    "store_file",
     "store_from_url",
 ]
 
@@ -54,3 +59,15 @@ def store_from_url(url: str) -> ArtifactStore:
             parts.netloc, endpoint_url=options.get("endpoint_url"), region=options.get("region")
         )
     raise ValueError(f"store URL {url!r}: expected a path, file:// or s3://")
+
+
+@lru_cache
+def get_store() -> ArtifactStore:
+    """The configured store, one per process."""
+    return store_from_url(get_settings().resolved_store_url())
+
+
+def store_file(path: Path) -> StoredBlob:
+    """Stream a local file into the configured store in 1 MiB chunks."""
+    with path.open("rb") as file:
+        return get_store().put_stream(iter(lambda: file.read(1 << 20), b""))

@@ -23,7 +23,8 @@ from sqlalchemy import Connection, Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import db as service_db
-from service import queue, storage
+from service import queue
+from service import store as service_store
 from service.app import create_app
 from service.auth import create_tenant
 from service.jobs.states import JobState
@@ -297,7 +298,7 @@ def _clear_caches() -> None:
         service_db.get_engine().dispose()
     for cached in (
         get_settings,
-        storage.get_store,
+        service_store.get_store,
         service_db.get_engine,
         service_db.get_sessionmaker,
     ):
@@ -306,7 +307,7 @@ def _clear_caches() -> None:
 
 @pytest.fixture
 def store(settings: Settings) -> ArtifactStore:
-    return storage.get_store()
+    return service_store.get_store()
 
 
 @pytest.fixture

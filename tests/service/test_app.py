@@ -9,8 +9,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.jobs import repository
 from service.migrate import ROOT
+from service.tenants import repository
 from tests.service.conftest import Caller, problem, requests_counted
 
 SECRET = "password=hunter2 at /srv/apoptosis/secrets.py"
@@ -23,7 +23,7 @@ def failing_client(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Iterator[Te
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError(SECRET)
 
-    monkeypatch.setattr(repository, "get", broken)
+    monkeypatch.setattr(repository, "owned", broken)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
 

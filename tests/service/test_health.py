@@ -54,11 +54,11 @@ def test_readyz_is_503_when_a_dependency_fails(
     value: str,
     check: str,
 ) -> None:
-    from service import db, storage
+    from service import db, store
     from service.settings import get_settings
 
     monkeypatch.setenv(variable, value)
-    for cached in (get_settings, db.get_engine, storage.get_store):
+    for cached in (get_settings, db.get_engine, store.get_store):
         cached.cache_clear()
 
     response = client.get("/readyz")

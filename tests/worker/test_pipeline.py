@@ -12,7 +12,7 @@ from service.auth import create_tenant
 from service.db import get_engine, get_sessionmaker
 from service.orm import Artifact, Dataset, Job, Model
 from service.settings import get_settings
-from service.storage import get_store, store_file
+from service.store import get_store, store_file
 from tests.worker import factories
 from worker import pipeline
 

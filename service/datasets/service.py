@@ -1,0 +1,33 @@
+"""Dataset use cases: check an upload and store it."""
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.datasets import checks, repository
+from service.orm import Dataset
+from service.problems import ProblemError
+from service.uploads import service as uploads
+from service.uploads.multipart import Upload
+
+
+def check(upload: Upload, dataset_format: str) -> None:
+    """Refuse a file that is not what its format says (422), before it is stored."""
+    try:
+        checks.check(upload.path, dataset_format)
+    except checks.InvalidDataset as error:
+        raise ProblemError(422, error.code, str(error)) from error
+
+
+def create(sessions: sessionmaker[Session], tenant_id: str, received: uploads.Received) -> Dataset:
+    blob = uploads.store(received)
+    dataset = Dataset(
+        tenant_id=tenant_id,
+        name=received.name,
+        format=received.format,
+        blob_key=blob.key,
+        sha256=blob.sha256,
+        size=blob.size,
+    )
+    with sessions() as session:
+        repository.add(session, dataset)
+        session.commit()
+    return dataset

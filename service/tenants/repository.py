@@ -1,0 +1,63 @@
+"""All SQL for tenants, their API keys, and the rows they own: one read and one keyset page
+(newest first on (created_at, id)) for models, datasets, jobs and artifacts alike."""
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, select
+from sqlalchemy.orm import Session
+
+from service.orm import ApiKey, Artifact, Dataset, Job, Model, Tenant
+from service.pagination import decode_cursor, encode_cursor
+
+Owned = TypeVar("Owned", Model, Dataset, Job, Artifact)
+
+
+def add_tenant(session: Session, name: str) -> Tenant:
+    tenant = Tenant(name=name)
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def add_key(session: Session, tenant_id: str, key_hash: str, prefix: str) -> None:
+    session.add(ApiKey(tenant_id=tenant_id, key_hash=key_hash, prefix=prefix))
+
+
+def tenant_of_key(session: Session, key_hash: str) -> str | None:
+    """The tenant whose unrevoked key has this hash."""
+    return session.scalar(
+        select(ApiKey.tenant_id).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+    )
+
+
+def owned(session: Session, kind: type[Owned], tenant_id: str, row_id: str) -> Owned | None:
+    return session.scalar(select(kind).where(kind.id == row_id, kind.tenant_id == tenant_id))
+
+
+def page(
+    session: Session,
+    kind: type[Owned],
+    tenant_id: str,
+    limit: int,
+    cursor: str | None,
+    *where: ColumnElement[Any],
+) -> tuple[Sequence[Owned], str | None]:
+    """Up to `limit` rows after `cursor`, newest first, and the cursor of the next page."""
+    query = select(kind).where(kind.tenant_id == tenant_id, *where)
+    after = decode_cursor(cursor)
+    if after is not None:
+        created, row_id = after
+        query = query.where(
+            (kind.created_at < created) | ((kind.created_at == created) & (kind.id < row_id))
+        )
+    rows = session.scalars(
+        query.order_by(kind.created_at.desc(), kind.id.desc()).limit(limit + 1)
+    ).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
+
+
+def delete(session: Session, row: Model | Dataset) -> None:
+    session.delete(row)
