@@ -297,7 +297,7 @@ def prune(
     device: str = "auto",
     trusted: Annotated[bool, typer.Option(help="allow pickled models (runs their code)")] = False,
 ) -> None:
-    """Prune a model on this machine, without a server: the worker's pipeline in-process."""
+    """Prune a model on this machine, without a server: the job's steps in-process."""
     prune_local = _local_pruner()
     metric, _, value = target.partition("=")
     spec = {
@@ -316,7 +316,7 @@ def prune(
 
 
 def _local_pruner() -> Callable[..., None]:
-    """The worker's in-process pipeline, found through the `apoptosis.local` entry point
+    """The job's steps in-process (worker.local), found through the `apoptosis.local` entry point
     (pyproject.toml): the service never imports worker code, and `import service.cli` stays free
     of torch (import-linter and a test check both)."""
     try:

@@ -17,7 +17,7 @@ _stop_reaper = threading.Event()
 
 
 def reap_once() -> None:
-    from worker.pipeline import reap
+    from worker.lifecycle import reap
 
     jobs, models = reap(get_settings())
     for job_id in jobs:

@@ -1,4 +1,4 @@
-"""`apoptosis prune`: the job pipeline in-process, for people who want the engine without a
+"""`apoptosis prune`: the job's steps in-process, for people who want the engine without a
 server. Same loading, checks, engine and exports as a worker; a progress bar instead of SSE."""
 
 import tempfile
@@ -11,14 +11,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from service import archives
+from service.errors import CodedError
 from service.jobs.schemas import JobSpec
-from worker.datasets import DatasetRejected
 from worker.engine import EngineError
 from worker.export import Exported
-from worker.job import JobFailed, JobFiles, execute
-from worker.models import ModelRejected
+from worker.steps import JobFiles, execute
 
-USER_ERRORS = (JobFailed, EngineError, ModelRejected, DatasetRejected, archives.UnsafeArchive)
+USER_ERRORS = (CodedError, EngineError)  # every error with a code the user can act on
 
 
 def prune_local(

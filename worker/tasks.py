@@ -1,15 +1,15 @@
-"""Thin Celery tasks: each takes an id and hands it to the pipeline."""
+"""Thin Celery tasks: each takes an id and hands it to the lifecycle (worker/lifecycle.py)."""
 
 from service.broker import RUN_JOB, VALIDATE_MODEL
-from worker import pipeline
+from worker import lifecycle
 from worker.celery_app import app
 
 
 @app.task(name=VALIDATE_MODEL)
 def validate_model(model_id: str) -> None:
-    pipeline.validate_model(model_id)
+    lifecycle.validate_model(model_id)
 
 
 @app.task(name=RUN_JOB)
 def run_job(job_id: str) -> None:
-    pipeline.run_job(job_id)
+    lifecycle.run_job(job_id)

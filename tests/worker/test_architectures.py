@@ -10,7 +10,7 @@ from torch import nn
 
 from tests.worker import factories
 from worker.engine import measure
-from worker.job import JobFailed, JobFiles, execute
+from worker.steps import JobFailed, JobFiles, execute
 
 DATA = {
     "text": factories.tensors_file,

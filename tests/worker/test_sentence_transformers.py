@@ -13,7 +13,7 @@ from sentence_transformers import SentenceTransformer
 
 from tests.worker import factories
 from worker import export, losses, models
-from worker.job import JobFiles, execute
+from worker.steps import JobFiles, execute
 
 
 def _unzip(archive: Path, into: Path) -> Path:

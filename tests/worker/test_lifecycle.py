@@ -1,4 +1,5 @@
-"""The pipeline against a migrated SQLite database and a local store (no queue, no Celery)."""
+"""Model validation and the job lifecycle against a migrated SQLite database and a local store
+(no queue, no Celery)."""
 
 import json
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from service.orm import Artifact, Dataset, Job, Model
 from service.settings import get_settings
 from service.store import get_store, store_file
 from tests.worker import factories
-from worker import pipeline
+from worker import lifecycle
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def test_validation_records_params_and_macs(tenant: str, tmp_path: Path) -> None
         tenant, factories.zip_folder(factories.bert_folder(tmp_path), tmp_path / "b.zip")
     )
 
-    pipeline.validate_model(model_id)
+    lifecycle.validate_model(model_id)
 
     with get_sessionmaker()() as session:
         model = session.get(Model, model_id)
@@ -74,7 +75,7 @@ def test_a_class_outside_transformers_is_rejected_with_a_reason(
     (folder / "config.json").write_text(json.dumps(config | {"architectures": ["EvilModel"]}))
     model_id = _stored_model(tenant, factories.zip_folder(folder, tmp_path / "evil.zip"))
 
-    pipeline.validate_model(model_id)
+    lifecycle.validate_model(model_id)
 
     with get_sessionmaker()() as session:
         model = session.get(Model, model_id)
@@ -88,7 +89,7 @@ def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
     model_id = _stored_model(
         tenant, factories.zip_folder(factories.bert_folder(tmp_path), tmp_path / "b.zip")
     )
-    pipeline.validate_model(model_id)
+    lifecycle.validate_model(model_id)
     data = factories.tensors_file(tmp_path / "d.safetensors")
     blob = store_file(data)
     with get_sessionmaker()() as session:
@@ -112,8 +113,8 @@ def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
         session.commit()
         job_id = job.id
 
-    pipeline.run_job(job_id)
-    pipeline.run_job(job_id)  # a duplicate delivery: the claim makes it a no-op
+    lifecycle.run_job(job_id)
+    lifecycle.run_job(job_id)  # a duplicate delivery: the claim makes it a no-op
 
     with get_sessionmaker()() as session:
         finished = session.get(Job, job_id)

@@ -1,4 +1,4 @@
-"""One pruning job, start to finish, free of the database and the queue (tests call it directly):
+"""A job's steps, free of the database and the queue (tests call them directly):
 load → measure → prune (with progress) → measure → fine-tune → measure → export."""
 
 import time

@@ -1,4 +1,4 @@
-"""Whole jobs through worker.job.execute: every data format and output format, metrics."""
+"""Whole jobs through worker.steps.execute: every data format and output format, metrics."""
 
 import json
 import zipfile
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tests.worker import factories
 from worker.engine import EngineError, measure
 from worker.engine.plan import Plan, apply_plan_
-from worker.job import JobFiles, execute
+from worker.steps import JobFiles, execute
 
 CPU = torch.device("cpu")
 

@@ -1,7 +1,9 @@
-"""The work behind the tasks, free of Celery: validate a model, run a job.
+"""The lifecycles behind the tasks, free of Celery: a model's validation, and a job's claim,
+lease, heartbeat and finish (the steps in between are worker/steps.py), and the reaper.
 
-A job: claim (queued → running) → load model and data → prune with progress events and
-cancellation checks between steps → export → publish artifacts and finish in one transaction.
+A job: claim (queued → running, the lease taken) → the steps, with heartbeats that carry progress
+and see a cancel → publish artifacts and finish in one transaction guarded by the lease. The
+reaper returns jobs whose lease went stale.
 """
 
 import logging
@@ -31,7 +33,7 @@ from service.store import get_store, store_file
 from worker import datasets, models
 from worker.engine import EngineError, PruneConfig, measure, reachable_fraction
 from worker.export import Exported
-from worker.job import JobFailed, JobFiles, execute
+from worker.steps import JobFailed, JobFiles, execute
 
 log = logging.getLogger("apoptosis.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -116,7 +118,7 @@ def _reachable_params(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[st
 
 
 class _Heartbeat:
-    """Refreshes the job's lease in the background; tells the pipeline when to stop."""
+    """Refreshes the job's lease in the background; tells the steps when to stop."""
 
     def __init__(self, job_id: str, interval: float) -> None:
         self.job_id = job_id
