@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from service import archives
 from service.artifacts import repository as artifacts_repository
 from service.datasets import repository as datasets_repository
 from service.db import get_sessionmaker
 from service.jobs import repository
+from service.jobs.schemas import JobSpec
 from service.jobs.states import JobState
 from service.models import repository as models_repository
 from service.models.states import ModelState
@@ -165,10 +167,20 @@ def run_job(job_id: str) -> None:
         session.commit()
         job = repository.by_id(session, job_id)
         assert job is not None
-        spec = dict(job.spec)
+        try:  # the API's own model: a spec stored by another version is checked, not trusted
+            spec = JobSpec.model_validate(job.spec)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"]) or "spec"
+            _end(
+                job_id,
+                JobState.FAILED,
+                {"code": "invalid_job", "message": f"{where}: {problem['msg']}"},
+            )
+            return
         model = models_repository.by_id(session, job.model_id)
         dataset = datasets_repository.by_id(session, job.dataset_id)
-        eval_id = (spec.get("evaluation") or {}).get("dataset_id")
+        eval_id = spec.evaluation.dataset_id if spec.evaluation else None
         held_out = datasets_repository.by_id(session, eval_id)
     log.info("job %s claimed by %s", job_id, WORKER_ID)
     with _Heartbeat(job_id, settings.heartbeat_seconds) as heartbeat:

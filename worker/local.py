@@ -33,7 +33,6 @@ def prune_local(
 ) -> list[Path]:
     """Run one job on local files; returns the written artifacts."""
     checked = JobSpec.model_validate({"model_id": "local", "dataset_id": "local", **spec})
-    full_spec = checked.model_dump(mode="json")
     console = Console()
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
@@ -55,7 +54,7 @@ def prune_local(
                 progress.update(bar, completed=update.get("percent", 0), description=label)
 
             try:
-                result, exports = execute(full_spec, files, _device(device), trusted, report)
+                result, exports = execute(checked, files, _device(device), trusted, report)
             except USER_ERRORS as error:  # one line, what to do; never a traceback
                 progress.stop()
                 console.print(f"[red]error[/red] {error.code}: {error}")

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from worker.models import Pooling
 
 LossFn = Callable[[nn.Module, dict[str, Any]], Tensor]
+NEED_LABELS = ("cross_entropy", "mse")  # the losses that read a 'labels' column
 
 
 def _inputs(batch: dict[str, Any]) -> dict[str, Any]:

@@ -5,11 +5,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast
 
 import torch
 
 from service.errors import CodedError
+from service.jobs.schemas import JobSpec
 from worker import datasets, evaluation, export, finetune, losses, models
 from worker.engine import PruneConfig, StepRecord, architectures, prune
 from worker.engine.config import TargetMetric
@@ -33,7 +34,7 @@ Report = Callable[[dict[str, Any]], None]
 
 
 def execute(
-    spec: dict[str, Any], files: JobFiles, device: torch.device, trusted: bool, report: Report
+    spec: JobSpec, files: JobFiles, device: torch.device, trusted: bool, report: Report
 ) -> tuple[dict[str, Any], list[export.Exported]]:
     """Run the job; `report` receives progress and may raise to stop it (cancellation)."""
     seconds: dict[str, float] = {}
@@ -41,43 +42,35 @@ def execute(
     report({"stage": "loading", "percent": 0})
     loaded = models.load(files.model_root, files.model_format, trusted=trusted)
     net = loaded.model.to(device)
-    if "hf" in spec["outputs"]:
-        _check_hf_output(net, spec["granularity"])
-    columns = datasets.load(files.data, files.data_format, loaded, spec.get("preprocess"))
-    calibration_spec = spec["calibration"]
+    if "hf" in spec.outputs:
+        _check_hf_output(net, spec.granularity)
+    preprocess = spec.preprocess.model_dump() if spec.preprocess else None
+    columns = datasets.load(files.data, files.data_format, loaded, preprocess)
     held_out = None
     if files.evaluation is not None:
-        held_out = datasets.load(
-            files.evaluation, files.data_format, loaded, spec.get("preprocess")
-        )
-    elif (spec.get("evaluation") or {}).get("fraction"):
-        columns, held_out = datasets.split(columns, spec["evaluation"]["fraction"])
-    size = calibration_spec["batch_size"]
-    calibration = datasets.batches(columns, calibration_spec["batches"], size, device)
+        held_out = datasets.load(files.evaluation, files.data_format, loaded, preprocess)
+    elif spec.evaluation is not None and spec.evaluation.fraction:
+        columns, held_out = datasets.split(columns, spec.evaluation.fraction)
+    size = spec.calibration.batch_size
+    calibration = datasets.batches(columns, spec.calibration.batches, size, device)
     if not calibration:
         raise JobFailed("empty_dataset", "the dataset has no rows")
+    if spec.loss in losses.NEED_LABELS and "labels" not in columns:
+        raise JobFailed(
+            "missing_labels",
+            f"loss {spec.loss!r} needs a 'labels' array in the dataset; add one, or use "
+            "loss 'distill', which needs none",
+        )
     eval_batches = (
         datasets.batches(held_out, 10_000, size, device) if held_out is not None else calibration
     )
-    loss_fn = losses.make_loss(spec["loss"], net, loaded.pooling)
+    loss_fn = losses.make_loss(spec.loss, net, loaded.pooling)
     example = models.example_inputs(loaded, batch=calibration[0], device=device)
     seconds["load"] = time.perf_counter() - clock
 
     before = _measure(net, eval_batches, loss_fn, example)
-    target = spec["target"]
-    metric: TargetMetric = next(m for m in get_args(TargetMetric) if target.get(m) is not None)
-    steps = spec["schedule"]["steps"]
-    config = PruneConfig(
-        method=spec["method"],
-        granularity=spec["granularity"],
-        target_metric=metric,
-        target=target[metric],
-        steps=steps,
-        schedule=spec["schedule"]["kind"],
-        global_ranking="hf" not in spec["outputs"],  # hf: widths a config can describe
-        hidden_size=spec.get("hidden_size"),
-        depth_share=spec.get("depth_share", 0.0),
-    )
+    config = prune_config(spec)
+    metric, steps = config.target_metric, config.steps
 
     def on_step(record: StepRecord) -> None:
         report(
@@ -92,10 +85,7 @@ def execute(
         )
 
     clock = time.perf_counter()
-    try:
-        result = prune(net, example, calibration, loss_fn, config, on_step=on_step)
-    except ValueError as error:  # e.g. a loss that needs labels the dataset lacks
-        raise JobFailed("invalid_job", str(error)) from error
+    result = prune(net, example, calibration, loss_fn, config, on_step=on_step)
     seconds["prune"] = time.perf_counter() - clock
     if not result.target_met:  # never a success that missed its target
         reached = result.macs / result.initial_macs
@@ -103,21 +93,21 @@ def execute(
             reached = result.params / result.initial_params
         raise JobFailed(
             "target_unreachable",
-            f"pruning stopped at {reached:.4f} of the {metric} (target {target[metric]:g}): "
+            f"pruning stopped at {reached:.4f} of the {metric} (target {config.target:g}): "
             "floors or the output format's uniform widths allow no more; ask for "
             f"{reached:.4f} or more",
         )
     after_pruning = _measure(net, eval_batches, loss_fn, example)
     after_finetune = None
-    if spec.get("finetune"):
+    if spec.finetune is not None:
         report({"stage": "finetuning", "percent": 100})
         clock = time.perf_counter()
         finetune.finetune_(
             net,
             calibration,
             loss_fn,
-            spec["finetune"]["epochs"],
-            spec["finetune"]["lr"],
+            spec.finetune.epochs,
+            spec.finetune.lr,
             masks=result.masks,
         )
         seconds["finetune"] = time.perf_counter() - clock
@@ -128,7 +118,7 @@ def execute(
     cpu_example = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in example.items()}
     exports = [
         export.export(fmt, net.cpu(), cpu_example, loaded.directory, files.work, result.plan)
-        for fmt in spec["outputs"]
+        for fmt in spec.outputs
     ]
     seconds["export"] = time.perf_counter() - clock
     return {
@@ -151,6 +141,21 @@ def execute(
         "exports": {e.format: e.checks for e in exports},
         "seconds": seconds,
     }, exports
+
+
+def prune_config(spec: JobSpec) -> PruneConfig:
+    """The engine's configuration for a job: the one place a spec becomes a PruneConfig."""
+    return PruneConfig(
+        method=spec.method,
+        granularity=spec.granularity,
+        target_metric=cast(TargetMetric, spec.target.metric),
+        target=spec.target.value,
+        steps=spec.schedule.steps,
+        schedule=spec.schedule.kind,
+        global_ranking="hf" not in spec.outputs,  # hf: widths a config can describe
+        hidden_size=spec.hidden_size,
+        depth_share=spec.depth_share,
+    )
 
 
 def _check_hf_output(net: torch.nn.Module, granularity: str) -> None:

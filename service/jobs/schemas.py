@@ -77,7 +77,12 @@ class Preprocess(BaseModel):
 
 
 class JobSpec(BaseModel):
+    """What a job does. The API validates it at submit and stores it as JSON; the worker
+    validates the stored JSON with this same model before it runs the job."""
+
     model_config = ConfigDict(extra="forbid")
+    # the spec's layout: a worker refuses (`invalid_job`) a version it does not know
+    spec_version: Literal[1] = 1
     model_id: str
     dataset_id: str
     method: Literal["oba", "oba_full", "taylor", "obd", "magnitude", "random"] = "oba"

@@ -12,6 +12,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from service.jobs.schemas import JobSpec
+
 WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "a", "plot", "acting"]
 
 
@@ -154,8 +156,11 @@ def zip_folder(folder: Path, archive: Path) -> Path:
     return archive
 
 
-def spec(**overrides: Any) -> dict[str, Any]:
+def spec(**overrides: Any) -> JobSpec:
+    """A small job's spec (two steps, two batches), validated as the worker validates it."""
     base: dict[str, Any] = {
+        "model_id": "model",
+        "dataset_id": "data",
         "method": "oba",
         "granularity": "channel",
         "target": {"macs": 0.5},
@@ -167,7 +172,7 @@ def spec(**overrides: Any) -> dict[str, Any]:
         "preprocess": None,
         "outputs": ["hf"],
     }
-    return base | overrides
+    return JobSpec.model_validate(base | overrides)
 
 
 def architecture_folder(root: Path, name: str) -> tuple[Path, str]:

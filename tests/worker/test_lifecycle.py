@@ -107,7 +107,7 @@ def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
             tenant_id=tenant,
             model_id=model_id,
             dataset_id=dataset.id,
-            spec=factories.spec(outputs=["hf", "onnx"]),
+            spec=factories.spec(outputs=["hf", "onnx"]).model_dump(mode="json"),
         )
         session.add(job)
         session.commit()
@@ -126,3 +126,37 @@ def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
             finished.result is not None
             and finished.result["exports"]["onnx"]["max_abs_diff"] <= 1e-4
         )
+
+
+def test_a_stored_spec_the_worker_does_not_know_fails_the_job_as_invalid(
+    tenant: str, tmp_path: Path
+) -> None:
+    """The worker validates the stored spec with the API's model: a spec written by another
+    version (here, a newer spec_version) fails the job with `invalid_job`, and runs nothing."""
+    model_id = _stored_bert(tenant, tmp_path)
+    blob = store_file(factories.tensors_file(tmp_path / "d.safetensors"))
+    stored = factories.spec().model_dump(mode="json") | {"spec_version": 2}
+    with get_sessionmaker()() as session:
+        dataset = Dataset(
+            tenant_id=tenant,
+            name="d",
+            format="tensors",
+            blob_key=blob.key,
+            sha256=blob.sha256,
+            size=blob.size,
+        )
+        session.add(dataset)
+        session.flush()
+        job = Job(tenant_id=tenant, model_id=model_id, dataset_id=dataset.id, spec=stored)
+        session.add(job)
+        session.commit()
+        job_id = job.id
+
+    lifecycle.run_job(job_id)
+
+    with get_sessionmaker()() as session:
+        failed = session.get(Job, job_id)
+        assert failed is not None and failed.state == "failed"
+        assert failed.error is not None and failed.error["code"] == "invalid_job"
+        assert "spec_version" in failed.error["message"]
+        assert failed.result is None

@@ -12,16 +12,17 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from service.jobs.schemas import JobSpec
 from tests.worker import factories
 from worker.engine import EngineError, measure
 from worker.engine.plan import Plan, apply_plan_
-from worker.steps import JobFiles, execute
+from worker.steps import JobFailed, JobFiles, execute
 
 CPU = torch.device("cpu")
 
 
 def _run(
-    spec: dict[str, Any],
+    spec: JobSpec,
     model: Path,
     data: Path,
     data_format: str,
@@ -167,3 +168,25 @@ def test_an_unreachable_target_fails_before_pruning_with_the_reachable_value(
     assert raised.value.code == "target_unreachable"
     assert "keeps at least 0." in str(raised.value)
     assert not [p for p in progress if p["stage"] == "pruning"]
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_a_loss_that_needs_labels_fails_early_on_data_without_them(
+    tmp_path: Path, loss: str
+) -> None:
+    model = factories.bert_folder(tmp_path)
+    data = factories.jsonl_file(tmp_path / "texts.jsonl", labels=False)
+    progress: list[dict[str, Any]] = []
+
+    with pytest.raises(JobFailed) as raised:
+        execute(
+            factories.spec(loss=loss),
+            JobFiles(model, "hf", data, "jsonl", None, tmp_path),
+            CPU,
+            False,
+            progress.append,
+        )
+
+    assert raised.value.code == "missing_labels"
+    assert "'labels'" in str(raised.value) and "distill" in str(raised.value)
+    assert [p["stage"] for p in progress] == ["loading"]
