@@ -1,12 +1,12 @@
 """Typed Python SDK for the Apoptosis HTTP API (the CLI uses it too)."""
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import connect_sse
 
 from service.artifacts.schemas import ArtifactOut
 from service.datasets.schemas import DatasetOut
@@ -111,19 +111,32 @@ class Client:
             self._check(self._http.post(f"/v1/jobs/{job_id}/cancel")).json()
         )
 
-    def events(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(event, data) pairs from the job's Server-Sent Events until it ends."""
-        with self._http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as response:
-            self._check(response)
-            kind, data = "message", ""
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:"):
-                    data += line[5:].strip()
-                elif not line and data:
-                    yield kind, json.loads(data)
-                    kind, data = "message", ""
+    def events(
+        self, job_id: str, last_event_id: str | None = None, *, retries: int = 5
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event, data) pairs from the job's Server-Sent Events until it ends. A dropped
+        connection is resumed after the last event received (`Last-Event-ID`), up to `retries`
+        times in a row; resume a stream of your own by passing `last_event_id`."""
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+            try:
+                with connect_sse(
+                    self._http, "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None
+                ) as source:
+                    if not source.response.is_success:
+                        source.response.read()
+                        self._check(source.response)
+                    for event in source.iter_sse():
+                        failures = 0
+                        last_event_id = event.id or last_event_id
+                        yield event.event, event.json()
+                return
+            except httpx.TransportError:
+                failures += 1
+                if failures > retries:
+                    raise
+                time.sleep(min(0.1 * 2**failures, 5.0))
 
     def wait(self, job_id: str) -> JobOut:
         for _ in self.events(job_id):
