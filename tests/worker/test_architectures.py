@@ -19,6 +19,7 @@ DATA = {
 }
 
 
+@pytest.mark.slow  # over 5 s: whole jobs with every export
 @pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama", "resnet", "convnext"])
 def test_half_the_macs_reloads_and_matches_onnx(tmp_path: Path, name: str) -> None:
     folder, kind = factories.architecture_folder(tmp_path, name)

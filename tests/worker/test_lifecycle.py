@@ -83,6 +83,7 @@ def test_a_class_outside_transformers_is_rejected_with_a_reason(
         assert (model.rejection_reason or "").startswith("unknown_architecture")
 
 
+@pytest.mark.slow  # over 5 s: whole jobs with every export
 def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
     tenant: str, tmp_path: Path
 ) -> None:

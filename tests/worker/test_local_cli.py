@@ -21,6 +21,7 @@ def _prune(*args: str) -> None:
     assert "MACs" in result.output  # the before/after table
 
 
+@pytest.mark.slow  # over 5 s: whole jobs with every export
 @pytest.mark.parametrize("packed", [True, False])
 def test_an_hf_model_to_every_output(tmp_path: Path, packed: bool) -> None:
     folder = factories.bert_folder(tmp_path)
