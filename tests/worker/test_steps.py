@@ -50,6 +50,7 @@ def _unzip(archive: Path, into: Path) -> Path:
     return into
 
 
+@pytest.mark.slow  # over 5 s: every portable export
 def test_text_classification_from_jsonl_to_every_portable_format(tmp_path: Path) -> None:
     model = factories.bert_folder(tmp_path)
     data = factories.jsonl_file(tmp_path / "data.jsonl")
