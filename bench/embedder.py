@@ -85,7 +85,7 @@ from quality import FixedHessianImportance
 from torch import Tensor, nn
 
 from worker import datasets, losses, models
-from worker.engine import PruneConfig, architectures, measure, prune, structured
+from worker.engine import PruneConfig, architectures, measure, prune_, structured
 from worker.engine.cost import Cost
 from worker.engine.groups import ChannelGroup, channel_costs, channel_scores, unit_view
 
@@ -478,7 +478,7 @@ def first_step_table(setup: Setup, steps: int, target: float) -> str:
     structured._select = recording_select
     try:
         config = PruneConfig(method="oba_full", target=target, steps=steps)
-        prune(model, setup.example, setup.calibration, loss, config)
+        prune_(model, setup.example, setup.calibration, loss, config)
     except _FirstStep:
         pass
     finally:
@@ -545,7 +545,7 @@ def prune_engine(
     config = PruneConfig(method=method, target_metric="macs", target=target, steps=steps)
     started = time.perf_counter()
     with allocation_rule(rule):
-        prune(model, setup.example, setup.calibration, loss, config)
+        prune_(model, setup.example, setup.calibration, loss, config)
     return model.eval(), time.perf_counter() - started
 
 

@@ -48,7 +48,7 @@ from common import (
 )
 from torch import Tensor, nn
 
-from worker.engine import PruneConfig, measure, prune
+from worker.engine import PruneConfig, measure, prune_
 
 Inputs = dict[str, Tensor] | Tensor
 
@@ -116,7 +116,7 @@ def cnn_measurements(
     out = [measure_model(name, "dense", dense, make_inputs, batches, warmup, runs)]
     for target in targets:
         model = copy.deepcopy(dense)
-        prune(model, data.example, calibration, cross_entropy, PruneConfig(target=target))
+        prune_(model, data.example, calibration, cross_entropy, PruneConfig(target=target))
         variant = f"oba {target:.0%} MACs"
         out.append(measure_model(name, variant, model, make_inputs, batches, warmup, runs))
     return out
@@ -156,7 +156,7 @@ def vit_measurements(
 
     out = [measure_model("ViT (HF)", "dense", dense, make_inputs, batches, warmup, runs)]
     model = copy.deepcopy(dense)
-    result = prune(
+    result = prune_(
         model,
         make_inputs(1),
         calibration,

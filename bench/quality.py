@@ -59,7 +59,7 @@ from common import (
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from worker.engine import METHODS, PruneConfig, prune
+from worker.engine import METHODS, PruneConfig, prune_
 
 PEERS = ("tp_magnitude", "tp_taylor", "tp_hessian", "tp_lamp")
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -393,7 +393,7 @@ def run_setting(
         )
         started = time.perf_counter()
         with channel_score_variant(settings.variant):
-            prune(model, data.example, batches, cross_entropy, config)
+            prune_(model, data.example, batches, cross_entropy, config)
         seconds = time.perf_counter() - started
         rows.append(_evaluate(label, model, data, target, seed, initial, acc_dense, seconds))
 

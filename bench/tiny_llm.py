@@ -84,7 +84,7 @@ from text_corpus import (
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from worker.engine import InvalidConfig, PruneConfig, prune
+from worker.engine import InvalidConfig, PruneConfig, prune_
 from worker.losses import causal_lm, distillation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -726,7 +726,7 @@ def engine_prune(
         config = engine_config(method, axis, global_ranking, target, depth_share)
         model = copy.deepcopy(dense)
         started = time.perf_counter()
-        result = prune(model, example, batches, causal_lm, config)
+        result = prune_(model, example, batches, causal_lm, config)
         seconds += time.perf_counter() - started
         if not result.target_met:
             notes.append("engine: target not met")

@@ -12,7 +12,7 @@ import torch
 from service.errors import CodedError
 from service.jobs.schemas import JobSpec
 from worker import datasets, evaluation, export, finetune, losses, models
-from worker.engine import PruneConfig, StepRecord, architectures, prune
+from worker.engine import PruneConfig, StepRecord, architectures, prune_
 from worker.engine.config import TargetMetric
 
 
@@ -85,7 +85,7 @@ def execute(
         )
 
     clock = time.perf_counter()
-    result = prune(net, example, calibration, loss_fn, config, on_step=on_step)
+    result = prune_(net, example, calibration, loss_fn, config, on_step=on_step)
     seconds["prune"] = time.perf_counter() - clock
     if not result.target_met:  # never a success that missed its target
         reached = result.macs / result.initial_macs

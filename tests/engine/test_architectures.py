@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.engine.hf_models import CASES, inputs_of
-from worker.engine import PruneConfig, PruneResult, prune
+from worker.engine import PruneConfig, PruneResult, prune_
 
 
 def _pruned(name: str, global_ranking: bool, target: float = 0.7) -> tuple[Any, PruneResult]:
@@ -16,7 +16,7 @@ def _pruned(name: str, global_ranking: bool, target: float = 0.7) -> tuple[Any, 
     torch.manual_seed(0)
     model = build().eval()
     batches = data(2, 0)
-    result = prune(
+    result = prune_(
         model,
         inputs_of(batches[0]),
         batches,

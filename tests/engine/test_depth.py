@@ -17,8 +17,9 @@ from tests.engine.hf_models import (
     lm_batches,
     text_batches,
 )
-from worker.engine import PruneConfig, prune
-from worker.engine.depth import block_scores, remove_blocks_, transformer_blocks
+from worker.engine import PruneConfig, prune_
+from worker.engine.blocks import remove_blocks_
+from worker.engine.depth import block_scores, transformer_blocks
 from worker.engine.plan import Plan, apply_plan_
 
 
@@ -66,7 +67,7 @@ def test_estimator_predicts_the_measured_loss_change_of_removing_each_block() ->
 def test_layer_granularity_removes_blocks_and_reloads(family: str, tmp_path: Path) -> None:
     model = _llama(family)
     original = copy.deepcopy(model)
-    result = prune(
+    result = prune_(
         model,
         _inputs(0),
         lm_batches(2, 0),
@@ -88,7 +89,7 @@ def test_layer_granularity_removes_blocks_and_reloads(family: str, tmp_path: Pat
 
 def test_depth_and_width_combine_in_one_run(tmp_path: Path) -> None:
     model = _llama()
-    result = prune(
+    result = prune_(
         model,
         _inputs(0),
         lm_batches(2, 0),
@@ -107,7 +108,7 @@ def test_bert_drops_encoder_layers() -> None:
     torch.manual_seed(0)
     model = hf_models.bert(layers=3).eval()
     batches = text_batches(2, 0)
-    prune(
+    prune_(
         model,
         {"input_ids": batches[0]["input_ids"][:1]},
         batches,

@@ -14,7 +14,7 @@ from tests.engine.hf_models import (
     grouped_query_lm,
     lm_batches,
 )
-from worker.engine import InvalidConfig, PruneConfig, prune
+from worker.engine import InvalidConfig, PruneConfig, prune_
 from worker.engine.kv_groups import grouped_attention_layers, remove_kv_groups_
 from worker.engine.plan import Plan, apply_plan_
 
@@ -52,7 +52,7 @@ def test_prunes_kv_groups_and_reloads_with_identical_outputs(family: str, tmp_pa
     model = _model(family)
     original = copy.deepcopy(model)
     batches = lm_batches(2, 0)
-    result = prune(
+    result = prune_(
         model,
         _inputs(0),
         batches,
@@ -74,7 +74,7 @@ def test_prunes_the_hidden_size_and_reloads(family: str, tied: bool, tmp_path: P
     model = _model(family)
     model.config.tie_word_embeddings = tied
     model.tie_weights()
-    result = prune(
+    result = prune_(
         model,
         _inputs(0),
         lm_batches(2, 0),
@@ -93,12 +93,12 @@ def test_gemma_keeps_its_hidden_size() -> None:
     """Gemma scales embeddings by √hidden_size at construction: a pruned hidden size would
     reload as a different function, so the default leaves it alone and asking for it fails."""
     model = _model("gemma")
-    result = prune(
+    result = prune_(
         model, _inputs(0), lm_batches(2, 0), causal_lm_loss, PruneConfig(target=0.7, steps=1)
     )
     assert "hidden_size" not in result.config_updates
     with pytest.raises(InvalidConfig, match="scaled"):
-        prune(
+        prune_(
             model,
             _inputs(0),
             lm_batches(2, 0),

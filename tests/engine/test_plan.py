@@ -6,7 +6,7 @@ import json
 import torch
 
 from tests.engine import hf_models, models
-from worker.engine import PruneConfig, prune
+from worker.engine import PruneConfig, prune_
 from worker.engine.plan import Plan, apply_plan_
 
 
@@ -15,7 +15,7 @@ def test_plan_rebuilds_a_pruned_cnn() -> None:
     model = models.ResidualCNN(width=16, in_channels=3)
     original = copy.deepcopy(model)
     calibration = models.classification_batches((8, 3, 8, 8), 3, 2, seed=0)
-    result = prune(
+    result = prune_(
         model,
         calibration[0][0],
         calibration,
@@ -37,7 +37,7 @@ def test_plan_rebuilds_a_bert_with_pruned_heads() -> None:
     original = copy.deepcopy(model)
     batches = hf_models.text_batches(2, 0)
     inputs = hf_models.inputs_of(batches[0])
-    result = prune(
+    result = prune_(
         model,
         inputs,
         batches,

@@ -6,7 +6,7 @@ from torch import nn
 
 from tests.engine import hf_models
 from tests.engine.hf_models import classification_loss, text_batches
-from worker.engine import PruneConfig, TargetUnreachable, prune, reachable_fraction
+from worker.engine import PruneConfig, TargetUnreachable, prune_, reachable_fraction
 
 
 def _bert() -> nn.Module:
@@ -28,7 +28,7 @@ def test_uniform_widths_cannot_halve_a_bert_and_say_how_far_they_go() -> None:
 
     weights = [p.clone() for p in model.parameters()]
     with pytest.raises(TargetUnreachable) as raised:
-        prune(model, INPUTS, text_batches(2, 0), classification_loss, uniform)
+        prune_(model, INPUTS, text_batches(2, 0), classification_loss, uniform)
 
     assert raised.value.code == "target_unreachable"
     assert raised.value.reachable == reachable
@@ -40,7 +40,7 @@ def test_a_target_at_the_reachable_value_is_met() -> None:
     model = _bert()
     config = PruneConfig(target=0.5, global_ranking=False)
     reachable = reachable_fraction(model, INPUTS, config)
-    result = prune(
+    result = prune_(
         model,
         INPUTS,
         text_batches(2, 0),
@@ -56,5 +56,5 @@ def test_depth_reachable_keeps_one_block() -> None:
     depth = PruneConfig(target=0.1, granularity="layer")
     one_block = reachable_fraction(model, INPUTS, depth)
     with pytest.raises(TargetUnreachable):
-        prune(model, INPUTS, text_batches(2, 0), classification_loss, depth)
+        prune_(model, INPUTS, text_batches(2, 0), classification_loss, depth)
     assert 0.1 < one_block < 1.0

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.engine import models, oracle
-from worker.engine import parameter_scores
+from worker.engine import PruneConfig, parameter_scores, prune_
+from worker.engine import scores as scores_module
 from worker.engine.errors import InvalidConfig
+from worker.engine.scores import LossFn, register_scorer, scoring_methods
 
 
 def _case(name: str) -> tuple[nn.Module, Tensor, Tensor]:
@@ -57,6 +59,51 @@ def test_oba_scores_equal_brute_force_hessian(
     assert expected.abs().max() > 1e-6  # the oracle is not trivially zero
     assert _relative_error(_flat(scores, model), expected) <= 1e-6
     assert all(s.dtype == torch.float64 for s in scores.values())
+
+
+@pytest.mark.parametrize("case", ["cnn", "attention"])
+def test_the_plain_hessian_vector_product_gives_the_same_exact_scores(case: str) -> None:
+    """`theta_shortcut=False` (the switch for untested layers) is the plain Pearlmutter product:
+    the same oracle holds."""
+    model, inputs, labels = _case(case)
+    expected = oracle.full_hessian_theta(model, inputs, lambda out: F.cross_entropy(out, labels))
+
+    scores = parameter_scores(
+        model, [(inputs, labels)], models.cross_entropy, "oba_full", theta_shortcut=False
+    )
+
+    assert _relative_error(_flat(scores, model), expected) <= 1e-6
+
+
+def test_a_registered_scorer_is_a_method_prune_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Scorer protocol is public: a registered scorer is called per batch and drives pruning."""
+    monkeypatch.setattr(scores_module, "_SCORERS", dict(scores_module._SCORERS))
+    calls: list[int] = []
+
+    def gradient_magnitude(
+        model: nn.Module,
+        params: list[nn.Parameter],
+        batch: object,
+        loss_fn: LossFn,
+        generator: torch.Generator,
+    ) -> list[Tensor]:
+        calls.append(1)
+        grads = torch.autograd.grad(loss_fn(model, batch), params, allow_unused=True)
+        return [
+            torch.zeros_like(p) if g is None else g.abs()
+            for p, g in zip(params, grads, strict=True)
+        ]
+
+    register_scorer("gradient_magnitude", gradient_magnitude)
+    model, inputs, labels = _case("cnn")
+    batches = [(inputs, labels)] * 2
+    config = PruneConfig(method="gradient_magnitude", target=0.6, steps=2)
+
+    result = prune_(model, inputs, batches, models.cross_entropy, config)
+
+    assert "gradient_magnitude" in scoring_methods()
+    assert len(calls) == 4  # two batches per step, two steps
+    assert result.macs <= 0.6 * result.initial_macs
 
 
 def test_oba_differs_from_oba_full_by_the_gauss_newton_part() -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.engine import models
-from worker.engine import InvalidConfig, PruneConfig, UnsupportedModel, measure, prune
+from worker.engine import InvalidConfig, PruneConfig, UnsupportedModel, measure, prune_
 from worker.engine.config import TargetMetric
 from worker.engine.graph import build_graph
 from worker.engine.groups import channel_costs, collect_groups
@@ -38,7 +38,7 @@ def test_lands_at_or_under_the_target_within_one_channel(metric: TargetMetric, m
     one_step = _largest_unit_cost(copy.deepcopy(model), metric)
     config = PruneConfig(method=method, target_metric=metric, target=0.5, steps=3)
 
-    result = prune(model, EXAMPLE, CALIBRATION, models.cross_entropy, config)
+    result = prune_(model, EXAMPLE, CALIBRATION, models.cross_entropy, config)
 
     initial = result.initial_macs if metric == "macs" else result.initial_params
     final = result.macs if metric == "macs" else result.params
@@ -51,7 +51,7 @@ def test_lands_at_or_under_the_target_within_one_channel(metric: TargetMetric, m
 
 def test_exponential_schedule_decreases_geometrically() -> None:
     model = _cnn()
-    result = prune(
+    result = prune_(
         model,
         EXAMPLE,
         CALIBRATION,
@@ -67,7 +67,7 @@ def test_exponential_schedule_decreases_geometrically() -> None:
 def test_output_shape_and_ignored_layers_are_kept() -> None:
     model = _cnn()
     before = model(EXAMPLE).shape
-    result = prune(
+    result = prune_(
         model,
         EXAMPLE,
         CALIBRATION,
@@ -83,7 +83,7 @@ def test_output_shape_and_ignored_layers_are_kept() -> None:
 
 def test_layer_floor_keeps_every_group_alive() -> None:
     model = _cnn()
-    result = prune(
+    result = prune_(
         model,
         EXAMPLE,
         CALIBRATION,
@@ -98,7 +98,7 @@ def test_layer_floor_keeps_every_group_alive() -> None:
 
 def test_round_to_keeps_multiples() -> None:
     model = _cnn()
-    result = prune(
+    result = prune_(
         model,
         EXAMPLE,
         CALIBRATION,
@@ -116,7 +116,7 @@ def test_uniform_widths_prune_equal_groups_equally() -> None:
     )
     calibration = models.classification_batches((16, 6), 3, 2, seed=0)
 
-    result = prune(
+    result = prune_(
         model,
         calibration[0][0],
         calibration,
@@ -130,12 +130,13 @@ def test_uniform_widths_prune_equal_groups_equally() -> None:
 
 def test_finetune_runs_after_every_step() -> None:
     calls: list[int] = []
-    prune(
+    prune_(
         _cnn(),
         EXAMPLE,
         CALIBRATION,
         models.cross_entropy,
-        PruneConfig(target=0.5, steps=3, finetune=lambda model, step: calls.append(step)),
+        PruneConfig(target=0.5, steps=3),
+        finetune=lambda model, step: calls.append(step),
     )
 
     assert calls == [1, 2, 3]
@@ -147,7 +148,7 @@ def test_attention_heads_are_pruned_whole() -> None:
     calibration = models.classification_batches((4, 5, 8), 3, 2, seed=0)
 
     # the block adds its input to the residual stream: the graph cannot see that coupling
-    prune(
+    prune_(
         model,
         calibration[0][0],
         calibration,
@@ -174,7 +175,7 @@ def test_a_removal_that_breaks_the_model_is_a_clear_error() -> None:
     calibration = models.classification_batches((4, 5, 8), 3, 2, seed=0)
 
     with pytest.raises(UnsupportedModel, match="ignored_layers"):
-        prune(
+        prune_(
             model,
             calibration[0][0],
             calibration,
@@ -185,7 +186,7 @@ def test_a_removal_that_breaks_the_model_is_a_clear_error() -> None:
 
 def test_unknown_ignored_layer_is_invalid_config() -> None:
     with pytest.raises(InvalidConfig, match="not found"):
-        prune(
+        prune_(
             _cnn(),
             EXAMPLE,
             CALIBRATION,
@@ -214,7 +215,7 @@ def test_pruning_keeps_the_callers_mode_and_batchnorm_statistics() -> None:
     model = _cnn().train()
     before = {name: b.clone() for name, b in model.named_buffers()}
 
-    prune(
+    prune_(
         model,
         EXAMPLE,
         CALIBRATION,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tests.engine import models
-from worker.engine import PruneConfig, prune
+from worker.engine import PruneConfig, prune_
 from worker.engine.unstructured import eligible_weights, is_valid_n_m
 
 CALIBRATION = models.classification_batches((8, 3, 8, 8), 3, 2, seed=2)
@@ -26,7 +26,7 @@ def test_global_sparsity_is_exact(method: str) -> None:
     weights = eligible_weights(model, ())
     total = sum(w.numel() for w in weights.values())
 
-    result = prune(
+    result = prune_(
         model,
         CALIBRATION[0][0],
         CALIBRATION,
@@ -43,7 +43,7 @@ def test_global_sparsity_is_exact(method: str) -> None:
 
 def test_per_layer_sparsity_is_exact_in_every_layer() -> None:
     model = _cnn()
-    prune(
+    prune_(
         model,
         CALIBRATION[0][0],
         CALIBRATION,
@@ -68,7 +68,7 @@ def test_masks_stay_applied_after_finetuning_and_ignored_layers_stay_dense() -> 
                 p.add_(1.0)
 
     model = _cnn()
-    result = prune(
+    result = prune_(
         model,
         CALIBRATION[0][0],
         CALIBRATION,
@@ -78,9 +78,9 @@ def test_masks_stay_applied_after_finetuning_and_ignored_layers_stay_dense() -> 
             target_metric="sparsity",
             target=0.6,
             steps=2,
-            finetune=perturb,
             ignored_layers=("head",),
         ),
+        finetune=perturb,
     )
 
     params = dict(model.named_parameters())
@@ -97,7 +97,7 @@ def test_two_four_masks_are_valid() -> None:
     )
     calibration = models.classification_batches((4, 3, 8, 8), 3, 2, seed=0)
 
-    result = prune(
+    result = prune_(
         model,
         calibration[0][0],
         calibration,

@@ -12,8 +12,8 @@ from worker.engine.errors import (
     TargetUnreachable,
     UnsupportedModel,
 )
-from worker.engine.prune import PruneResult, prune, reachable_fraction
-from worker.engine.records import StepRecord
+from worker.engine.prune import prune, prune_, reachable_fraction
+from worker.engine.results import PruneResult, StepRecord
 from worker.engine.scores import METHODS, parameter_scores
 
 __all__ = [
@@ -30,5 +30,6 @@ __all__ = [
     "measure",
     "parameter_scores",
     "prune",
+    "prune_",
     "reachable_fraction",
 ]

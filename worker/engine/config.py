@@ -1,13 +1,13 @@
 """The one configuration object of a pruning run."""
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Literal, get_args
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
 
 from torch import nn
 
 from worker.engine.errors import InvalidConfig
-from worker.engine.scores import METHODS
+from worker.engine.scores import scoring_methods
 
 Granularity = Literal["channel", "layer", "unstructured", "2:4"]
 TargetMetric = Literal["macs", "params", "sparsity"]
@@ -17,7 +17,8 @@ FinetuneFn = Callable[[nn.Module, int], None]
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """How to prune.
+    """How to prune: plain data (`to_dict` / `from_dict` round-trip through JSON); what is called
+    back (progress, fine-tuning between steps) is passed to `prune_` as arguments.
 
     `target` is the fraction of `target_metric` to keep for `macs` / `params` (0.5 = half the
     MACs), and the fraction of weights to zero for `sparsity` (unstructured only; `2:4` is
@@ -51,12 +52,16 @@ class PruneConfig:
     layer_floor: float = 0.1  # no group keeps fewer than this fraction of its initial width
     recalibrate_batchnorm: bool = True  # re-estimate BatchNorm statistics after each step
     per_layer_sparsity: bool = False  # unstructured: top-k per layer instead of global
-    finetune: FinetuneFn | None = field(default=None, compare=False)
+    # OBA's Hθ through the θ-specific backward of linear-in-weight layers (`theta_linear`): exact
+    # and cheaper. False computes the plain Hessian-vector product along θ instead, for models
+    # whose layers the shortcut was never tested on.
+    theta_shortcut: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidConfig(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.method not in scoring_methods():
+            methods = scoring_methods()
+            raise InvalidConfig(f"unknown method {self.method!r}; expected one of {methods}")
         if self.granularity not in get_args(Granularity):
             raise InvalidConfig(f"unknown granularity {self.granularity!r}")
         if self.schedule not in get_args(Schedule):
@@ -80,6 +85,24 @@ class PruneConfig:
             raise InvalidConfig("depth_share combines depth with channel pruning")
         if self.round_to is not None and self.round_to < 1:
             raise InvalidConfig(f"round_to must be positive, got {self.round_to}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples and mappings become lists and dicts."""
+        data = asdict(self)
+        data["ignored_layers"] = list(self.ignored_layers)
+        data["attention_heads"] = dict(self.attention_heads)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PruneConfig":
+        """The inverse of `to_dict`; unknown keys are refused (`InvalidConfig`)."""
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise InvalidConfig(f"unknown PruneConfig fields {unknown}")
+        values = dict(data)
+        if "ignored_layers" in values:
+            values["ignored_layers"] = tuple(values["ignored_layers"])
+        return cls(**values)
 
     @property
     def kept_fraction(self) -> float:

@@ -23,13 +23,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from worker.engine.blocks import LAYER_COUNT_ATTRIBUTES, remove_blocks_
 from worker.engine.cost import Cost, measure
 from worker.engine.errors import InvalidConfig, UnsupportedModel
 from worker.engine.modes import eval_mode
-from worker.engine.records import StepRecord
+from worker.engine.results import StepRecord
 from worker.engine.scores import LossFn
-
-LAYER_COUNT_ATTRIBUTES = ("num_hidden_layers", "n_layer")
 
 
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -112,30 +111,6 @@ def _gated(blocks: nn.ModuleList, gates: Tensor) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-def remove_blocks_(model: nn.Module, container_name: str, indices: list[int]) -> None:
-    """Delete blocks `indices` (current positions); renumber what follows; update the config
-    (layer count and per-layer lists such as `layer_types`)."""
-    blocks = dict(model.named_modules())[container_name]
-    assert isinstance(blocks, nn.ModuleList)
-    before = len(blocks)
-    for index in sorted(set(indices), reverse=True):
-        del blocks[index]
-    for position, block in enumerate(blocks):
-        for module in block.modules():  # key/value caches and per-layer settings index by it
-            if isinstance(getattr(module, "layer_idx", None), int):
-                setattr(module, "layer_idx", position)  # noqa: B010
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    for attribute in LAYER_COUNT_ATTRIBUTES:
-        if isinstance(getattr(config, attribute, None), int):
-            setattr(config, attribute, len(blocks))
-    types = getattr(config, "layer_types", None)
-    if isinstance(types, list) and len(types) == before:
-        drop = set(indices)
-        config.layer_types = [t for i, t in enumerate(types) if i not in drop]
 
 
 def _overshoots(cost: Cost, block: nn.Module, metric: str, goal: float) -> bool:

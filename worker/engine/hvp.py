@@ -6,7 +6,9 @@ of every layer linear in its weight can reuse the layer's forward output and fir
 gradient, two matmuls (convolutions) fewer per layer; `theta_linear` implements that shortcut.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
@@ -41,13 +43,30 @@ def hvp(
     return products
 
 
+_THETA_SHORTCUT: ContextVar[bool] = ContextVar("theta_shortcut", default=True)
+
+
+@contextmanager
+def plain_theta_hvp() -> Iterator[None]:
+    """Within the block, `theta_hvp` is the plain `hvp(objective, params, θ)`: the switch for
+    models whose layers the θ-specific backward was never tested on."""
+    token = _THETA_SHORTCUT.set(False)
+    try:
+        yield
+    finally:
+        _THETA_SHORTCUT.reset(token)
+
+
 def theta_hvp(objective: Objective, params: Sequence[nn.Parameter]) -> list[Tensor]:
     """H θ for the scalar `objective()`: the Hessian-vector product along the parameters.
 
     The same double-backward as `hvp(objective, params, θ)`, with the forward pass run under
     `theta_layers` so that Linear, addmm, convolution and norm layers take the cheaper exact path.
     The directions share memory with the parameters: that is how each layer recognises v = θ.
+    Under `plain_theta_hvp()` it is that plain product.
     """
+    if not _THETA_SHORTCUT.get():
+        return hvp(objective, params, [p.detach() for p in params])
 
     def traced() -> Tensor:
         with theta_layers(params):

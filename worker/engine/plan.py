@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from worker.engine.architectures import set_head_count
-from worker.engine.depth import remove_blocks_
+from worker.engine.blocks import remove_blocks_
 from worker.engine.errors import InvalidConfig
 from worker.engine.graph import build_graph
 from worker.engine.kv_groups import grouped_attention_layers, remove_kv_groups_

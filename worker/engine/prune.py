@@ -1,65 +1,45 @@
 """The engine's entry point: prune a model to a target, structured or not."""
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
 
-from worker.engine.config import PruneConfig
+from worker.engine.config import FinetuneFn, PruneConfig
 from worker.engine.cost import Cost, measure
 from worker.engine.depth import prune_blocks_
 from worker.engine.errors import InvalidConfig, TargetUnreachable
 from worker.engine.modes import eval_mode
 from worker.engine.plan import Plan
-from worker.engine.records import StepRecord
-from worker.engine.scores import LossFn
+from worker.engine.results import PruneResult, StepRecord
+from worker.engine.scores import LossFn, needs_data
 from worker.engine.structured import prune_channels_
 from worker.engine.unstructured import prune_2_4_, prune_unstructured_, sparsity
 
 
-@dataclass
-class PruneResult:
-    """The pruned model (the same object that was passed in, changed in place) and what happened."""
-
-    model: nn.Module
-    initial_macs: int
-    initial_params: int
-    macs: int
-    params: int
-    history: list[StepRecord]
-    sparsity: float | None = None  # unstructured and 2:4: fraction of eligible weights zeroed
-    masks: dict[str, Tensor] = field(default_factory=dict)  # True where a weight is kept
-    dense_layers: list[str] = field(default_factory=list)  # 2:4: weights left dense (width % 4)
-    plan: Plan = field(default_factory=Plan)  # replays channel pruning on the original model
-
-    @property
-    def config_updates(self) -> dict[str, Any]:
-        """What was written to `model.config` (Hugging Face models)."""
-        return self.plan.config_updates
-
-    # False when the floors, ignored layers or unprunable parts stop short of the target
-    target_met: bool = True
-
-
-def prune(
+def prune_(
     model: nn.Module,
     example_inputs: Any,
     batches: Iterable[Any],
     loss_fn: LossFn,
     config: PruneConfig,
     on_step: Callable[[StepRecord], None] | None = None,
+    finetune: FinetuneFn | None = None,
 ) -> PruneResult:
-    """Prune `model` in place as `config` says.
+    """Prune `model` in place as `config` says (the trailing underscore, as in torchao's
+    `quantize_`: the module passed in is the one changed).
 
     `example_inputs` (a tensor, a tuple of positional inputs or a dict of keyword inputs) traces
     the dependency graph and counts MACs. `batches` are the calibration data, passed as they are
     to `loss_fn(model, batch)`; they are iterated once per step, so a list is best. `on_step`
-    receives each step's record as it completes (progress reporting).
+    receives each step's record as it completes (progress reporting); `finetune(model, step)`
+    runs after each step's removal (channel and unstructured granularity).
     """
     calibration = list(batches)
-    if not calibration and config.method not in ("magnitude", "random"):
+    if not calibration and needs_data(config.method):
         raise InvalidConfig(f"method {config.method!r} needs at least one calibration batch")
     # Tracing and output detection run forward passes: in eval mode they leave BatchNorm
     # statistics alone. The caller's modes come back at the end.
@@ -68,7 +48,7 @@ def prune(
             reachable = reachable_fraction(model, example_inputs, config)
             if config.target < reachable:
                 raise TargetUnreachable(config.target_metric, config.target, reachable)
-        return _prune(model, example_inputs, calibration, loss_fn, config, on_step)
+        return _prune(model, example_inputs, calibration, loss_fn, config, on_step, finetune)
 
 
 def _prune(
@@ -78,16 +58,17 @@ def _prune(
     loss_fn: LossFn,
     config: PruneConfig,
     on_step: Callable[[StepRecord], None] | None,
+    finetune: FinetuneFn | None,
 ) -> PruneResult:
     before = measure(model, example_inputs)
     result = PruneResult(model, before.macs, before.params, before.macs, before.params, [])
     if config.granularity in ("channel", "layer"):
         result.history, result.plan = _prune_structure_(
-            model, example_inputs, calibration, loss_fn, config, on_step, before
+            model, example_inputs, calibration, loss_fn, config, on_step, before, finetune
         )
     elif config.granularity == "unstructured":
         result.masks, result.history = prune_unstructured_(
-            model, example_inputs, calibration, loss_fn, config, on_step
+            model, example_inputs, calibration, loss_fn, config, on_step, finetune
         )
         result.sparsity = sparsity(model, result.masks)
     else:
@@ -109,6 +90,7 @@ def _prune_structure_(
     config: PruneConfig,
     on_step: Callable[[StepRecord], None] | None,
     before: Cost,
+    finetune: FinetuneFn | None = None,
 ) -> tuple[list[StepRecord], Plan]:
     """Depth first (whole blocks, down to target^depth_share), then widths to the target."""
     initial = before.metric(config.target_metric)
@@ -132,7 +114,7 @@ def _prune_structure_(
     plan = Plan()
     if config.granularity == "channel":
         widths, plan = prune_channels_(
-            model, example_inputs, calibration, loss_fn, config, on_step, final
+            model, example_inputs, calibration, loss_fn, config, on_step, final, finetune
         )
         history += widths
     if removed:
@@ -143,6 +125,17 @@ def _prune_structure_(
             if getattr(getattr(model, "config", None), k, None) is not None
         }
     return history, plan
+
+
+def prune(*args: Any, **kwargs: Any) -> PruneResult:
+    """`prune_` under its old name, for one release: it prunes in place, as `prune_` says."""
+    warnings.warn(
+        "worker.engine.prune is now prune_ (it changes the model in place); "
+        "the old name goes in the next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return prune_(*args, **kwargs)
 
 
 def reachable_fraction(model: nn.Module, example_inputs: Any, config: PruneConfig) -> float:
@@ -157,7 +150,6 @@ def reachable_fraction(model: nn.Module, example_inputs: Any, config: PruneConfi
         target=1e-9,
         steps=1,
         recalibrate_batchnorm=False,
-        finetune=None,
     )
     before = measure(trial, example_inputs)
     _prune_structure_(trial, example_inputs, [], _no_loss, limit, None, before)

@@ -26,20 +26,59 @@ restored afterwards.
 """
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal, get_args
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worker.engine.errors import InvalidConfig, NumericalError
-from worker.engine.hvp import hvp, theta_hvp
+from worker.engine.hvp import hvp, plain_theta_hvp, theta_hvp
 from worker.engine.modes import eval_mode
 
 Method = Literal["oba", "oba_full", "taylor", "obd", "magnitude", "random"]
-METHODS: tuple[str, ...] = get_args(Method)
+METHODS: tuple[str, ...] = get_args(Method)  # the built-in methods
 LossFn = Callable[[nn.Module, Any], Tensor]
-BatchScorer = Callable[[nn.Module, list[nn.Parameter], Any, LossFn, torch.Generator], list[Tensor]]
+
+
+class Scorer(Protocol):
+    """One batch's importance: per parameter, a tensor of the parameter's shape (higher is more
+    important). A data-free scorer is called once, with `batch=None`. Register one with
+    `register_scorer` to make its name a `PruneConfig.method`; the built-ins are registered so."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        params: list[nn.Parameter],
+        batch: Any,
+        loss_fn: LossFn,
+        generator: torch.Generator,
+    ) -> list[Tensor]: ...
+
+
+@dataclass(frozen=True)
+class _Registered:
+    scorer: Scorer
+    needs_data: bool
+
+
+_SCORERS: dict[str, _Registered] = {}
+
+
+def register_scorer(name: str, scorer: Scorer, *, needs_data: bool = True) -> None:
+    """Make `name` a scoring method. `needs_data=False`: the scorer reads no batch (one call)."""
+    _SCORERS[name] = _Registered(scorer, needs_data)
+
+
+def scoring_methods() -> tuple[str, ...]:
+    """Every registered method: the built-ins first."""
+    return tuple(_SCORERS)
+
+
+def needs_data(method: str) -> bool:
+    return _SCORERS[method].needs_data
 
 
 def parameter_scores(
@@ -49,13 +88,16 @@ def parameter_scores(
     method: str,
     *,
     seed: int = 0,
+    theta_shortcut: bool = True,
 ) -> dict[str, Tensor]:
     """Mean per-batch importance of every trainable parameter of `model` (see module docstring).
 
     `loss_fn(model, batch)` returns a scalar tensor. Scores are float64 on the parameters' device.
+    `theta_shortcut=False` computes OBA's Hθ by the plain Hessian-vector product (`hvp.py`).
     """
-    if method not in METHODS:
-        raise InvalidConfig(f"unknown scoring method {method!r}; expected one of {METHODS}")
+    if method not in _SCORERS:
+        methods = scoring_methods()
+        raise InvalidConfig(f"unknown scoring method {method!r}; expected one of {methods}")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise InvalidConfig("the model has no trainable parameters to score")
@@ -63,14 +105,17 @@ def parameter_scores(
     params = [p for _, p in named]
     generator = torch.Generator(device=params[0].device).manual_seed(seed)
 
-    if method in ("magnitude", "random"):
-        return dict(zip(names, _data_free_scores(params, method, generator), strict=True))
+    registered = _SCORERS[method]
+    if not registered.needs_data:
+        data_free = registered.scorer(model, params, None, loss_fn, generator)
+        return {n: s.detach().to(torch.float64) for n, s in zip(names, data_free, strict=True)}
 
-    scorer = _BATCH_SCORERS[method]
+    scorer = registered.scorer
     totals: list[Tensor] = []
     count = 0
     # The math kernel of scaled_dot_product_attention is the one with a double backward on CPU.
-    with eval_mode(model), sdpa_kernel(SDPBackend.MATH):
+    shortcut = nullcontext() if theta_shortcut else plain_theta_hvp()
+    with eval_mode(model), sdpa_kernel(SDPBackend.MATH), shortcut:
         for batch in batches:
             batch_scores = [s.detach() for s in scorer(model, params, batch, loss_fn, generator)]
             if not totals:  # allocated after the first pass, so they never add to its peak
@@ -149,23 +194,33 @@ def _obd(
     ]
 
 
-_BATCH_SCORERS: dict[str, BatchScorer] = {
-    "oba_full": _oba_full,
-    "oba": _oba,
-    "taylor": _taylor,
-    "obd": _obd,
-}
-
-
-def _data_free_scores(
-    params: list[nn.Parameter], method: str, generator: torch.Generator
+def _magnitude(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batch: Any,
+    loss_fn: LossFn,
+    generator: torch.Generator,
 ) -> list[Tensor]:
-    if method == "magnitude":
-        return [p.detach().abs().to(torch.float64) for p in params]
+    return [p.detach().abs() for p in params]
+
+
+def _random(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batch: Any,
+    loss_fn: LossFn,
+    generator: torch.Generator,
+) -> list[Tensor]:
     return [
         torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float64)
         for p in params
     ]
+
+
+for _name, _scorer in (("oba_full", _oba_full), ("oba", _oba), ("taylor", _taylor), ("obd", _obd)):
+    register_scorer(_name, _scorer)
+register_scorer("magnitude", _magnitude, needs_data=False)
+register_scorer("random", _random, needs_data=False)
 
 
 def linearised_loss(model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from worker.engine import architectures
 from worker.engine.batchnorm import recalibrate_batchnorm_
-from worker.engine.config import PruneConfig
+from worker.engine.config import FinetuneFn, PruneConfig
 from worker.engine.cost import Cost, measure, run_forward
 from worker.engine.errors import InvalidConfig, UnsupportedModel
 from worker.engine.graph import build_graph
@@ -35,7 +35,7 @@ from worker.engine.kv_groups import (
     remove_kv_groups_,
 )
 from worker.engine.plan import Plan
-from worker.engine.records import StepRecord
+from worker.engine.results import StepRecord
 from worker.engine.scores import LossFn, parameter_scores
 
 MAX_ROUNDS_PER_STEP = 25
@@ -58,6 +58,7 @@ def prune_channels_(
     config: PruneConfig,
     on_step: Callable[[StepRecord], None] | None = None,
     final_goal: float | None = None,
+    finetune: FinetuneFn | None = None,
 ) -> tuple[list[StepRecord], Plan]:
     """Prune `model` in place to `config.target` of its MACs or parameters (or to `final_goal`,
     an absolute value of the metric, when depth pruning took part of the way already).
@@ -115,7 +116,12 @@ def prune_channels_(
         goal = config.step_target(step, initial, end)
         started = time.perf_counter()
         scores = parameter_scores(
-            model, calibration, loss_fn, config.method, seed=config.seed + step
+            model,
+            calibration,
+            loss_fn,
+            config.method,
+            seed=config.seed + step,
+            theta_shortcut=config.theta_shortcut,
         )
         by_param = {p: scores[n] for n, p in model.named_parameters() if n in scores}
         seconds_scoring = time.perf_counter() - started
@@ -138,8 +144,8 @@ def prune_channels_(
             groups = all_groups(allowed)
         if config.recalibrate_batchnorm:
             recalibrate_batchnorm_(model, calibration, loss_fn)
-        if config.finetune is not None:
-            config.finetune(model, step)
+        if finetune is not None:
+            finetune(model, step)
         final = measure(model, example_inputs)
         record = StepRecord(
             step,

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from worker.engine.config import PruneConfig
+from worker.engine.config import FinetuneFn, PruneConfig
 from worker.engine.cost import measure
 from worker.engine.groups import is_conv1d_transposed
-from worker.engine.records import StepRecord
+from worker.engine.results import StepRecord
 from worker.engine.scores import LossFn, parameter_scores
 
 TIE_BREAK = 1e-6
@@ -61,6 +61,7 @@ def prune_unstructured_(
     loss_fn: LossFn,
     config: PruneConfig,
     on_step: Callable[[StepRecord], None] | None = None,
+    finetune: FinetuneFn | None = None,
 ) -> tuple[dict[str, Tensor], list[StepRecord]]:
     """Mask weights in place to exactly `config.target` sparsity over the eligible weights."""
     weights = eligible_weights(model, config.ignored_layers)
@@ -70,7 +71,12 @@ def prune_unstructured_(
         goal_sparsity = 1.0 - config.step_target(step) if step < config.steps else config.target
         started = time.perf_counter()
         scores = parameter_scores(
-            model, calibration, loss_fn, config.method, seed=config.seed + step
+            model,
+            calibration,
+            loss_fn,
+            config.method,
+            seed=config.seed + step,
+            theta_shortcut=config.theta_shortcut,
         )
         seconds_scoring = time.perf_counter() - started
         ranks = {}
@@ -88,8 +94,8 @@ def prune_unstructured_(
                 masks[name] = keep[offset : offset + rank.numel()].view_as(rank)
                 offset += rank.numel()
         apply_masks_(model, masks)
-        if config.finetune is not None:
-            config.finetune(model, step)
+        if finetune is not None:
+            finetune(model, step)
             apply_masks_(model, masks)
         cost = measure(model, example_inputs)
         record = StepRecord(
@@ -125,7 +131,14 @@ def prune_2_4_(
     Layers whose input width is not a multiple of 4 are left dense and returned by name.
     """
     weights = eligible_weights(model, config.ignored_layers)
-    scores = parameter_scores(model, calibration, loss_fn, config.method, seed=config.seed)
+    scores = parameter_scores(
+        model,
+        calibration,
+        loss_fn,
+        config.method,
+        seed=config.seed,
+        theta_shortcut=config.theta_shortcut,
+    )
     modules = dict(model.named_modules())
     masks, skipped = {}, []
     for name, weight in weights.items():
