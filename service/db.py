@@ -9,7 +9,7 @@ connection only while it reads or writes.
 from functools import lru_cache
 from typing import Annotated, Any
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,10 +48,12 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
 
 
-async def session_factory() -> sessionmaker[Session]:
-    """The dependency that hands out the session factory (tests bind it to their transaction).
-    Async: it only returns an object, and a sync dependency would cost a thread hop."""
-    return get_sessionmaker()
+async def session_factory(request: Request) -> sessionmaker[Session]:
+    """The session factory the app was given (`create_app(sessions=...)`; tests bind one to
+    their transaction), else the configured one. Async: it only returns an object, and a sync
+    dependency would cost a thread hop."""
+    sessions: sessionmaker[Session] | None = request.app.state.sessions
+    return sessions if sessions is not None else get_sessionmaker()
 
 
 # A handler opens, uses and closes its session in one call on the thread pool

@@ -9,7 +9,7 @@ from service.auth import TenantDep
 from service.db import SessionsDep
 from service.orm import Artifact
 from service.problems import found
-from service.store import get_store
+from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
@@ -20,6 +20,7 @@ def download(
     artifact_id: str,
     tenant_id: TenantDep,
     sessions: SessionsDep,
+    store: StoreDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     with sessions() as session:
@@ -29,7 +30,7 @@ def download(
     if if_none_match is not None and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
     return StreamingResponse(
-        get_store().iter_chunks(artifact.blob_key),
+        store.iter_chunks(artifact.blob_key),
         media_type="application/octet-stream",
         headers={
             "ETag": etag,

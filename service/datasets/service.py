@@ -5,6 +5,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.datasets import checks, repository
 from service.orm import Dataset
 from service.problems import ProblemError
+from service.store import ArtifactStore
 from service.uploads import service as uploads
 from service.uploads.multipart import Upload
 
@@ -17,8 +18,13 @@ def check(upload: Upload, dataset_format: str) -> None:
         raise ProblemError(422, error.code, str(error)) from error
 
 
-def create(sessions: sessionmaker[Session], tenant_id: str, received: uploads.Received) -> Dataset:
-    blob = uploads.store(received)
+def create(
+    sessions: sessionmaker[Session],
+    store: ArtifactStore,
+    tenant_id: str,
+    received: uploads.Received,
+) -> Dataset:
+    blob = uploads.store(received, store)
     dataset = Dataset(
         tenant_id=tenant_id,
         name=received.name,

@@ -12,6 +12,7 @@ from service.models.schemas import MODEL_FORMATS, ModelOut, ModelPage
 from service.orm import Model
 from service.pagination import MAX_LIMIT
 from service.problems import found
+from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
 from service.uploads import service as uploads
 from service.uploads.multipart import openapi_form
@@ -22,10 +23,12 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 @router.post(
     "", status_code=201, openapi_extra=openapi_form(MODEL_FORMATS), response_model=ModelOut
 )
-async def upload_model(request: Request, tenant_id: TenantDep, sessions: SessionsDep) -> Model:
+async def upload_model(
+    request: Request, tenant_id: TenantDep, sessions: SessionsDep, store: StoreDep
+) -> Model:
     received = await uploads.receive(request, "model", MODEL_FORMATS, service.check)
     # The body is on disk: only now does the request touch the database, in the thread pool.
-    return await run_in_threadpool(service.create, sessions, tenant_id, received)
+    return await run_in_threadpool(service.create, sessions, store, tenant_id, received)
 
 
 @router.get("", response_model=ModelPage)

@@ -7,6 +7,7 @@ from service.models import repository
 from service.orm import Model
 from service.problems import ProblemError
 from service.settings import get_settings
+from service.store import ArtifactStore
 from service.uploads import service as uploads
 from service.uploads.multipart import Upload
 
@@ -29,9 +30,14 @@ def check(upload: Upload, model_format: str) -> None:
             raise ProblemError(422, error.code, str(error)) from error
 
 
-def create(sessions: sessionmaker[Session], tenant_id: str, received: uploads.Received) -> Model:
+def create(
+    sessions: sessionmaker[Session],
+    store: ArtifactStore,
+    tenant_id: str,
+    received: uploads.Received,
+) -> Model:
     """Store the upload, record the model (validating), and queue its validation."""
-    blob = uploads.store(received)
+    blob = uploads.store(received, store)
     model = Model(
         tenant_id=tenant_id,
         name=received.name,

@@ -14,7 +14,7 @@ from service.jobs import repository as jobs
 from service.orm import Dataset, Model
 from service.problems import ProblemError
 from service.settings import get_settings
-from service.store import StoredBlob, store_file
+from service.store import ArtifactStore, StoredBlob
 from service.tenants import repository as tenants
 from service.uploads.multipart import Upload, receive_upload
 
@@ -53,10 +53,11 @@ async def receive(
     return Received(upload, name, upload_format)
 
 
-def store(received: Received) -> StoredBlob:
+def store(received: Received, artifacts: ArtifactStore) -> StoredBlob:
     """Move the spooled file into the artifact store (content-addressed) and drop the spool."""
     try:
-        return store_file(received.upload.path)
+        with received.upload.path.open("rb") as file:
+            return artifacts.put_stream(iter(lambda: file.read(1 << 20), b""))
     finally:
         received.upload.path.unlink(missing_ok=True)
 

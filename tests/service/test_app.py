@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 
 from service.migrate import ROOT
 from service.tenants import repository
-from tests.service.conftest import Caller, problem, requests_counted
+from tests.service.factories import Caller
+from tests.service.support import problem, requests_counted
 
 SECRET = "password=hunter2 at /srv/apoptosis/secrets.py"
 

@@ -10,15 +10,8 @@ from sqlalchemy.orm import Session
 from service.auth import hash_key
 from service.orm import ApiKey, Dataset, Job, Model
 from service.store import ArtifactStore
-from tests.service.conftest import (
-    SPEC,
-    Caller,
-    make_artifact,
-    make_dataset,
-    make_job,
-    make_model,
-    problem,
-)
+from tests.service.factories import SPEC, Caller, make_artifact, make_dataset, make_job, make_model
+from tests.service.support import problem
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import queue
-from tests.service.conftest import Caller, problem, requests_counted
+from service.store import ArtifactStore, StoreError
+from tests.service.factories import Caller
+from tests.service.support import problem, requests_counted
 
 
 @pytest.fixture
@@ -39,34 +41,41 @@ def test_readyz_is_503_while_the_broker_is_down(
     }
 
 
-@pytest.mark.parametrize(
-    ("variable", "value", "check"),
-    [
-        ("APOPTOSIS_DATABASE_URL", "sqlite:////nonexistent/folder/apoptosis.db", "database"),
-        ("APOPTOSIS_STORE_URL", "ftp://nowhere/", "store"),
-    ],
-)
-def test_readyz_is_503_when_a_dependency_fails(
-    client: TestClient,
-    monkeypatch: pytest.MonkeyPatch,
-    broker_up: None,
-    variable: str,
-    value: str,
-    check: str,
+def test_readyz_is_503_when_the_database_is_unreachable(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, broker_up: None
 ) -> None:
-    from service import db, store
+    from service import db
     from service.settings import get_settings
 
-    monkeypatch.setenv(variable, value)
-    for cached in (get_settings, db.get_engine, store.get_store):
+    monkeypatch.setenv("APOPTOSIS_DATABASE_URL", "sqlite:////nonexistent/folder/apoptosis.db")
+    for cached in (get_settings, db.get_engine):
         cached.cache_clear()
 
-    response = client.get("/readyz")
+    checks = _not_ready(client)
 
-    assert response.status_code == 503
-    checks = response.json()["checks"]
-    assert checks.pop(check) is False
+    assert checks.pop("database") is False
     assert all(checks.values())
+
+
+def test_readyz_is_503_when_the_store_fails(
+    client: TestClient, store: ArtifactStore, monkeypatch: pytest.MonkeyPatch, broker_up: None
+) -> None:
+    def unreachable(key: str) -> bool:
+        raise StoreError("the bucket does not answer")
+
+    monkeypatch.setattr(store, "exists", unreachable)  # the store the app was given
+
+    checks = _not_ready(client)
+
+    assert checks.pop("store") is False
+    assert all(checks.values())
+
+
+def _not_ready(client: TestClient) -> dict[str, bool]:
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    checks: dict[str, bool] = response.json()["checks"]
+    return checks
 
 
 def test_metrics_count_requests_by_route_template(client: TestClient, alice: Caller) -> None:

@@ -7,7 +7,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from service.store import ArtifactStore
-from tests.service.conftest import Caller, make_artifact, make_job, problem
+from tests.service.factories import Caller, make_artifact, make_job
+from tests.service.support import problem
 
 CONTENT = b"PK\x03\x04" + bytes(range(256)) * 8192  # 2 MiB: more than one chunk of the stream
 

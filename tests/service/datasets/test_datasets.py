@@ -11,19 +11,16 @@ from sqlalchemy.orm import Session
 from service.orm import Dataset
 from service.settings import Settings
 from service.store import ArtifactStore
-from tests.service.conftest import (
+from tests.service.factories import Caller, make_dataset, make_job, safetensors_bytes
+from tests.service.support import (
     MAX_UPLOAD_BYTES,
-    Caller,
     QueueRecorder,
     Response,
     leftover_files,
-    make_dataset,
-    make_job,
     newest_first,
     problem,
     walk,
 )
-from tests.service.factories import safetensors_bytes
 
 TENSORS = safetensors_bytes(bytes(range(256)) * 100)
 

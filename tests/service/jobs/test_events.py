@@ -13,7 +13,7 @@ from service.jobs import repository
 from service.jobs import router as jobs_router
 from service.jobs.states import JobState
 from service.orm import JobEvent
-from tests.service.conftest import Caller, make_job
+from tests.service.factories import Caller, make_job
 
 Frame = tuple[int, str, dict[str, Any]]
 EventsAfter = Callable[..., Sequence[JobEvent]]

@@ -9,15 +9,8 @@ from sqlalchemy.orm import Session
 
 from service.jobs.states import STATES, TERMINAL, JobState
 from service.orm import Job, JobEvent
-from tests.service.conftest import (
-    Caller,
-    Response,
-    make_job,
-    make_model,
-    newest_first,
-    problem,
-    walk,
-)
+from tests.service.factories import Caller, make_job, make_model
+from tests.service.support import Response, newest_first, problem, walk
 
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
 

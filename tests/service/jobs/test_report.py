@@ -3,7 +3,8 @@
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from tests.service.conftest import Caller, make_job, problem
+from tests.service.factories import Caller, make_job
+from tests.service.support import problem
 
 RESULT = {
     "macs_before": 1000,

@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 from service import queue
 from service.jobs import repository
 from service.orm import Job, JobEvent, Model
-from tests.service.conftest import Caller, QueueRecorder, make_dataset, make_model, problem
+from tests.service.factories import Caller, make_dataset, make_model
+from tests.service.support import QueueRecorder, problem
 
 
 @pytest.fixture

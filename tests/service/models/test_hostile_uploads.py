@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from tests.service.conftest import Caller, leftover_files, problem
-from tests.service.factories import hf_archive, safetensors_bytes
+from tests.service.factories import Caller, hf_archive, safetensors_bytes
+from tests.service.support import leftover_files, problem
 
 
 def _zip(

@@ -7,14 +7,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from service.orm import Model
-from tests.service.conftest import (
-    Caller,
-    make_job,
-    make_model,
-    newest_first,
-    problem,
-    walk,
-)
+from tests.service.factories import Caller, make_job, make_model
+from tests.service.support import newest_first, problem, walk
 
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
 

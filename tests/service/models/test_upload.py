@@ -11,15 +11,8 @@ from sqlalchemy.orm import Session
 from service.orm import Model
 from service.settings import Settings, get_settings
 from service.store import ArtifactStore
-from tests.service.conftest import (
-    MAX_UPLOAD_BYTES,
-    Caller,
-    QueueRecorder,
-    Response,
-    leftover_files,
-    problem,
-)
-from tests.service.factories import hf_archive, hf_archive_of_size
+from tests.service.factories import Caller, hf_archive, hf_archive_of_size
+from tests.service.support import MAX_UPLOAD_BYTES, QueueRecorder, Response, leftover_files, problem
 
 WEIGHTS = hf_archive(bytes(range(256)) * 1000)  # ~256 kB, every byte value
 
