@@ -24,16 +24,5 @@ def create(
     tenant_id: str,
     received: uploads.Received,
 ) -> Dataset:
-    blob = uploads.store(received, store)
-    dataset = Dataset(
-        tenant_id=tenant_id,
-        name=received.name,
-        format=received.format,
-        blob_key=blob.key,
-        sha256=blob.sha256,
-        size=blob.size,
-    )
-    with sessions() as session:
-        repository.add(session, dataset)
-        session.commit()
-    return dataset
+    """Store the upload and record the dataset."""
+    return uploads.save(sessions, store, tenant_id, received, Dataset, repository.add)

@@ -124,7 +124,8 @@ def _send(job_id: str) -> None:
 
 
 def _same_spec(job: Job, spec: JobSpec) -> Job:
-    if job.spec != spec.model_dump(mode="json"):
+    stored = {"spec_version": 1} | job.spec  # stored before specs carried their version
+    if stored != spec.model_dump(mode="json"):
         raise ProblemError(
             409,
             "idempotency_key_reused",

@@ -37,17 +37,6 @@ def create(
     received: uploads.Received,
 ) -> Model:
     """Store the upload, record the model (validating), and queue its validation."""
-    blob = uploads.store(received, store)
-    model = Model(
-        tenant_id=tenant_id,
-        name=received.name,
-        format=received.format,
-        blob_key=blob.key,
-        sha256=blob.sha256,
-        size=blob.size,
-    )
-    with sessions() as session:
-        repository.add(session, model)
-        session.commit()
+    model = uploads.save(sessions, store, tenant_id, received, Model, repository.add)
     queue.enqueue_validation(model.id)
     return model

@@ -5,9 +5,10 @@ nothing behind; an upload no job refers to can be deleted."""
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.jobs import repository as jobs
@@ -19,6 +20,7 @@ from service.tenants import repository as tenants
 from service.uploads.multipart import Upload, receive_upload
 
 MAX_NAME = 200  # the name column's width
+Stored = TypeVar("Stored", Model, Dataset)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,30 @@ def store(received: Received, artifacts: ArtifactStore) -> StoredBlob:
             return artifacts.put_stream(iter(lambda: file.read(1 << 20), b""))
     finally:
         received.upload.path.unlink(missing_ok=True)
+
+
+def save(
+    sessions: sessionmaker[Session],
+    artifacts: ArtifactStore,
+    tenant_id: str,
+    received: Received,
+    kind: type[Stored],
+    add: Callable[[Session, Stored], None],
+) -> Stored:
+    """Store the upload and record it as a `kind` row (through its repository's `add`)."""
+    blob = store(received, artifacts)
+    row = kind(
+        tenant_id=tenant_id,
+        name=received.name,
+        format=received.format,
+        blob_key=blob.key,
+        sha256=blob.sha256,
+        size=blob.size,
+    )
+    with sessions() as session:
+        add(session, row)
+        session.commit()
+    return row
 
 
 def delete_unless_used(session: Session, row: Model | Dataset) -> None:

@@ -4,6 +4,7 @@
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -53,6 +54,26 @@ def _stored_bert(tenant: str, root: Path) -> str:
     return _stored_model(tenant, factories.zip_folder(factories.bert_folder(root), root / "b.zip"))
 
 
+def _stored_job(tenant: str, model_id: str, root: Path, spec: dict[str, Any]) -> str:
+    """A queued job on the model, with a small tensors dataset, as the API would store it."""
+    blob = store_file(factories.tensors_file(root / "d.safetensors"))
+    with get_sessionmaker()() as session:
+        dataset = Dataset(
+            tenant_id=tenant,
+            name="d",
+            format="tensors",
+            blob_key=blob.key,
+            sha256=blob.sha256,
+            size=blob.size,
+        )
+        session.add(dataset)
+        session.flush()
+        job = Job(tenant_id=tenant, model_id=model_id, dataset_id=dataset.id, spec=spec)
+        session.add(job)
+        session.commit()
+        return job.id
+
+
 def test_validation_records_params_and_macs(tenant: str, tmp_path: Path) -> None:
     model_id = _stored_model(
         tenant, factories.zip_folder(factories.bert_folder(tmp_path), tmp_path / "b.zip")
@@ -91,28 +112,8 @@ def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
         tenant, factories.zip_folder(factories.bert_folder(tmp_path), tmp_path / "b.zip")
     )
     lifecycle.validate_model(model_id)
-    data = factories.tensors_file(tmp_path / "d.safetensors")
-    blob = store_file(data)
-    with get_sessionmaker()() as session:
-        dataset = Dataset(
-            tenant_id=tenant,
-            name="d",
-            format="tensors",
-            blob_key=blob.key,
-            sha256=blob.sha256,
-            size=blob.size,
-        )
-        session.add(dataset)
-        session.flush()
-        job = Job(
-            tenant_id=tenant,
-            model_id=model_id,
-            dataset_id=dataset.id,
-            spec=factories.spec(outputs=["hf", "onnx"]).model_dump(mode="json"),
-        )
-        session.add(job)
-        session.commit()
-        job_id = job.id
+    spec = factories.spec(outputs=["hf", "onnx"]).model_dump(mode="json")
+    job_id = _stored_job(tenant, model_id, tmp_path, spec)
 
     lifecycle.run_job(job_id)
     lifecycle.run_job(job_id)  # a duplicate delivery: the claim makes it a no-op
@@ -135,23 +136,8 @@ def test_a_stored_spec_the_worker_does_not_know_fails_the_job_as_invalid(
     """The worker validates the stored spec with the API's model: a spec written by another
     version (here, a newer spec_version) fails the job with `invalid_job`, and runs nothing."""
     model_id = _stored_bert(tenant, tmp_path)
-    blob = store_file(factories.tensors_file(tmp_path / "d.safetensors"))
     stored = factories.spec().model_dump(mode="json") | {"spec_version": 2}
-    with get_sessionmaker()() as session:
-        dataset = Dataset(
-            tenant_id=tenant,
-            name="d",
-            format="tensors",
-            blob_key=blob.key,
-            sha256=blob.sha256,
-            size=blob.size,
-        )
-        session.add(dataset)
-        session.flush()
-        job = Job(tenant_id=tenant, model_id=model_id, dataset_id=dataset.id, spec=stored)
-        session.add(job)
-        session.commit()
-        job_id = job.id
+    job_id = _stored_job(tenant, model_id, tmp_path, stored)
 
     lifecycle.run_job(job_id)
 

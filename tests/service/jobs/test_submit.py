@@ -6,6 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import flag_modified
 
 from service import queue
 from service.jobs import repository
@@ -164,6 +165,22 @@ def test_the_same_idempotency_key_and_spec_return_the_first_job(
     # Still queued, so the retry sends it again (the first send may have failed); the worker's
     # claim makes the duplicate delivery a no-op.
     assert [e.resource_id for e in queued.jobs] == [first.json()["id"]] * 2
+
+
+def test_a_retry_matches_a_job_stored_before_specs_carried_their_version(
+    client: TestClient, db: Session, alice: Caller, spec: dict[str, Any]
+) -> None:
+    headers = alice.headers | {"Idempotency-Key": "retry-1"}
+    first = client.post("/v1/jobs", json=spec, headers=headers)
+    job = db.get(Job, first.json()["id"])
+    assert job is not None and job.spec.pop("spec_version") == 1
+    flag_modified(job, "spec")
+    db.commit()  # as an earlier release stored it
+
+    again = client.post("/v1/jobs", json=spec, headers=headers)
+
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
 
 
 def test_the_same_idempotency_key_with_another_spec_is_409(
