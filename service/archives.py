@@ -25,6 +25,8 @@ MAX_FILES = 2_000
 MAX_TOTAL_BYTES = 20 * 1024**3
 MAX_RATIO = 200  # a model's weights compress ~1.1×; text ~10×; bombs reach 1000×
 COPY_CHUNK = 1 << 20
+ENCRYPTED = 0x1  # the general-purpose flag bit of an encrypted zip entry
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 ARCHITECTURES = Path(__file__).with_name("transformers_architectures.txt")
 TRANSFORMERS_RELEASE = "5.23.0"  # the worker's pin; refresh the list with it
@@ -63,8 +65,13 @@ def entries(
     """
     kind = _kind(archive)
     if kind == "zip" and zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as bundle:
-            yield _zip_entries(bundle, max_total, max_files)
+        try:
+            with zipfile.ZipFile(archive) as bundle:
+                yield _zip_entries(bundle, max_total, max_files)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:  # a CRC, a deflate stream
+            raise UnsafeArchive(
+                "invalid_archive", f"the zip archive is damaged: {error}"
+            ) from error
     elif kind in ("tar", "gz"):
         try:
             with tarfile.open(archive, "r:gz" if kind == "gz" else "r:") as bundle:
@@ -97,6 +104,16 @@ def _zip_entries(bundle: zipfile.ZipFile, max_total: int, max_files: int) -> lis
         path = _safe_name(info.filename)
         if stat.S_ISLNK(info.external_attr >> 16):
             raise UnsafeArchive("link_in_archive", f"archive entry {info.filename!r} is a link")
+        if info.flag_bits & ENCRYPTED:
+            raise UnsafeArchive(
+                "invalid_archive", f"archive entry {info.filename!r} is encrypted; zip it plainly"
+            )
+        if info.compress_type not in ZIP_METHODS:
+            raise UnsafeArchive(
+                "invalid_archive",
+                f"archive entry {info.filename!r} uses compression method {info.compress_type}; "
+                "use stored or deflate",
+            )
         if info.compress_size and info.file_size / info.compress_size > MAX_RATIO:
             raise UnsafeArchive(
                 "zip_bomb",
@@ -169,6 +186,18 @@ def _copy_limited(source: IO[bytes], out: IO[bytes], entry: Entry) -> None:
         out.write(chunk)
 
 
+def check_integrity(archive: Path) -> None:
+    """Read every entry through, so that a zip's CRCs and a gzip's checksum are verified now
+    (`invalid_archive`), not when a worker extracts the upload."""
+    with entries(archive) as listing:
+        for entry in listing:
+            if entry.is_dir:
+                continue
+            with entry.open() as stream:
+                while stream.read(COPY_CHUNK):
+                    pass
+
+
 def check_hf_upload(archive: Path, *, trusted: bool) -> None:
     """A Hugging Face model directory, as far as it can be checked without loading it:
     a sound archive, a config.json naming an architecture, weights in safetensors whose headers
@@ -197,6 +226,7 @@ def check_hf_upload(archive: Path, *, trusted: bool) -> None:
             raise UnsafeArchive("missing_weights", "the archive holds no .safetensors weights")
         for entry in weights:
             check_safetensors(entry)
+    check_integrity(archive)
 
 
 def _check_config(entry: Entry) -> None:
@@ -205,7 +235,7 @@ def _check_config(entry: Entry) -> None:
     with entry.open() as stream:
         try:
             config = json.loads(stream.read(entry.size + 1))
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: nesting beyond Python's
             raise UnsafeArchive(
                 "invalid_config", f"config.json is not valid JSON: {error}"
             ) from error
@@ -243,7 +273,7 @@ def check_safetensors(entry: Entry) -> None:
             raise UnsafeArchive("invalid_safetensors", f"{entry.path} has an impossible header")
         try:
             header = json.loads(stream.read(header_size))
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: nesting beyond Python's
             raise UnsafeArchive(
                 "invalid_safetensors", f"{entry.path} has a header that is not JSON"
             ) from error

@@ -21,5 +21,5 @@ def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, item_id = json.loads(base64.urlsafe_b64decode(padded))
         return datetime.fromisoformat(created), str(item_id)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, RecursionError) as error:
         raise ProblemError(400, "invalid_cursor", "the pagination cursor is not valid") from error

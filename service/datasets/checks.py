@@ -28,6 +28,7 @@ def _tensors(path: Path) -> None:
         with archives.entries(path) as listing:
             if not listing or any(PurePosixPath(e.path).suffix != ".npy" for e in listing):
                 raise InvalidDataset("invalid_dataset", "an .npz must hold only .npy arrays")
+        archives.check_integrity(path)
         return
     size = path.stat().st_size
     entry = archives.Entry(PurePosixPath(path.name), size, False, lambda: path.open("rb"))
@@ -47,9 +48,9 @@ def _jsonl(path: Path) -> None:
                 continue
             try:
                 row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as error:
+            except (UnicodeDecodeError, ValueError, RecursionError) as error:
                 raise InvalidDataset(
-                    "invalid_dataset", f"line {number} is not UTF-8 JSON"
+                    "invalid_dataset", f"line {number} is not UTF-8 JSON (or nests too deep)"
                 ) from error
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise InvalidDataset(
@@ -73,3 +74,4 @@ def _imagefolder(path: Path) -> None:
         raise InvalidDataset(
             "invalid_dataset", "imagefolder needs a zip of class folders holding images"
         )
+    archives.check_integrity(path)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.problems import ProblemError
@@ -104,11 +105,18 @@ async def receive_upload(request: Request, spool_dir: Path, max_bytes: int) -> U
         )
     spool_dir.mkdir(parents=True, exist_ok=True)
     receiver = _Receiver(spool_dir, max_bytes)
-    parser = MultipartParser(options[b"boundary"], receiver.callbacks())  # type: ignore[arg-type]
     try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
+        try:
+            parser = MultipartParser(options[b"boundary"], receiver.callbacks())  # type: ignore[arg-type]
+            async for chunk in request.stream():
+                parser.write(chunk)
+            parser.finalize()
+        except (FormParserError, UnicodeDecodeError) as error:
+            # The parser's own limits (boundary length, header size, header syntax) and part
+            # names that are not UTF-8: the client's body is wrong, not the server.
+            raise ProblemError(
+                400, "malformed_upload", f"the multipart body is malformed: {error}"
+            ) from error
     except BaseException:
         receiver.file.close()
         Path(receiver.file.name).unlink(missing_ok=True)

@@ -63,6 +63,7 @@ def test_a_dataset_upload_is_stored_and_hashed(
         ("tensors", b"\0" * (MAX_UPLOAD_BYTES + 1), 413, "upload_too_large"),
         ("tensors", b"\0" * (3 * MAX_UPLOAD_BYTES), 413, "upload_too_large"),
         ("jsonl", TENSORS, 422, "invalid_dataset"),
+        ("jsonl", b"[" * 100_000 + b"\n", 422, "invalid_dataset"),  # nests past recursion
         ("onnx", TENSORS, 422, "unsupported_format"),
         ("", TENSORS, 422, "unsupported_format"),
         ("tensors", b"", 422, "empty_file"),

@@ -84,14 +84,16 @@ def test_last_event_id_resumes_after_that_event(
     assert frames(response.text) == expected[resume_after + 1 :]
 
 
+@pytest.mark.parametrize("last_event_id", ["abc", "9" * 5000])  # not a number; past any id
 def test_a_malformed_last_event_id_replays_from_the_start(
-    client: TestClient, db: Session, alice: Caller
+    client: TestClient, db: Session, alice: Caller, last_event_id: str
 ) -> None:
     job = make_job(db, alice.tenant_id, JobState.SUCCEEDED)
     expected = log(db, job.id, *HISTORY)
     response = client.get(
-        f"/v1/jobs/{job.id}/events", headers=alice.headers | {"Last-Event-ID": "abc"}
+        f"/v1/jobs/{job.id}/events", headers=alice.headers | {"Last-Event-ID": last_event_id}
     )
+    assert response.status_code == 200
     assert frames(response.text) == expected
 
 

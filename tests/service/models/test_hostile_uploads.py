@@ -44,6 +44,31 @@ def _tar_with_symlink() -> bytes:
     return buffer.getvalue()
 
 
+def _damaged_zip(how: str) -> bytes:
+    """A sound archive (config.json, then weights), damaged in the weights entry's bytes or in
+    both of its headers (local and central), the way a hostile or broken client would send it."""
+    weights = safetensors_bytes(bytes(range(256)) * 32)  # long enough to corrupt its body
+    compression = zipfile.ZIP_DEFLATED if how == "corrupt deflate data" else zipfile.ZIP_STORED
+    data = bytearray(
+        _zip({"config.json": CONFIG, "model.safetensors": weights}, compression=compression)
+    )
+    local = data.rfind(b"PK\x03\x04")  # the weights entry's local header
+    central = data.rfind(b"PK\x01\x02")  # and its central directory record
+    if how == "bad CRC":
+        data[local + 30 + len("model.safetensors") + 4000] ^= 0xFF  # in the tensor bytes
+    elif how == "corrupt deflate data":
+        start = local + 30 + len("model.safetensors")
+        data[start : start + 16] = b"\xff" * 16
+    elif how == "unsupported method":
+        data[local + 8 : local + 10] = data[central + 10 : central + 12] = (99).to_bytes(
+            2, "little"
+        )
+    elif how == "encrypted flag":
+        data[local + 6] |= 1
+        data[central + 8] |= 1
+    return bytes(data)
+
+
 VALID_WEIGHTS = safetensors_bytes(b"\0" * 64)
 CONFIG = json.dumps({"architectures": ["BertModel"]}).encode()
 HOSTILE: dict[str, tuple[Callable[[], bytes], str, str]] = {
@@ -111,6 +136,27 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "no config": (lambda: _zip({"model.safetensors": VALID_WEIGHTS}), "hf", "missing_config"),
     "a file of zeros (an empty tar to tarfile)": (lambda: bytes(4096), "hf", "invalid_archive"),
     "empty file": (lambda: b"", "hf", "empty_file"),
+    "safetensors header nesting past recursion": (
+        lambda: hf_archive(b"", weights=len(b"[" * 100_000).to_bytes(8, "little") + b"[" * 100_000),
+        "hf",
+        "invalid_safetensors",
+    ),
+    "zip with a bad CRC": (lambda: _damaged_zip("bad CRC"), "hf", "invalid_archive"),
+    "zip with corrupt deflate data": (
+        lambda: _damaged_zip("corrupt deflate data"),
+        "hf",
+        "invalid_archive",
+    ),
+    "zip with an unsupported method": (
+        lambda: _damaged_zip("unsupported method"),
+        "hf",
+        "invalid_archive",
+    ),
+    "zip with the encrypted flag": (
+        lambda: _damaged_zip("encrypted flag"),
+        "hf",
+        "invalid_archive",
+    ),
     "wrong format for the content": (lambda: VALID_WEIGHTS, "hf", "invalid_archive"),
 }
 

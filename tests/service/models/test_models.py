@@ -1,5 +1,6 @@
 """GET /v1/models (paginated), GET and DELETE /v1/models/{id}."""
 
+import base64
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -38,7 +39,10 @@ def test_an_empty_listing_has_no_cursor(client: TestClient, alice: Caller) -> No
     }
 
 
-@pytest.mark.parametrize("cursor", ["not-a-cursor", "W10", "eyJhIjogMX0", "WzEsIDJd"])
+DEEP_CURSOR = base64.urlsafe_b64encode(b"[" * 5_000).decode()  # nests past recursion
+
+
+@pytest.mark.parametrize("cursor", ["not-a-cursor", "W10", "eyJhIjogMX0", "WzEsIDJd", DEEP_CURSOR])
 def test_a_malformed_cursor_is_400(client: TestClient, alice: Caller, cursor: str) -> None:
     # "W10" is [], "eyJhIjogMX0" {"a": 1}, "WzEsIDJd" [1, 2]: JSON, but not a cursor
     response = client.get("/v1/models", params={"cursor": cursor}, headers=alice.headers)
