@@ -239,6 +239,13 @@ def _check_config(entry: Entry) -> None:
             raise UnsafeArchive(
                 "invalid_config", f"config.json is not valid JSON: {error}"
             ) from error
+    if isinstance(config, dict) and "auto_map" in config:
+        raise UnsafeArchive(
+            "remote_code",
+            "config.json declares auto_map: the model's class is code inside the upload, which "
+            "is never run, so the model pruned would not be yours. Upload a model whose "
+            "architectures[0] is a transformers class",
+        )
     names = config.get("architectures") if isinstance(config, dict) else None
     if not (
         isinstance(names, list)

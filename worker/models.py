@@ -4,6 +4,7 @@ sentence-transformers folder (a Hugging Face model plus `modules.json`) also yie
 that turns its token states into sentence embeddings."""
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_lasttoken": "lasttoken",
 }
 MAX_JSON_BYTES = 1024 * 1024  # modules.json and a pooling config are a few hundred bytes
+MAX_PARAMS = 20_000_000_000  # what the config may describe before anything is allocated
 
 
 @dataclass(frozen=True)
@@ -89,17 +91,74 @@ def load_hf(root: Path, *, trusted: bool) -> LoadedModel:
             "unsafe_format" if any(directory.glob("*.bin")) else "missing_weights",
             "weights must be .safetensors (pickled .bin weights need trusted mode)",
         )
+    if "auto_map" in config:
+        raise ModelRejected(
+            "remote_code", "config.json declares auto_map: custom model code is never run"
+        )
+    if has_safetensors:
+        _check_weights_cover(cls, directory)
     try:
-        model = cls.from_pretrained(  # type: ignore[attr-defined]
+        model, info = cls.from_pretrained(  # type: ignore[attr-defined]
             directory,
             use_safetensors=has_safetensors,
             trust_remote_code=False,
             local_files_only=True,
+            output_loading_info=True,
         )
     except Exception as error:  # transformers raises many types for a broken upload
         raise ModelRejected("invalid_weights", f"the weights do not load: {error}") from error
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ModelRejected(
+            "missing_weights",
+            f"the weights lack {len(missing)} tensors the config's model needs "
+            f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); they would be "
+            "random. Save the model whose config this is (save_pretrained)",
+        )
     kind = "vision" if "pixel_values" in _forward_arguments(model) else "text"
     return LoadedModel(model.eval(), directory, kind, sentence_pooling(directory))
+
+
+def _check_weights_cover(cls: type[nn.Module], directory: Path) -> None:
+    """Before anything is allocated: the config's model, built on the meta device, must fit the
+    parameter cap, and the safetensors must hold at least as many elements as it has
+    parameters. A config alone (a 1 KB upload asking for a huge vocabulary) allocates nothing."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+        with torch.device("meta"):
+            skeleton = cls._from_config(config)  # type: ignore[attr-defined]
+    except Exception as error:  # a config transformers cannot build a model from
+        raise ModelRejected(
+            "invalid_config", f"config.json does not build a model: {error}"
+        ) from error
+    needed = sum(p.numel() for p in skeleton.parameters())
+    if needed > MAX_PARAMS:
+        raise ModelRejected(
+            "model_too_large",
+            f"the config describes {needed:,} parameters; the limit is {MAX_PARAMS:,}",
+        )
+    stored = sum(_stored_elements(path) for path in directory.glob("*.safetensors"))
+    if stored < needed:
+        raise ModelRejected(
+            "missing_weights",
+            f"the config describes {needed:,} parameters but the weights hold {stored:,} "
+            "values: most of the model would be random. Upload the weights with the config "
+            "(save_pretrained)",
+        )
+
+
+def _stored_elements(path: Path) -> int:
+    """How many values a safetensors file holds, from its header alone (checked at upload)."""
+    with path.open("rb") as stream:
+        size = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(size))
+    return sum(
+        math.prod(entry["shape"])
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict)
+    )
 
 
 def sentence_modules(directory: Path) -> dict[str, str]:

@@ -124,9 +124,21 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str, str]] = {
         "invalid_config",
     ),
     "config naming a class outside transformers": (
-        lambda: hf_archive(b"x", config={"architectures": ["EvilModel"], "auto_map": {}}),
+        lambda: hf_archive(b"x", config={"architectures": ["EvilModel"]}),
         "hf",
         "unknown_architecture",
+    ),
+    "config whose class is code in the upload (auto_map)": (
+        lambda: hf_archive(
+            b"x",
+            config={
+                "architectures": ["BertModel"],
+                "model_type": "bert",
+                "auto_map": {"AutoModel": "modeling_evil.EvilModel"},
+            },
+        ),
+        "hf",
+        "remote_code",
     ),
     "config that is not JSON": (
         lambda: _zip({"config.json": b"{nope", "model.safetensors": VALID_WEIGHTS}),
