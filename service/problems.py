@@ -17,11 +17,20 @@ Row = TypeVar("Row")
 class ProblemError(Exception):
     """An expected failure, rendered as application/problem+json."""
 
-    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
+        self.headers = headers or {}  # e.g. Retry-After on a 429
         self.extra = extra
 
 
@@ -52,7 +61,9 @@ def problem_response(status: int, code: str, detail: str, **extra: Any) -> JSONR
 def install(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, error: ProblemError) -> JSONResponse:
-        return problem_response(error.status, error.code, error.detail, **error.extra)
+        response = problem_response(error.status, error.code, error.detail, **error.extra)
+        response.headers.update(error.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:

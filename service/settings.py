@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     job_queue: Literal["cpu", "gpu"] = "cpu"  # where the API sends jobs; GPU fleets use "gpu"
     job_max_attempts: int = Field(default=3, ge=1)
+    # Per tenant: jobs queued, running or cancelling at once; more are refused with a 429
+    max_active_jobs: int = Field(default=20, ge=1)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     stale_after_seconds: float = Field(default=60.0, gt=0)
     job_soft_time_limit: int = 6 * 3600

@@ -35,6 +35,13 @@ def uses_dataset(session: Session, dataset_id: str) -> bool:
     return session.scalar(select(Job.id).where(Job.dataset_id == dataset_id).limit(1)) is not None
 
 
+def active_count(session: Session, tenant_id: str) -> int:
+    """The tenant's jobs that are queued, running or cancelling."""
+    active = (JobState.QUEUED, *LEASED)
+    query = select(func.count()).where(Job.tenant_id == tenant_id, Job.state.in_(active))
+    return session.scalar(query) or 0
+
+
 def by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 

@@ -1,9 +1,9 @@
 """The job spec (DESIGN §4) and job resources."""
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 OutputFormat = Literal["hf", "safetensors", "onnx", "pt2", "torch_pickle"]
 
@@ -12,10 +12,21 @@ def _default_outputs() -> list[OutputFormat]:
     return ["hf"]
 
 
-class Target(BaseModel):
+# What one spec may ask for (a 422 names the limit): calibration rows scored per step × steps,
+# fine-tuning rows × epochs. A CPU worker scores ~1,000 rows of a small BERT a second.
+MAX_SCORED_ROWS = 2_000_000  # calibration batches × batch size × steps
+MAX_FINETUNE_ROWS = 5_000_000  # calibration batches × batch size × epochs
+
+
+class SpecPart(BaseModel):
+    """Every part of a spec: unknown fields and NaN / ±Infinity are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Target(SpecPart):
     """Keep at most this fraction of MACs or parameters, or zero this fraction of weights."""
 
-    model_config = ConfigDict(extra="forbid")
     macs: float | None = Field(default=None, gt=0, lt=1)
     params: float | None = Field(default=None, gt=0, lt=1)
     sparsity: float | None = Field(default=None, gt=0, lt=1)
@@ -35,28 +46,24 @@ class Target(BaseModel):
         return float(getattr(self, self.metric))
 
 
-class Schedule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Schedule(SpecPart):
     steps: int = Field(default=10, ge=1, le=500)
     kind: Literal["exponential", "linear"] = "exponential"
 
 
-class Calibration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Calibration(SpecPart):
     batches: int = Field(default=8, ge=1, le=10_000)
     batch_size: int = Field(default=32, ge=1, le=4096)
 
 
-class Finetune(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Finetune(SpecPart):
     epochs: int = Field(default=1, ge=0, le=100)
     lr: float = Field(default=1e-3, gt=0, le=1)
 
 
-class Evaluation(BaseModel):
+class Evaluation(SpecPart):
     """Where before/after metrics come from: a separate dataset, or the last fraction of rows."""
 
-    model_config = ConfigDict(extra="forbid")
     dataset_id: str | None = None
     fraction: float | None = Field(default=None, gt=0, lt=1)
 
@@ -67,20 +74,20 @@ class Evaluation(BaseModel):
         return self
 
 
-class Preprocess(BaseModel):
+class Preprocess(SpecPart):
     """Image preprocessing when the model's preprocessor_config.json should not decide."""
 
-    model_config = ConfigDict(extra="forbid")
     size: int | None = Field(default=None, ge=8, le=4096)
     mean: list[float] | None = Field(default=None, min_length=1, max_length=4)
-    std: list[float] | None = Field(default=None, min_length=1, max_length=4)
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(
+        default=None, min_length=1, max_length=4
+    )
 
 
-class JobSpec(BaseModel):
+class JobSpec(SpecPart):
     """What a job does. The API validates it at submit and stores it as JSON; the worker
     validates the stored JSON with this same model before it runs the job."""
 
-    model_config = ConfigDict(extra="forbid")
     # the spec's layout: a worker refuses (`invalid_job`) a version it does not know
     spec_version: Literal[1] = 1
     model_id: str
@@ -98,7 +105,10 @@ class JobSpec(BaseModel):
     finetune: Finetune | None = None
     evaluation: Evaluation | None = None
     preprocess: Preprocess | None = None
-    outputs: list[OutputFormat] = Field(default_factory=_default_outputs, min_length=1)
+    # each format once: a repeated format is one export
+    outputs: list[OutputFormat] = Field(
+        default_factory=_default_outputs, min_length=1, max_length=5
+    )
 
     @model_validator(mode="after")
     def _target_fits_granularity(self) -> "JobSpec":
@@ -109,7 +119,23 @@ class JobSpec(BaseModel):
             raise ValueError("depth_share combines depth with channel pruning")
         if self.granularity == "unstructured" and self.target.metric != "sparsity":
             raise ValueError("unstructured pruning targets sparsity")
+        rows = self.calibration.batches * self.calibration.batch_size
+        if rows * self.schedule.steps > MAX_SCORED_ROWS:
+            raise ValueError(
+                f"calibration.batches × calibration.batch_size × schedule.steps is "
+                f"{rows * self.schedule.steps:,}; the limit is {MAX_SCORED_ROWS:,} rows scored"
+            )
+        if self.finetune is not None and rows * self.finetune.epochs > MAX_FINETUNE_ROWS:
+            raise ValueError(
+                f"calibration rows × finetune.epochs is {rows * self.finetune.epochs:,}; "
+                f"the limit is {MAX_FINETUNE_ROWS:,} rows fine-tuned"
+            )
         return self
+
+    @field_validator("outputs")
+    @classmethod
+    def _each_output_once(cls, outputs: list[OutputFormat]) -> list[OutputFormat]:
+        return list(dict.fromkeys(outputs))
 
 
 class JobError(BaseModel):

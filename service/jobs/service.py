@@ -16,6 +16,8 @@ from service.settings import get_settings
 from service.tenants import repository as tenants
 from service.tenants.repository import Owned
 
+RETRY_AFTER_SECONDS = 30  # a small job's run: when a slot is likely to be free again
+
 
 def create(
     session: Session, tenant_id: str, spec: JobSpec, idempotency_key: str | None
@@ -58,6 +60,15 @@ def create(
         )
     _check_reachable(model, spec)
     settings = get_settings()
+    if repository.active_count(session, tenant_id) >= settings.max_active_jobs:
+        raise ProblemError(
+            429,
+            "too_many_jobs",
+            f"this tenant has {settings.max_active_jobs} jobs queued or running, the limit; "
+            "submit again when one has ended",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            limit=settings.max_active_jobs,
+        )
     job = Job(
         tenant_id=tenant_id,
         model_id=spec.model_id,

@@ -1,5 +1,6 @@
 """POST /v1/jobs: validation, the commit-then-enqueue order, and Idempotency-Key."""
 
+import json
 from typing import Any
 
 import pytest
@@ -10,8 +11,10 @@ from sqlalchemy.orm.attributes import flag_modified
 
 from service import queue
 from service.jobs import repository
+from service.jobs.states import JobState
 from service.orm import Job, JobEvent, Model
-from tests.service.factories import Caller, make_dataset, make_model
+from service.settings import get_settings
+from tests.service.factories import Caller, make_dataset, make_job, make_model
 from tests.service.support import QueueRecorder, problem
 
 
@@ -111,6 +114,11 @@ def test_unknown_inputs_are_404(
         {"outputs": ["pickle"]},
         {"surprise": True},
         {"model_id": None},
+        {"outputs": ["hf"] * 25},
+        {"preprocess": {"std": [0.0]}},
+        {"preprocess": {"mean": [float("nan")]}},
+        {"preprocess": {"mean": [float("inf")]}},
+        {"finetune": {"epochs": 1, "lr": float("nan")}},
     ],
 )
 def test_an_invalid_spec_is_422(
@@ -121,11 +129,51 @@ def test_an_invalid_spec_is_422(
     spec: dict[str, Any],
     change: dict[str, Any],
 ) -> None:
-    response = client.post("/v1/jobs", json=spec | change, headers=alice.headers)
+    # json.dumps writes NaN and Infinity as JavaScript does; the API's parser reads them
+    body_json = json.dumps(spec | change)
+    headers = alice.headers | {"Content-Type": "application/json"}
+    response = client.post("/v1/jobs", content=body_json, headers=headers)
     body = problem(response, 422, "invalid_request")
     assert body["errors"] and all(error["loc"][0] == "body" for error in body["errors"])
     assert job_count(db) == 0
     assert queued.jobs == []
+
+
+@pytest.mark.parametrize(
+    ("change", "limit"),
+    [
+        (
+            {"schedule": {"steps": 500}, "calibration": {"batches": 10_000, "batch_size": 4096}},
+            "rows scored",
+        ),
+        (
+            {"finetune": {"epochs": 100}, "calibration": {"batches": 100, "batch_size": 512}},
+            "rows fine-tuned",
+        ),
+    ],
+)
+def test_a_spec_asking_for_too_much_work_is_422_naming_the_limit(
+    client: TestClient,
+    db: Session,
+    alice: Caller,
+    spec: dict[str, Any],
+    change: dict[str, Any],
+    limit: str,
+) -> None:
+    response = client.post("/v1/jobs", json=spec | change, headers=alice.headers)
+    body = problem(response, 422, "invalid_request")
+    assert limit in json.dumps(body["errors"])
+    assert job_count(db) == 0
+
+
+def test_a_repeated_output_is_one_export(
+    client: TestClient, alice: Caller, spec: dict[str, Any]
+) -> None:
+    response = client.post(
+        "/v1/jobs", json=spec | {"outputs": ["hf", "onnx", "hf", "onnx"]}, headers=alice.headers
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["outputs"] == ["hf", "onnx"]
 
 
 @pytest.mark.parametrize(
@@ -313,3 +361,32 @@ def test_a_params_target_below_the_reachable_value_is_422(
         "/v1/jobs", json=params | {"outputs": ["safetensors"]}, headers=alice.headers
     )
     assert accepted.status_code == 202, accepted.text
+
+
+def test_a_tenant_at_its_active_job_limit_gets_429_with_retry_after(
+    client: TestClient,
+    db: Session,
+    queued: QueueRecorder,
+    alice: Caller,
+    bob: Caller,
+    spec: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("APOPTOSIS_MAX_ACTIVE_JOBS", "2")
+    get_settings.cache_clear()
+    make_job(db, alice.tenant_id, JobState.QUEUED)
+    make_job(db, alice.tenant_id, JobState.RUNNING)
+    make_job(db, alice.tenant_id, JobState.SUCCEEDED)  # ended jobs do not count
+
+    response = client.post("/v1/jobs", json=spec, headers=alice.headers)
+
+    body = problem(response, 429, "too_many_jobs")
+    assert body["limit"] == 2
+    assert int(response.headers["retry-after"]) > 0
+    assert queued.jobs == []
+    # another tenant is not held back by alice's jobs
+    bobs = {
+        "model_id": make_model(db, bob.tenant_id).id,
+        "dataset_id": make_dataset(db, bob.tenant_id).id,
+    }
+    assert client.post("/v1/jobs", json=spec | bobs, headers=bob.headers).status_code == 202
