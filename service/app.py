@@ -5,6 +5,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import health, metrics, problems
 from service.artifacts.router import router as artifacts_router
+from service.body_limit import BodyLimitMiddleware
 from service.datasets.router import router as datasets_router
 from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
@@ -23,7 +24,8 @@ def create_app(
     )
     app.state.sessions, app.state.store = sessions, store
     problems.install(app)
-    metrics.install(app)
+    app.add_middleware(BodyLimitMiddleware)
+    metrics.install(app)  # outermost: it counts what the body limit refuses too
     for router in (
         health.router,
         metrics.router,

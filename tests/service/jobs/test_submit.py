@@ -390,3 +390,21 @@ def test_a_tenant_at_its_active_job_limit_gets_429_with_retry_after(
         "dataset_id": make_dataset(db, bob.tenant_id).id,
     }
     assert client.post("/v1/jobs", json=spec | bobs, headers=bob.headers).status_code == 202
+
+
+def test_a_json_body_over_the_cap_is_413_before_it_is_parsed(
+    client: TestClient, db: Session, alice: Caller, spec: dict[str, Any]
+) -> None:
+    huge = json.dumps(spec | {"outputs": ["hf"] * 300_000}).encode()  # 2 MiB
+    headers = alice.headers | {"Content-Type": "application/json"}
+
+    declared = client.post("/v1/jobs", content=huge, headers=headers)
+    streamed = client.post(  # no Content-Length: chunked, counted as it arrives
+        "/v1/jobs",
+        content=iter([huge[i : i + 65536] for i in range(0, len(huge), 65536)]),
+        headers=headers,
+    )
+
+    problem(declared, 413, "body_too_large")
+    problem(streamed, 413, "body_too_large")
+    assert job_count(db) == 0
