@@ -46,6 +46,41 @@ def found(row: Row | None, kind: str, resource_id: str) -> Row:
     return row
 
 
+_PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "code", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "code": {"type": "string"},
+        "detail": {"type": "string"},
+    },
+}
+_MEANING = {
+    400: "a malformed request (cursor, multipart body)",
+    401: "no API key, or one unknown or revoked",
+    404: "no such resource for this tenant",
+    409: "the resource's state does not allow it",
+    413: "the body or upload is over its limit",
+    415: "the upload is not multipart/form-data",
+    422: "the request or its content is not valid",
+    429: "a tenant limit is reached; see Retry-After",
+    503: "a dependency (the broker) is unavailable",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the problems an operation answers with (RFC 9457 bodies)."""
+    return {
+        status: {
+            "description": _MEANING[status],
+            "content": {PROBLEM_JSON: {"schema": _PROBLEM_SCHEMA}},
+        }
+        for status in statuses
+    }
+
+
 def problem_response(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
     body = {
         "type": f"https://apoptosis.dev/problems/{code}",

@@ -8,11 +8,11 @@ from fastapi.responses import StreamingResponse
 from service.auth import TenantDep
 from service.db import SessionsDep
 from service.orm import Artifact
-from service.problems import found
+from service.problems import found, responses
 from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
 
-router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=responses(401, 404))
 
 
 @router.get("/{artifact_id}/content", response_model=None)

@@ -11,13 +11,15 @@ from service.datasets.schemas import DATASET_FORMATS, DatasetOut, DatasetPage
 from service.db import SessionsDep
 from service.orm import Dataset
 from service.pagination import MAX_LIMIT
-from service.problems import found
+from service.problems import found, responses
 from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
 from service.uploads import service as uploads
 from service.uploads.multipart import openapi_form
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(
+    prefix="/v1/datasets", tags=["datasets"], responses=responses(401, 404, 409, 413, 415, 422)
+)
 
 
 @router.post(

@@ -20,10 +20,12 @@ from service.jobs.schemas import JobOut, JobPage, JobSpec
 from service.jobs.states import STATES, TERMINAL
 from service.orm import Artifact, Job
 from service.pagination import MAX_LIMIT
-from service.problems import ProblemError, found
+from service.problems import ProblemError, found, responses
 from service.tenants import repository as tenants
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 401, 404, 409, 413, 422, 429, 503)
+)
 EVENT_POLL_SECONDS = 0.5
 
 

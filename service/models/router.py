@@ -11,13 +11,15 @@ from service.models import service
 from service.models.schemas import MODEL_FORMATS, ModelOut, ModelPage
 from service.orm import Model
 from service.pagination import MAX_LIMIT
-from service.problems import found
+from service.problems import found, responses
 from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
 from service.uploads import service as uploads
 from service.uploads.multipart import openapi_form
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], responses=responses(401, 404, 409, 413, 415, 422)
+)
 
 
 @router.post(

@@ -1,0 +1,50 @@
+"""The OpenAPI document tells the truth a generated client needs: the bearer scheme, the
+problems each operation answers with, and the multipart bodies of the uploads."""
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+@pytest.fixture
+def document(client: TestClient) -> dict[str, Any]:
+    body: dict[str, Any] = client.get("/openapi.json").json()
+    return body
+
+
+def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (method, path, operation)
+        for path, item in document["paths"].items()
+        if path.startswith("/v1/")
+        for method, operation in item.items()
+    ]
+
+
+def test_every_v1_operation_declares_the_bearer_scheme_and_its_401(
+    document: dict[str, Any],
+) -> None:
+    schemes = document["components"]["securitySchemes"]
+    assert [s["scheme"].lower() for s in schemes.values() if s["type"] == "http"] == ["bearer"]
+    operations = _operations(document)
+    assert len(operations) >= 12
+    for method, path, operation in operations:
+        assert operation.get("security"), (method, path)
+        assert "401" in operation["responses"], (method, path)
+        problem = operation["responses"]["401"]["content"]
+        assert "application/problem+json" in problem, (method, path)
+
+
+def test_uploads_declare_their_multipart_body(document: dict[str, Any]) -> None:
+    for path in ("/v1/models", "/v1/datasets"):
+        body = document["paths"][path]["post"]["requestBody"]["content"]
+        schema = body["multipart/form-data"]["schema"]
+        assert {"file", "format"} <= set(schema["required"])
+        assert {"413", "415", "422"} <= set(document["paths"][path]["post"]["responses"])
+
+
+def test_job_submission_declares_its_quota_and_broker_problems(document: dict[str, Any]) -> None:
+    assert {"404", "409", "413", "422", "429", "503"} <= set(
+        document["paths"]["/v1/jobs"]["post"]["responses"]
+    )
