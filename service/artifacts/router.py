@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.auth import TenantDep
@@ -15,29 +15,64 @@ from service.tenants import repository as tenants
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=responses(401, 404))
 
 
-@router.get("/{artifact_id}/content", response_model=None)
+@router.api_route("/{artifact_id}/content", methods=["GET", "HEAD"], response_model=None)
 def download(
     artifact_id: str,
+    request: Request,
     tenant_id: TenantDep,
     sessions: SessionsDep,
     store: StoreDep,
     if_none_match: Annotated[str | None, Header()] = None,
+    range_: Annotated[str | None, Header(alias="range")] = None,
 ) -> Response:
+    """The artifact's bytes (`HEAD`: its headers only). One `Range: bytes=…` range is served
+    as 206 Partial Content, so a broken download resumes where it stopped."""
     with sessions() as session:
         owned = tenants.owned(session, Artifact, tenant_id, artifact_id)
         artifact = found(owned, "artifact", artifact_id)
     etag = f'"{artifact.sha256}"'
     if if_none_match is not None and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{artifact.filename}"',
+    }
+    start, length, status = 0, artifact.size, 200
+    if range_ is not None:
+        wanted = _byte_range(range_, artifact.size)
+        if wanted is None:
+            headers["Content-Range"] = f"bytes */{artifact.size}"
+            return Response(status_code=416, headers=headers)
+        start, end = wanted
+        length, status = end - start + 1, 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{artifact.size}"
+    headers["Content-Length"] = str(length)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type="application/octet-stream")
     return StreamingResponse(
-        store.iter_chunks(artifact.blob_key),
+        store.iter_chunks(artifact.blob_key, start=start, length=length),
+        status_code=status,
         media_type="application/octet-stream",
-        headers={
-            "ETag": etag,
-            "Content-Length": str(artifact.size),
-            "Content-Disposition": f'attachment; filename="{artifact.filename}"',
-        },
+        headers=headers,
     )
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The first and last byte of one `bytes=a-b`, `bytes=a-` or `bytes=-n` range within
+    `size`; None when it is not one satisfiable range (several ranges are not served)."""
+    unit, _, spec = header.partition("=")
+    first, dash, last = spec.strip().partition("-")
+    if unit.strip().lower() != "bytes" or not dash or "," in spec:
+        return None
+    if not (first.isdigit() or last.isdigit()) or len(first) > 19 or len(last) > 19:
+        return None
+    if not first:  # the last n bytes
+        count = int(last)
+        return (max(0, size - count), size - 1) if count and size else None
+    start = int(first)
+    end = min(int(last), size - 1) if last.isdigit() else size - 1
+    return (start, end) if start <= end and start < size else None
 
 
 def _matches(if_none_match: str, etag: str) -> bool:

@@ -1,8 +1,8 @@
 """Artifacts: the files a job produced."""
 
-from datetime import datetime
-
 from pydantic import BaseModel, ConfigDict
+
+from service.timestamps import UtcDatetime
 
 
 class ArtifactOut(BaseModel):
@@ -13,4 +13,4 @@ class ArtifactOut(BaseModel):
     filename: str
     sha256: str
     size: int
-    created_at: datetime
+    created_at: UtcDatetime

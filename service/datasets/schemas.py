@@ -1,8 +1,8 @@
 """Dataset resources as the API shows them."""
 
-from datetime import datetime
-
 from pydantic import BaseModel
+
+from service.timestamps import UtcDatetime
 
 DATASET_FORMATS: tuple[str, ...] = ("tensors", "jsonl", "imagefolder")
 
@@ -13,7 +13,7 @@ class DatasetOut(BaseModel):
     format: str
     sha256: str
     size: int
-    created_at: datetime
+    created_at: UtcDatetime
 
     model_config = {"from_attributes": True}
 

@@ -1,9 +1,10 @@
 """The job spec (DESIGN §4) and job resources."""
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.timestamps import UtcDatetime
 
 OutputFormat = Literal["hf", "safetensors", "onnx", "pt2", "torch_pickle"]
 
@@ -154,9 +155,9 @@ class JobOut(BaseModel):
     progress: dict[str, Any]
     result: dict[str, Any] | None
     error: JobError | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
 
 
 class JobPage(BaseModel):

@@ -1,9 +1,10 @@
 """Model resources as the API shows them."""
 
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel
+
+from service.timestamps import UtcDatetime
 
 ModelFormat = Literal["hf", "torch_pickle"]
 MODEL_FORMATS: tuple[str, ...] = ("hf", "torch_pickle")
@@ -18,7 +19,7 @@ class ModelOut(BaseModel):
     size: int
     summary: dict[str, Any]  # params, macs, inputs, layers once ready
     rejection_reason: str | None
-    created_at: datetime
+    created_at: UtcDatetime
 
     model_config = {"from_attributes": True}
 

@@ -108,7 +108,21 @@ class ArtifactStore(Protocol):
         """The blob's size in bytes. Raises `BlobNotFound`."""
         ...
 
-    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    def iter_chunks(
+        self, key: str, chunk_size: int = 1 << 20, *, start: int = 0, length: int | None = None
+    ) -> Iterator[bytes]:
+        """The blob's bytes from `start`, `length` of them (all by default), in chunks."""
         with self.open(key) as stream:
-            while chunk := stream.read(chunk_size):
+            if start and stream.seekable():
+                stream.seek(start)
+            else:  # a network stream: read past what comes before the range
+                skip = start
+                while skip and (chunk := stream.read(min(chunk_size, skip))):
+                    skip -= len(chunk)
+            left = length
+            while (left is None or left > 0) and (
+                chunk := stream.read(chunk_size if left is None else min(chunk_size, left))
+            ):
+                if left is not None:
+                    left -= len(chunk)
                 yield chunk

@@ -85,3 +85,67 @@ def test_a_different_if_none_match_downloads_again(
 def test_an_unknown_artifact_is_404(client: TestClient, alice: Caller) -> None:
     response = client.get(f"/v1/artifacts/{'e' * 32}/content", headers=alice.headers)
     problem(response, 404, "artifact_not_found")
+
+
+def test_head_answers_the_download_headers_without_a_body(
+    client: TestClient, db: Session, store: ArtifactStore, alice: Caller
+) -> None:
+    artifact = make_artifact(db, store, make_job(db, alice.tenant_id, "succeeded"), CONTENT)
+
+    response = client.head(f"/v1/artifacts/{artifact.id}/content", headers=alice.headers)
+
+    assert response.status_code == 200
+    assert response.content == b""
+    assert response.headers["content-length"] == str(len(CONTENT))
+    assert response.headers["accept-ranges"] == "bytes"
+    assert response.headers["etag"] == f'"{hashlib.sha256(CONTENT).hexdigest()}"'
+
+
+SIZE = len(CONTENT)
+
+
+@pytest.mark.parametrize(
+    ("header", "first", "last"),
+    [
+        ("bytes=0-99", 0, 99),
+        ("bytes=1048570-1048590", 1048570, 1048590),  # across a chunk boundary of the stream
+        (f"bytes={SIZE - 10}-", SIZE - 10, SIZE - 1),
+        ("bytes=-10", SIZE - 10, SIZE - 1),
+        (f"bytes=5-{SIZE + 100}", 5, SIZE - 1),  # an end past the blob is cut to it
+    ],
+)
+def test_a_range_is_served_as_partial_content(
+    client: TestClient,
+    db: Session,
+    store: ArtifactStore,
+    alice: Caller,
+    header: str,
+    first: int,
+    last: int,
+) -> None:
+    artifact = make_artifact(db, store, make_job(db, alice.tenant_id, "succeeded"), CONTENT)
+
+    response = client.get(
+        f"/v1/artifacts/{artifact.id}/content", headers=alice.headers | {"Range": header}
+    )
+
+    assert response.status_code == 206
+    assert response.content == CONTENT[first : last + 1]
+    assert response.headers["content-range"] == f"bytes {first}-{last}/{SIZE}"
+    assert response.headers["content-length"] == str(last - first + 1)
+
+
+@pytest.mark.parametrize(
+    "header", [f"bytes={SIZE}-", "bytes=10-5", "bytes=0-1,5-6", "items=0-1", "bytes=-0", "bytes="]
+)
+def test_an_unsatisfiable_range_is_416(
+    client: TestClient, db: Session, store: ArtifactStore, alice: Caller, header: str
+) -> None:
+    artifact = make_artifact(db, store, make_job(db, alice.tenant_id, "succeeded"), CONTENT)
+
+    response = client.get(
+        f"/v1/artifacts/{artifact.id}/content", headers=alice.headers | {"Range": header}
+    )
+
+    assert response.status_code == 416
+    assert response.headers["content-range"] == f"bytes */{SIZE}"

@@ -34,6 +34,9 @@ def test_the_report_is_json_by_default_and_html_on_request(
     assert "MACs (0.50×)" in page.text and "latency_ms (0.50×)" in page.text
     assert page.text.count("<svg") == 5  # MACs, params, latency, loss, accuracy
     assert "<script>" not in page.text and "&lt;script&gt;" in page.text
+    # a browser neither guesses the type nor runs or loads anything the page might smuggle in
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert "default-src 'none'" in page.headers["content-security-policy"]
 
 
 def test_an_unknown_report_format_is_422(client: TestClient, db: Session, alice: Caller) -> None:

@@ -89,3 +89,12 @@ def test_a_model_that_jobs_refer_to_cannot_be_deleted(
     problem(response, 409, "model_in_use")
     db.expire_all()
     assert db.get(Model, job.model_id) is not None
+
+
+def test_timestamps_say_they_are_utc(client: TestClient, db: Session, alice: Caller) -> None:
+    model = make_model(db, alice.tenant_id)
+    body = client.get(f"/v1/models/{model.id}", headers=alice.headers).json()
+    assert body["created_at"].endswith("Z")
+    stated = datetime.fromisoformat(body["created_at"])
+    assert stated.utcoffset() == timedelta(0)
+    assert abs(stated - model.created_at.replace(tzinfo=UTC)) < timedelta(seconds=1)

@@ -67,6 +67,14 @@ class StoreContract:
             assert path.read_bytes() == data
         assert contents() == [blob.key]
 
+    @pytest.mark.parametrize(("start", "length"), [(0, 10), (5, 120_000), (299_990, None)])
+    def test_a_range_of_a_blob(self, store: ArtifactStore, start: int, length: int | None) -> None:
+        data = payload(300_001)
+        blob = store.put_stream([data])
+        pieces = list(store.iter_chunks(blob.key, 50_000, start=start, length=length))
+        end = None if length is None else start + length
+        assert b"".join(pieces) == data[start:end]
+
     def test_empty_stream(self, store: ArtifactStore) -> None:
         blob = store.put_stream([])
         assert (blob.sha256, blob.size) == (hashlib.sha256(b"").hexdigest(), 0)
