@@ -1,5 +1,6 @@
 """Fine-tuning after pruning: plain AdamW epochs over the job's data."""
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,17 +17,19 @@ def finetune_(
     epochs: int,
     lr: float,
     masks: dict[str, Tensor] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> float:
     """Train `model` in place; returns the mean loss of the last epoch.
 
     `masks` (unstructured pruning) are re-applied after every step: pruned weights stay zero.
+    `on_batch(epoch, batch)` runs after every step (progress; it may raise to stop).
     """
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     last = 0.0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         total = 0.0
-        for batch in batches:
+        for index, batch in enumerate(batches):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch)
             loss.backward()
@@ -34,6 +37,8 @@ def finetune_(
             if masks:
                 apply_masks_(model, masks)
             total += float(loss.detach())
+            if on_batch is not None:
+                on_batch(epoch, index)
         last = total / max(len(batches), 1)
     model.eval()
     return last

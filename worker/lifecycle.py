@@ -203,7 +203,7 @@ def run_job(job_id: str) -> None:
                     model_root, model.format, data, dataset.format, evaluation, Path(work)
                 )
                 result, exports = execute(
-                    spec, files, device(settings), settings.trusted_mode, report
+                    spec, files, device(settings), settings.trusted_mode, report, heartbeat.check
                 )
                 _finish(job_id, result, exports)
         except Cancelled:

@@ -34,9 +34,16 @@ Report = Callable[[dict[str, Any]], None]
 
 
 def execute(
-    spec: JobSpec, files: JobFiles, device: torch.device, trusted: bool, report: Report
+    spec: JobSpec,
+    files: JobFiles,
+    device: torch.device,
+    trusted: bool,
+    report: Report,
+    check: Callable[[], None] = lambda: None,
 ) -> tuple[dict[str, Any], list[export.Exported]]:
-    """Run the job; `report` receives progress and may raise to stop it (cancellation)."""
+    """Run the job. `report` receives progress at every stage and may raise to stop it
+    (cancellation); `check` is the cheap form, called between fine-tuning batches, and raises
+    the same way (the lifecycle's reads the state its background heartbeat keeps)."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     report({"stage": "loading", "percent": 0})
@@ -64,6 +71,7 @@ def execute(
     eval_batches = (
         datasets.batches(held_out, 10_000, size, device) if held_out is not None else calibration
     )
+    report({"stage": "measuring", "percent": 0})
     loss_fn = losses.make_loss(spec.loss, net, loaded.pooling)
     example = models.example_inputs(loaded, batch=calibration[0], device=device)
     seconds["load"] = time.perf_counter() - clock
@@ -100,26 +108,39 @@ def execute(
     after_pruning = _measure(net, eval_batches, loss_fn, example)
     after_finetune = None
     if spec.finetune is not None:
-        report({"stage": "finetuning", "percent": 100})
+        epochs = spec.finetune.epochs
+        report({"stage": "finetuning", "epoch": 0, "epochs": epochs, "percent": 0})
+
+        def on_batch(epoch: int, batch: int) -> None:
+            if batch == len(calibration) - 1:  # an epoch ended: say so (and see a cancel)
+                done = epoch + 1
+                percent = round(100 * done / epochs, 1)
+                report({"stage": "finetuning", "epoch": done, "epochs": epochs, "percent": percent})
+            else:
+                check()
+
         clock = time.perf_counter()
         finetune.finetune_(
             net,
             calibration,
             loss_fn,
-            spec.finetune.epochs,
+            epochs,
             spec.finetune.lr,
             masks=result.masks,
+            on_batch=on_batch,
         )
         seconds["finetune"] = time.perf_counter() - clock
         after_finetune = _measure(net, eval_batches, loss_fn, example)
 
-    report({"stage": "exporting", "percent": 100})
     clock = time.perf_counter()
     cpu_example = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in example.items()}
-    exports = [
-        export.export(fmt, net.cpu(), cpu_example, loaded.directory, files.work, result.plan)
-        for fmt in spec.outputs
-    ]
+    exports = []
+    for done, fmt in enumerate(spec.outputs):
+        percent = round(100 * done / len(spec.outputs), 1)
+        report({"stage": "exporting", "format": fmt, "percent": percent})
+        exports.append(
+            export.export(fmt, net.cpu(), cpu_example, loaded.directory, files.work, result.plan)
+        )
     seconds["export"] = time.perf_counter() - clock
     return {
         "before": before,

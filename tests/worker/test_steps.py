@@ -191,3 +191,61 @@ def test_a_loss_that_needs_labels_fails_early_on_data_without_them(
     assert raised.value.code == "missing_labels"
     assert "'labels'" in str(raised.value) and "distill" in str(raised.value)
     assert [p["stage"] for p in progress] == ["loading"]
+
+
+class Stop(Exception):
+    """What the lifecycle's report raises when the job is being cancelled."""
+
+
+@pytest.mark.parametrize("stage", ["loading", "measuring", "pruning", "finetuning", "exporting"])
+def test_a_cancel_is_seen_at_every_stage(tmp_path: Path, stage: str) -> None:
+    model = factories.bert_folder(tmp_path)
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+    seen: list[str] = []
+
+    def report(progress: dict[str, Any]) -> None:
+        seen.append(progress["stage"])
+        if progress["stage"] == stage:
+            raise Stop
+
+    with pytest.raises(Stop):
+        execute(
+            factories.spec(finetune={"epochs": 1, "lr": 1e-3}, outputs=["hf", "safetensors"]),
+            JobFiles(model, "hf", data, "tensors", None, tmp_path),
+            CPU,
+            False,
+            report,
+        )
+
+    assert seen[-1] == stage and seen.count(stage) == 1  # stopped at the stage's first report
+
+
+def test_a_cancel_is_seen_between_fine_tuning_batches(tmp_path: Path) -> None:
+    model = factories.bert_folder(tmp_path)
+    data = factories.tensors_file(tmp_path / "data.safetensors", rows=128)
+    epochs: list[int] = []
+    checks = 0
+
+    def report(progress: dict[str, Any]) -> None:
+        if progress["stage"] == "finetuning":
+            epochs.append(progress["epoch"])
+
+    def check() -> None:
+        nonlocal checks
+        checks += 1
+        if checks == 2:  # the second batch of the first epoch
+            raise Stop
+
+    with pytest.raises(Stop):
+        execute(
+            factories.spec(
+                finetune={"epochs": 3, "lr": 1e-3}, calibration={"batches": 8, "batch_size": 16}
+            ),
+            JobFiles(model, "hf", data, "tensors", None, tmp_path),
+            CPU,
+            False,
+            report,
+            check,
+        )
+
+    assert epochs == [0]  # started, and stopped before the first epoch ended
