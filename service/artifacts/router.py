@@ -15,7 +15,8 @@ from service.tenants import repository as tenants
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=responses(401, 404))
 
 
-@router.api_route("/{artifact_id}/content", methods=["GET", "HEAD"], response_model=None)
+@router.get("/{artifact_id}/content", response_model=None)
+@router.head("/{artifact_id}/content", response_model=None)
 def download(
     artifact_id: str,
     request: Request,
