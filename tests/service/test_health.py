@@ -118,7 +118,7 @@ def test_the_openapi_document_lists_the_v1_api(client: TestClient) -> None:
         "/v1/jobs/{job_id}/events": {"get"},
         "/v1/jobs/{job_id}/artifacts": {"get"},
         "/v1/jobs/{job_id}/report": {"get"},
-        "/v1/artifacts/{artifact_id}/content": {"get"},
+        "/v1/artifacts/{artifact_id}/content": {"get", "head"},
     }
     for path, methods in expected.items():
         assert path in paths, path
