@@ -1,7 +1,12 @@
 """The FastAPI application."""
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from service import health, metrics, problems
 from service.artifacts.router import router as artifacts_router
@@ -9,7 +14,19 @@ from service.body_limit import BodyLimitMiddleware
 from service.datasets.router import router as datasets_router
 from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
+from service.settings import get_settings
 from service.store import ArtifactStore
+from service.uploads.multipart import sweep_spool
+
+log = logging.getLogger("apoptosis.api")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    spool = get_settings().home / "tmp"
+    if swept := await run_in_threadpool(sweep_spool, spool):
+        log.warning("removed %d spool files of uploads cut short", swept)
+    yield
 
 
 def create_app(
@@ -18,6 +35,7 @@ def create_app(
     """The API. Its session factory and artifact store can be passed in (tests do); by default
     they are the ones the settings configure, made when first needed."""
     app = FastAPI(
+        lifespan=_lifespan,
         title="Apoptosis",
         version="0.1.0",
         description="Hessian-based model pruning (Optimal Brain Apoptosis) as a service.",

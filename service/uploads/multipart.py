@@ -2,6 +2,7 @@
 it arrives, and the request fails with 413 the moment it passes the cap."""
 
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from service.problems import ProblemError
 
 MAX_FIELD_BYTES = 64 * 1024
+SPOOL_IDLE_SECONDS = 15 * 60  # an upload that sent nothing for this long is abandoned
 
 
 @dataclass
@@ -127,6 +129,21 @@ async def receive_upload(request: Request, spool_dir: Path, max_bytes: int) -> U
         path.unlink(missing_ok=True)
         raise ProblemError(422, "missing_file", "the form has no 'file' part")
     return Upload(path, receiver.filename, receiver.size, receiver.fields)
+
+
+def sweep_spool(spool_dir: Path, idle_seconds: float = SPOOL_IDLE_SECONDS) -> int:
+    """Remove spool files no upload has written to for `idle_seconds`: what uploads cut by a
+    crash left behind (a live upload writes its file as the bytes arrive). Returns how many."""
+    cutoff = time.time() - idle_seconds
+    swept = 0
+    for path in spool_dir.glob("upload-*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                swept += 1
+        except FileNotFoundError:  # another process finished or swept it meanwhile
+            continue
+    return swept
 
 
 def openapi_form(formats: tuple[str, ...]) -> dict[str, Any]:

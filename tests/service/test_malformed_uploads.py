@@ -1,6 +1,10 @@
 """Malformed multipart bodies: a 400 problem, the connection still usable, nothing left behind."""
 
+import os
+import time
+
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
@@ -57,3 +61,21 @@ def test_a_malformed_multipart_body_is_a_400_and_leaves_nothing(
     problem(response, 400, "malformed_upload")
     assert leftover_files(settings) == []
     assert client.get("/v1/models", headers=alice.headers).status_code == 200
+
+
+def test_spool_files_of_uploads_cut_short_are_swept_at_start(
+    app: FastAPI, settings: Settings
+) -> None:
+    spool = settings.home / "tmp"
+    spool.mkdir(parents=True, exist_ok=True)
+    abandoned, live = spool / "upload-abandoned", spool / "upload-live"
+    abandoned.write_bytes(b"half an upload")
+    live.write_bytes(b"arriving")
+    an_hour_ago = time.time() - 3600
+    os.utime(abandoned, (an_hour_ago, an_hour_ago))
+
+    with TestClient(app):  # the API starts
+        pass
+
+    assert not abandoned.exists()
+    assert live.exists()  # written to just now: another process's upload in flight
