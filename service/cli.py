@@ -9,12 +9,17 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
 
 import typer
 
 from service.client import ApiError, Client
 from service.jobs.states import JobState
+
+if TYPE_CHECKING:  # the commands import the database layer only when they run
+    from sqlalchemy.orm import Session
+
+    from service.orm import ApiKey
 
 app = typer.Typer(
     help="Apoptosis: Hessian-based model pruning as a service.",
@@ -129,23 +134,37 @@ def up(
 
 
 def _local_key() -> str:
-    """The embedded tenant's key: APOPTOSIS_API_KEY if set, else one kept in HOME/api-key."""
-    from service.auth import create_tenant, tenant_of_key
+    """The embedded tenant's key: APOPTOSIS_API_KEY if set, else one kept in HOME/api-key. A
+    revoked key file gets a new key for the same tenant; a revoked APOPTOSIS_API_KEY stops."""
+    from service.auth import create_key, create_tenant, hash_key
     from service.db import get_sessionmaker
     from service.settings import get_settings
+    from service.tenants.repository import key_record
 
     settings = get_settings()
     key_file = settings.home / "api-key"
     wanted = settings.api_key or (key_file.read_text().strip() if key_file.exists() else "")
     with get_sessionmaker()() as session:
-        if wanted and tenant_of_key(session, wanted) is not None:
+        record = key_record(session, hash_key(wanted)) if wanted else None
+        if record is not None and record.revoked_at is None:
             return wanted
-        _, key = create_tenant(session, "local", wanted or None)
+        if record is not None and settings.api_key:
+            _fail("APOPTOSIS_API_KEY is revoked: set a current key, or unset it to get a new one")
+        if record is not None:  # the key file's key was revoked: the same tenant, a new key
+            key = create_key(session, record.tenant_id)
+        else:
+            _, key = create_tenant(session, "local", wanted or None)
         session.commit()
     if not settings.api_key:
         key_file.touch(mode=0o600)
         key_file.write_text(key + "\n")
     return key
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 2: a user error, never a traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 @keys_app.command("create")
@@ -158,6 +177,65 @@ def create_key(tenant: Annotated[str, typer.Option(help="name of the new tenant"
         _, key = create_tenant(session, tenant)
         session.commit()
     typer.echo(key)
+
+
+@keys_app.command("list")
+def list_keys(as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False) -> None:
+    """Every key: its prefix (what `revoke` and `rotate` take), tenant, creation, state."""
+    from service.db import get_sessionmaker
+    from service.tenants.repository import keys
+
+    with get_sessionmaker()() as session:
+        for key, tenant in keys(session):
+            state = "active" if key.revoked_at is None else "revoked"
+            row = {
+                "prefix": key.prefix,
+                "tenant": tenant,
+                "tenant_id": key.tenant_id,
+                "created_at": key.created_at.isoformat(),
+                "state": state,
+            }
+            line = json.dumps(row) if as_json else f"{key.prefix}  {state:7}  {tenant}"
+            typer.echo(line)
+
+
+@keys_app.command("revoke")
+def revoke_key(prefix: Annotated[str, typer.Argument(help="the key's prefix (keys list)")]) -> None:
+    """Revoke a key at once: the API refuses it from the next request on."""
+    from service.db import get_sessionmaker
+    from service.tenants.repository import revoke
+
+    with get_sessionmaker()() as session:
+        key = _one_active_key(session, prefix)
+        revoke(session, key)
+        session.commit()
+    typer.echo(f"revoked {prefix}")
+
+
+@keys_app.command("rotate")
+def rotate_key(prefix: Annotated[str, typer.Argument(help="the key's prefix (keys list)")]) -> None:
+    """Print a new key for the same tenant (shown once) and revoke the old one."""
+    from service.auth import create_key
+    from service.db import get_sessionmaker
+    from service.tenants.repository import revoke
+
+    with get_sessionmaker()() as session:
+        old = _one_active_key(session, prefix)
+        new = create_key(session, old.tenant_id)
+        revoke(session, old)
+        session.commit()
+    typer.echo(new)
+
+
+def _one_active_key(session: "Session", prefix: str) -> "ApiKey":
+    from service.tenants.repository import keys_with_prefix
+
+    active = [k for k in keys_with_prefix(session, prefix) if k.revoked_at is None]
+    if not active:
+        _fail(f"no active key has the prefix {prefix!r}; see `apoptosis keys list`")
+    if len(active) > 1:
+        _fail(f"{len(active)} active keys share the prefix {prefix!r}; revoke them by tenant")
+    return active[0]
 
 
 def _client(url: str, key: str) -> Client:

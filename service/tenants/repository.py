@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
-from service.orm import ApiKey, Artifact, Dataset, Job, Model, Tenant
+from service.orm import ApiKey, Artifact, Dataset, Job, Model, Tenant, utcnow
 from service.pagination import decode_cursor, encode_cursor
 
 Owned = TypeVar("Owned", Model, Dataset, Job, Artifact)
@@ -29,6 +29,29 @@ def tenant_of_key(session: Session, key_hash: str) -> str | None:
     return session.scalar(
         select(ApiKey.tenant_id).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
     )
+
+
+def key_record(session: Session, key_hash: str) -> ApiKey | None:
+    """The key with this hash, revoked or not."""
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+
+
+def keys(session: Session) -> Sequence[tuple[ApiKey, str]]:
+    """Every key with its tenant's name, oldest first."""
+    rows = session.execute(
+        select(ApiKey, Tenant.name)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .order_by(ApiKey.created_at, ApiKey.id)
+    ).all()
+    return [(key, name) for key, name in rows]
+
+
+def keys_with_prefix(session: Session, prefix: str) -> Sequence[ApiKey]:
+    return session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).all()
+
+
+def revoke(session: Session, key: ApiKey) -> None:
+    key.revoked_at = utcnow()
 
 
 def owned(session: Session, kind: type[Owned], tenant_id: str, row_id: str) -> Owned | None:
