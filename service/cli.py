@@ -1,20 +1,21 @@
 """`apoptosis`: run the service (up, api, worker, migrate, keys) and talk to it (models,
 datasets, jobs) through the SDK."""
 
+import fcntl
 import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
+from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn, cast
 
 import typer
 
 from service.client import ApiError, Client
 from service.jobs.states import JobState
+from service.supervisor import WorkerSupervisor
 
 if TYPE_CHECKING:  # the commands import the database layer only when they run
     from sqlalchemy.orm import Session
@@ -115,10 +116,13 @@ def up(
     settings.home.mkdir(parents=True, exist_ok=True)
     migrations.upgrade(settings.resolved_database_url())
     key = _local_key()
-    worker_process = subprocess.Popen(
+    _home_lock = _hold_home(settings.home)  # held until exit; the OS releases it on any death
+    worker = WorkerSupervisor(
         _worker_command("cpu,gpu", "embedded@%h"),
-        env={**os.environ, "APOPTOSIS_HOME": str(settings.home)},
+        {**os.environ, "APOPTOSIS_HOME": str(settings.home)},
+        settings.home / "worker.pid",
     )
+    worker.start()
     typer.echo(f"Apoptosis is running at http://{host}:{port}")
     typer.echo(f"API key: {key}")
     sys.stdout.flush()
@@ -126,11 +130,18 @@ def up(
     try:
         api(host, port)
     finally:
-        worker_process.terminate()
-        try:
-            worker_process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker_process.kill()
+        worker.stop()
+
+
+def _hold_home(home: Path) -> IO[bytes]:
+    """An exclusive lock on HOME for this `up`: a second one on the same home stops with one
+    line instead of running a second worker. The OS releases it when the process dies."""
+    lock = (home / "up.lock").open("wb")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _fail(f"another `apoptosis up` is running on {home}; stop it first")
+    return lock
 
 
 def _local_key() -> str:

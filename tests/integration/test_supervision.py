@@ -1,0 +1,57 @@
+"""`apoptosis up` supervises its worker: a killed worker is started again, the worker never
+outlives `up` (not even a SIGKILLed one), and a second `up` on the same home refuses to start."""
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.integration.services import apoptosis, free_port, stop, wait_healthy
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) is not running
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return False
+
+
+def _until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.2)
+
+
+def _worker_pid(home: Path) -> int:
+    pid_file = home / "worker.pid"
+    _until(pid_file.exists, 30, "the worker's pid file")
+    return int(pid_file.read_text())
+
+
+def test_up_restarts_its_worker_and_takes_it_down_with_it(tmp_path: Path) -> None:
+    home, log, port = tmp_path / "var", tmp_path / "up.log", free_port()
+    up = apoptosis("up", "--port", str(port), "--home", str(home), env={}, log=log)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", up, log)
+        first = _worker_pid(home)
+
+        os.kill(first, signal.SIGKILL)
+        _until(lambda: _worker_pid(home) != first, 30, "a new worker after the kill")
+        second = _worker_pid(home)
+        assert _alive(second)
+
+        again = apoptosis("up", "--port", str(free_port()), "--home", str(home), env={}, log=log)
+        assert again.wait(timeout=60) == 2  # the same home is taken: no second worker
+        assert "another `apoptosis up` is running" in log.read_text()
+
+        os.kill(up.pid, signal.SIGKILL)  # `up` alone (not its group) dies, with no clean-up
+        up.wait()
+        _until(lambda: not _alive(second), 30, "the worker ending with `up`")
+    finally:
+        stop(up)
