@@ -275,8 +275,9 @@ def _end(job_id: str, state: JobState, error: dict[str, str] | None) -> None:
 
 def reap(settings: Settings) -> tuple[list[str], list[str]]:
     """Return stale running jobs to the queue (or fail them after max attempts); stale
-    cancelling jobs end cancelled. Models left validating far longer than a validation takes
-    (their message was lost with a killed worker) are validated again.
+    cancelling jobs end cancelled. Queued jobs and validating models left far longer than a
+    send or a validation takes (their message was lost: a broker restarted empty, a worker
+    was killed) are sent again.
 
     Returns the job ids and model ids to enqueue again.
     """
@@ -288,7 +289,12 @@ def reap(settings: Settings) -> tuple[list[str], list[str]]:
                 repository.transition(session, job.id, JobState.CANCELLED, finished_at=utcnow())
             elif job.attempt < job.max_attempts:
                 if repository.transition(
-                    session, job.id, JobState.QUEUED, lease_owner=None, heartbeat_at=None
+                    session,
+                    job.id,
+                    JobState.QUEUED,
+                    lease_owner=None,
+                    heartbeat_at=None,
+                    sent_at=utcnow(),
                 ):
                     requeue.append(job.id)
             else:
@@ -302,7 +308,8 @@ def reap(settings: Settings) -> tuple[list[str], list[str]]:
                         "message": f"the worker stopped responding {job.attempt} times",
                     },
                 )
-        session.commit()
         cutoff = utcnow() - VALIDATION_GRACE * stale_after
+        requeue += repository.unsent_since(session, cutoff)  # messages a broker lost
+        session.commit()
         models_to_validate = models_repository.validating_since(session, cutoff)
     return requeue, models_to_validate

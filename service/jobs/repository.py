@@ -1,7 +1,7 @@
 """All SQL for jobs and their events. Every state change is a guarded UPDATE … WHERE state IN."""
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -103,6 +103,17 @@ def stale(session: Session, older_than: timedelta) -> Sequence[Job]:
     return session.scalars(
         select(Job).where(Job.state.in_(LEASED), Job.heartbeat_at < cutoff)
     ).all()
+
+
+def unsent_since(session: Session, cutoff: datetime) -> list[str]:
+    """Queued jobs whose message was last sent before `cutoff` (a broker that restarted empty
+    lost it), marked as sent now: the caller sends them again. A duplicate is harmless (the
+    claim is atomic); a job waiting its turn is re-sent at most once per period."""
+    sent = func.coalesce(Job.sent_at, Job.created_at)
+    ids = list(session.scalars(select(Job.id).where(Job.state == JobState.QUEUED, sent < cutoff)))
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(sent_at=utcnow()))
+    return ids
 
 
 def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:

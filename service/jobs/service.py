@@ -77,6 +77,7 @@ def create(
         idempotency_key=idempotency_key,
         max_attempts=settings.job_max_attempts,
         state=JobState.QUEUED,
+        sent_at=utcnow(),  # sent right after the commit
     )
     try:
         repository.add(session, job)

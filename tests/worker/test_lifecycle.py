@@ -3,6 +3,7 @@
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,28 @@ def test_a_stored_spec_the_worker_does_not_know_fails_the_job_as_invalid(
         assert failed.error is not None and failed.error["code"] == "invalid_job"
         assert "spec_version" in failed.error["message"]
         assert failed.result is None
+
+
+def test_the_reaper_sends_again_a_queued_job_whose_message_was_lost(
+    tenant: str, tmp_path: Path
+) -> None:
+    """A broker that restarted empty (Redis keeps nothing on disk) lost the message of a queued
+    job: the reaper sends it again, once per period, and leaves a freshly sent job alone."""
+    model_id = _stored_bert(tenant, tmp_path)
+    spec = factories.spec().model_dump(mode="json")
+    lost = _stored_job(tenant, model_id, tmp_path, spec)
+    (tmp_path / "fresh").mkdir()
+    fresh = _stored_job(tenant, model_id, tmp_path / "fresh", spec)
+    long_ago = datetime.now(UTC) - timedelta(hours=1)
+    with get_sessionmaker()() as session:
+        for job_id, sent in ((lost, long_ago), (fresh, datetime.now(UTC))):
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.sent_at = sent
+        session.commit()
+
+    first, _ = lifecycle.reap(get_settings())
+    second, _ = lifecycle.reap(get_settings())
+
+    assert first == [lost]
+    assert second == []  # sent just now: not again until the period has passed
