@@ -1,12 +1,18 @@
 """Liveness and readiness."""
 
+from datetime import timedelta
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service import queue
-from service.db import get_engine, ping
+from service.db import SessionsDep, get_engine, ping
+from service.orm import utcnow
+from service.settings import get_settings
 from service.store import ArtifactStore, get_store
+from service.workers import repository as workers
 
 router = APIRouter(tags=["health"])
 
@@ -18,11 +24,12 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request, sessions: SessionsDep) -> JSONResponse:
     checks = {
         "database": await run_in_threadpool(_database_ready),
         "broker": await run_in_threadpool(queue.broker_ready),
         "store": await run_in_threadpool(_store_ready, request.app.state.store),
+        "workers": await run_in_threadpool(_workers_ready, sessions),
     }
     ready = all(checks.values())
     return JSONResponse(
@@ -36,6 +43,16 @@ def _database_ready() -> bool:
         ping(get_engine())
         return True
     except Exception:  # any driver error means "not ready"
+        return False
+
+
+def _workers_ready(sessions: sessionmaker[Session]) -> bool:
+    """At least one worker beat within the stale time (jobs would wait forever otherwise)."""
+    cutoff = utcnow() - timedelta(seconds=get_settings().stale_after_seconds)
+    try:
+        with sessions() as session:
+            return workers.alive_since(session, cutoff) > 0
+    except Exception:  # the database check says why
         return False
 
 

@@ -8,7 +8,9 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 from service.broker import RUN_JOB, VALIDATE_MODEL, celery_config
+from service.db import get_sessionmaker
 from service.settings import get_settings
+from service.workers import repository as workers
 
 log = logging.getLogger("apoptosis.worker")
 app = Celery("apoptosis", include=["worker.tasks"])
@@ -37,8 +39,29 @@ def _reaper_loop() -> None:
             log.exception("reaper round failed")
 
 
+def beat_once(queues: str) -> None:
+    """Tell /readyz this worker is alive (worker_heartbeat)."""
+    from worker.lifecycle import WORKER_ID
+
+    with get_sessionmaker()() as session:
+        workers.beat(session, WORKER_ID, queues)
+        session.commit()
+
+
+def _heartbeat_loop(queues: str) -> None:
+    while not _stop_reaper.wait(get_settings().heartbeat_seconds):
+        try:
+            beat_once(queues)
+        except Exception:  # the next beat retries; /readyz tolerates a missed one
+            log.exception("worker heartbeat failed")
+
+
 @worker_ready.connect
-def _start_reaper(**_: object) -> None:
+def _start_reaper(sender: object = None, **_: object) -> None:
+    consumer = getattr(sender, "task_consumer", None)
+    queues = ",".join(q.name for q in getattr(consumer, "queues", []))
+    beat_once(queues)
+    threading.Thread(target=_heartbeat_loop, args=(queues,), name="beat", daemon=True).start()
     reap_once()  # jobs orphaned while no worker ran (embedded broker messages can be lost)
     threading.Thread(target=_reaper_loop, name="reaper", daemon=True).start()
 
@@ -46,3 +69,8 @@ def _start_reaper(**_: object) -> None:
 @worker_shutdown.connect
 def _stop(**_: object) -> None:
     _stop_reaper.set()
+    from worker.lifecycle import WORKER_ID
+
+    with get_sessionmaker()() as session:
+        workers.forget(session, WORKER_ID)
+        session.commit()

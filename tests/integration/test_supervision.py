@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 from tests.integration.services import apoptosis, free_port, stop, wait_healthy
 
 
@@ -28,6 +30,11 @@ def _until(condition: Callable[[], bool], seconds: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def _ready(url: str) -> bool:
+    response = httpx.get(f"{url}/readyz", timeout=5)
+    return response.status_code == 200 and response.json()["checks"]["workers"] is True
+
+
 def _worker_pid(home: Path) -> int:
     pid_file = home / "worker.pid"
     _until(pid_file.exists, 30, "the worker's pid file")
@@ -38,8 +45,10 @@ def test_up_restarts_its_worker_and_takes_it_down_with_it(tmp_path: Path) -> Non
     home, log, port = tmp_path / "var", tmp_path / "up.log", free_port()
     up = apoptosis("up", "--port", str(port), "--home", str(home), env={}, log=log)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", up, log)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, up, log)
         first = _worker_pid(home)
+        _until(lambda: _ready(url), 60, "/readyz seeing the worker's heartbeat")
 
         os.kill(first, signal.SIGKILL)
         _until(lambda: _worker_pid(home) != first, 30, "a new worker after the kill")

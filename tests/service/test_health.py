@@ -1,17 +1,26 @@
 """Liveness, readiness, Prometheus metrics and the OpenAPI document."""
 
+from datetime import timedelta
+
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from service import queue
+from service.orm import WorkerHeartbeat, utcnow
 from service.store import ArtifactStore, StoreError
+from service.workers import repository as workers
 from tests.service.factories import Caller
 from tests.service.support import problem, requests_counted
 
 
 @pytest.fixture
-def broker_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def broker_up(monkeypatch: pytest.MonkeyPatch, db: Session) -> None:
+    """The broker answers and one worker beat just now."""
     monkeypatch.setattr(queue, "broker_ready", lambda: True)
+    workers.beat(db, "worker-1", "cpu")
+    db.commit()
 
 
 def test_healthz_is_200(client: TestClient) -> None:
@@ -25,19 +34,39 @@ def test_readyz_checks_the_database_broker_and_store(client: TestClient, broker_
     assert response.status_code == 200
     assert response.json() == {
         "status": "ready",
-        "checks": {"database": True, "broker": True, "store": True},
+        "checks": {"database": True, "broker": True, "store": True, "workers": True},
     }
 
 
 def test_readyz_is_503_while_the_broker_is_down(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, broker_up: None
 ) -> None:
     monkeypatch.setattr(queue, "broker_ready", lambda: False)
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json() == {
         "status": "not_ready",
-        "checks": {"database": True, "broker": False, "store": True},
+        "checks": {"database": True, "broker": False, "store": True, "workers": True},
+    }
+
+
+def test_readyz_is_503_when_no_worker_beat_recently(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, db: Session
+) -> None:
+    monkeypatch.setattr(queue, "broker_ready", lambda: True)
+    assert client.get("/readyz").json()["checks"]["workers"] is False  # none ever beat
+
+    workers.beat(db, "worker-1", "cpu")
+    db.execute(update(WorkerHeartbeat).values(beat_at=utcnow() - timedelta(hours=1)))
+    db.commit()
+    response = client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "database": True,
+        "broker": True,
+        "store": True,
+        "workers": False,  # one beat, an hour ago: it is gone
     }
 
 
