@@ -18,7 +18,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": "cpu",
         "task_serializer": "json",
         "accept_content": ["json"],
-        "task_soft_time_limit": settings.job_soft_time_limit,
+        # the worker ends a job at job_soft_time_limit itself (failed: time_limit, between
+        # steps); Celery's soft limit is the backstop for a step that runs on past it
+        "task_soft_time_limit": settings.job_soft_time_limit + 60,
         "task_time_limit": settings.job_hard_time_limit,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,

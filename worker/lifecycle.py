@@ -11,6 +11,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -122,9 +123,11 @@ def _reachable_params(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[st
 class _Heartbeat:
     """Refreshes the job's lease in the background; tells the steps when to stop."""
 
-    def __init__(self, job_id: str, interval: float) -> None:
+    def __init__(self, job_id: str, interval: float, time_limit: float) -> None:
         self.job_id = job_id
         self.interval = interval
+        self.time_limit = time_limit
+        self.deadline = time.monotonic() + time_limit
         self.state: str | None = JobState.RUNNING
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -149,6 +152,12 @@ class _Heartbeat:
             raise LeaseLost(self.job_id)
         if self.state == JobState.CANCELLING:
             raise Cancelled(self.job_id)
+        if time.monotonic() > self.deadline:  # the soft limit, seen between steps
+            raise JobFailed(
+                "time_limit",
+                f"the job ran past the operator's limit of {self.time_limit:g} s; ask for "
+                "less work (fewer steps, batches or epochs) or a smaller model",
+            )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -183,7 +192,7 @@ def run_job(job_id: str) -> None:
         eval_id = spec.evaluation.dataset_id if spec.evaluation else None
         held_out = datasets_repository.by_id(session, eval_id)
     log.info("job %s claimed by %s", job_id, WORKER_ID)
-    with _Heartbeat(job_id, settings.heartbeat_seconds) as heartbeat:
+    with _Heartbeat(job_id, settings.heartbeat_seconds, settings.job_soft_time_limit) as heartbeat:
 
         def report(progress: dict[str, Any]) -> None:
             heartbeat.beat(progress)

@@ -173,3 +173,20 @@ def test_the_reaper_sends_again_a_queued_job_whose_message_was_lost(
 
     assert first == [lost]
     assert second == []  # sent just now: not again until the period has passed
+
+
+def test_a_job_past_the_time_limit_fails_as_time_limit(
+    tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_id = _stored_bert(tenant, tmp_path)
+    job_id = _stored_job(tenant, model_id, tmp_path, factories.spec().model_dump(mode="json"))
+    monkeypatch.setenv("APOPTOSIS_JOB_SOFT_TIME_LIMIT", "0")  # every step is past it
+    get_settings.cache_clear()
+
+    lifecycle.run_job(job_id)
+
+    with get_sessionmaker()() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == "failed"
+        assert job.error is not None and job.error["code"] == "time_limit"
+        assert list(session.scalars(select(Artifact).where(Artifact.job_id == job_id))) == []
