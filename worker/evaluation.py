@@ -4,7 +4,7 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from worker.engine.cost import run_forward
 from worker.losses import LossFn, logits_of
@@ -20,12 +20,17 @@ def evaluate(model: nn.Module, batches: list[dict[str, Any]], loss_fn: LossFn) -
         for batch in batches:
             losses.append(float(loss_fn(model, batch)))
             labels = batch.get("labels")
-            if labels is not None and not labels.is_floating_point():
-                logits = logits_of(model, batch)
-                # (…, classes): sequence and token classification alike
-                predictions = logits.reshape(-1, logits.shape[-1]).argmax(-1)
-                correct += int((predictions == labels.reshape(-1)).sum())
-                counted += labels.numel()
+            if labels is None or labels.is_floating_point():
+                continue
+            logits = logits_of(model, batch)
+            if not isinstance(logits, Tensor):  # a model without a task head: no classes
+                continue
+            # (…, classes): sequence and token classification alike
+            predictions = logits.reshape(-1, logits.shape[-1]).argmax(-1)
+            if predictions.numel() != labels.numel():  # labels of another kind than the head's
+                continue
+            correct += int((predictions == labels.reshape(-1)).sum())
+            counted += labels.numel()
     finally:
         model.train(training)
     metrics = {"loss": sum(losses) / max(len(losses), 1)}

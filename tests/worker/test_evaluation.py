@@ -1,0 +1,50 @@
+"""Before/after metrics: accuracy only where the model has classes to compare with the labels."""
+
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from worker import evaluation
+
+
+def config(**extra: Any) -> transformers.BertConfig:
+    return transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        **extra,
+    )
+
+
+BATCH = {
+    "input_ids": torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0)),
+    "labels": torch.tensor([0, 1, 1, 0]),
+}
+
+
+def hidden_energy(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    output = model(input_ids=batch["input_ids"])
+    state: Tensor = output.last_hidden_state if hasattr(output, "last_hidden_state") else output
+    return state.pow(2).mean()
+
+
+def test_a_model_without_a_head_reports_loss_but_no_accuracy_for_labelled_data() -> None:
+    """A sentence embedder distilled on data that happens to carry labels (it crashed)."""
+    metrics = evaluation.evaluate(transformers.BertModel(config()), [BATCH], hidden_energy)
+    assert set(metrics) == {"loss"} and metrics["loss"] > 0
+
+
+def test_a_classifier_reports_accuracy() -> None:
+    model = transformers.BertForSequenceClassification(config(num_labels=2))
+
+    def cross_entropy(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        logits = model(input_ids=batch["input_ids"]).logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+    metrics = evaluation.evaluate(model, [BATCH], cross_entropy)
+    assert set(metrics) == {"loss", "accuracy"}
+    assert metrics["accuracy"] in {0.0, 0.25, 0.5, 0.75, 1.0}
