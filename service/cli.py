@@ -18,7 +18,7 @@ from service.jobs.states import JobState
 from service.supervisor import WorkerSupervisor
 
 if TYPE_CHECKING:  # the commands import the database layer only when they run
-    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import Session, sessionmaker
 
     from service.orm import ApiKey
 
@@ -178,13 +178,29 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _key_store() -> "sessionmaker[Session]":
+    """The database the key commands work on, migrated first: they run before `up` or
+    `migrate` ever has, and then meet no tables. A database they cannot reach is one line."""
+    from sqlalchemy.exc import OperationalError
+
+    from service import migrate as migrations
+    from service.db import get_sessionmaker
+    from service.settings import get_settings
+
+    url = get_settings().resolved_database_url()
+    try:
+        migrations.upgrade(url)
+    except OperationalError as error:
+        _fail(f"cannot open the database at {url}: {str(error.orig).splitlines()[0]}")
+    return get_sessionmaker()
+
+
 @keys_app.command("create")
 def create_key(tenant: Annotated[str, typer.Option(help="name of the new tenant")]) -> None:
     """Create a tenant and print its API key (shown once)."""
     from service.auth import create_tenant
-    from service.db import get_sessionmaker
 
-    with get_sessionmaker()() as session:
+    with _key_store()() as session:
         _, key = create_tenant(session, tenant)
         session.commit()
     typer.echo(key)
@@ -193,10 +209,9 @@ def create_key(tenant: Annotated[str, typer.Option(help="name of the new tenant"
 @keys_app.command("list")
 def list_keys(as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False) -> None:
     """Every key: its prefix (what `revoke` and `rotate` take), tenant, creation, state."""
-    from service.db import get_sessionmaker
     from service.tenants.repository import keys
 
-    with get_sessionmaker()() as session:
+    with _key_store()() as session:
         for key, tenant in keys(session):
             state = "active" if key.revoked_at is None else "revoked"
             row = {
@@ -213,10 +228,9 @@ def list_keys(as_json: Annotated[bool, typer.Option("--json", help="JSON lines")
 @keys_app.command("revoke")
 def revoke_key(prefix: Annotated[str, typer.Argument(help="the key's prefix (keys list)")]) -> None:
     """Revoke a key at once: the API refuses it from the next request on."""
-    from service.db import get_sessionmaker
     from service.tenants.repository import revoke
 
-    with get_sessionmaker()() as session:
+    with _key_store()() as session:
         key = _one_active_key(session, prefix)
         revoke(session, key)
         session.commit()
@@ -227,10 +241,9 @@ def revoke_key(prefix: Annotated[str, typer.Argument(help="the key's prefix (key
 def rotate_key(prefix: Annotated[str, typer.Argument(help="the key's prefix (keys list)")]) -> None:
     """Print a new key for the same tenant (shown once) and revoke the old one."""
     from service.auth import create_key
-    from service.db import get_sessionmaker
     from service.tenants.repository import revoke
 
-    with get_sessionmaker()() as session:
+    with _key_store()() as session:
         old = _one_active_key(session, prefix)
         new = create_key(session, old.tenant_id)
         revoke(session, old)

@@ -98,3 +98,20 @@ def test_a_revoked_apoptosis_api_key_stops_up_with_one_line(
 
     assert stopped.value.exit_code == 2
     assert "APOPTOSIS_API_KEY is revoked" in capsys.readouterr().err
+
+
+def test_keys_work_on_a_home_nothing_has_migrated_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("APOPTOSIS_HOME", str(tmp_path / "new"))
+    monkeypatch.delenv("APOPTOSIS_DATABASE_URL", raising=False)
+    for cached in (get_settings, service_db.get_engine, service_db.get_sessionmaker):
+        cached.cache_clear()
+    try:
+        code, key, error = keys("create", "--tenant", "first")
+        assert (code, error) == (0, "") and key.startswith("apo_")
+        assert json.loads(keys("list", "--json")[1])["tenant"] == "first"
+    finally:
+        service_db.get_engine().dispose()
+        for cached in (get_settings, service_db.get_engine, service_db.get_sessionmaker):
+            cached.cache_clear()
