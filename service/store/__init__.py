@@ -67,7 +67,7 @@ def get_store() -> ArtifactStore:
     return store_from_url(get_settings().resolved_store_url())
 
 
-def store_file(path: Path) -> StoredBlob:
-    """Stream a local file into the configured store in 1 MiB chunks."""
+def store_file(path: Path, store: ArtifactStore | None = None) -> StoredBlob:
+    """Stream a local file into `store` (default: the configured one) in 1 MiB chunks."""
     with path.open("rb") as file:
-        return get_store().put_stream(iter(lambda: file.read(1 << 20), b""))
+        return (store or get_store()).put_stream(iter(lambda: file.read(1 << 20), b""))

@@ -15,7 +15,7 @@ from service.jobs import repository as jobs
 from service.orm import Dataset, Model
 from service.problems import ProblemError
 from service.settings import get_settings
-from service.store import ArtifactStore, StoredBlob
+from service.store import ArtifactStore, StoredBlob, store_file
 from service.tenants import repository as tenants
 from service.uploads.multipart import Upload, receive_upload
 
@@ -58,8 +58,7 @@ async def receive(
 def store(received: Received, artifacts: ArtifactStore) -> StoredBlob:
     """Move the spooled file into the artifact store (content-addressed) and drop the spool."""
     try:
-        with received.upload.path.open("rb") as file:
-            return artifacts.put_stream(iter(lambda: file.read(1 << 20), b""))
+        return store_file(received.upload.path, artifacts)
     finally:
         received.upload.path.unlink(missing_ok=True)
 
