@@ -54,7 +54,7 @@ class Model(Base):
     state: Mapped[str] = mapped_column(
         String(16), default=ModelState.VALIDATING
     )  # → ready | rejected
-    blob_key: Mapped[str] = mapped_column(String(200))
+    blob_key: Mapped[str] = mapped_column(String(200), index=True)
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)  # params, macs, inputs, layers
@@ -68,7 +68,7 @@ class Dataset(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     format: Mapped[str] = mapped_column(String(32))
-    blob_key: Mapped[str] = mapped_column(String(200))
+    blob_key: Mapped[str] = mapped_column(String(200), index=True)
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -121,10 +121,20 @@ class Artifact(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
     format: Mapped[str] = mapped_column(String(32))
     filename: Mapped[str] = mapped_column(String(200))
-    blob_key: Mapped[str] = mapped_column(String(200))
+    blob_key: Mapped[str] = mapped_column(String(200), index=True)
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Blob(Base):
+    """A blob in the store. Rows that name it (models, datasets, artifacts) are its references;
+    the sweep deletes a blob none has named since `stored_at` + a grace period."""
+
+    __tablename__ = "blob"
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    stored_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class WorkerHeartbeat(Base):

@@ -25,6 +25,15 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(default=3, ge=1)
     # Per tenant: jobs queued, running or cancelling at once; more are refused with a 429
     max_active_jobs: int = Field(default=20, ge=1)
+    # Per tenant: bytes of models, datasets and artifacts stored, and uploads per minute
+    max_tenant_bytes: int = Field(default=100 * 1024**3, gt=0)
+    max_uploads_per_minute: int = Field(default=60, ge=1)
+    # Retention: blobs nothing names are deleted this long after they were last stored (the
+    # worker sweeps every `sweep_seconds`); artifacts expire `artifact_days` after their job
+    # ended (0: never).
+    blob_grace_seconds: float = Field(default=600.0, ge=0)
+    sweep_seconds: float = Field(default=300.0, gt=0)
+    artifact_days: float = Field(default=0.0, ge=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     stale_after_seconds: float = Field(default=60.0, gt=0)
     job_soft_time_limit: int = 6 * 3600

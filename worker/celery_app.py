@@ -56,6 +56,16 @@ def _heartbeat_loop(queues: str) -> None:
             log.exception("worker heartbeat failed")
 
 
+def _retention_loop() -> None:
+    from worker.retention import sweep_once
+
+    while not _stop_reaper.wait(get_settings().sweep_seconds):
+        try:
+            sweep_once(get_settings())
+        except Exception:  # the next round retries; a blob kept a while longer costs only disk
+            log.exception("retention round failed")
+
+
 @worker_ready.connect
 def _start_reaper(sender: object = None, **_: object) -> None:
     consumer = getattr(sender, "task_consumer", None)
@@ -64,6 +74,7 @@ def _start_reaper(sender: object = None, **_: object) -> None:
     threading.Thread(target=_heartbeat_loop, args=(queues,), name="beat", daemon=True).start()
     reap_once()  # jobs orphaned while no worker ran (embedded broker messages can be lost)
     threading.Thread(target=_reaper_loop, name="reaper", daemon=True).start()
+    threading.Thread(target=_retention_loop, name="retention", daemon=True).start()
 
 
 @worker_shutdown.connect

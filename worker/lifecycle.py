@@ -23,6 +23,8 @@ from pydantic import ValidationError
 
 from service import archives
 from service.artifacts import repository as artifacts_repository
+from service.blobs import repository as blobs
+from service.blobs import service as retention
 from service.datasets import repository as datasets_repository
 from service.db import get_sessionmaker
 from service.jobs import repository
@@ -243,7 +245,8 @@ def _optional_blob(key: str | None) -> Iterator[Path | None]:
 
 def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> None:
     """Upload, then record artifacts and success in one transaction guarded by the lease."""
-    blobs = [(e.format, e.path.name, store_file(e.path)) for e in exports]
+    store = get_store()
+    stored = [(e, store_file(e.path, store)) for e in exports]
     with get_sessionmaker()() as session:
         job = repository.by_id(session, job_id)
         assert job is not None
@@ -258,20 +261,23 @@ def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> Non
         ):
             session.rollback()
             raise LeaseLost(job_id)
-        for fmt, name, blob in blobs:
+        for export, blob in stored:
             artifacts_repository.add(
                 session,
                 Artifact(
                     tenant_id=job.tenant_id,
                     job_id=job_id,
-                    format=fmt,
-                    filename=name,
+                    format=export.format,
+                    filename=export.path.name,
                     blob_key=blob.key,
                     sha256=blob.sha256,
                     size=blob.size,
                 ),
             )
+            blobs.record(session, blob)
         session.commit()
+    for export, blob in stored:
+        retention.confirm_stored(store, blob, export.path)
 
 
 def _end(job_id: str, state: JobState, error: dict[str, str] | None) -> None:

@@ -4,10 +4,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from service.jobs.states import ALLOWED_FROM, LEASED, JobState
+from service.jobs.states import ALLOWED_FROM, LEASED, TERMINAL, JobState
 from service.orm import Job, JobEvent, utcnow
 
 
@@ -33,6 +33,12 @@ def uses_model(session: Session, model_id: str) -> bool:
 
 def uses_dataset(session: Session, dataset_id: str) -> bool:
     return session.scalar(select(Job.id).where(Job.dataset_id == dataset_id).limit(1)) is not None
+
+
+def delete_ended(session: Session, job_id: str) -> bool:
+    """Delete the job if it has ended (its events and artifacts go with it, by cascade)."""
+    result = session.execute(delete(Job).where(Job.id == job_id, Job.state.in_(TERMINAL)))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def active_count(session: Session, tenant_id: str) -> int:

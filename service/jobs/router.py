@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, list, read, cancel, follow (SSE), artifacts, report."""
+"""/v1/jobs: submit, list, read, cancel, delete, follow (SSE), artifacts, report."""
 
 import asyncio
 import json
@@ -82,6 +82,13 @@ def cancel_job(job_id: str, tenant_id: TenantDep, sessions: SessionsDep) -> Job:
         service.cancel(session, job)
         session.refresh(job)
         return job
+
+
+@router.delete("/{job_id}", status_code=204)
+def delete_job(job_id: str, tenant_id: TenantDep, sessions: SessionsDep) -> Response:
+    with sessions() as session:
+        service.delete(session, _owned(session, tenant_id, job_id))
+    return Response(status_code=204)
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])

@@ -1,4 +1,4 @@
-"""Job use cases: create (idempotently), cancel."""
+"""Job use cases: create (idempotently), cancel, delete."""
 
 from typing import Any
 
@@ -167,3 +167,16 @@ def cancel(session: Session, job: Job) -> None:
         session.rollback()
         session.refresh(job)
     raise ProblemError(409, "concurrent_update", "the job changed state repeatedly; try again")
+
+
+def delete(session: Session, job: Job) -> None:
+    """Delete an ended job with its events and artifacts; their blobs go with the next sweep."""
+    if not repository.delete_ended(session, job.id):
+        session.rollback()
+        raise ProblemError(
+            409,
+            "job_not_ended",
+            f"job {job.id!r} is {job.state}; cancel it, then delete it once it has ended",
+            state=job.state,
+        )
+    session.commit()

@@ -18,7 +18,9 @@ from service.uploads import service as uploads
 from service.uploads.multipart import openapi_form
 
 router = APIRouter(
-    prefix="/v1/models", tags=["models"], responses=responses(401, 404, 409, 413, 415, 422)
+    prefix="/v1/models",
+    tags=["models"],
+    responses=responses(400, 401, 404, 409, 413, 415, 422, 429),
 )
 
 
@@ -28,8 +30,11 @@ router = APIRouter(
 async def upload_model(
     request: Request, tenant_id: TenantDep, sessions: SessionsDep, store: StoreDep
 ) -> Model:
-    received = await uploads.receive(request, "model", MODEL_FORMATS, service.check)
-    # The body is on disk: only now does the request touch the database, in the thread pool.
+    received = await uploads.receive(
+        request, sessions, tenant_id, "model", MODEL_FORMATS, service.check
+    )
+    # The body is on disk; the request's sessions (quota check, create) each close in one
+    # thread-pool call, so a slow body never holds a database connection.
     return await run_in_threadpool(service.create, sessions, store, tenant_id, received)
 
 

@@ -2,9 +2,10 @@
 (newest first on (created_at, id)) for models, datasets, jobs and artifacts alike."""
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, func, select, union_all
 from sqlalchemy.orm import Session
 
 from service.orm import ApiKey, Artifact, Dataset, Job, Model, Tenant, utcnow
@@ -84,3 +85,26 @@ def page(
 
 def delete(session: Session, row: Model | Dataset) -> None:
     session.delete(row)
+
+
+def stored_bytes(session: Session, tenant_id: str) -> int:
+    """The bytes of the tenant's models, datasets and artifacts (a blob two rows name counts
+    twice: each is the tenant's to delete)."""
+    sizes = union_all(
+        *(
+            select(kind.size).where(kind.tenant_id == tenant_id)
+            for kind in (Model, Dataset, Artifact)
+        )
+    ).subquery()
+    return int(session.scalar(select(func.coalesce(func.sum(sizes.c.size), 0))) or 0)
+
+
+def uploads_since(session: Session, tenant_id: str, since: datetime) -> list[datetime]:
+    """When the tenant's models and datasets created after `since` were uploaded, oldest first."""
+    times = union_all(
+        *(
+            select(kind.created_at).where(kind.tenant_id == tenant_id, kind.created_at > since)
+            for kind in (Model, Dataset)
+        )
+    ).subquery()
+    return list(session.scalars(select(times.c.created_at).order_by(times.c.created_at)))

@@ -11,12 +11,15 @@ from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from service.blobs import repository as blobs
+from service.blobs import service as retention
 from service.jobs import repository as jobs
 from service.orm import Dataset, Model
 from service.problems import ProblemError
 from service.settings import get_settings
-from service.store import ArtifactStore, StoredBlob, store_file
+from service.store import ArtifactStore, store_file
 from service.tenants import repository as tenants
+from service.uploads import quota
 from service.uploads.multipart import Upload, receive_upload
 
 MAX_NAME = 200  # the name column's width
@@ -34,15 +37,22 @@ class Received:
 
 async def receive(
     request: Request,
+    sessions: sessionmaker[Session],
+    tenant_id: str,
     kind: str,
     formats: tuple[str, ...],
     check: Callable[[Upload, str], None],
 ) -> Received:
-    """Spool the multipart body, then check it; `check(upload, format)` runs in the thread pool
-    and raises a `ProblemError` to refuse the upload."""
+    """Spool the multipart body within the tenant's quotas, then check it; `check(upload,
+    format)` runs in the thread pool and raises a `ProblemError` to refuse the upload."""
     settings = get_settings()
+    declared = request.headers.get("content-length", "")
+    declared_bytes = int(declared) if declared.isdigit() else 0
+    await run_in_threadpool(quota.check, sessions, tenant_id, declared_bytes)
     upload = await receive_upload(request, settings.home / "tmp", settings.max_upload_bytes)
     with _discard_on_error(upload):
+        if not declared_bytes:  # a chunked body: its size is known only now
+            await run_in_threadpool(quota.check, sessions, tenant_id, upload.size)
         upload_format = upload.fields.get("format", "")
         if upload_format not in formats:
             raise ProblemError(
@@ -55,14 +65,6 @@ async def receive(
     return Received(upload, name, upload_format)
 
 
-def store(received: Received, artifacts: ArtifactStore) -> StoredBlob:
-    """Move the spooled file into the artifact store (content-addressed) and drop the spool."""
-    try:
-        return store_file(received.upload.path, artifacts)
-    finally:
-        received.upload.path.unlink(missing_ok=True)
-
-
 def save(
     sessions: sessionmaker[Session],
     artifacts: ArtifactStore,
@@ -71,19 +73,26 @@ def save(
     kind: type[Stored],
     add: Callable[[Session, Stored], None],
 ) -> Stored:
-    """Store the upload and record it as a `kind` row (through its repository's `add`)."""
-    blob = store(received, artifacts)
-    row = kind(
-        tenant_id=tenant_id,
-        name=received.name,
-        format=received.format,
-        blob_key=blob.key,
-        sha256=blob.sha256,
-        size=blob.size,
-    )
-    with sessions() as session:
-        add(session, row)
-        session.commit()
+    """Move the spooled file into the store (content-addressed) and record it as a `kind` row
+    (through its repository's `add`) with its blob; the spool goes once the row is committed."""
+    spool = received.upload.path
+    try:
+        blob = store_file(spool, artifacts)
+        row = kind(
+            tenant_id=tenant_id,
+            name=received.name,
+            format=received.format,
+            blob_key=blob.key,
+            sha256=blob.sha256,
+            size=blob.size,
+        )
+        with sessions() as session:
+            add(session, row)
+            blobs.record(session, blob)
+            session.commit()
+        retention.confirm_stored(artifacts, blob, spool)
+    finally:
+        spool.unlink(missing_ok=True)
     return row
 
 
@@ -93,7 +102,9 @@ def delete_unless_used(session: Session, row: Model | Dataset) -> None:
     if used(session, row.id):
         kind = row.__tablename__
         raise ProblemError(
-            409, f"{kind}_in_use", f"jobs refer to this {kind}; it cannot be deleted"
+            409,
+            f"{kind}_in_use",
+            f"jobs refer to this {kind}; delete those jobs first (DELETE /v1/jobs/{{id}})",
         )
     tenants.delete(session, row)
     session.commit()

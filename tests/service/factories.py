@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.auth import create_tenant
+from service.blobs import repository as blobs
 from service.jobs.states import JobState
 from service.orm import Artifact, Dataset, Job, Model
 from service.store import ArtifactStore
@@ -161,5 +162,6 @@ def make_artifact(session: Session, store: ArtifactStore, job: Job, content: byt
         size=blob.size,
     )
     session.add(artifact)
+    blobs.record(session, blob)
     session.commit()
     return artifact

@@ -142,7 +142,7 @@ def test_the_openapi_document_lists_the_v1_api(client: TestClient) -> None:
         "/v1/datasets": {"get", "post"},
         "/v1/datasets/{dataset_id}": {"get", "delete"},
         "/v1/jobs": {"get", "post"},
-        "/v1/jobs/{job_id}": {"get"},
+        "/v1/jobs/{job_id}": {"get", "delete"},
         "/v1/jobs/{job_id}/cancel": {"post"},
         "/v1/jobs/{job_id}/events": {"get"},
         "/v1/jobs/{job_id}/artifacts": {"get"},

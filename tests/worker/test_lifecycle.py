@@ -13,11 +13,11 @@ from sqlalchemy import select
 from service import migrate
 from service.auth import create_tenant
 from service.db import get_engine, get_sessionmaker
-from service.orm import Artifact, Dataset, Job, Model
+from service.orm import Artifact, Blob, Dataset, Job, Model
 from service.settings import get_settings
 from service.store import get_store, store_file
 from tests.worker import factories
-from worker import lifecycle
+from worker import lifecycle, retention
 
 
 @pytest.fixture
@@ -190,3 +190,32 @@ def test_a_job_past_the_time_limit_fails_as_time_limit(
         assert job is not None and job.state == "failed"
         assert job.error is not None and job.error["code"] == "time_limit"
         assert list(session.scalars(select(Artifact).where(Artifact.job_id == job_id))) == []
+
+
+def test_artifacts_are_recorded_as_blobs_and_swept_once_expired(
+    tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker records each artifact's blob with the artifact; with `artifact_days` set, the
+    retention round forgets old artifacts and deletes their blobs; the job stays."""
+    model_id = _stored_bert(tenant, tmp_path)
+    lifecycle.validate_model(model_id)
+    spec = factories.spec(outputs=["safetensors"]).model_dump(mode="json")
+    job_id = _stored_job(tenant, model_id, tmp_path, spec)
+    lifecycle.run_job(job_id)
+    with get_sessionmaker()() as session:
+        (artifact,) = session.scalars(select(Artifact).where(Artifact.job_id == job_id))
+        assert session.get(Blob, artifact.blob_key) is not None
+        job = session.get_one(Job, job_id)
+        job.finished_at = datetime.now(UTC) - timedelta(days=3)
+        session.commit()
+    monkeypatch.setenv("APOPTOSIS_ARTIFACT_DAYS", "2")
+    monkeypatch.setenv("APOPTOSIS_BLOB_GRACE_SECONDS", "0")
+    get_settings.cache_clear()
+
+    swept = retention.sweep_once(get_settings())
+
+    assert (swept.blobs, swept.bytes) == (1, artifact.size)
+    assert not get_store().exists(artifact.blob_key)
+    with get_sessionmaker()() as session:
+        assert session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all() == []
+        assert session.get_one(Job, job_id).state == "succeeded"  # the job itself stays

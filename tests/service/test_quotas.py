@@ -1,0 +1,107 @@
+"""Per-tenant upload quotas: uploads per minute and bytes stored, each a 429 with Retry-After,
+refused before the body is spooled when its declared length already tells."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from service.settings import Settings, get_settings
+from tests.service.datasets.test_datasets import TENSORS
+from tests.service.datasets.test_datasets import upload as upload_dataset
+from tests.service.factories import Caller, make_dataset, make_model
+from tests.service.models.test_upload import WEIGHTS
+from tests.service.models.test_upload import upload as upload_model
+from tests.service.support import QueueRecorder, leftover_files, problem
+
+
+def _limit(monkeypatch: pytest.MonkeyPatch, name: str, value: int) -> None:
+    monkeypatch.setenv(f"APOPTOSIS_{name}", str(value))
+    get_settings.cache_clear()
+
+
+def test_uploads_past_the_rate_get_429_until_the_minute_has_passed(
+    client: TestClient,
+    db: Session,
+    alice: Caller,
+    bob: Caller,
+    queued: QueueRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _limit(monkeypatch, "MAX_UPLOADS_PER_MINUTE", 3)
+    now = datetime.now(UTC)
+    make_model(db, alice.tenant_id, name="long ago", created_at=now - timedelta(minutes=5))
+    make_model(db, alice.tenant_id, name="a", created_at=now - timedelta(seconds=50))
+    make_dataset(db, alice.tenant_id, name="b", created_at=now - timedelta(seconds=20))
+    assert upload_model(client, alice, WEIGHTS).status_code == 201  # the third in a minute
+
+    response = upload_dataset(client, alice, TENSORS)
+
+    body = problem(response, 429, "upload_rate_exceeded")
+    assert body["limit"] == 3
+    # the oldest of the three leaves the window in about ten seconds
+    assert 1 <= int(response.headers["retry-after"]) <= 11
+    assert upload_model(client, bob, WEIGHTS).status_code == 201  # bob has his own minute
+    assert len(queued.validations) == 2
+
+
+def test_an_upload_that_would_pass_the_storage_quota_is_refused_unread(
+    client: TestClient,
+    db: Session,
+    settings: Settings,
+    alice: Caller,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) + len(TENSORS) // 2)
+    assert upload_model(client, alice, WEIGHTS).status_code == 201
+    stored_before = leftover_files(settings)
+
+    response = upload_dataset(client, alice, TENSORS)
+
+    body = problem(response, 429, "storage_quota_exceeded")
+    assert body["stored"] == len(WEIGHTS)
+    assert int(response.headers["retry-after"]) > 0
+    assert "Delete models, datasets or jobs" in body["detail"]
+    assert leftover_files(settings) == stored_before  # nothing spooled, nothing stored
+
+
+def test_a_chunked_upload_is_measured_once_received(
+    client: TestClient,
+    settings: Settings,
+    alice: Caller,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a Content-Length the quota is checked on the bytes received."""
+    _limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) // 2)
+    boundary = "quota-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="format"\r\n\r\nhf\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m.zip"\r\n'
+            "Content-Type: application/zip\r\n\r\n"
+        ).encode()
+        + WEIGHTS
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+    response = client.post(
+        "/v1/models",
+        headers=alice.headers | {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        content=iter([body]),  # an iterator: sent chunked, with no length
+    )
+
+    problem(response, 429, "storage_quota_exceeded")
+    assert leftover_files(settings) == []
+
+
+def test_deleting_frees_the_quota_at_once(
+    client: TestClient, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) + 1000)
+    first = upload_model(client, alice, WEIGHTS).json()["id"]
+    problem(upload_model(client, alice, WEIGHTS), 429, "storage_quota_exceeded")
+
+    client.delete(f"/v1/models/{first}", headers=alice.headers)
+
+    assert upload_model(client, alice, WEIGHTS).status_code == 201
