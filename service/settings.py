@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     # unless the operator turns this on, and even then loaded only in the worker.
     trusted_mode: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Bytes a job may use on its device (0: what the device has free); a model that cannot be
+    # scored within it fails at once with out_of_memory
+    worker_memory_bytes: int = Field(default=0, ge=0)
     job_queue: Literal["cpu", "gpu"] = "cpu"  # where the API sends jobs; GPU fleets use "gpu"
     job_max_attempts: int = Field(default=3, ge=1)
     # Per tenant: jobs queued, running or cancelling at once; more are refused with a 429

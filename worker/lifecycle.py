@@ -35,7 +35,7 @@ from service.models.states import ModelState
 from service.orm import Artifact, Model, utcnow
 from service.settings import Settings, get_settings
 from service.store import get_store, store_file
-from worker import datasets, models
+from worker import datasets, memory, models
 from worker.engine import EngineError, PruneConfig, measure, reachable_fraction
 from worker.export import Exported
 from worker.steps import JobFailed, JobFiles, execute
@@ -214,7 +214,13 @@ def run_job(job_id: str) -> None:
                     model_root, model.format, data, dataset.format, evaluation, Path(work)
                 )
                 result, exports = execute(
-                    spec, files, device(settings), settings.trusted_mode, report, heartbeat.check
+                    spec,
+                    files,
+                    device(settings),
+                    settings.trusted_mode,
+                    report,
+                    heartbeat.check,
+                    settings.worker_memory_bytes,
                 )
                 _finish(job_id, result, exports)
         except Cancelled:
@@ -227,8 +233,14 @@ def run_job(job_id: str) -> None:
             archives.UnsafeArchive,
             models.ModelRejected,
             datasets.DatasetRejected,
+            memory.OutOfMemory,
         ) as error:
             _end(job_id, JobState.FAILED, {"code": error.code, "message": str(error)})
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            # What the job held is garbage once this frame is left; the worker takes the next.
+            log.warning("job %s ran out of memory", job_id)
+            failure = memory.describe(error, device(settings))
+            _end(job_id, JobState.FAILED, {"code": failure.code, "message": str(failure)})
         except Exception as error:
             log.exception("job %s failed", job_id)
             _end(job_id, JobState.FAILED, {"code": "internal_error", "message": str(error)})

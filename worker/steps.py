@@ -11,7 +11,7 @@ import torch
 
 from service.errors import CodedError
 from service.jobs.schemas import JobSpec
-from worker import datasets, evaluation, export, finetune, losses, models
+from worker import datasets, evaluation, export, finetune, losses, memory, models
 from worker.engine import PruneConfig, StepRecord, architectures, prune_
 from worker.engine.config import TargetMetric
 
@@ -40,14 +40,17 @@ def execute(
     trusted: bool,
     report: Report,
     check: Callable[[], None] = lambda: None,
+    memory_limit: int = 0,
 ) -> tuple[dict[str, Any], list[export.Exported]]:
     """Run the job. `report` receives progress at every stage and may raise to stop it
     (cancellation); `check` is the cheap form, called between fine-tuning batches, and raises
-    the same way (the lifecycle's reads the state its background heartbeat keeps)."""
+    the same way (the lifecycle's reads the state its background heartbeat keeps).
+    `memory_limit` caps the bytes the job may use (0: what the device has free)."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     report({"stage": "loading", "percent": 0})
     loaded = models.load(files.model_root, files.model_format, trusted=trusted)
+    memory.check_fits(loaded.model, device, memory_limit)
     net = loaded.model.to(device)
     if "hf" in spec.outputs:
         _check_hf_output(net, spec.granularity)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from sqlalchemy import select
 
 from service import migrate
@@ -17,7 +18,7 @@ from service.orm import Artifact, Blob, Dataset, Job, Model
 from service.settings import get_settings
 from service.store import get_store, store_file
 from tests.worker import factories
-from worker import lifecycle, retention
+from worker import lifecycle, retention, steps
 
 
 @pytest.fixture
@@ -219,3 +220,48 @@ def test_artifacts_are_recorded_as_blobs_and_swept_once_expired(
     with get_sessionmaker()() as session:
         assert session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all() == []
         assert session.get_one(Job, job_id).state == "succeeded"  # the job itself stays
+
+
+def test_a_model_too_big_for_the_workers_memory_fails_at_once_and_the_worker_goes_on(
+    tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_id = _stored_bert(tenant, tmp_path)
+    lifecycle.validate_model(model_id)
+    spec = factories.spec(outputs=["safetensors"]).model_dump(mode="json")
+    monkeypatch.setenv("APOPTOSIS_WORKER_MEMORY_BYTES", "100000")
+    get_settings.cache_clear()
+    too_big = _stored_job(tenant, model_id, tmp_path, spec)
+
+    lifecycle.run_job(too_big)
+
+    monkeypatch.delenv("APOPTOSIS_WORKER_MEMORY_BYTES")
+    get_settings.cache_clear()
+    fits = _stored_job(tenant, model_id, tmp_path, spec)
+    lifecycle.run_job(fits)  # the same process takes the next job
+    with get_sessionmaker()() as session:
+        failed, succeeded = session.get_one(Job, too_big), session.get_one(Job, fits)
+    assert failed.state == "failed" and failed.error is not None
+    assert failed.error["code"] == "out_of_memory"
+    assert "needs at least" in failed.error["message"] and "0.00 GiB" in failed.error["message"]
+    assert succeeded.state == "succeeded", succeeded.error
+
+
+def test_an_allocation_failing_mid_job_fails_it_as_out_of_memory(
+    tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_id = _stored_bert(tenant, tmp_path)
+    lifecycle.validate_model(model_id)
+    job_id = _stored_job(tenant, model_id, tmp_path, factories.spec().model_dump(mode="json"))
+
+    def exhausted(*_: object, **__: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 …")
+
+    monkeypatch.setattr(steps, "prune_", exhausted)
+
+    lifecycle.run_job(job_id)
+
+    with get_sessionmaker()() as session:
+        job = session.get_one(Job, job_id)
+    assert job.state == "failed" and job.error is not None
+    assert job.error["code"] == "out_of_memory"
+    assert "Tried to allocate 20.00 GiB" in job.error["message"]

@@ -1,0 +1,75 @@
+"""Whether a job's model fits the worker's memory, asked before it is scored.
+
+Scoring holds at least four copies of the parameters at once (the weights, their gradients, the
+vector of a Hessian-vector product and its result); activations of the calibration batch come on
+top. A model whose four copies do not fit in what the worker may use fails at once with
+`out_of_memory` and the figures, instead of being killed by the kernel half-way through.
+"""
+
+from pathlib import Path
+
+import torch
+
+from service.errors import CodedError
+
+SCORING_COPIES = 4
+GIB = 1024**3
+
+
+class OutOfMemory(CodedError):
+    def __init__(self, message: str) -> None:
+        super().__init__("out_of_memory", message)
+
+
+def scoring_bytes(net: torch.nn.Module) -> int:
+    """A lower bound of the memory scoring `net` takes."""
+    return SCORING_COPIES * sum(p.numel() * p.element_size() for p in net.parameters())
+
+
+def free_bytes(device: torch.device, limit: int) -> int:
+    """What the worker may still use on `device`: the operator's `limit` when set (bytes), else
+    what the device reports free."""
+    if limit:
+        return limit
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return _available_ram()
+
+
+def check_fits(net: torch.nn.Module, device: torch.device, limit: int) -> None:
+    needed, free = scoring_bytes(net), free_bytes(device, limit)
+    if needed > free:
+        raise OutOfMemory(
+            f"scoring this model needs at least {needed / GIB:.2f} GiB on {device.type} "
+            f"(weights, gradients and Hessian-vector products); the worker has "
+            f"{free / GIB:.2f} GiB. Run it on a worker with more memory",
+        )
+
+
+def _available_ram() -> int:
+    """MemAvailable, bounded by the cgroup's limit when the worker runs in a container."""
+    available = _meminfo_kib("MemAvailable") * 1024
+    limit_file = Path("/sys/fs/cgroup/memory.max")
+    usage_file = Path("/sys/fs/cgroup/memory.current")
+    if limit_file.exists() and usage_file.exists():
+        limit = limit_file.read_text().strip()
+        if limit.isdigit():
+            available = min(available, int(limit) - int(usage_file.read_text()))
+    return available
+
+
+def _meminfo_kib(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0])
+    raise RuntimeError(f"/proc/meminfo has no {field}")
+
+
+def describe(error: BaseException, device: torch.device) -> OutOfMemory:
+    """The job error for an allocation that failed half-way (torch's message has the figure)."""
+    detail = " ".join(str(error).split())[:240].rstrip(". ") or "an allocation failed"
+    return OutOfMemory(
+        f"the job ran out of memory on {device.type}: {detail}. Use a smaller calibration "
+        "batch_size, or a worker with more memory"
+    )
