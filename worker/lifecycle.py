@@ -35,6 +35,7 @@ from service.models.states import ModelState
 from service.orm import Artifact, Model, utcnow
 from service.settings import Settings, get_settings
 from service.store import get_store, store_file
+from service.workers import repository as workers_repository
 from worker import datasets, memory, models
 from worker.engine import EngineError, PruneConfig, measure, reachable_fraction
 from worker.export import Exported
@@ -43,6 +44,7 @@ from worker.steps import JobFailed, JobFiles, execute
 log = logging.getLogger("apoptosis.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 VALIDATION_GRACE = 10  # × stale_after_seconds before a validating model is retried
+SILENT_WORKER_KEPT = timedelta(days=1)  # a killed worker's heartbeat row, kept for inspection
 
 
 class Cancelled(Exception):
@@ -337,6 +339,7 @@ def reap(settings: Settings) -> tuple[list[str], list[str]]:
                 )
         cutoff = utcnow() - VALIDATION_GRACE * stale_after
         requeue += repository.unsent_since(session, cutoff)  # messages a broker lost
+        workers_repository.forget_silent_since(session, utcnow() - SILENT_WORKER_KEPT)
         session.commit()
         models_to_validate = models_repository.validating_since(session, cutoff)
     return requeue, models_to_validate

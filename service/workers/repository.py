@@ -24,6 +24,12 @@ def forget(session: Session, name: str) -> None:
     session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.name == name))
 
 
+def forget_silent_since(session: Session, cutoff: datetime) -> int:
+    """Drop the rows of workers silent since `cutoff` (killed ones never say goodbye)."""
+    result = session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.beat_at < cutoff))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def alive_since(session: Session, cutoff: datetime) -> int:
     """How many workers beat after `cutoff`."""
     query = select(func.count()).where(WorkerHeartbeat.beat_at >= cutoff)

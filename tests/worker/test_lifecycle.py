@@ -14,9 +14,10 @@ from sqlalchemy import select
 from service import migrate
 from service.auth import create_tenant
 from service.db import get_engine, get_sessionmaker
-from service.orm import Artifact, Blob, Dataset, Job, Model
+from service.orm import Artifact, Blob, Dataset, Job, Model, WorkerHeartbeat
 from service.settings import get_settings
 from service.store import get_store, store_file
+from service.workers import repository as workers
 from tests.worker import factories
 from worker import lifecycle, retention, steps
 
@@ -174,6 +175,20 @@ def test_the_reaper_sends_again_a_queued_job_whose_message_was_lost(
 
     assert first == [lost]
     assert second == []  # sent just now: not again until the period has passed
+
+
+def test_the_reaper_forgets_workers_silent_for_a_day(tenant: str) -> None:
+    """A SIGKILLed worker never deletes its heartbeat row; the reaper drops it after a day."""
+    with get_sessionmaker()() as session:
+        workers.beat(session, "killed:1", "cpu")
+        workers.beat(session, "alive:2", "cpu")
+        session.get_one(WorkerHeartbeat, "killed:1").beat_at = datetime.now(UTC) - timedelta(days=2)
+        session.commit()
+
+    lifecycle.reap(get_settings())
+
+    with get_sessionmaker()() as session:
+        assert list(session.scalars(select(WorkerHeartbeat.name))) == ["alive:2"]
 
 
 def test_a_job_past_the_time_limit_fails_as_time_limit(
