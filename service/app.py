@@ -17,6 +17,7 @@ from service.models.router import router as models_router
 from service.settings import get_settings
 from service.store import ArtifactStore
 from service.uploads.multipart import sweep_spool
+from service.webhooks.router import router as webhooks_router
 
 log = logging.getLogger("apoptosis.api")
 
@@ -51,6 +52,7 @@ def create_app(
         datasets_router,
         jobs_router,
         artifacts_router,
+        webhooks_router,
     ):
         app.include_router(router)
     return app

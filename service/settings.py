@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     blob_grace_seconds: float = Field(default=600.0, ge=0)
     sweep_seconds: float = Field(default=300.0, gt=0)
     artifact_days: float = Field(default=0.0, ge=0)
+    # Hosts (names, addresses or networks such as 10.0.0.0/8) job notifications may reach
+    # although they are not public (the SSRF guard refuses them otherwise); JSON list
+    webhook_allow: list[str] = Field(default_factory=list)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     stale_after_seconds: float = Field(default=60.0, gt=0)
     job_soft_time_limit: int = 6 * 3600

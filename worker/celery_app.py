@@ -16,6 +16,7 @@ log = logging.getLogger("apoptosis.worker")
 app = Celery("apoptosis", include=["worker.tasks"])
 app.conf.update(celery_config(get_settings()))
 _stop_reaper = threading.Event()
+WEBHOOK_POLL_SECONDS = 2.0
 
 
 def reap_once() -> None:
@@ -66,6 +67,16 @@ def _retention_loop() -> None:
             log.exception("retention round failed")
 
 
+def _webhook_loop() -> None:
+    from worker.webhooks import deliver_due
+
+    while not _stop_reaper.wait(WEBHOOK_POLL_SECONDS):
+        try:
+            deliver_due(get_settings())
+        except Exception:  # the next round retries: deliveries stay in the outbox until sent
+            log.exception("webhook round failed")
+
+
 @worker_ready.connect
 def _start_reaper(sender: object = None, **_: object) -> None:
     consumer = getattr(sender, "task_consumer", None)
@@ -75,6 +86,7 @@ def _start_reaper(sender: object = None, **_: object) -> None:
     reap_once()  # jobs orphaned while no worker ran (embedded broker messages can be lost)
     threading.Thread(target=_reaper_loop, name="reaper", daemon=True).start()
     threading.Thread(target=_retention_loop, name="retention", daemon=True).start()
+    threading.Thread(target=_webhook_loop, name="webhooks", daemon=True).start()
 
 
 @worker_shutdown.connect

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from service.jobs.states import ALLOWED_FROM, LEASED, TERMINAL, JobState
 from service.orm import Job, JobEvent, utcnow
+from service.webhooks import outbox
 
 
 def by_id(session: Session, job_id: str) -> Job | None:
@@ -123,7 +124,10 @@ def unsent_since(session: Session, cutoff: datetime) -> list[str]:
 
 
 def add_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
+    """Append to the job's log; a state change also queues its notification (the outbox)."""
     session.add(JobEvent(job_id=job_id, kind=kind, data=data))
+    if kind == "state":
+        outbox.add_for_state(session, job_id, data["state"])
 
 
 def events_after(

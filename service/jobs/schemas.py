@@ -110,6 +110,8 @@ class JobSpec(SpecPart):
     outputs: list[OutputFormat] = Field(
         default_factory=_default_outputs, min_length=1, max_length=5
     )
+    # POSTed a signed notification (Standard Webhooks) at each state change of the job
+    notify_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://")
 
     @model_validator(mode="after")
     def _target_fits_granularity(self) -> "JobSpec":

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -15,6 +16,7 @@ from service.problems import ProblemError, found
 from service.settings import get_settings
 from service.tenants import repository as tenants
 from service.tenants.repository import Owned
+from service.webhooks import secret, targets
 
 RETRY_AFTER_SECONDS = 30  # a small job's run: when a slot is likely to be free again
 
@@ -59,6 +61,12 @@ def create(
             model_state=model.state,
         )
     _check_reachable(model, spec)
+    if spec.notify_url is not None:
+        try:
+            targets.check(spec.notify_url, get_settings().webhook_allow)
+        except targets.TargetRefused as error:
+            raise ProblemError(422, error.code, str(error)) from error
+        secret.ensure(session, tenant_id)  # the receiver reads it with GET /v1/webhooks/secret
     settings = get_settings()
     if repository.active_count(session, tenant_id) >= settings.max_active_jobs:
         raise ProblemError(
@@ -136,7 +144,10 @@ def _send(job_id: str) -> None:
 
 
 def _same_spec(job: Job, spec: JobSpec) -> Job:
-    stored = {"spec_version": 1} | job.spec  # stored before specs carried their version
+    try:  # a spec stored before a field existed reads back with that field's default
+        stored = JobSpec.model_validate(job.spec).model_dump(mode="json")
+    except ValidationError:
+        stored = job.spec
     if stored != spec.model_dump(mode="json"):
         raise ProblemError(
             409,

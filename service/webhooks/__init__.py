@@ -1,0 +1,1 @@
+"""Job notifications: an outbox of deliveries, signed per Standard Webhooks, sent by workers."""
