@@ -50,6 +50,22 @@ def test_embedded_service_prunes_an_uploaded_bert(embedded: Client, tmp_path: Pa
     archive, data = bert_upload(tmp_path)
     prune_bert_to_half_the_macs(embedded, archive, data, tmp_path)
 
+    # The SDK's one call: upload (formats from the files), submit, wait, download.
+    result = embedded.prune(
+        archive,
+        data,
+        target={"macs": 0.7},
+        output=tmp_path / "sdk",
+        schedule={"steps": 2},
+        calibration={"batches": 1, "batch_size": 16},
+        outputs=["safetensors"],
+    )
+
+    assert result.job.state == "succeeded" and result.model.format == "hf"
+    assert result.dataset.format == "tensors"
+    assert [f.name for f in result.files] == ["model-safetensors.zip"]
+    assert result.files[0].stat().st_size == result.artifacts[0].size
+
 
 def test_api_process_never_imports_torch() -> None:
     code = (
