@@ -15,14 +15,19 @@ class InvalidDataset(CodedError, ValueError):
     """A dataset upload that is not what its format says; checked before it is stored."""
 
 
-def check(path: Path, data_format: str) -> None:
+def check(path: Path, data_format: str, name: str) -> None:
+    """Raise `InvalidDataset` unless `path` is what `data_format` says; messages call the file
+    `name` (the user's file name, never the spool's)."""
     try:
-        {"tensors": _tensors, "jsonl": _jsonl, "imagefolder": _imagefolder}[data_format](path)
+        if data_format == "tensors":
+            _tensors(path, name or "the file")
+        else:
+            {"jsonl": _jsonl, "imagefolder": _imagefolder}[data_format](path)
     except archives.UnsafeArchive as error:
         raise InvalidDataset(error.code, str(error)) from error
 
 
-def _tensors(path: Path) -> None:
+def _tensors(path: Path, name: str) -> None:
     """An .npz (a zip of .npy arrays, loaded without pickle later) or a sound safetensors file."""
     if zipfile.is_zipfile(path):
         with archives.entries(path) as listing:
@@ -31,7 +36,7 @@ def _tensors(path: Path) -> None:
         archives.check_integrity(path)
         return
     size = path.stat().st_size
-    entry = archives.Entry(PurePosixPath(path.name), size, False, lambda: path.open("rb"))
+    entry = archives.Entry(PurePosixPath(name), size, False, lambda: path.open("rb"))
     try:
         archives.check_safetensors(entry)
     except archives.UnsafeArchive as error:

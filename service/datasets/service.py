@@ -13,7 +13,7 @@ from service.uploads.multipart import Upload
 def check(upload: Upload, dataset_format: str) -> None:
     """Refuse a file that is not what its format says (422), before it is stored."""
     try:
-        checks.check(upload.path, dataset_format)
+        checks.check(upload.path, dataset_format, upload.filename)
     except checks.InvalidDataset as error:
         raise ProblemError(422, error.code, str(error)) from error
 

@@ -127,3 +127,16 @@ def test_a_dataset_that_jobs_refer_to_cannot_be_deleted(
     problem(response, 409, "dataset_in_use")
     db.expire_all()
     assert db.get(Dataset, job.dataset_id) is not None
+
+
+def test_a_refusal_names_the_users_file_never_the_spool(client: TestClient, alice: Caller) -> None:
+    response = client.post(
+        "/v1/datasets",
+        headers=alice.headers,
+        data={"format": "tensors"},
+        files={"file": ("texts.jsonl", b'{"text": "a jsonl file sent as tensors"}\n')},
+    )
+
+    body = problem(response, 422, "invalid_dataset")
+    assert "texts.jsonl" in body["detail"]
+    assert "upload-" not in body["detail"]
