@@ -4,6 +4,7 @@ from datetime import timedelta
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -23,7 +24,16 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: str  # ready | not_ready
+    checks: dict[str, bool]  # database, broker, store, workers
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "a check failed; `checks` says which"}},
+)
 async def readyz(request: Request, sessions: SessionsDep) -> JSONResponse:
     checks = {
         "database": await run_in_threadpool(_database_ready),

@@ -1,6 +1,6 @@
 """/v1/artifacts/{id}/content: streamed downloads with a strong ETag (the sha256)."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
@@ -12,11 +12,29 @@ from service.problems import found, responses
 from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
 
-router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=responses(401, 404))
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=responses(401, 404, 422))
+_BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+# StreamingResponse has no media type of its own: these are the content the document declares.
+_DOWNLOAD: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the artifact's bytes", "content": _BYTES},
+    206: {"description": "the bytes of the one range asked for", "content": _BYTES},
+    304: {"description": "If-None-Match names the artifact's ETag: no body"},
+    416: {"description": "the Range is not one satisfiable range; Content-Range has the size"},
+}
 
 
-@router.get("/{artifact_id}/content", response_model=None)
-@router.head("/{artifact_id}/content", response_model=None)
+@router.get(
+    "/{artifact_id}/content",
+    response_model=None,
+    response_class=StreamingResponse,
+    responses=_DOWNLOAD,
+)
+@router.head(
+    "/{artifact_id}/content",
+    response_model=None,
+    response_class=StreamingResponse,
+    responses=_DOWNLOAD,
+)
 def download(
     artifact_id: str,
     request: Request,
@@ -66,13 +84,16 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
     first, dash, last = spec.strip().partition("-")
     if unit.strip().lower() != "bytes" or not dash or "," in spec:
         return None
-    if not (first.isdigit() or last.isdigit()) or len(first) > 19 or len(last) > 19:
+    if len(first) > 19 or len(last) > 19:
         return None
+    # isdecimal, not isdigit: int() refuses the digits '¹²³' a (latin-1) header may hold
     if not first:  # the last n bytes
-        count = int(last)
+        count = int(last) if last.isdecimal() else 0
         return (max(0, size - count), size - 1) if count and size else None
+    if not first.isdecimal():
+        return None
     start = int(first)
-    end = min(int(last), size - 1) if last.isdigit() else size - 1
+    end = min(int(last), size - 1) if last.isdecimal() else size - 1
     return (start, end) if start <= end and start < size else None
 
 

@@ -27,6 +27,10 @@ router = APIRouter(
     prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 401, 404, 409, 413, 422, 429, 503)
 )
 EVENT_POLL_SECONDS = 0.5
+# 200 is JSON (FastAPI's default content) or, with `?format=html`, the page
+_REPORT: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/html": {"schema": {"type": "string"}}}},
+}
 REPORT_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
     "X-Content-Type-Options": "nosniff",
@@ -37,7 +41,12 @@ def _owned(session: Session, tenant_id: str, job_id: str) -> Job:
     return found(tenants.owned(session, Job, tenant_id, job_id), "job", job_id)
 
 
-@router.post("", status_code=202, response_model=JobOut)
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    responses={200: {"model": JobOut, "description": "the job this Idempotency-Key made"}},
+)
 def submit_job(
     spec: JobSpec,
     response: Response,
@@ -97,7 +106,7 @@ def list_artifacts(job_id: str, tenant_id: TenantDep, sessions: SessionsDep) -> 
         return list(artifacts.of_job(session, _owned(session, tenant_id, job_id).id))
 
 
-@router.get("/{job_id}/report")
+@router.get("/{job_id}/report", responses=_REPORT)
 def job_report(
     job_id: str,
     tenant_id: TenantDep,
@@ -138,7 +147,8 @@ async def job_events(
     connection between polls. FastAPI sends keep-alive comments while nothing happens.
     """
     given = last_event_id or ""
-    after = int(given) if given.isdigit() and len(given) <= 18 else 0  # else start over
+    # else start over; isdecimal, not isdigit: int() refuses the '¹²³' of a (latin-1) header
+    after = int(given) if given.isdecimal() and len(given) <= 18 else 0
     while True:
         events, state = await run_in_threadpool(_poll, sessions, job_id, after)
         for event_id, kind, data in events:

@@ -47,7 +47,7 @@ async def receive(
     format)` runs in the thread pool and raises a `ProblemError` to refuse the upload."""
     settings = get_settings()
     declared = request.headers.get("content-length", "")
-    declared_bytes = int(declared) if declared.isdigit() else 0
+    declared_bytes = int(declared) if declared.isdecimal() else 0
     await run_in_threadpool(quota.check, sessions, tenant_id, declared_bytes)
     upload = await receive_upload(request, settings.home / "tmp", settings.max_upload_bytes)
     with _discard_on_error(upload):

@@ -10,7 +10,7 @@ from service.tenants import repository as tenants
 from service.webhooks import repository, secret
 from service.webhooks.schemas import DeliveryOut, WebhookSecret
 
-router = APIRouter(tags=["webhooks"], responses=responses(401, 404))
+router = APIRouter(tags=["webhooks"], responses=responses(401, 404, 422))
 
 
 @router.get("/v1/webhooks/secret", response_model=WebhookSecret)

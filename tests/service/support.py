@@ -1,11 +1,14 @@
 """Helpers the service tests share: problem answers, listings, leftovers, metrics, and the
 recorder that stands in for the queue."""
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Connection, select
@@ -28,6 +31,19 @@ def problem(response: Response, status: int, code: str) -> dict[str, Any]:
     assert body["code"] == code
     assert body["type"].endswith(f"/{code}")
     return body
+
+
+def latin1_get(app: FastAPI, url: str, headers: dict[str, str]) -> httpx.Response:
+    """GET `url` with the header values sent as latin-1 bytes, as an HTTP server hands them to
+    the app. (Starlette's TestClient re-encodes them as UTF-8: the app reads 'Â²' for '²'.)"""
+
+    async def get() -> httpx.Response:
+        raw = {name.encode(): value.encode("latin-1") for name, value in headers.items()}
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return await client.get(url, headers=raw)
+
+    return asyncio.run(get())
 
 
 def leftover_files(settings: Settings) -> list[Path]:

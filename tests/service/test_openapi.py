@@ -48,3 +48,14 @@ def test_job_submission_declares_its_quota_and_broker_problems(document: dict[st
     assert {"404", "409", "413", "422", "429", "503"} <= set(
         document["paths"]["/v1/jobs"]["post"]["responses"]
     )
+
+
+def test_answers_other_than_the_default_json_are_declared(document: dict[str, Any]) -> None:
+    paths = document["paths"]
+    download = paths["/v1/artifacts/{artifact_id}/content"]["get"]["responses"]
+    assert {"200", "206", "304", "416"} <= set(download)
+    assert set(download["200"]["content"]) == {"application/octet-stream"}
+    report = paths["/v1/jobs/{job_id}/report"]["get"]["responses"]["200"]["content"]
+    assert {"application/json", "text/html"} <= set(report)
+    replayed = paths["/v1/jobs"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert replayed["schema"] == {"$ref": "#/components/schemas/JobOut"}

@@ -3,12 +3,13 @@
 import hashlib
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from service.store import ArtifactStore
 from tests.service.factories import Caller, make_artifact, make_job
-from tests.service.support import problem
+from tests.service.support import latin1_get, problem
 
 CONTENT = b"PK\x03\x04" + bytes(range(256)) * 8192  # 2 MiB: more than one chunk of the stream
 
@@ -136,7 +137,16 @@ def test_a_range_is_served_as_partial_content(
 
 
 @pytest.mark.parametrize(
-    "header", [f"bytes={SIZE}-", "bytes=10-5", "bytes=0-1,5-6", "items=0-1", "bytes=-0", "bytes="]
+    "header",
+    [
+        f"bytes={SIZE}-",
+        "bytes=10-5",
+        "bytes=0-1,5-6",
+        "items=0-1",
+        "bytes=-0",
+        "bytes=",
+        "bytes=x-5",
+    ],
 )
 def test_an_unsatisfiable_range_is_416(
     client: TestClient, db: Session, store: ArtifactStore, alice: Caller, header: str
@@ -149,3 +159,17 @@ def test_an_unsatisfiable_range_is_416(
 
     assert response.status_code == 416
     assert response.headers["content-range"] == f"bytes */{SIZE}"
+
+
+@pytest.mark.parametrize("header", ["bytes=²-", "bytes=-¹", "bytes=0³-"])
+def test_a_range_of_digits_int_refuses_is_416(
+    app: FastAPI, db: Session, store: ArtifactStore, alice: Caller, header: str
+) -> None:
+    """A header is latin-1: '²' is a digit to str.isdigit, not a number to int()."""
+    artifact = make_artifact(db, store, make_job(db, alice.tenant_id, "succeeded"), CONTENT)
+
+    response = latin1_get(
+        app, f"/v1/artifacts/{artifact.id}/content", alice.headers | {"Range": header}
+    )
+
+    assert response.status_code == 416

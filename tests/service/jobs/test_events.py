@@ -5,6 +5,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,6 +15,7 @@ from service.jobs import router as jobs_router
 from service.jobs.states import JobState
 from service.orm import JobEvent
 from tests.service.factories import Caller, make_job
+from tests.service.support import latin1_get
 
 Frame = tuple[int, str, dict[str, Any]]
 EventsAfter = Callable[..., Sequence[JobEvent]]
@@ -93,6 +95,19 @@ def test_a_malformed_last_event_id_replays_from_the_start(
     response = client.get(
         f"/v1/jobs/{job.id}/events", headers=alice.headers | {"Last-Event-ID": last_event_id}
     )
+    assert response.status_code == 200
+    assert frames(response.text) == expected
+
+
+def test_a_last_event_id_of_digits_int_refuses_replays_from_the_start(
+    app: FastAPI, db: Session, alice: Caller
+) -> None:
+    """A header is latin-1: '²' is a digit to str.isdigit, not a number to int()."""
+    job = make_job(db, alice.tenant_id, JobState.SUCCEEDED)
+    expected = log(db, job.id, *HISTORY)
+
+    response = latin1_get(app, f"/v1/jobs/{job.id}/events", alice.headers | {"Last-Event-ID": "²"})
+
     assert response.status_code == 200
     assert frames(response.text) == expected
 
