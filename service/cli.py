@@ -1,5 +1,5 @@
-"""`apoptosis`: run the service (up, api, worker, migrate, keys) and talk to it (models,
-datasets, jobs) through the SDK."""
+"""`apoptosis`: run the service (up, api, worker, migrate, keys), talk to it (models, datasets,
+jobs: `cli_api.py`), or prune on this machine without one (prune)."""
 
 import fcntl
 import json
@@ -9,12 +9,13 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn, cast
+from typing import IO, TYPE_CHECKING, Annotated, NoReturn, cast
 
 import typer
 
-from service.client import ApiError, Client
-from service.jobs.states import JobState
+from service import cli_api as remote
+from service import formats
+from service.cli_output import debug_requested, run_safely
 from service.supervisor import WorkerSupervisor
 
 if TYPE_CHECKING:  # the commands import the database layer only when they run
@@ -28,20 +29,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
-models_app = typer.Typer(help="Upload and inspect models.", no_args_is_help=True)
-datasets_app = typer.Typer(help="Upload datasets.", no_args_is_help=True)
-jobs_app = typer.Typer(help="Submit, follow and download pruning jobs.", no_args_is_help=True)
 for sub, name in (
     (keys_app, "keys"),
-    (models_app, "models"),
-    (datasets_app, "datasets"),
-    (jobs_app, "jobs"),
+    (remote.models_app, "models"),
+    (remote.datasets_app, "datasets"),
+    (remote.jobs_app, "jobs"),
 ):
     app.add_typer(sub, name=name)
 
-UrlOption = Annotated[str, typer.Option(envvar="APOPTOSIS_URL", help="API base URL")]
-KeyOption = Annotated[str, typer.Option(envvar="APOPTOSIS_API_KEY", help="API key")]
-DEFAULT_URL = "http://127.0.0.1:8000"
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show the traceback of an error, not one line")
+    ] = False,
+) -> None:
+    """Apoptosis: Hessian-based model pruning as a service."""
 
 
 def _use_home(home: Path | None) -> None:
@@ -262,159 +265,64 @@ def _one_active_key(session: "Session", prefix: str) -> "ApiKey":
     return active[0]
 
 
-def _client(url: str, key: str) -> Client:
-    if not key:
-        raise typer.BadParameter("set --api-key or APOPTOSIS_API_KEY")
-    return Client(url, key)
-
-
-def _print(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
-
-
-@models_app.command("upload")
-def upload_model(
-    path: Path,
-    format: str = "hf",
-    name: str | None = None,
-    wait: bool = True,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = "",
-) -> None:
-    """Upload a model archive; with --wait, until it is validated."""
-    with _client(url, api_key) as client:
-        model = client.upload_model(path, format, name)
-        if wait:
-            model = client.wait_for_model(model.id)
-        _print(model.model_dump(mode="json"))
-
-
-@datasets_app.command("upload")
-def upload_dataset(
-    path: Path,
-    format: str = "tensors",
-    name: str | None = None,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = "",
-) -> None:
-    """Upload a dataset file."""
-    with _client(url, api_key) as client:
-        _print(client.upload_dataset(path, format, name).model_dump(mode="json"))
-
-
-GranularityOption = Annotated[str, typer.Option(help="channel | layer | unstructured | 2:4")]
-HiddenSizeOption = Annotated[
-    bool | None,
-    typer.Option(help="prune a transformer's hidden size (default: where its config states it)"),
-]
-DepthShareOption = Annotated[
-    float, typer.Option(help="channel: share of the reduction taken by whole blocks first")
-]
-
-
-@jobs_app.command("submit")
-def submit(
-    model: str,
-    dataset: str,
-    method: str = "oba",
-    granularity: GranularityOption = "channel",
-    hidden_size: HiddenSizeOption = None,
-    depth_share: DepthShareOption = 0.0,
-    target: Annotated[str, typer.Option(help="macs=0.5 | params=0.5 | sparsity=0.5")] = "macs=0.5",
-    steps: int = 10,
-    loss: str = "cross_entropy",
-    batches: int = 8,
-    batch_size: int = 32,
-    output: list[str] | None = None,
-    idempotency_key: str | None = None,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = "",
-) -> None:
-    """Submit a pruning job and print it."""
-    metric, _, value = target.partition("=")
-    spec = {
-        "model_id": model,
-        "dataset_id": dataset,
-        "method": method,
-        "granularity": granularity,
-        "hidden_size": hidden_size,
-        "depth_share": depth_share,
-        "target": {metric: float(value)},
-        "schedule": {"steps": steps},
-        "loss": loss,
-        "calibration": {"batches": batches, "batch_size": batch_size},
-        "outputs": output or ["hf"],
-    }
-    with _client(url, api_key) as client:
-        _print(client.submit_job(spec, idempotency_key).model_dump(mode="json"))
-
-
-@jobs_app.command("watch")
-def watch(job_id: str, url: UrlOption = DEFAULT_URL, api_key: KeyOption = "") -> None:
-    """Follow a job with a progress bar until it ends."""
-    from rich.progress import Progress
-
-    with _client(url, api_key) as client, Progress() as progress:
-        bar = progress.add_task(f"job {job_id}", total=100)
-        for kind, data in client.events(job_id):
-            if kind == "progress":
-                stage = data.get("stage", "")
-                progress.update(bar, completed=data.get("percent", 0), description=stage)
-            elif kind == "state":
-                progress.console.print(f"state: {data['state']}")
-        job = client.job(job_id)
-    _print(job.model_dump(mode="json", include={"id", "state", "result", "error"}))
-    if job.state != JobState.SUCCEEDED:
-        raise typer.Exit(1)
-
-
-@jobs_app.command("download")
-def download(
-    job_id: str, output: Path = Path("."), url: UrlOption = DEFAULT_URL, api_key: KeyOption = ""
-) -> None:
-    """Download every artifact of a job into OUTPUT."""
-    with _client(url, api_key) as client:
-        for artifact in client.artifacts(job_id):
-            typer.echo(client.download(artifact, output))
-
-
 @app.command()
 def prune(
-    model: Annotated[Path, typer.Argument(help="model folder or archive")],
-    data: Annotated[Path, typer.Option(help="calibration data file")],
+    model: Annotated[Path, typer.Argument(exists=True, help="model folder or archive")],
+    data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="calibration data")],
     output: Annotated[Path, typer.Option(help="where the pruned model goes")] = Path("pruned"),
-    format: Annotated[str, typer.Option(help="model format: hf | torch_pickle")] = "hf",
-    data_format: Annotated[str, typer.Option(help="tensors | jsonl | imagefolder")] = "tensors",
-    target: Annotated[str, typer.Option(help="macs=0.5 | params=0.5 | sparsity=0.5")] = "macs=0.5",
-    method: str = "oba",
-    granularity: GranularityOption = "channel",
-    hidden_size: HiddenSizeOption = None,
-    depth_share: DepthShareOption = 0.0,
-    steps: int = 10,
-    loss: str = "cross_entropy",
-    batches: int = 8,
-    batch_size: int = 32,
-    outputs: Annotated[str, typer.Option(help="comma-separated output formats")] = "hf",
-    finetune_epochs: int = 0,
+    format: Annotated[
+        str | None, typer.Option(help="hf | torch_pickle (default: from the file)")
+    ] = None,
+    data_format: Annotated[
+        str | None, typer.Option(help="tensors | jsonl | imagefolder (default: from the file)")
+    ] = None,
+    spec_file: remote.SpecFile = None,
+    target: remote.TargetOpt = "macs=0.5",
+    method: remote.Method = None,
+    granularity: remote.Granularity = None,
+    hidden_size: remote.HiddenSize = None,
+    depth_share: remote.DepthShare = None,
+    steps: remote.Steps = None,
+    schedule_kind: remote.ScheduleKind = None,
+    loss: remote.Loss = None,
+    batches: remote.Batches = None,
+    batch_size: remote.BatchSize = None,
+    finetune_epochs: remote.Epochs = None,
+    finetune_lr: remote.LearningRate = None,
+    eval_fraction: remote.EvalFraction = None,
+    image_size: remote.ImageSize = None,
+    mean: remote.Mean = None,
+    std: remote.Std = None,
+    outputs: remote.Outputs = None,
     device: str = "auto",
     trusted: Annotated[bool, typer.Option(help="allow pickled models (runs their code)")] = False,
 ) -> None:
     """Prune a model on this machine, without a server: the job's steps in-process."""
+    model_format = format or ("hf" if model.is_dir() else formats.model_format(model))
+    spec = remote.build_spec(
+        {"model_id": "local", "dataset_id": "local"},
+        spec_file,
+        method=method,
+        granularity=granularity,
+        hidden_size=hidden_size,
+        depth_share=depth_share,
+        target=target,
+        steps=steps,
+        schedule_kind=schedule_kind,
+        loss=loss,
+        batches=batches,
+        batch_size=batch_size,
+        finetune_epochs=finetune_epochs,
+        finetune_lr=finetune_lr,
+        eval_fraction=eval_fraction,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        outputs=outputs,
+    )
     prune_local = _local_pruner()
-    metric, _, value = target.partition("=")
-    spec = {
-        "method": method,
-        "granularity": granularity,
-        "hidden_size": hidden_size,
-        "depth_share": depth_share,
-        "target": {metric: float(value)},
-        "schedule": {"steps": steps},
-        "loss": loss,
-        "calibration": {"batches": batches, "batch_size": batch_size},
-        "outputs": outputs.split(","),
-        "finetune": {"epochs": finetune_epochs} if finetune_epochs else None,
-    }
-    prune_local(model, format, data, data_format, spec, output, trusted=trusted, device=device)
+    data_kind = data_format or formats.dataset_format(data)
+    prune_local(model, model_format, data, data_kind, spec, output, trusted=trusted, device=device)
 
 
 def _local_pruner() -> Callable[..., None]:
@@ -433,8 +341,4 @@ def _local_pruner() -> Callable[..., None]:
 
 
 def main() -> None:
-    try:
-        app()
-    except ApiError as error:
-        typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
+    run_safely(app, debug=debug_requested())
