@@ -83,7 +83,14 @@ def execute(
     config = prune_config(spec)
     metric, steps = config.target_metric, config.steps
 
+    history: list[dict[str, Any]] = []
+
     def on_step(record: StepRecord) -> None:
+        with torch.no_grad():  # one batch: the loss's trend, at the cost of one forward pass
+            loss = evaluation.evaluate(net, calibration[:1], loss_fn)["loss"]
+        history.append(
+            {"step": record.step, "macs": record.macs, "params": record.params, "loss": loss}
+        )
         report(
             {
                 "stage": "pruning",
@@ -92,6 +99,7 @@ def execute(
                 "percent": round(100 * record.step / steps, 1),
                 "macs": record.macs,
                 "params": record.params,
+                "loss": loss,
             }
         )
 
@@ -161,6 +169,8 @@ def execute(
         },
         "config_updates": result.config_updates,
         "widths": result.history[-1].widths if result.history else {},
+        # per pruning step: MACs, params and the loss on the first calibration batch
+        "steps": history,
         "evaluated_on": "held_out" if held_out is not None else "calibration",
         "exports": {e.format: e.checks for e in exports},
         "seconds": seconds,

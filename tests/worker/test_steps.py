@@ -1,6 +1,7 @@
 """Whole jobs through worker.steps.execute: every data format and output format, metrics."""
 
 import json
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,12 @@ def _run(
         progress.append,
     )
     assert [p["step"] for p in progress if p["stage"] == "pruning"] == [1, 2]
+    # every step's MACs, params and loss, in the result and in the progress it reported
+    steps = result["steps"]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert steps[0]["macs"] > steps[1]["macs"] == result["macs_after"]
+    assert all(math.isfinite(s["loss"]) for s in steps)
+    assert [p["loss"] for p in progress if p["stage"] == "pruning"] == [s["loss"] for s in steps]
     return result, {e.format: e.path for e in exports}
 
 
