@@ -11,7 +11,7 @@ import torch
 
 from service.errors import CodedError
 from service.jobs.schemas import JobSpec
-from worker import datasets, evaluation, export, finetune, losses, memory, models
+from worker import datasets, evaluation, export, finetune, losses, memory, models, tracking
 from worker.engine import PruneConfig, StepRecord, architectures, prune_
 from worker.engine.config import TargetMetric
 
@@ -153,7 +153,7 @@ def execute(
             export.export(fmt, net.cpu(), cpu_example, loaded.directory, files.work, result.plan)
         )
     seconds["export"] = time.perf_counter() - clock
-    return {
+    outcome = {
         "before": before,
         "after_pruning": after_pruning,
         "after_finetune": after_finetune,
@@ -174,7 +174,11 @@ def execute(
         "evaluated_on": "held_out" if held_out is not None else "calibration",
         "exports": {e.format: e.checks for e in exports},
         "seconds": seconds,
-    }, exports
+    }
+    if spec.mlflow is not None:
+        report({"stage": "tracking", "percent": 100})
+        outcome["mlflow"] = tracking.log_job(spec, outcome, exports)
+    return outcome, exports
 
 
 def prune_config(spec: JobSpec) -> PruneConfig:

@@ -85,6 +85,15 @@ class Preprocess(SpecPart):
     )
 
 
+class Mlflow(SpecPart):
+    """Log the job to an MLflow tracking server: the spec as params, before/after and per-step
+    metrics, the report and the pruned model as artifacts."""
+
+    tracking_uri: str = Field(max_length=2000, pattern=r"^https?://")
+    experiment: str = Field(default="apoptosis", min_length=1, max_length=200)
+    run_name: str | None = Field(default=None, min_length=1, max_length=200)
+
+
 class JobSpec(SpecPart):
     """What a job does. The API validates it at submit and stores it as JSON; the worker
     validates the stored JSON with this same model before it runs the job."""
@@ -112,6 +121,7 @@ class JobSpec(SpecPart):
     )
     # POSTed a signed notification (Standard Webhooks) at each state change of the job
     notify_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://")
+    mlflow: Mlflow | None = None
 
     @model_validator(mode="after")
     def _target_fits_granularity(self) -> "JobSpec":

@@ -62,11 +62,10 @@ def create(
         )
     _check_reachable(model, spec)
     if spec.notify_url is not None:
-        try:
-            targets.check(spec.notify_url, get_settings().webhook_allow)
-        except targets.TargetRefused as error:
-            raise ProblemError(422, error.code, str(error)) from error
+        _check_target(spec.notify_url, "notify_url")
         secret.ensure(session, tenant_id)  # the receiver reads it with GET /v1/webhooks/secret
+    if spec.mlflow is not None:
+        _check_target(spec.mlflow.tracking_uri, "mlflow.tracking_uri")
     settings = get_settings()
     if repository.active_count(session, tenant_id) >= settings.max_active_jobs:
         raise ProblemError(
@@ -98,6 +97,15 @@ def create(
         return _same_spec(existing, spec), False
     _send(job.id)
     return job, True
+
+
+def _check_target(url: str, field: str) -> None:
+    """A URL the worker will call: refused when it reaches a non-public address (SSRF)."""
+    try:
+        targets.check(url, get_settings().webhook_allow)
+    except targets.TargetRefused as error:
+        code = f"{field.split('.')[0]}_refused"
+        raise ProblemError(422, code, f"{field}: {error}") from error
 
 
 def _owned(session: Session, kind: type[Owned], tenant_id: str, row_id: str) -> Owned:

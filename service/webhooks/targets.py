@@ -1,6 +1,7 @@
-"""Where notifications may go: the SSRF guard.
+"""Where workers may send requests for a job (its `notify_url`, its MLflow server): the SSRF
+guard.
 
-A `notify_url` whose host resolves to a loopback, private, link-local, multicast, reserved or
+A URL whose host resolves to a loopback, private, link-local, multicast, reserved or
 unspecified address could make our workers reach what only they can reach (a metadata
 service, a database): refused unless the operator allow-lists the host or its network
 (`APOPTOSIS_WEBHOOK_ALLOW`). Checked at submit and again before every delivery, as DNS answers
@@ -18,7 +19,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 class TargetRefused(CodedError):
     def __init__(self, message: str) -> None:
-        super().__init__("notify_url_refused", message)
+        super().__init__("url_refused", message)
 
 
 def resolve(host: str, port: int) -> list[str]:
@@ -33,18 +34,18 @@ def check(url: str, allow: list[str]) -> list[str]:
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.scheme not in ("http", "https") or not host:
-        raise TargetRefused(f"notify_url must be an http(s) URL with a host, got {url!r}")
+        raise TargetRefused(f"not an http(s) URL with a host: {url!r}")
     try:
         addresses = resolve(host, parts.port or (443 if parts.scheme == "https" else 80))
     except (OSError, UnicodeError) as error:
-        raise TargetRefused(f"notify_url's host {host!r} does not resolve: {error}") from error
+        raise TargetRefused(f"the host {host!r} does not resolve: {error}") from error
     if host in allow:
         return addresses
     for text in addresses:
         address = ipaddress.ip_address(text.split("%")[0])  # drop an IPv6 zone
         if not _public(address) and not _allowed(address, allow):
             raise TargetRefused(
-                f"notify_url's host {host!r} resolves to {address}, a non-public address; "
+                f"the host {host!r} resolves to {address}, a non-public address; "
                 "the operator can allow it with APOPTOSIS_WEBHOOK_ALLOW"
             )
     return addresses
