@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service import health, metrics, problems
 from service.artifacts.router import router as artifacts_router
 from service.body_limit import BodyLimitMiddleware
+from service.dashboard import router as dashboard
 from service.datasets.router import router as datasets_router
 from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
@@ -53,6 +54,8 @@ def create_app(
         jobs_router,
         artifacts_router,
         webhooks_router,
+        dashboard.router,
     ):
         app.include_router(router)
+    app.mount("/dashboard/static", dashboard.static, name="dashboard")
     return app
