@@ -34,8 +34,8 @@ def trained_model() -> transformers.BertForSequenceClassification:
         num_attention_heads=4,
         intermediate_size=512,
         max_position_embeddings=LENGTH,
-        num_labels=2,
     )
+    config.num_labels = 2
     model = transformers.BertForSequenceClassification(config)
     train = data(2048, seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
