@@ -40,7 +40,7 @@ def trained_model() -> transformers.BertForSequenceClassification:
     train = data(2048, seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for epoch in range(3):
+    for _ in range(3):  # epochs
         for start in range(0, 2048, 64):
             batch = {k: v[start : start + 64] for k, v in train.items()}
             loss = model(**batch).loss

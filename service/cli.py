@@ -34,6 +34,7 @@ for sub, name in (
     (remote.models_app, "models"),
     (remote.datasets_app, "datasets"),
     (remote.jobs_app, "jobs"),
+    (remote.webhooks_app, "webhooks"),
 ):
     app.add_typer(sub, name=name)
 

@@ -20,6 +20,7 @@ datasets_app = typer.Typer(help="Upload, list, show and delete datasets.", no_ar
 jobs_app = typer.Typer(
     help="Submit, follow, cancel, download and delete pruning jobs.", no_args_is_help=True
 )
+webhooks_app = typer.Typer(help="The secret that signs job notifications.", no_args_is_help=True)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 UrlOption = Annotated[str, typer.Option(envvar="APOPTOSIS_URL", help="API base URL")]
@@ -444,6 +445,19 @@ def deliveries(
     with client(url, api_key) as api:
         rows = api.deliveries(job_id)
     table(rows, ("id", "event_type", "state", "attempts", "last_status"), as_json, None)
+
+
+@webhooks_app.command("secret")
+def webhook_secret(
+    rotate: Annotated[bool, typer.Option(help="make a new one; the old one stops at once")] = False,
+    as_json: JsonOption = False,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = "",
+) -> None:
+    """Print the secret that signs this tenant's notifications (Standard Webhooks)."""
+    with client(url, api_key) as api:
+        secret = api.webhook_secret(rotate=rotate)
+    typer.echo(json.dumps({"secret": secret}) if as_json else secret)
 
 
 def follow(api: Client, job_id: str) -> JobOut:
