@@ -98,6 +98,29 @@ class JobSpec(SpecPart):
     """What a job does. The API validates it at submit and stores it as JSON; the worker
     validates the stored JSON with this same model before it runs the job."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {"model_id": "3f1c…", "dataset_id": "9a07…", "target": {"macs": 0.5}},
+                {
+                    "model_id": "3f1c…",
+                    "dataset_id": "9a07…",
+                    "method": "oba",
+                    "granularity": "channel",
+                    "target": {"params": 0.6},
+                    "schedule": {"steps": 10},
+                    "calibration": {"batches": 8, "batch_size": 32},
+                    "finetune": {"epochs": 1, "lr": 0.0005},
+                    "evaluation": {"fraction": 0.2},
+                    "outputs": ["hf", "onnx"],
+                    "notify_url": "https://ci.example/hooks/apoptosis",
+                },
+            ]
+        },
+    )
+
     # the spec's layout: a worker refuses (`invalid_job`) a version it does not know
     spec_version: Literal[1] = 1
     model_id: str

@@ -157,6 +157,6 @@ def openapi_form(formats: tuple[str, ...]) -> dict[str, Any]:
             "name": {"type": "string", "maxLength": 200},
         },
     }
-    return {
-        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
-    }
+    example = {"file": "(the file's bytes)", "format": formats[0], "name": "my upload"}
+    form = {"schema": schema, "example": example}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": form}}}

@@ -28,6 +28,7 @@ from service import queue
 from service.app import create_app
 from service.jobs import repository as jobs
 from service.store import ArtifactStore
+from service.webhooks import targets
 from service.workers import repository as workers
 from tests.service.factories import (
     Caller,
@@ -94,8 +95,10 @@ def flatmap_body(context: schemathesis.HookContext, body: Any) -> st.SearchStrat
 
 @pytest.fixture
 def deployed(monkeypatch: pytest.MonkeyPatch, db: Session) -> None:
-    """A ready deployment: the broker answers and a worker beat just now (/readyz is 200)."""
+    """A ready deployment: the broker answers and a worker beat just now (/readyz is 200).
+    Hosts in generated URLs (notify_url, mlflow) resolve to a documentation address: no DNS."""
     monkeypatch.setattr(queue, "broker_ready", lambda: True)
+    monkeypatch.setattr(targets, "resolve", lambda host, port: ["192.0.2.1"])
     workers.beat(db, "worker-1", "cpu")
     db.commit()
 

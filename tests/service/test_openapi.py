@@ -59,3 +59,17 @@ def test_answers_other_than_the_default_json_are_declared(document: dict[str, An
     assert {"application/json", "text/html"} <= set(report)
     replayed = paths["/v1/jobs"]["post"]["responses"]["200"]["content"]["application/json"]
     assert replayed["schema"] == {"$ref": "#/components/schemas/JobOut"}
+
+
+def test_every_request_body_carries_an_example(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    missing = []
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                schema = media["schema"]
+                if "$ref" in schema:
+                    schema = schemas[schema["$ref"].rsplit("/", 1)[-1]]
+                if not ("example" in media or "examples" in media or "examples" in schema):
+                    missing.append(f"{method} {path}")
+    assert missing == []
