@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     # unless the operator turns this on, and even then loaded only in the worker.
     trusted_mode: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch threads per worker (0: the cores the worker may use ÷ workers_per_host)
+    worker_threads: int = Field(default=0, ge=0)
+    workers_per_host: int = Field(default=1, ge=1)
     # Bytes a job may use on its device (0: what the device has free); a model that cannot be
     # scored within it fails at once with out_of_memory
     worker_memory_bytes: int = Field(default=0, ge=0)

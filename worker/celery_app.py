@@ -79,6 +79,9 @@ def _webhook_loop() -> None:
 
 @worker_ready.connect
 def _start_reaper(sender: object = None, **_: object) -> None:
+    from worker import threads
+
+    threads.configure(get_settings())
     consumer = getattr(sender, "task_consumer", None)
     queues = ",".join(q.name for q in getattr(consumer, "queues", []))
     beat_once(queues)

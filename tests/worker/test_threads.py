@@ -1,0 +1,29 @@
+"""A worker's torch thread pool: the cores it may use, shared by the host's workers."""
+
+import pytest
+import torch
+
+from service.settings import Settings
+from worker import threads
+
+
+@pytest.mark.parametrize(
+    ("cores", "given", "workers", "expected"),
+    [(8, 0, 1, 8), (8, 0, 4, 2), (2, 0, 4, 1), (8, 3, 4, 3)],
+)
+def test_threads_are_the_workers_share_of_the_cores_unless_set(
+    monkeypatch: pytest.MonkeyPatch, cores: int, given: int, workers: int, expected: int
+) -> None:
+    monkeypatch.setattr(threads, "cores", lambda: cores)
+    settings = Settings(worker_threads=given, workers_per_host=workers)
+
+    assert threads.threads_for(settings) == expected
+
+
+def test_configure_sets_torchs_pool() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert threads.configure(Settings(worker_threads=1)) == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
