@@ -180,6 +180,9 @@ DepthShare = Annotated[
     float | None, Opt(help="channel: share of the reduction taken by whole blocks first")
 ]
 TargetOpt = Annotated[str | None, Opt(help="macs=0.5 | params=0.5 | sparsity=0.5")]
+TargetsOpt = Annotated[
+    str | None, Opt(help="a family from one run: macs=0.75,0.5,0.3 (one model set each)")
+]
 Steps = Annotated[int | None, Opt(help="pruning steps")]
 ScheduleKind = Annotated[str | None, Opt(help="exponential | linear")]
 Loss = Annotated[str | None, Opt(help="cross_entropy | mse | distill | causal_lm")]
@@ -207,6 +210,7 @@ def build_spec(
     hidden_size: bool | None = None,
     depth_share: float | None = None,
     target: str | None = None,
+    targets: str | None = None,
     steps: int | None = None,
     schedule_kind: str | None = None,
     loss: str | None = None,
@@ -238,6 +242,11 @@ def build_spec(
     if target:
         metric, _, value = target.partition("=")
         spec["target"] = {metric: _number(value, "--target", "macs=0.5")}
+    if targets:
+        metric, _, values = targets.partition("=")
+        example = "macs=0.75,0.5,0.3"
+        spec["targets"] = [{metric: _number(v, "--targets", example)} for v in values.split(",")]
+        spec.pop("target", None)  # the last of the family
     _merge(spec, "schedule", steps=steps, kind=schedule_kind)
     _merge(spec, "calibration", batches=batches, batch_size=batch_size)
     _merge(spec, "finetune", epochs=finetune_epochs, lr=finetune_lr)
@@ -286,6 +295,7 @@ def submit(
     hidden_size: HiddenSize = None,
     depth_share: DepthShare = None,
     target: TargetOpt = None,
+    targets: TargetsOpt = None,
     steps: Steps = None,
     schedule_kind: ScheduleKind = None,
     loss: Loss = None,
@@ -315,6 +325,7 @@ def submit(
         hidden_size=hidden_size,
         depth_share=depth_share,
         target=target,
+        targets=targets,
         steps=steps,
         schedule_kind=schedule_kind,
         loss=loss,

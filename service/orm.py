@@ -147,6 +147,8 @@ class Artifact(Base):
     blob_key: Mapped[str] = mapped_column(String(200), index=True)
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
+    # the target of a family member's model ({"macs": 0.5}); null for a single-target job
+    target: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -35,6 +35,7 @@ class Exported:
     format: str
     path: Path
     checks: dict[str, Any] = field(default_factory=dict)  # e.g. max |Δ| against torch
+    target: dict[str, float] | None = None  # a family member's target ({"macs": 0.5})
 
 
 class _Positional(nn.Module):

@@ -286,6 +286,7 @@ def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> Non
                     blob_key=blob.key,
                     sha256=blob.sha256,
                     size=blob.size,
+                    target=export.target,
                 ),
             )
             blobs.record(session, blob)

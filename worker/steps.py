@@ -1,9 +1,11 @@
 """A job's steps, free of the database and the queue (tests call them directly):
 load → measure → prune (with progress) → measure → fine-tune → measure → export."""
 
+import itertools
+import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -12,8 +14,9 @@ import torch
 from service.errors import CodedError
 from service.jobs.schemas import JobSpec
 from worker import datasets, evaluation, export, finetune, losses, memory, models, tracking
-from worker.engine import PruneConfig, StepRecord, architectures, prune_
+from worker.engine import PruneConfig, StepRecord, architectures, measure, prune_
 from worker.engine.config import TargetMetric
+from worker.engine.plan import Plan
 
 
 class JobFailed(CodedError):
@@ -80,115 +83,190 @@ def execute(
     seconds["load"] = time.perf_counter() - clock
 
     before = _measure(net, eval_batches, loss_fn, example)
-    config = prune_config(spec)
-    metric, steps = config.target_metric, config.steps
-
+    goals = spec.goals
+    budget = steps_per_goal(spec.schedule.steps, [goal.value for goal in goals])
+    family = spec.targets is not None
     history: list[dict[str, Any]] = []
+    members: list[dict[str, Any]] = []
+    exports: list[export.Exported] = []
+    plan = Plan()
+    original: dict[str, int] = {}
+    seconds |= {"prune": 0.0, "finetune": 0.0, "export": 0.0}
+    cpu_example = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in example.items()}
 
     def on_step(record: StepRecord) -> None:
         with torch.no_grad():  # one batch: the loss's trend, at the cost of one forward pass
             loss = evaluation.evaluate(net, calibration[:1], loss_fn)["loss"]
-        history.append(
-            {"step": record.step, "macs": record.macs, "params": record.params, "loss": loss}
-        )
+        step = len(history) + 1  # counted across the family's targets
+        history.append({"step": step, "macs": record.macs, "params": record.params, "loss": loss})
         report(
             {
                 "stage": "pruning",
-                "step": record.step,
-                "total": steps,
-                "percent": round(100 * record.step / steps, 1),
+                "step": step,
+                "total": sum(budget),
+                "percent": round(100 * step / sum(budget), 1),
                 "macs": record.macs,
                 "params": record.params,
                 "loss": loss,
             }
         )
 
-    clock = time.perf_counter()
-    result = prune_(net, example, calibration, loss_fn, config, on_step=on_step)
-    seconds["prune"] = time.perf_counter() - clock
-    if not result.target_met:  # never a success that missed its target
-        reached = result.macs / result.initial_macs
-        if metric == "params":
-            reached = result.params / result.initial_params
-        raise JobFailed(
-            "target_unreachable",
-            f"pruning stopped at {reached:.4f} of the {metric} (target {config.target:g}): "
-            "floors or the output format's uniform widths allow no more; ask for "
-            f"{reached:.4f} or more",
-        )
-    after_pruning = _measure(net, eval_batches, loss_fn, example)
-    after_finetune = None
-    if spec.finetune is not None:
-        epochs = spec.finetune.epochs
-        report({"stage": "finetuning", "epoch": 0, "epochs": epochs, "percent": 0})
-
-        def on_batch(epoch: int, batch: int) -> None:
-            if batch == len(calibration) - 1:  # an epoch ended: say so (and see a cancel)
-                done = epoch + 1
-                percent = round(100 * done / epochs, 1)
-                report({"stage": "finetuning", "epoch": done, "epochs": epochs, "percent": percent})
-            else:
-                check()
-
+    for goal, steps in zip(goals, budget, strict=True):
+        kept = _kept(original, net, example, goal.metric) if original else 1.0
+        # A target the last one already passed still prunes a little: each member is smaller.
+        config = prune_config(spec, target=min(goal.value / kept, 0.99), steps=steps)
         clock = time.perf_counter()
-        finetune.finetune_(
-            net,
-            calibration,
-            loss_fn,
-            epochs,
-            spec.finetune.lr,
-            masks=result.masks,
-            on_batch=on_batch,
+        result = prune_(net, example, calibration, loss_fn, config, on_step=on_step)
+        seconds["prune"] += time.perf_counter() - clock
+        original = original or {"macs": result.initial_macs, "params": result.initial_params}
+        if not result.target_met:  # never a success that missed its target
+            now = {"macs": result.macs, "params": result.params}[config.target_metric]
+            reached = now / original[config.target_metric]
+            raise JobFailed(
+                "target_unreachable",
+                f"pruning stopped at {reached:.4f} of the {config.target_metric} (target "
+                f"{goal.value:g}): floors or the output format's uniform widths allow no more; "
+                f"ask for {reached:.4f} or more",
+            )
+        plan = plan.then(result.plan)
+        after_pruning = _measure(net, eval_batches, loss_fn, example)
+        after_finetune = None
+        if spec.finetune is not None:
+            clock = time.perf_counter()
+            _finetune(spec, net, calibration, loss_fn, result.masks, report, check)
+            seconds["finetune"] += time.perf_counter() - clock
+            after_finetune = _measure(net, eval_batches, loss_fn, example)
+        clock = time.perf_counter()
+        label = {goal.metric: goal.value} if family else None
+        made = _export(
+            spec.outputs, net, cpu_example, loaded.directory, files.work, plan, label, report
         )
-        seconds["finetune"] = time.perf_counter() - clock
-        after_finetune = _measure(net, eval_batches, loss_fn, example)
-
-    clock = time.perf_counter()
-    cpu_example = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in example.items()}
-    exports = []
-    for done, fmt in enumerate(spec.outputs):
-        percent = round(100 * done / len(spec.outputs), 1)
-        report({"stage": "exporting", "format": fmt, "percent": percent})
-        exports.append(
-            export.export(fmt, net.cpu(), cpu_example, loaded.directory, files.work, result.plan)
+        net.to(device)  # the exporters work on the CPU; the next target prunes on the device
+        seconds["export"] += time.perf_counter() - clock
+        exports += made
+        members.append(
+            {
+                "target": {goal.metric: goal.value},
+                "macs_after": result.macs,
+                "params_after": result.params,
+                "after_pruning": after_pruning,
+                "after_finetune": after_finetune,
+                "widths": result.history[-1].widths if result.history else {},
+                "exports": {e.format: e.checks for e in made},
+            }
         )
-    seconds["export"] = time.perf_counter() - clock
+    last = members[-1]
     outcome = {
         "before": before,
-        "after_pruning": after_pruning,
-        "after_finetune": after_finetune,
-        "params_before": result.initial_params,
-        "params_after": result.params,
-        "macs_before": result.initial_macs,
-        "macs_after": result.macs,
-        "target_met": result.target_met,
+        "after_pruning": last["after_pruning"],
+        "after_finetune": last["after_finetune"],
+        "params_before": original["params"],
+        "params_after": last["params_after"],
+        "macs_before": original["macs"],
+        "macs_after": last["macs_after"],
+        "target_met": True,
         "sparsity": result.sparsity,
         # MACs and latency refer to one row of this shape
         "example_inputs": {
             k: list(v.shape) for k, v in example.items() if isinstance(v, torch.Tensor)
         },
-        "config_updates": result.config_updates,
-        "widths": result.history[-1].widths if result.history else {},
+        "config_updates": plan.config_updates,
+        "widths": last["widths"],
         # per pruning step: MACs, params and the loss on the first calibration batch
         "steps": history,
         "evaluated_on": "held_out" if held_out is not None else "calibration",
-        "exports": {e.format: e.checks for e in exports},
+        "exports": last["exports"],
         "seconds": seconds,
     }
+    if family:  # one entry per target, each with its own model files
+        outcome["family"] = members
     if spec.mlflow is not None:
         report({"stage": "tracking", "percent": 100})
         outcome["mlflow"] = tracking.log_job(spec, outcome, exports)
     return outcome, exports
 
 
-def prune_config(spec: JobSpec) -> PruneConfig:
-    """The engine's configuration for a job: the one place a spec becomes a PruneConfig."""
+def steps_per_goal(steps: int, goals: list[float]) -> list[int]:
+    """The schedule's steps shared among a family's targets by how far each one shrinks (in log
+    space, as the exponential schedule moves), at least one each."""
+    if len(goals) == 1:
+        return [steps]
+    edges = [1.0, *goals]
+    shares = [math.log(b / a) / math.log(goals[-1]) for a, b in itertools.pairwise(edges)]
+    return [max(1, round(steps * share)) for share in shares]
+
+
+def _kept(original: dict[str, int], net: torch.nn.Module, example: Any, metric: str) -> float:
+    """The fraction of the original MACs or params the model keeps now."""
+    cost = measure(net, example)
+    return {"macs": cost.macs, "params": cost.params}[metric] / original[metric]
+
+
+def _finetune(
+    spec: JobSpec,
+    net: torch.nn.Module,
+    calibration: list[dict[str, Any]],
+    loss_fn: losses.LossFn,
+    masks: Any,
+    report: Report,
+    check: Callable[[], None],
+) -> None:
+    assert spec.finetune is not None
+    epochs = spec.finetune.epochs
+    report({"stage": "finetuning", "epoch": 0, "epochs": epochs, "percent": 0})
+
+    def on_batch(epoch: int, batch: int) -> None:
+        if batch == len(calibration) - 1:  # an epoch ended: say so (and see a cancel)
+            done = epoch + 1
+            percent = round(100 * done / epochs, 1)
+            report({"stage": "finetuning", "epoch": done, "epochs": epochs, "percent": percent})
+        else:
+            check()
+
+    finetune.finetune_(
+        net, calibration, loss_fn, epochs, spec.finetune.lr, masks=masks, on_batch=on_batch
+    )
+
+
+def _export(
+    outputs: Sequence[str],
+    net: torch.nn.Module,
+    example: dict[str, Any],
+    source: Path | None,
+    work: Path,
+    plan: Plan,
+    target: dict[str, float] | None,
+    report: Report,
+) -> list[export.Exported]:
+    """Every output format of the model as it is now; a family member's files are named by its
+    target (`model-hf.macs-0.5.zip`) and carry it."""
+    made = []
+    folder = work / "-".join(f"{k}-{v:g}" for k, v in target.items()) if target else work
+    folder.mkdir(exist_ok=True)
+    for done, fmt in enumerate(outputs):
+        percent = round(100 * done / len(outputs), 1)
+        report({"stage": "exporting", "format": fmt, "percent": percent, "target": target})
+        exported = export.export(fmt, net.cpu(), example, source, folder, plan)
+        if target:
+            suffix = "".join(exported.path.suffixes[-1:])
+            name = f"{exported.path.name.removesuffix(suffix)}.{folder.name}{suffix}"
+            renamed = exported.path.rename(exported.path.with_name(name))
+            exported = replace(exported, path=renamed, target=target)
+        made.append(exported)
+    return made
+
+
+def prune_config(
+    spec: JobSpec, *, target: float | None = None, steps: int | None = None
+) -> PruneConfig:
+    """The engine's configuration for a job: the one place a spec becomes a PruneConfig. A
+    family's later targets prune the model as it is then: `target` relative to it."""
     return PruneConfig(
         method=spec.method,
         granularity=spec.granularity,
         target_metric=cast(TargetMetric, spec.target.metric),
-        target=spec.target.value,
-        steps=spec.schedule.steps,
+        target=spec.target.value if target is None else target,
+        steps=spec.schedule.steps if steps is None else steps,
         schedule=spec.schedule.kind,
         global_ranking="hf" not in spec.outputs,  # hf: widths a config can describe
         hidden_size=spec.hidden_size,

@@ -13,4 +13,5 @@ class ArtifactOut(BaseModel):
     filename: str
     sha256: str
     size: int
+    target: dict[str, float] | None = None  # a family member's target ({"macs": 0.5})
     created_at: UtcDatetime

@@ -35,6 +35,8 @@ def render(report: dict[str, Any]) -> str:
     ]
     if charts:
         sections.append("<h2>Before → after</h2>" + "".join(charts))
+    if result.get("family"):
+        sections.append(_family(result))
     widths = result.get("widths") or {}
     if widths:
         rows = "".join(
@@ -57,6 +59,52 @@ def render(report: dict[str, Any]) -> str:
         "td,th{padding:2px 12px;text-align:left}</style></head><body>"
         + "".join(sections)
         + "</body></html>"
+    )
+
+
+def _family(result: dict[str, Any]) -> str:
+    """The trade-off of a family: size against quality and speed, one row and bar per target."""
+    members = result["family"]
+    names = [", ".join(f"{k} {v:g}" for k, v in m["target"].items()) for m in members]
+    measured = [m.get("after_finetune") or m.get("after_pruning") or {} for m in members]
+    columns = [
+        ("MACs kept", [m["macs_after"] / result["macs_before"] for m in members]),
+        ("params kept", [m["params_after"] / result["params_before"] for m in members]),
+        *(
+            (metric, [values.get(metric) for values in measured])
+            for metric in ("loss", "accuracy", "latency_ms")
+            if all(isinstance(values.get(metric), (int, float)) for values in measured)
+        ),
+    ]
+    head = "".join(f"<th>{escape(label)}</th>" for label, _ in columns)
+    rows = "".join(
+        f"<tr><td>{escape(name)}</td>"
+        + "".join(f"<td>{float(values[row]):.4g}</td>" for _, values in columns)
+        + "</tr>"
+        for row, name in enumerate(names)
+    )
+    charts = "".join(_bars(label, names, values) for label, values in columns[2:])
+    return (
+        "<h2>The family: size against quality and speed</h2>"
+        f"<table><tr><th>target</th>{head}</tr>{rows}</table>{charts}"
+    )
+
+
+def _bars(label: str, names: list[str], values: list[float]) -> str:
+    top = max(abs(v) for v in values) or 1.0
+    bars = ""
+    for row, (name, value) in enumerate(zip(names, values, strict=True)):
+        width = BAR_WIDTH * abs(value) / top
+        y = 4 + 22 * row
+        bars += (
+            f"<rect x='110' y='{y}' width='{width:.1f}' height='18' fill='#2a7'/>"
+            f"<text x='0' y='{y + 14}'>{escape(name)}</text>"
+            f"<text x='{116 + width:.1f}' y='{y + 14}'>{value:.4g}</text>"
+        )
+    height = 8 + 22 * len(values)
+    return (
+        f"<h3>{escape(label)}</h3><svg width='{BAR_WIDTH + 210}' height='{height}' role='img' "
+        f"aria-label='{escape(label)} per target'>{bars}</svg>"
     )
 
 

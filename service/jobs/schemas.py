@@ -1,5 +1,6 @@
 """The job spec (DESIGN §4) and job resources."""
 
+import itertools
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -132,6 +133,9 @@ class JobSpec(SpecPart):
     # channel granularity: share (in log space) of the reduction taken by whole blocks first
     depth_share: float = Field(default=0.0, ge=0, le=1)
     target: Target = Field(default_factory=lambda: Target(macs=0.5))
+    # A family of models from one run: the model at each target, in order (one metric, each
+    # smaller than the last); `target` is then the last of them.
+    targets: list[Target] | None = Field(default=None, min_length=2, max_length=6)
     schedule: Schedule = Field(default_factory=Schedule)
     calibration: Calibration = Field(default_factory=Calibration)
     loss: Literal["cross_entropy", "mse", "distill", "causal_lm"] = "cross_entropy"
@@ -145,6 +149,34 @@ class JobSpec(SpecPart):
     # POSTed a signed notification (Standard Webhooks) at each state change of the job
     notify_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://")
     mlflow: Mlflow | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_is_the_last_of_targets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("targets") and "target" not in data:
+            return {**data, "target": data["targets"][-1]}
+        return data
+
+    @property
+    def goals(self) -> list[Target]:
+        """The targets the job passes through, in order (one for a plain job)."""
+        return self.targets or [self.target]
+
+    @model_validator(mode="after")
+    def _a_family_shrinks_in_one_metric(self) -> "JobSpec":
+        if self.targets is None:
+            return self
+        metrics = {goal.metric for goal in self.targets}
+        values = [goal.value for goal in self.targets]
+        if len(metrics) != 1 or self.targets[0].metric == "sparsity":
+            raise ValueError("targets name one metric, macs or params, in each entry")
+        if any(later >= earlier for earlier, later in itertools.pairwise(values)):
+            raise ValueError("targets must keep less at each step: 0.75, then 0.5, then 0.3")
+        if self.target != self.targets[-1]:
+            raise ValueError("target is the last of targets: leave it out")
+        if self.granularity != "channel" or self.depth_share:
+            raise ValueError("targets need channel granularity without depth_share")
+        return self
 
     @model_validator(mode="after")
     def _target_fits_granularity(self) -> "JobSpec":

@@ -172,6 +172,8 @@ def spec(**overrides: Any) -> JobSpec:
         "preprocess": None,
         "outputs": ["hf"],
     }
+    if "targets" in overrides:  # a family: its last target is the target
+        del base["target"]
     return JobSpec.model_validate(base | overrides)
 
 

@@ -280,3 +280,23 @@ def test_an_allocation_failing_mid_job_fails_it_as_out_of_memory(
     assert job.state == "failed" and job.error is not None
     assert job.error["code"] == "out_of_memory"
     assert "Tried to allocate 20.00 GiB" in job.error["message"]
+
+
+@pytest.mark.slow  # a whole family job
+def test_a_family_job_records_each_artifact_with_its_target(tenant: str, tmp_path: Path) -> None:
+    model_id = _stored_bert(tenant, tmp_path)
+    lifecycle.validate_model(model_id)
+    spec = factories.spec(targets=[{"macs": 0.8}, {"macs": 0.55}], schedule={"steps": 2})
+    job_id = _stored_job(tenant, model_id, tmp_path, spec.model_dump(mode="json"))
+
+    lifecycle.run_job(job_id)
+
+    with get_sessionmaker()() as session:
+        job = session.get_one(Job, job_id)
+        artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all()
+    assert job.state == "succeeded", job.error
+    assert job.result is not None and len(job.result["family"]) == 2
+    assert sorted((a.filename, str(a.target)) for a in artifacts) == [
+        ("model-hf.macs-0.55.zip", "{'macs': 0.55}"),
+        ("model-hf.macs-0.8.zip", "{'macs': 0.8}"),
+    ]

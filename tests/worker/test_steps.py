@@ -17,7 +17,7 @@ from service.jobs.schemas import JobSpec
 from tests.worker import factories
 from worker.engine import EngineError, measure
 from worker.engine.plan import Plan, apply_plan_
-from worker.steps import JobFailed, JobFiles, execute
+from worker.steps import JobFailed, JobFiles, execute, steps_per_goal
 
 CPU = torch.device("cpu")
 
@@ -256,3 +256,73 @@ def test_a_cancel_is_seen_between_fine_tuning_batches(tmp_path: Path) -> None:
         )
 
     assert epochs == [0]  # started, and stopped before the first epoch ended
+
+
+def test_a_family_of_targets_yields_one_model_set_per_target(tmp_path: Path) -> None:
+    """One run through 0.8, 0.6 and 0.45 of the MACs: each member's files carry its target and
+    its numbers shrink in order; the last safetensors plan (three plans in one) rebuilds the
+    original architecture into the last model."""
+    model = factories.bert_folder(tmp_path)
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+    spec = factories.spec(
+        targets=[{"macs": 0.8}, {"macs": 0.6}, {"macs": 0.45}],
+        schedule={"steps": 6},
+        outputs=["hf", "safetensors"],
+    )
+    progress: list[dict[str, Any]] = []
+    work = tmp_path / "work"
+    work.mkdir()
+
+    result, exports = execute(
+        spec, JobFiles(model, "hf", data, "tensors", None, work), CPU, False, progress.append
+    )
+
+    family = result["family"]
+    assert [m["target"] for m in family] == [{"macs": 0.8}, {"macs": 0.6}, {"macs": 0.45}]
+    macs = [m["macs_after"] for m in family]
+    assert macs == sorted(macs, reverse=True) and macs[-1] == result["macs_after"]
+    for member, goal in zip(family, (0.8, 0.6, 0.45), strict=True):
+        assert member["macs_after"] <= goal * result["macs_before"]
+    steps = [p["step"] for p in progress if p["stage"] == "pruning"]
+    assert steps == list(range(1, len(steps) + 1)) and len(result["steps"]) == len(steps)
+    names = sorted(e.path.name for e in exports)
+    assert names == sorted(
+        f"model-{fmt}.macs-{goal}.zip" for fmt in ("hf", "safetensors") for goal in (0.8, 0.6, 0.45)
+    )
+    assert {tuple(e.target.items()) for e in exports if e.target} == {
+        (("macs", 0.8),),
+        (("macs", 0.6),),
+        (("macs", 0.45),),
+    }
+    middle = next(e.path for e in exports if e.path.name == "model-hf.macs-0.6.zip")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        _unzip(middle, tmp_path / "hf")
+    ).eval()
+    tokens = {"input_ids": torch.full(result["example_inputs"]["input_ids"], 4, dtype=torch.long)}
+    assert measure(hf, tokens).macs == family[1]["macs_after"]
+    last = next(e.path for e in exports if e.path.name == "model-safetensors.macs-0.45.zip")
+    folder = _unzip(last, tmp_path / "st")
+    original = transformers.AutoModelForSequenceClassification.from_pretrained(model).eval()
+    plan = Plan.from_json(json.loads((folder / "pruning-plan.json").read_text()))
+    rebuilt = apply_plan_(original, tokens, plan)
+    rebuilt.load_state_dict(load_file(str(folder / "model.safetensors")))
+    assert measure(rebuilt, tokens).macs == result["macs_after"]
+
+
+@pytest.mark.parametrize(
+    ("targets", "says"),
+    [
+        ([{"macs": 0.5}, {"macs": 0.7}], "keep less at each step"),
+        ([{"macs": 0.7}, {"params": 0.5}], "one metric"),
+        ([{"sparsity": 0.5}, {"sparsity": 0.7}], "one metric"),
+    ],
+)
+def test_a_family_must_shrink_in_one_metric(targets: list[dict[str, float]], says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        factories.spec(targets=targets)
+
+
+def test_steps_are_shared_by_how_far_each_target_shrinks() -> None:
+    assert steps_per_goal(10, [0.5]) == [10]
+    assert steps_per_goal(6, [0.8, 0.6, 0.45]) == [2, 2, 2]
+    assert steps_per_goal(10, [0.9, 0.1]) == [1, 10]  # at least one step each

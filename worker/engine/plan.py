@@ -32,6 +32,20 @@ class Plan:
     block_container: str = ""
     blocks_removed: list[int] = field(default_factory=list)
 
+    def then(self, later: "Plan") -> "Plan":
+        """This plan followed by `later`, a plan made on the model this one leaves: one plan
+        from the original architecture (widths only: depth comes first in a plan)."""
+        if later.blocks_removed and (self.history or self.kv_removals or self.blocks_removed):
+            raise InvalidConfig("a plan that removes blocks cannot follow another")
+        return Plan(
+            self.history + later.history,
+            self.heads | later.heads,
+            self.config_updates | later.config_updates,
+            self.kv_removals + later.kv_removals,
+            later.block_container or self.block_container,
+            self.blocks_removed + later.blocks_removed,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {"format": PLAN_FORMAT, **asdict(self)}
 

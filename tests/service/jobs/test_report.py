@@ -46,3 +46,24 @@ def test_an_unknown_report_format_is_422(client: TestClient, db: Session, alice:
         422,
         "invalid_request",
     )
+
+
+def test_a_familys_report_plots_its_trade_off(
+    client: TestClient, db: Session, alice: Caller
+) -> None:
+    member: dict[str, object] = {"after_finetune": None, "widths": {}, "exports": {}}
+    family = [
+        member | {"target": {"macs": 0.75}, "macs_after": 750, "params_after": 170,
+                  "after_pruning": {"loss": 0.55, "accuracy": 0.88, "latency_ms": 3.1}},
+        member | {"target": {"macs": 0.5}, "macs_after": 500, "params_after": 120,
+                  "after_pruning": {"loss": 0.7, "accuracy": 0.8, "latency_ms": 2.0}},
+    ]  # fmt: skip
+    job = make_job(db, alice.tenant_id, "succeeded")
+    job.result = RESULT | {"family": family}
+    db.flush()
+
+    page = client.get(f"/v1/jobs/{job.id}/report?format=html", headers=alice.headers).text
+
+    assert "The family: size against quality and speed" in page
+    assert "<td>macs 0.75</td><td>0.75</td><td>0.85</td><td>0.55</td><td>0.88</td>" in page
+    assert page.count("<svg") == 5 + 3  # loss, accuracy and latency across the family
