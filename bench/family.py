@@ -1,0 +1,100 @@
+"""A family from one job against a single job to its smallest target: time and the members'
+numbers. The model is the quickstart's BERT (examples/make_quickstart.py: trained, offline),
+pruned to 0.3 of its MACs in one job, and through 0.75, 0.5 and 0.3 in another, on the CPU,
+with the same total steps; each run is timed `--repeats` times (median).
+
+    .venv/bin/python bench/family.py --threads 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))
+
+from bench.common import set_threads  # noqa: E402
+from examples.make_quickstart import main as make_quickstart  # noqa: E402
+from service.jobs.schemas import JobSpec  # noqa: E402
+from worker.steps import JobFiles, execute  # noqa: E402
+
+TARGETS = [0.75, 0.5, 0.3]
+
+
+def spec(targets: list[float], steps: int) -> JobSpec:
+    shape: dict[str, Any] = (
+        {"targets": [{"macs": t} for t in targets]}
+        if len(targets) > 1
+        else {"target": {"macs": targets[0]}}
+    )
+    return JobSpec.model_validate(
+        {
+            "model_id": "bench",
+            "dataset_id": "bench",
+            "schedule": {"steps": steps},
+            "calibration": {"batches": 4, "batch_size": 32},
+            "evaluation": {"fraction": 0.25},
+            "outputs": ["hf"],
+            **shape,
+        }
+    )
+
+
+def run(job: JobSpec, inputs: Path) -> tuple[float, dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as work:
+        files = JobFiles(
+            inputs / "model", "hf", inputs / "data.safetensors", "tensors", None, Path(work)
+        )
+        start = time.perf_counter()
+        result, _ = execute(job, files, torch.device("cpu"), False, lambda _: None)
+        return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = Path(folder)
+        make_quickstart(inputs)
+        single = [run(spec([TARGETS[-1]], args.steps), inputs) for _ in range(args.repeats)]
+        family = [run(spec(TARGETS, args.steps), inputs) for _ in range(args.repeats)]
+    single_s = statistics.median(t for t, _ in single)
+    family_s = statistics.median(t for t, _ in family)
+    print(f"| job | seconds (median of {args.repeats}) | × single |")
+    print("|---|---|---|")
+    print(f"| one target (macs 0.3) | {single_s:.2f} | 1.00 |")
+    print(f"| family (macs 0.75, 0.5, 0.3) | {family_s:.2f} | {family_s / single_s:.2f} |")
+    print()
+    print("| model | MACs kept | params kept | loss | accuracy | latency ms |")
+    print("|---|---|---|---|---|---|")
+    result = family[0][1]
+    for member in result["family"]:
+        print(_row(f"family: macs {member['target']['macs']:g}", member, result))
+    alone = single[0][1]
+    print(_row("one target: macs 0.3", alone, alone))
+
+
+def _row(name: str, model: dict[str, Any], job: dict[str, Any]) -> str:
+    after = model["after_pruning"]
+    macs = model["macs_after"] / job["macs_before"]
+    params = model["params_after"] / job["params_before"]
+    return (
+        f"| {name} | {macs:.3f} | {params:.3f} | {after['loss']:.4f} "
+        f"| {after['accuracy']:.3f} | {after['latency_ms']:.3f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
