@@ -9,6 +9,7 @@ with the same total steps; each run is timed `--repeats` times (median).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -21,12 +22,23 @@ import torch
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
 
-from bench.common import set_threads  # noqa: E402
-from examples.make_quickstart import main as make_quickstart  # noqa: E402
+from common import set_threads  # noqa: E402
+
 from service.jobs.schemas import JobSpec  # noqa: E402
 from worker.steps import JobFiles, execute  # noqa: E402
 
 TARGETS = [0.75, 0.5, 0.3]
+
+
+def make_quickstart(folder: Path) -> None:
+    """examples/make_quickstart.py's model and data (a script, loaded by its path)."""
+    found = importlib.util.spec_from_file_location(
+        "make_quickstart", _ROOT / "examples" / "make_quickstart.py"
+    )
+    assert found is not None and found.loader is not None
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    module.main(folder)
 
 
 def spec(targets: list[float], steps: int) -> JobSpec:
