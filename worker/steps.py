@@ -13,8 +13,18 @@ import torch
 
 from service.errors import CodedError
 from service.jobs.schemas import JobSpec
-from worker import datasets, evaluation, export, finetune, losses, memory, models, tracking
-from worker.engine import PruneConfig, StepRecord, architectures, measure, prune_
+from worker import (
+    datasets,
+    evaluation,
+    export,
+    finetune,
+    latency,
+    losses,
+    memory,
+    models,
+    tracking,
+)
+from worker.engine import PruneConfig, PruneResult, StepRecord, architectures, measure, prune_
 from worker.engine.config import TargetMetric
 from worker.engine.plan import Plan
 
@@ -104,27 +114,31 @@ def execute(
                 "stage": "pruning",
                 "step": step,
                 "total": sum(budget),
-                "percent": round(100 * step / sum(budget), 1),
+                "percent": min(99.0, round(100 * step / sum(budget), 1)),
                 "macs": record.macs,
                 "params": record.params,
                 "loss": loss,
             }
         )
 
+    timing: dict[str, Any] | None = None
     for goal, steps in zip(goals, budget, strict=True):
-        kept = _kept(original, net, example, goal.metric) if original else 1.0
-        # A target the last one already passed still prunes a little: each member is smaller.
-        config = prune_config(spec, target=min(goal.value / kept, 0.99), steps=steps)
         clock = time.perf_counter()
-        result = prune_(net, example, calibration, loss_fn, config, on_step=on_step)
+        if goal.metric == "latency_ms":
+            result, timing = _prune_to_latency(spec, net, example, calibration, loss_fn, on_step)
+        else:
+            kept = _kept(original, net, example, goal.metric) if original else 1.0
+            # A target the last one already passed still prunes a little: each member is smaller.
+            config = prune_config(spec, target=min(goal.value / kept, 0.99), steps=steps)
+            result = prune_(net, example, calibration, loss_fn, config, on_step=on_step)
         seconds["prune"] += time.perf_counter() - clock
         original = original or {"macs": result.initial_macs, "params": result.initial_params}
         if not result.target_met:  # never a success that missed its target
-            now = {"macs": result.macs, "params": result.params}[config.target_metric]
-            reached = now / original[config.target_metric]
+            now = {"macs": result.macs, "params": result.params}[goal.metric]
+            reached = now / original[goal.metric]
             raise JobFailed(
                 "target_unreachable",
-                f"pruning stopped at {reached:.4f} of the {config.target_metric} (target "
+                f"pruning stopped at {reached:.4f} of the {goal.metric} (target "
                 f"{goal.value:g}): floors or the output format's uniform widths allow no more; "
                 f"ask for {reached:.4f} or more",
             )
@@ -180,10 +194,47 @@ def execute(
     }
     if family:  # one entry per target, each with its own model files
         outcome["family"] = members
+    if timing is not None:  # measured on this worker: before, after, noise, speed-up
+        outcome["latency"] = timing
     if spec.mlflow is not None:
         report({"stage": "tracking", "percent": 100})
         outcome["mlflow"] = tracking.log_job(spec, outcome, exports)
     return outcome, exports
+
+
+def _prune_to_latency(
+    spec: JobSpec,
+    net: torch.nn.Module,
+    example: dict[str, Any],
+    calibration: list[dict[str, Any]],
+    loss_fn: losses.LossFn,
+    on_step: Callable[[StepRecord], None],
+) -> tuple[PruneResult, dict[str, Any]]:
+    """Prune until one forward pass of the job's batch runs under its latency target here."""
+    goal, rows = spec.target.latency_ms, spec.target.batch
+    assert goal is not None
+    device = next(net.parameters()).device
+    multiple = latency.choose_round_to(device, rows)
+    reached = latency.prune_to_latency(
+        net,
+        example,
+        calibration,
+        loss_fn,
+        lambda kept, round_to: prune_config(spec, target=kept, steps=1, round_to=round_to),
+        goal,
+        rows,
+        multiple,
+        on_step,
+    )
+    timing = reached.report
+    if not reached.met:
+        raise JobFailed(
+            "target_unreachable",
+            f"the fastest this model ran here was {timing['after_ms']:.3g} ms (±"
+            f"{timing['noise_ms']:.2g}) at batch {rows}, with {timing['macs_ratio']:.3f} of its "
+            f"MACs; floors allow no more. Ask for {timing['after_ms']:.3g} ms or more",
+        )
+    return reached.result, timing
 
 
 def steps_per_goal(steps: int, goals: list[float]) -> list[int]:
@@ -257,16 +308,23 @@ def _export(
 
 
 def prune_config(
-    spec: JobSpec, *, target: float | None = None, steps: int | None = None
+    spec: JobSpec,
+    *,
+    target: float | None = None,
+    steps: int | None = None,
+    round_to: int | None = None,
 ) -> PruneConfig:
     """The engine's configuration for a job: the one place a spec becomes a PruneConfig. A
-    family's later targets prune the model as it is then: `target` relative to it."""
+    family's later targets and a latency target's rounds prune the model as it is then:
+    `target` relative to it (a fraction of its MACs, for a latency)."""
+    latency_target = spec.target.metric == "latency_ms"
     return PruneConfig(
         method=spec.method,
         granularity=spec.granularity,
-        target_metric=cast(TargetMetric, spec.target.metric),
+        target_metric=cast(TargetMetric, "macs" if latency_target else spec.target.metric),
         target=spec.target.value if target is None else target,
         steps=spec.schedule.steps if steps is None else steps,
+        round_to=round_to,
         schedule=spec.schedule.kind,
         global_ranking="hf" not in spec.outputs,  # hf: widths a config can describe
         hidden_size=spec.hidden_size,

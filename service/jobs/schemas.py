@@ -26,22 +26,30 @@ class SpecPart(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+METRICS = ("macs", "params", "sparsity", "latency_ms")
+
+
 class Target(SpecPart):
-    """Keep at most this fraction of MACs or parameters, or zero this fraction of weights."""
+    """Keep at most this fraction of MACs or parameters, zero this fraction of weights, or run
+    one forward pass of `batch` rows in at most `latency_ms` on the worker's device."""
 
     macs: float | None = Field(default=None, gt=0, lt=1)
     params: float | None = Field(default=None, gt=0, lt=1)
     sparsity: float | None = Field(default=None, gt=0, lt=1)
+    latency_ms: float | None = Field(default=None, gt=0, le=600_000)
+    batch: int = Field(default=1, ge=1, le=4096)  # rows per forward pass a latency is timed at
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Target":
-        if sum(v is not None for v in (self.macs, self.params, self.sparsity)) != 1:
-            raise ValueError("give exactly one of macs, params or sparsity")
+        if sum(getattr(self, metric) is not None for metric in METRICS) != 1:
+            raise ValueError("give exactly one of macs, params, sparsity or latency_ms")
+        if self.batch != 1 and self.latency_ms is None:
+            raise ValueError("batch goes with a latency_ms target")
         return self
 
     @property
     def metric(self) -> str:
-        return next(k for k in ("macs", "params", "sparsity") if getattr(self, k) is not None)
+        return next(k for k in METRICS if getattr(self, k) is not None)
 
     @property
     def value(self) -> float:
@@ -176,6 +184,16 @@ class JobSpec(SpecPart):
             raise ValueError("target is the last of targets: leave it out")
         if self.granularity != "channel" or self.depth_share:
             raise ValueError("targets need channel granularity without depth_share")
+        return self
+
+    @model_validator(mode="after")
+    def _a_latency_is_reached_by_channels(self) -> "JobSpec":
+        if self.target.metric != "latency_ms":
+            return self
+        if self.granularity != "channel" or self.depth_share or self.targets is not None:
+            raise ValueError(
+                "a latency_ms target needs channel granularity, one target and no depth_share"
+            )
         return self
 
     @model_validator(mode="after")
