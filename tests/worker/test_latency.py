@@ -70,7 +70,7 @@ def test_a_latency_the_floors_cannot_reach_fails_with_the_fastest_time(
 
 def test_widths_round_to_a_multiple_only_when_the_device_rewards_it() -> None:
     def cliff(model: nn.Module, inputs: dict[str, Any]) -> Timing:  # odd widths cost double
-        width = model.linear.out_features  # type: ignore[union-attr]
+        width = model.linear.out_features
         return Timing(2.0 if width % 16 else 1.0, 0.01)
 
     assert latency.choose_round_to(CPU, 4, cliff) == 16
