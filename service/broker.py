@@ -6,6 +6,7 @@ from service.settings import Settings
 
 VALIDATE_MODEL = "apoptosis.validate_model"
 RUN_JOB = "apoptosis.run_job"
+REDIS_SOCKET_SECONDS = 3.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -37,8 +38,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "store_processed": False,
         }
     elif url.startswith("redis"):
-        # Above the longest job, or Redis redelivers a late-acked job that is still running.
         config["broker_transport_options"] = {
-            "visibility_timeout": settings.job_hard_time_limit + 600
+            # Above the longest job, or Redis redelivers a late-acked job that is still running.
+            "visibility_timeout": settings.job_hard_time_limit + 600,
+            # A Redis that stops answering without closing its connections (hung, partitioned)
+            # would hold a publish, an ack or the readiness check forever: kombu waits without
+            # a socket timeout. The worker's BRPOP is not affected (it has its own).
+            "socket_timeout": REDIS_SOCKET_SECONDS,
+            "socket_connect_timeout": REDIS_SOCKET_SECONDS,
         }
     return config

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from service.store.base import StoreFull, StoreUnavailable
+
 log = logging.getLogger("apoptosis.api")
 PROBLEM_JSON = "application/problem+json"
 Row = TypeVar("Row")
@@ -66,8 +68,10 @@ _MEANING = {
     415: "the upload is not multipart/form-data",
     422: "the request or its content is not valid",
     429: "a tenant limit is reached; see Retry-After",
-    503: "a dependency (the broker) is unavailable",
+    503: "a dependency (the broker or the store) is unavailable; see Retry-After",
+    507: "the artifact store is full",
 }
+STORE_RETRY_AFTER_SECONDS = 30
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -109,6 +113,16 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, error: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return problem_response(error.status_code, code, str(error.detail))
+
+    @app.exception_handler(StoreFull)
+    async def _store_full(request: Request, error: StoreFull) -> JSONResponse:
+        return problem_response(507, "insufficient_storage", str(error))
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request: Request, error: StoreUnavailable) -> JSONResponse:
+        response = problem_response(503, error.code, str(error))
+        response.headers["Retry-After"] = str(STORE_RETRY_AFTER_SECONDS)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -7,11 +7,16 @@ from celery import Celery
 from service.broker import RUN_JOB, VALIDATE_MODEL, celery_config
 from service.settings import get_settings
 
+# A request that sends a task answers within seconds even when the broker hangs (each try
+# waits at most the broker's socket timeout): one retry covers a connection the broker dropped.
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2}
+
 
 @lru_cache
 def client() -> Celery:
     app = Celery("apoptosis-api")
     app.conf.update(celery_config(get_settings()))
+    app.conf.task_publish_retry_policy = PUBLISH_RETRY_POLICY
     return app
 
 

@@ -12,14 +12,15 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from service import archives
 from service.artifacts import repository as artifacts_repository
@@ -34,7 +35,7 @@ from service.models import repository as models_repository
 from service.models.states import ModelState
 from service.orm import Artifact, Model, utcnow
 from service.settings import Settings, get_settings
-from service.store import get_store, store_file
+from service.store import StoreFull, StoreUnavailable, get_store, store_file
 from service.workers import repository as workers_repository
 from worker import datasets, memory, models
 from worker.engine import EngineError, PruneConfig, measure, reachable_fraction
@@ -42,6 +43,7 @@ from worker.export import Exported
 from worker.steps import JobFailed, JobFiles, execute
 
 log = logging.getLogger("apoptosis.worker")
+T = TypeVar("T")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 VALIDATION_GRACE = 10  # × stale_after_seconds before a validating model is retried
 SILENT_WORKER_KEPT = timedelta(days=1)  # a killed worker's heartbeat row, kept for inspection
@@ -145,11 +147,22 @@ class _Heartbeat:
         self._thread.join()
 
     def beat(self, progress: dict[str, Any] | None = None) -> None:
-        with get_sessionmaker()() as session:
-            self.state = repository.heartbeat(session, self.job_id, WORKER_ID, progress)
-            if progress is not None and self.state is not None:
-                repository.add_event(session, self.job_id, "progress", progress)
-            session.commit()
+        """Renew the lease (and record `progress`); the state read back tells the steps whether
+        to go on. Progress is advisory: a database that cannot take it is logged, not fatal."""
+
+        def write() -> None:
+            with get_sessionmaker()() as session:
+                self.state = repository.heartbeat(session, self.job_id, WORKER_ID, progress)
+                if progress is not None and self.state is not None:
+                    repository.add_event(session, self.job_id, "progress", progress)
+                session.commit()
+
+        try:
+            _retrying(write)
+        except DBAPIError:
+            if progress is None:
+                raise  # the background beat logs it and tries again next interval
+            log.warning("job %s: progress not recorded, the database did not answer", self.job_id)
 
     def check(self) -> None:
         if self.state is None:
@@ -236,6 +249,8 @@ def run_job(job_id: str) -> None:
             models.ModelRejected,
             datasets.DatasetRejected,
             memory.OutOfMemory,
+            StoreFull,
+            StoreUnavailable,
         ) as error:
             _end(job_id, JobState.FAILED, {"code": error.code, "message": str(error)})
         except (torch.OutOfMemoryError, MemoryError) as error:
@@ -261,46 +276,67 @@ def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> Non
     """Upload, then record artifacts and success in one transaction guarded by the lease."""
     store = get_store()
     stored = [(e, store_file(e.path, store)) for e in exports]
-    with get_sessionmaker()() as session:
-        job = repository.by_id(session, job_id)
-        assert job is not None
-        if not repository.transition(
-            session,
-            job_id,
-            JobState.SUCCEEDED,
-            owner=WORKER_ID,
-            result=result,
-            finished_at=utcnow(),
-            progress={"stage": "done", "percent": 100},
-        ):
-            session.rollback()
-            raise LeaseLost(job_id)
-        for export, blob in stored:
-            artifacts_repository.add(
+
+    def write() -> None:
+        with get_sessionmaker()() as session:
+            job = repository.by_id(session, job_id)
+            assert job is not None
+            if not repository.transition(
                 session,
-                Artifact(
-                    tenant_id=job.tenant_id,
-                    job_id=job_id,
-                    format=export.format,
-                    filename=export.path.name,
-                    blob_key=blob.key,
-                    sha256=blob.sha256,
-                    size=blob.size,
-                    target=export.target,
-                ),
-            )
-            blobs.record(session, blob)
-        session.commit()
+                job_id,
+                JobState.SUCCEEDED,
+                owner=WORKER_ID,
+                result=result,
+                finished_at=utcnow(),
+                progress={"stage": "done", "percent": 100},
+            ):
+                session.rollback()
+                raise LeaseLost(job_id)
+            for export, blob in stored:
+                artifacts_repository.add(
+                    session,
+                    Artifact(
+                        tenant_id=job.tenant_id,
+                        job_id=job_id,
+                        format=export.format,
+                        filename=export.path.name,
+                        blob_key=blob.key,
+                        sha256=blob.sha256,
+                        size=blob.size,
+                        target=export.target,
+                    ),
+                )
+                blobs.record(session, blob)
+            session.commit()
+
+    _retrying(write)
     for export, blob in stored:
         retention.confirm_stored(store, blob, export.path)
 
 
 def _end(job_id: str, state: JobState, error: dict[str, str] | None) -> None:
-    with get_sessionmaker()() as session:
-        if repository.transition(
-            session, job_id, state, owner=WORKER_ID, error=error, finished_at=utcnow()
-        ):
-            session.commit()
+    def write() -> None:
+        with get_sessionmaker()() as session:
+            if repository.transition(
+                session, job_id, state, owner=WORKER_ID, error=error, finished_at=utcnow()
+            ):
+                session.commit()
+
+    _retrying(write)
+
+
+def _retrying(write: Callable[[], T]) -> T:
+    """A short transaction, run again once if the database dropped its connection (a restart,
+    a failover, a terminated backend): the pool's pre-ping checks a connection when it is
+    taken, not one that dies during the transaction. A commit whose answer was lost is safe
+    to repeat: every change here is a guarded update that does nothing the second time."""
+    try:
+        return write()
+    except DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+        log.warning("the database dropped a connection; trying once more")
+        return write()
 
 
 def reap(settings: Settings) -> tuple[list[str], list[str]]:

@@ -12,7 +12,9 @@ from service.problems import found, responses
 from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
 
-router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=responses(401, 404, 422))
+router = APIRouter(
+    prefix="/v1/artifacts", tags=["artifacts"], responses=responses(401, 404, 422, 503)
+)
 _BYTES = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 # StreamingResponse has no media type of its own: these are the content the document declares.
 _DOWNLOAD: dict[int | str, dict[str, Any]] = {

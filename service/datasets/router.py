@@ -20,7 +20,7 @@ from service.uploads.multipart import openapi_form
 router = APIRouter(
     prefix="/v1/datasets",
     tags=["datasets"],
-    responses=responses(400, 401, 404, 409, 413, 415, 422, 429),
+    responses=responses(400, 401, 404, 409, 413, 415, 422, 429, 503, 507),
 )
 
 

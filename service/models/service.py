@@ -1,5 +1,7 @@
 """Model use cases: check an upload, store it and queue its validation."""
 
+import logging
+
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import archives, queue
@@ -10,6 +12,8 @@ from service.settings import get_settings
 from service.store import ArtifactStore
 from service.uploads import service as uploads
 from service.uploads.multipart import Upload
+
+log = logging.getLogger("apoptosis.api")
 
 
 def check(upload: Upload, model_format: str) -> None:
@@ -36,7 +40,12 @@ def create(
     tenant_id: str,
     received: uploads.Received,
 ) -> Model:
-    """Store the upload, record the model (validating), and queue its validation."""
+    """Store the upload, record the model (validating), and queue its validation. A broker
+    that cannot take the message now does not fail the upload (it is stored, and a retry
+    would store it twice): the workers' reaper sends validations left waiting again."""
     model = uploads.save(sessions, store, tenant_id, received, Model, repository.add)
-    queue.enqueue_validation(model.id)
+    try:
+        queue.enqueue_validation(model.id)
+    except Exception:  # any transport failure; the model stays validating until it is sent
+        log.warning("model %s: its validation could not be queued; the reaper sends it", model.id)
     return model

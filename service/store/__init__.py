@@ -16,6 +16,8 @@ from service.store.base import (
     InvalidKey,
     StoredBlob,
     StoreError,
+    StoreFull,
+    StoreUnavailable,
     UploadTooLarge,
 )
 from service.store.local import LocalStore
@@ -26,6 +28,8 @@ __all__ = [
     "InvalidKey",
     "LocalStore",
     "StoreError",
+    "StoreFull",
+    "StoreUnavailable",
     "StoredBlob",
     "UploadTooLarge",
     "get_store",

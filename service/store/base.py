@@ -22,6 +22,24 @@ class StoreError(Exception):
     """Base of the failures a store reports; callers map them to problems or job errors."""
 
 
+class StoreFull(StoreError):
+    """The store has no room left (ENOSPC, EDQUOT); nothing partial was left behind."""
+
+    code = "store_full"
+
+    def __init__(self) -> None:
+        super().__init__("the artifact store is full; the operator must free or add space")
+
+
+class StoreUnavailable(StoreError):
+    """The store does not answer (connection refused, timed out, a 5xx); retry later."""
+
+    code = "store_unavailable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the artifact store does not answer ({reason}); try again shortly")
+
+
 class UploadTooLarge(StoreError):
     def __init__(self, max_bytes: int) -> None:
         super().__init__(f"the stream exceeds the limit of {max_bytes} bytes")

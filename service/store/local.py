@@ -1,5 +1,6 @@
 """Blobs as files under one directory: the embedded (laptop) store, and a shared volume's."""
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -11,6 +12,7 @@ from service.store.base import (
     ArtifactStore,
     BlobNotFound,
     StoredBlob,
+    StoreFull,
     StreamDigest,
     key_for,
     validate_key,
@@ -43,8 +45,10 @@ class LocalStore(ArtifactStore):
             target.parent.mkdir(parents=True, exist_ok=True)
             # Same key, same bytes: replacing an existing blob is harmless, and atomic.
             os.replace(temporary, target)
-        except BaseException:
+        except BaseException as error:
             temporary.unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull() from error
             raise
         _fsync_directory(target.parent)
         return StoredBlob(key=key, sha256=digest.hexdigest(), size=digest.size)

@@ -10,12 +10,17 @@ from typing import Any, BinaryIO
 
 import boto3  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
-from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+from botocore.exceptions import (  # type: ignore[import-untyped]
+    ClientError,
+    HTTPClientError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from service.store.base import (
     ArtifactStore,
     BlobNotFound,
     StoredBlob,
+    StoreUnavailable,
     StreamDigest,
     key_for,
     validate_key,
@@ -53,7 +58,13 @@ class S3Store(ArtifactStore):
         """`region=None` leaves it to boto3 (AWS_DEFAULT_REGION, the AWS config file)."""
         self.bucket = bucket
         # Self-hosted endpoints (MinIO, tests) have no per-bucket DNS names: address by path.
-        config = Config(s3={"addressing_style": "path"}) if endpoint_url else None
+        # A store that hangs costs a request seconds, not minutes: bounded waits and retries.
+        config = Config(
+            s3={"addressing_style": "path"} if endpoint_url else {},
+            connect_timeout=5,
+            read_timeout=30,
+            retries={"max_attempts": 3, "mode": "standard"},
+        )
         self._client = client or boto3.client(
             "s3", endpoint_url=endpoint_url, region_name=region, config=config
         )
@@ -62,15 +73,16 @@ class S3Store(ArtifactStore):
         digest = StreamDigest(max_bytes)
         parts = _parts(chunks, digest)
         first = next(parts)
-        if len(first) < PART_SIZE:  # the stream ended inside the first part
-            key = key_for(digest.hexdigest())
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=first)
-        else:
-            key = self._put_multipart(itertools.chain([first], parts), digest)
+        with _unavailable_as_error():
+            if len(first) < PART_SIZE:  # the stream ended inside the first part
+                key = key_for(digest.hexdigest())
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=first)
+            else:
+                key = self._put_multipart(itertools.chain([first], parts), digest)
         return StoredBlob(key=key, sha256=digest.hexdigest(), size=digest.size)
 
     def open(self, key: str) -> BinaryIO:
-        with self._not_found_as_error(key):
+        with self._not_found_as_error(key), _unavailable_as_error():
             body: BinaryIO = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
         return body
 
@@ -79,7 +91,7 @@ class S3Store(ArtifactStore):
         """Download to a temporary file (under TMPDIR), removed when the block exits."""
         with tempfile.TemporaryDirectory(prefix="apoptosis-blob-") as directory:
             path = Path(directory) / key.rsplit("/", 1)[-1]
-            with self._not_found_as_error(key):
+            with self._not_found_as_error(key), _unavailable_as_error():
                 self._client.download_file(self.bucket, key, str(path))
             yield path
 
@@ -91,10 +103,11 @@ class S3Store(ArtifactStore):
         return True
 
     def delete(self, key: str) -> None:
-        self._client.delete_object(Bucket=self.bucket, Key=validate_key(key))
+        with _unavailable_as_error():
+            self._client.delete_object(Bucket=self.bucket, Key=validate_key(key))
 
     def size(self, key: str) -> int:
-        with self._not_found_as_error(key):
+        with self._not_found_as_error(key), _unavailable_as_error():
             head = self._client.head_object(Bucket=self.bucket, Key=key)
         return int(head["ContentLength"])
 
@@ -137,6 +150,21 @@ class S3Store(ArtifactStore):
             if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                 raise BlobNotFound(key) from None
             raise
+
+
+@contextmanager
+def _unavailable_as_error() -> Iterator[None]:
+    """A store that does not answer (refused, timed out, closed, a 5xx) is `StoreUnavailable`:
+    the API answers 503, a job ends `store_unavailable`, rather than an internal error."""
+    try:
+        yield
+    except (BotoConnectionError, HTTPClientError) as error:
+        raise StoreUnavailable(type(error).__name__) from error
+    except ClientError as error:
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if status >= 500:
+            raise StoreUnavailable(f"HTTP {status}") from error
+        raise
 
 
 def _parts(chunks: Iterable[bytes], digest: StreamDigest) -> Iterator[bytes]:

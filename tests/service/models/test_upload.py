@@ -8,9 +8,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service import queue
 from service.orm import Model
 from service.settings import Settings, get_settings
-from service.store import ArtifactStore
+from service.store import ArtifactStore, StoreFull, StoreUnavailable
 from tests.service.factories import Caller, hf_archive, hf_archive_of_size
 from tests.service.support import MAX_UPLOAD_BYTES, QueueRecorder, Response, leftover_files, problem
 
@@ -201,3 +202,49 @@ def test_a_form_with_two_file_parts_does_not_store_their_concatenation(
     # Refusing the form and keeping one of the files are both fine; mixing them is not.
     digests = {hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()}
     assert response.status_code == 422 or response.json()["sha256"] in digests
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [
+        (StoreUnavailable("ConnectTimeoutError"), 503, "store_unavailable"),
+        (StoreFull(), 507, "insufficient_storage"),
+    ],
+)
+def test_a_store_that_fails_is_a_problem_and_no_model(
+    client: TestClient,
+    db: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    alice: Caller,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: Exception,
+    status: int,
+    code: str,
+) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(store, "put_stream", broken)
+
+    response = upload(client, alice, WEIGHTS)
+
+    problem(response, status, code)
+    assert ("retry-after" in response.headers) == (status == 503)
+    assert db.scalar(select(func.count()).select_from(Model)) == 0
+    assert leftover_files(settings) == []
+
+
+def test_a_broker_that_cannot_take_the_validation_still_stores_the_model(
+    client: TestClient, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload is stored; the reaper sends the validation once the broker is back."""
+
+    def down(_: str) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(queue, "enqueue_validation", down)
+
+    response = upload(client, alice, WEIGHTS)
+
+    assert response.status_code == 201 and response.json()["state"] == "validating"

@@ -3,7 +3,9 @@
 `StoreContract` holds the behaviour every store must show; test_s3.py runs it against S3.
 """
 
+import errno
 import hashlib
+import os
 import random
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from service.store import (
     BlobNotFound,
     InvalidKey,
     LocalStore,
+    StoreFull,
     UploadTooLarge,
     store_from_url,
 )
@@ -210,3 +213,18 @@ def test_store_from_url_local(tmp_path: Path, url: str) -> None:
 def test_store_from_url_refuses_what_it_cannot_honour(url: str) -> None:
     with pytest.raises(ValueError, match="store URL"):
         store_from_url(url)
+
+
+def test_a_full_disk_is_store_full_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path)
+
+    def no_space(_: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+
+    with pytest.raises(StoreFull):
+        store.put_stream([b"weights"])
+    assert list((tmp_path / "tmp").iterdir()) == []
