@@ -9,6 +9,7 @@ top. A model whose four copies do not fit in what the worker may use fails at on
 from pathlib import Path
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from service.errors import CodedError
 
@@ -22,8 +23,10 @@ class OutOfMemory(CodedError):
 
 
 def scoring_bytes(net: torch.nn.Module) -> int:
-    """A lower bound of the memory scoring `net` takes."""
-    return SCORING_COPIES * sum(p.numel() * p.element_size() for p in net.parameters())
+    """A lower bound of the memory scoring `net` takes (lazy parameters, sized by the first
+    forward pass, count for nothing yet)."""
+    sized = (p for p in net.parameters() if not is_lazy(p))
+    return SCORING_COPIES * sum(p.numel() * p.element_size() for p in sized)
 
 
 def free_bytes(device: torch.device, limit: int) -> int:
