@@ -23,6 +23,7 @@ jobs_app = typer.Typer(
 webhooks_app = typer.Typer(help="The secret that signs job notifications.", no_args_is_help=True)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+CLI_RETRIES = 2  # a person at a prompt learns of an API that is down in seconds, not 15
 UrlOption = Annotated[str, typer.Option(envvar="APOPTOSIS_URL", help="API base URL")]
 KeyOption = Annotated[str, typer.Option(envvar="APOPTOSIS_API_KEY", help="API key")]
 JsonOption = Annotated[bool, typer.Option("--json", help="JSON on stdout, for scripts")]
@@ -34,7 +35,7 @@ ExistingFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, reada
 def client(url: str, key: str) -> Client:
     if not key:
         fail("no API key: pass --api-key or set APOPTOSIS_API_KEY (apoptosis up prints one)")
-    return Client(url, key)
+    return Client(url, key, retries=CLI_RETRIES)
 
 
 # --- models -------------------------------------------------------------------------------------
