@@ -326,3 +326,16 @@ def test_steps_are_shared_by_how_far_each_target_shrinks() -> None:
     assert steps_per_goal(10, [0.5]) == [10]
     assert steps_per_goal(6, [0.8, 0.6, 0.45]) == [2, 2, 2]
     assert steps_per_goal(10, [0.9, 0.1]) == [1, 10]  # at least one step each
+
+
+def test_exported_weights_are_stored_and_configs_deflated(tmp_path: Path) -> None:
+    """Deflating float weights costs seconds per 100 MB for about 8% smaller downloads."""
+    model = factories.bert_folder(tmp_path)
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+
+    _, files = _run(factories.spec(outputs=["hf"]), model, data, "tensors", tmp_path / "work")
+
+    with zipfile.ZipFile(files["hf"]) as bundle:
+        methods = {info.filename: info.compress_type for info in bundle.infolist()}
+    assert methods["model.safetensors"] == zipfile.ZIP_STORED
+    assert methods["config.json"] == zipfile.ZIP_DEFLATED
