@@ -3,11 +3,12 @@ Every resource has list, show and delete; every job-spec field has an option (or
 every command has `--json`."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.progress import Progress
 
 from service.cli_output import emit, fail, stderr, table
@@ -38,6 +39,90 @@ def client(url: str, key: str) -> Client:
     return Client(url, key, retries=CLI_RETRIES)
 
 
+# --- what every resource has: list (models, datasets), show, delete --------------------------
+
+Reader = Callable[[Client, str], BaseModel]
+Pager = Callable[[Client, int, str | None], Any]
+
+
+def add_show_and_delete(
+    app: typer.Typer,
+    noun: str,
+    read: Reader,
+    delete: Callable[[Client, str], None],
+    show_help: str,
+    delete_help: str,
+) -> None:
+    """`show ID` and `delete ID` for one kind of resource."""
+
+    @app.command("show", help=show_help)
+    def show(
+        resource_id: Annotated[str, typer.Argument(metavar=f"{noun.upper()}_ID")],
+        as_json: JsonOption = False,
+        url: UrlOption = DEFAULT_URL,
+        api_key: KeyOption = "",
+    ) -> None:
+        with client(url, api_key) as api:
+            emit(read(api, resource_id), as_json)
+
+    @app.command("delete", help=delete_help)
+    def delete_(
+        resource_id: Annotated[str, typer.Argument(metavar=f"{noun.upper()}_ID")],
+        as_json: JsonOption = False,
+        url: UrlOption = DEFAULT_URL,
+        api_key: KeyOption = "",
+    ) -> None:
+        with client(url, api_key) as api:
+            delete(api, resource_id)
+        emit({"deleted": resource_id}, as_json)
+
+
+def add_list(app: typer.Typer, noun: str, pages: Pager, columns: tuple[str, ...]) -> None:
+    """`list` of one kind of resource: newest first, a page at a time."""
+
+    @app.command("list", help=f"The tenant's {noun}s, newest first.")
+    def list_(
+        limit: LimitOption = 50,
+        cursor: CursorOption = None,
+        as_json: JsonOption = False,
+        url: UrlOption = DEFAULT_URL,
+        api_key: KeyOption = "",
+    ) -> None:
+        with client(url, api_key) as api:
+            page = pages(api, limit, cursor)
+        table(page.items, columns, as_json, page.next_cursor)
+
+
+add_list(
+    models_app, "model", Client.models, ("id", "name", "format", "state", "size", "created_at")
+)
+add_show_and_delete(
+    models_app,
+    "model",
+    Client.model,
+    Client.delete_model,
+    "One model, with its summary (parameters, MACs, layers).",
+    "Delete a model no job uses (delete those jobs first).",
+)
+add_list(datasets_app, "dataset", Client.datasets, ("id", "name", "format", "size", "created_at"))
+add_show_and_delete(
+    datasets_app,
+    "dataset",
+    Client.dataset,
+    Client.delete_dataset,
+    "One dataset.",
+    "Delete a dataset no job uses (delete those jobs first).",
+)
+add_show_and_delete(
+    jobs_app,
+    "job",
+    Client.job,
+    Client.delete_job,
+    "One job: its spec, progress, result or error.",
+    "Delete an ended job with its artifacts.",
+)
+
+
 # --- models -------------------------------------------------------------------------------------
 
 
@@ -63,50 +148,6 @@ def upload_model(
         fail(f"{path.name} was rejected: {model.rejection_reason}")
 
 
-@models_app.command("list")
-def list_models(
-    limit: LimitOption = 50,
-    cursor: CursorOption = None,
-    as_json: JsonOption = False,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = "",
-) -> None:
-    """The tenant's models, newest first."""
-    with client(url, api_key) as api:
-        page = api.models(limit, cursor)
-    table(
-        page.items,
-        ("id", "name", "format", "state", "size", "created_at"),
-        as_json,
-        page.next_cursor,
-    )
-
-
-@models_app.command("show")
-def show_model(
-    model_id: str,
-    as_json: JsonOption = False,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = "",
-) -> None:
-    """One model, with its summary (parameters, MACs, layers)."""
-    with client(url, api_key) as api:
-        emit(api.model(model_id), as_json)
-
-
-@models_app.command("delete")
-def delete_model(
-    model_id: str,
-    as_json: JsonOption = False,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = "",
-) -> None:
-    """Delete a model no job uses (delete those jobs first)."""
-    with client(url, api_key) as api:
-        api.delete_model(model_id)
-    emit({"deleted": model_id}, as_json)
-
-
 # --- datasets -----------------------------------------------------------------------------------
 
 
@@ -124,45 +165,6 @@ def upload_dataset(
     """Upload calibration data (.safetensors or .npz, .jsonl texts, a zip of image folders)."""
     with client(url, api_key) as api:
         emit(api.upload_dataset(path, format, name), as_json)
-
-
-@datasets_app.command("list")
-def list_datasets(
-    limit: LimitOption = 50,
-    cursor: CursorOption = None,
-    as_json: JsonOption = False,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = "",
-) -> None:
-    """The tenant's datasets, newest first."""
-    with client(url, api_key) as api:
-        page = api.datasets(limit, cursor)
-    table(page.items, ("id", "name", "format", "size", "created_at"), as_json, page.next_cursor)
-
-
-@datasets_app.command("show")
-def show_dataset(
-    dataset_id: str,
-    as_json: JsonOption = False,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = "",
-) -> None:
-    """One dataset."""
-    with client(url, api_key) as api:
-        emit(api.dataset(dataset_id), as_json)
-
-
-@datasets_app.command("delete")
-def delete_dataset(
-    dataset_id: str,
-    as_json: JsonOption = False,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = "",
-) -> None:
-    """Delete a dataset no job uses (delete those jobs first)."""
-    with client(url, api_key) as api:
-        api.delete_dataset(dataset_id)
-    emit({"deleted": dataset_id}, as_json)
 
 
 # --- job specs ----------------------------------------------------------------------------------
@@ -367,15 +369,6 @@ def list_jobs(
     )
 
 
-@jobs_app.command("show")
-def show_job(
-    job_id: str, as_json: JsonOption = False, url: UrlOption = DEFAULT_URL, api_key: KeyOption = ""
-) -> None:
-    """One job: its spec, progress, result or error."""
-    with client(url, api_key) as api:
-        emit(api.job(job_id), as_json)
-
-
 @jobs_app.command("watch")
 def watch(
     job_id: str, as_json: JsonOption = False, url: UrlOption = DEFAULT_URL, api_key: KeyOption = ""
@@ -410,16 +403,6 @@ def cancel(
     """Cancel a queued or running job (a running one stops at its next step)."""
     with client(url, api_key) as api:
         emit(api.cancel(job_id), as_json)
-
-
-@jobs_app.command("delete")
-def delete_job(
-    job_id: str, as_json: JsonOption = False, url: UrlOption = DEFAULT_URL, api_key: KeyOption = ""
-) -> None:
-    """Delete an ended job with its artifacts."""
-    with client(url, api_key) as api:
-        api.delete_job(job_id)
-    emit({"deleted": job_id}, as_json)
 
 
 @jobs_app.command("report")

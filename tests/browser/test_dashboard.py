@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.services import apoptosis, bert_upload, free_port, stop, wait_healthy
-from tests.integration.test_embedded import _printed_key
+from tests.integration.services import bert_upload, embedded_service
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = Path(__file__).resolve().parents[2] / "test-output" / "dashboard"
@@ -24,24 +23,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    work = tmp_path_factory.mktemp("dashboard")
-    port = free_port()
-    log = work / "up.log"
-    process = apoptosis(
-        "up",
-        "--port",
-        str(port),
-        "--home",
-        str(work / "var"),
-        env={"APOPTOSIS_API_KEY": ""},
-        log=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log)
-        yield url, _printed_key(log)
-    finally:
-        stop(process)
+    with embedded_service(tmp_path_factory.mktemp("dashboard")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Running the real thing for integration tests: processes, ports, Postgres and Redis."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -133,3 +134,32 @@ def bert_upload(
         str(data),
     )
     return archive, data
+
+
+@contextmanager
+def embedded_service(work: Path, **env: str) -> Iterator[tuple[str, str]]:
+    """`apoptosis up` on a free port with its home under `work` (extra `APOPTOSIS_…` settings
+    in `env`): its URL and the API key it printed, until the block ends."""
+    port = free_port()
+    log = work / "up.log"
+    home = str(work / "var")
+    process = apoptosis(
+        "up", "--port", str(port), "--home", home, env={"APOPTOSIS_API_KEY": "", **env}, log=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+        yield url, printed_key(log)
+    finally:
+        stop(process)
+
+
+def printed_key(log: Path) -> str:
+    """The API key `apoptosis up` printed into `log`."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = re.search(r"API key: (\S+)", log.read_text())
+        if found:
+            return found.group(1)
+        time.sleep(0.2)
+    raise AssertionError(f"`apoptosis up` printed no API key:\n{log.read_text()}")

@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.integration.services import apoptosis, bert_upload, free_port, stop, wait_healthy
-from tests.integration.test_embedded import _printed_key
+from tests.integration.services import bert_upload, embedded_service
 
 
 @dataclass(frozen=True)
@@ -44,23 +43,8 @@ class Cli:
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     work = tmp_path_factory.mktemp("cli")
-    port = free_port()
-    log = work / "up.log"
-    process = apoptosis(
-        "up",
-        "--port",
-        str(port),
-        "--home",
-        str(work / "var"),
-        env={"APOPTOSIS_API_KEY": ""},
-        log=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log)
-        yield Cli({"APOPTOSIS_URL": url, "APOPTOSIS_API_KEY": _printed_key(log)}, work)
-    finally:
-        stop(process)
+    with embedded_service(work) as (url, key):
+        yield Cli({"APOPTOSIS_URL": url, "APOPTOSIS_API_KEY": key}, work)
 
 
 def test_every_command_with_json_output(cli: Cli) -> None:

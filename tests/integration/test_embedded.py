@@ -1,8 +1,6 @@
 """`apoptosis up` as a user runs it: SQLite, filesystem broker, local files, one worker."""
 
 import os
-import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,40 +8,13 @@ import pytest
 
 from service.client import Client
 from tests.integration.flow import prune_bert_to_half_the_macs
-from tests.integration.services import apoptosis, bert_upload, free_port, stop, wait_healthy
+from tests.integration.services import bert_upload, embedded_service
 
 
 @pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[Client]:
-    port = free_port()
-    log = tmp_path / "up.log"
-    process = apoptosis(
-        "up",
-        "--port",
-        str(port),
-        "--home",
-        str(tmp_path / "var"),
-        env={"APOPTOSIS_API_KEY": ""},
-        log=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log)
-        key = _printed_key(log)
-        with Client(url, key) as client:
-            yield client
-    finally:
-        stop(process)
-
-
-def _printed_key(log: Path) -> str:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        found = re.search(r"API key: (\S+)", log.read_text())
-        if found:
-            return found.group(1)
-        time.sleep(0.2)
-    raise AssertionError(f"`apoptosis up` printed no API key:\n{log.read_text()}")
+    with embedded_service(tmp_path) as (url, key), Client(url, key) as client:
+        yield client
 
 
 def test_embedded_service_prunes_an_uploaded_bert(embedded: Client, tmp_path: Path) -> None:

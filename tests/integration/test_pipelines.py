@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.services import apoptosis, free_port, stop, wait_healthy
-from tests.integration.test_embedded import _printed_key
+from tests.integration.services import embedded_service, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,19 +31,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         check=True,
         capture_output=True,
     )
-    port = free_port()
-    log = work / "up.log"
     # The receiver listens on loopback, which the SSRF guard refuses unless allowed.
-    env = {"APOPTOSIS_API_KEY": "", "APOPTOSIS_WEBHOOK_ALLOW": '["127.0.0.1"]'}
-    process = apoptosis("up", "--port", str(port), "--home", str(work / "var"), env=env, log=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log)
+    with embedded_service(work, APOPTOSIS_WEBHOOK_ALLOW='["127.0.0.1"]') as (url, key):
         path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-        env = {"APOPTOSIS_URL": url, "APOPTOSIS_API_KEY": _printed_key(log), "PATH": path}
-        yield Deployment(env, work / "inputs")
-    finally:
-        stop(process)
+        yield Deployment(
+            {"APOPTOSIS_URL": url, "APOPTOSIS_API_KEY": key, "PATH": path}, work / "inputs"
+        )
 
 
 def _pipeline(deployment: Deployment, out: Path, **env: str) -> subprocess.CompletedProcess[str]:

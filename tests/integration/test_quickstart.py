@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.services import apoptosis, free_port, stop, wait_healthy
+from tests.integration.services import embedded_service
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = re.compile(r"^```(bash|python) test\n(.*?)^```$", re.MULTILINE | re.DOTALL)
@@ -31,15 +31,7 @@ def test_the_quickstart_blocks_are_found() -> None:
 def test_the_quickstart_runs_as_written(tmp_path: Path) -> None:
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")
     (tmp_path / "examples").symlink_to(ROOT / "examples")
-    port = free_port()
-    log = tmp_path / "up.log"
-    service = apoptosis(
-        "up", "--port", str(port), "--home", str(tmp_path / "var"),
-        env={"APOPTOSIS_API_KEY": ""}, log=log,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, service, log)
+    with embedded_service(tmp_path) as (url, _):  # the blocks read var/api-key, as a reader
         done = subprocess.run(
             ["bash", "-c", script((ROOT / "docs" / "quickstart.md").read_text())],
             cwd=tmp_path,
@@ -48,8 +40,6 @@ def test_the_quickstart_runs_as_written(tmp_path: Path) -> None:
             text=True,
             timeout=600,
         )
-    finally:
-        stop(service)
 
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     for artifact in ("model-hf.zip", "curl-model-hf.zip", "sdk/model-hf.zip", "local/model-hf.zip"):

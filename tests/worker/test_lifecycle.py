@@ -2,7 +2,6 @@
 (no queue, no Celery)."""
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,30 +10,13 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from service import migrate
-from service.auth import create_tenant
-from service.db import get_engine, get_sessionmaker
+from service.db import get_sessionmaker
 from service.orm import Artifact, Blob, Dataset, Job, Model, WorkerHeartbeat
 from service.settings import get_settings
 from service.store import get_store, store_file
 from service.workers import repository as workers
 from tests.worker import factories
 from worker import lifecycle, retention, steps
-
-
-@pytest.fixture
-def tenant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("APOPTOSIS_HOME", str(tmp_path / "home"))
-    for cached in (get_settings, get_engine, get_sessionmaker, get_store):
-        cached.cache_clear()
-    migrate.upgrade(get_settings().resolved_database_url())
-    with get_sessionmaker()() as session:
-        created, _ = create_tenant(session, "t")
-        session.commit()
-    yield created.id
-    get_engine().dispose()
-    for cached in (get_settings, get_engine, get_sessionmaker, get_store):
-        cached.cache_clear()
 
 
 def _stored_model(tenant: str, archive: Path) -> str:

@@ -6,20 +6,16 @@ import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from sqlalchemy import update
 from standardwebhooks import Webhook
 
-from service import migrate
-from service.auth import create_tenant
-from service.db import get_engine, get_sessionmaker
+from service.db import get_sessionmaker
 from service.jobs import repository as jobs
 from service.jobs.states import JobState
 from service.orm import Dataset, Job, Model, WebhookDelivery, utcnow
 from service.settings import get_settings
-from service.store import get_store
 from service.webhooks import repository, secret, targets
 from worker import webhooks
 
@@ -61,20 +57,11 @@ def receiver() -> Iterator[Receiver]:
     server.server_close()
 
 
-@pytest.fixture
-def tenant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("APOPTOSIS_HOME", str(tmp_path / "home"))
+@pytest.fixture(autouse=True)
+def loopback_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver listens on loopback, which the SSRF guard refuses unless allowed (set
+    before `tenant` clears the settings)."""
     monkeypatch.setenv("APOPTOSIS_WEBHOOK_ALLOW", '["127.0.0.1"]')
-    for cached in (get_settings, get_engine, get_sessionmaker, get_store):
-        cached.cache_clear()
-    migrate.upgrade(get_settings().resolved_database_url())
-    with get_sessionmaker()() as session:
-        created, _ = create_tenant(session, "t")
-        session.commit()
-    yield created.id
-    get_engine().dispose()
-    for cached in (get_settings, get_engine, get_sessionmaker, get_store):
-        cached.cache_clear()
 
 
 def _job_that_ends(tenant: str, notify_url: str, end: JobState = JobState.CANCELLED) -> str:
