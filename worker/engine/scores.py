@@ -67,6 +67,9 @@ class _Registered:
 _SCORERS: dict[str, _Registered] = {}
 
 
+WIDE = (torch.float32, torch.float64)  # dtypes scores are summed in as they are
+
+
 def register_scorer(name: str, scorer: Scorer, *, needs_data: bool = True) -> None:
     """Make `name` a scoring method. `needs_data=False`: the scorer reads no batch (one call)."""
     _SCORERS[name] = _Registered(scorer, needs_data)
@@ -118,14 +121,20 @@ def parameter_scores(
     with eval_mode(model), sdpa_kernel(SDPBackend.MATH), shortcut:
         for batch in batches:
             batch_scores = [s.detach() for s in scorer(model, params, batch, loss_fn, generator)]
-            if not totals:  # allocated after the first pass, so they never add to its peak
-                totals = [torch.zeros_like(s, dtype=torch.float64) for s in batch_scores]
-            for total, score in zip(totals, batch_scores, strict=True):
-                total.add_(score)  # promoted per element: no float64 copy
+            if not totals:  # the first pass's own scores (half precision widened to float32)
+                totals = [s if s.dtype in WIDE else s.float() for s in batch_scores]
+            else:
+                for total, score in zip(totals, batch_scores, strict=True):
+                    total.add_(score)
             count += 1
     if count == 0:
         raise InvalidConfig(f"method {method!r} needs at least one calibration batch")
-    scores = {name: total.div_(count) for name, total in zip(names, totals, strict=True)}
+    # Summed in float32 (float64 parameters: float64) while the passes run; a float64 sum
+    # would hold twice the model's size through every later pass (2.5 GB for 314M
+    # parameters). Widened at the end, when no pass's graph is alive any more.
+    scores = {
+        name: total.div_(count).to(torch.float64) for name, total in zip(names, totals, strict=True)
+    }
     for name, score in scores.items():
         if not torch.isfinite(score).all():
             raise NumericalError(f"non-finite {method} scores for parameter {name!r}")
