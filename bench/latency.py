@@ -6,6 +6,8 @@ over `--runs` timed calls after `--warmup` untimed ones, at batch 1 and batch 32
 - the benchmark CNNs (`bench/common.py`, trained on `digits` and `mnist1d`) pruned by `oba`
   to 50% and 25% of their MACs (channels removed physically, so the pruned model is a plain
   smaller CNN);
+- a small Llama with grouped-query attention (4 layers, 8 query / 2 key-value heads), random
+  weights, pruned by `oba` to about 50% of its MACs with uniform widths;
 - a small ViT built from a `transformers` config with random weights (no download,
   `HF_HUB_OFFLINE=1`), pruned by `oba` to about 50% of its MACs with `global_ranking=False`
   (the same width in every layer, which a Hugging Face config can describe: the FFN neurons
@@ -169,6 +171,52 @@ def vit_measurements(
     return out
 
 
+def llm_measurements(
+    target: float, batches: Sequence[int], warmup: int, runs: int
+) -> list[Measurement]:
+    """A 4-layer Llama with grouped-query attention (hidden 256, 8 query and 2 key/value heads,
+    FFN 768, 64 tokens), random weights, pruned by `oba` with uniform widths (what its config
+    can state: FFN neurons, key/value groups with their query heads)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    dense = transformers.LlamaForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 512, (64, 64), generator=generator)
+    calibration = [{"input_ids": chunk} for chunk in tokens.split(16)]
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        ids = batch["input_ids"]
+        loss: Tensor = model(input_ids=ids, labels=ids, use_cache=False).loss
+        return loss
+
+    def make_inputs(batch: int) -> dict[str, Any]:
+        return {"input_ids": tokens[:1].expand(batch, -1).contiguous(), "use_cache": False}
+
+    out = [measure_model("GQA LLM (HF)", "dense", dense, make_inputs, batches, warmup, runs)]
+    model = copy.deepcopy(dense)
+    result = prune_(
+        model,
+        make_inputs(1),
+        calibration,
+        loss_fn,
+        PruneConfig(target=target, global_ranking=False),
+    )
+    variant = f"oba {target:.0%} MACs"
+    out.append(measure_model("GQA LLM (HF)", variant, model, make_inputs, batches, warmup, runs))
+    print(f"  LLM config after pruning: {result.config_updates}", flush=True)
+    return out
+
+
 def table(measurements: Sequence[Measurement], batches: Sequence[int]) -> str:
     headers = ["model", "variant", "MACs (M)", "MACs ratio", "params (k)"]
     for b in batches:
@@ -196,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25])
     parser.add_argument("--vit-target", type=float, default=0.5)
     parser.add_argument("--no-vit", action="store_true")
+    parser.add_argument("--llm-target", type=float, default=0.5)
+    parser.add_argument("--no-llm", action="store_true")
+    parser.add_argument("--no-cnn", action="store_true")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--runs", type=int, default=100)
@@ -204,12 +255,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     set_threads(args.threads)
     started = time.perf_counter()
     measurements: list[Measurement] = []
-    for dataset in args.datasets:
+    for dataset in [] if args.no_cnn else args.datasets:
         measurements += cnn_measurements(
             dataset, args.targets, args.batches, args.warmup, args.runs
         )
     if not args.no_vit:
         measurements += vit_measurements(args.vit_target, args.batches, args.warmup, args.runs)
+    if not args.no_llm:
+        measurements += llm_measurements(args.llm_target, args.batches, args.warmup, args.runs)
     print(f"\n## CPU latency ({args.threads} thread(s), median of {args.runs} runs)\n")
     print(table(measurements, args.batches))
     print(f"\nTotal wall time: {time.perf_counter() - started:.0f} s")
