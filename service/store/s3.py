@@ -86,6 +86,24 @@ class S3Store(ArtifactStore):
             body: BinaryIO = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
         return body
 
+    def iter_chunks(
+        self, key: str, chunk_size: int = 1 << 20, *, start: int = 0, length: int | None = None
+    ) -> Iterator[bytes]:
+        """A range is fetched as a range (`Range: bytes=…`): S3 sends only those bytes."""
+        if not start and length is None:
+            yield from super().iter_chunks(key, chunk_size)
+            return
+        if length == 0:
+            return
+        last = "" if length is None else str(start + length - 1)
+        with self._not_found_as_error(key), _unavailable_as_error():
+            answer = self._client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{last}"
+            )
+        with answer["Body"] as body:
+            while chunk := body.read(chunk_size):
+                yield chunk
+
     @contextmanager
     def local_path(self, key: str) -> Iterator[Path]:
         """Download to a temporary file (under TMPDIR), removed when the block exits."""

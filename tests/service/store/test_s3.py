@@ -97,6 +97,17 @@ class TestS3Store(StoreContract):
         assert b"".join(store.iter_chunks(blob.key)) == data
         assert contents() == [blob.key]  # the temporary object is gone
 
+    def test_a_range_is_fetched_as_a_range(self, store: S3Store, calls: Calls) -> None:
+        """A download that resumes at byte 5 asks S3 for those bytes only."""
+        data = payload(300_001)
+        blob = store.put_stream([data])
+
+        assert b"".join(store.iter_chunks(blob.key, start=5, length=1000)) == data[5:1005]
+        assert b"".join(store.iter_chunks(blob.key, start=299_990)) == data[299_990:]
+
+        ranges = [params.get("Range") for name, params in calls if name == "GetObject"]
+        assert ranges == ["bytes=5-1004", "bytes=299990-"]
+
     def test_long_stream_already_stored_is_not_copied_again(
         self, store: S3Store, calls: Calls, contents: Contents
     ) -> None:
