@@ -186,11 +186,9 @@ class _Heartbeat:
 
 def run_job(job_id: str) -> None:
     settings = get_settings()
+    if not _retrying(lambda: _claim(job_id)):
+        return  # already taken, finished or cancelled: a duplicate delivery
     with get_sessionmaker()() as session:
-        if not repository.claim(session, job_id, WORKER_ID):
-            session.rollback()
-            return  # already taken, finished or cancelled: a duplicate delivery
-        session.commit()
         job = repository.by_id(session, job_id)
         assert job is not None
         try:  # the API's own model: a spec stored by another version is checked, not trusted
@@ -270,6 +268,17 @@ def _optional_blob(key: str | None) -> Iterator[Path | None]:
         return
     with get_store().local_path(key) as path:
         yield path
+
+
+def _claim(job_id: str) -> bool:
+    """queued → running for this worker (attempt + 1). After a commit whose answer was lost, the
+    retry finds the job taken and says no: the reaper returns it once its lease goes stale."""
+    with get_sessionmaker()() as session:
+        if not repository.claim(session, job_id, WORKER_ID):
+            session.rollback()
+            return False
+        session.commit()
+        return True
 
 
 def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> None:
