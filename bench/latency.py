@@ -124,6 +124,28 @@ def cnn_measurements(
     return out
 
 
+def dense_and_uniform(
+    name: str,
+    dense: nn.Module,
+    make_inputs: Callable[[int], Inputs],
+    calibration: list[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    target: float,
+    timing: tuple[Sequence[int], int, int],
+) -> list[Measurement]:
+    """A Hugging Face model dense and pruned by `oba` with uniform widths (what its config can
+    state), each timed at `timing` = (batch sizes, warm-up calls, timed runs)."""
+    batches, warmup, runs = timing
+    out = [measure_model(name, "dense", dense, make_inputs, batches, warmup, runs)]
+    model = copy.deepcopy(dense)
+    config = PruneConfig(target=target, global_ranking=False)
+    result = prune_(model, make_inputs(1), calibration, loss_fn, config)
+    variant = f"oba {target:.0%} MACs"
+    out.append(measure_model(name, variant, model, make_inputs, batches, warmup, runs))
+    print(f"  {name} config after pruning: {result.config_updates}", flush=True)
+    return out
+
+
 def vit_measurements(
     target: float, batches: Sequence[int], warmup: int, runs: int
 ) -> list[Measurement]:
@@ -156,19 +178,8 @@ def vit_measurements(
     def make_inputs(batch: int) -> dict[str, Tensor]:
         return {"pixel_values": images[:1].expand(batch, -1, -1, -1).contiguous()}
 
-    out = [measure_model("ViT (HF)", "dense", dense, make_inputs, batches, warmup, runs)]
-    model = copy.deepcopy(dense)
-    result = prune_(
-        model,
-        make_inputs(1),
-        calibration,
-        loss_fn,
-        PruneConfig(target=target, global_ranking=False),
-    )
-    variant = f"oba {target:.0%} MACs"
-    out.append(measure_model("ViT (HF)", variant, model, make_inputs, batches, warmup, runs))
-    print(f"  ViT config after pruning: {result.config_updates}", flush=True)
-    return out
+    timing = (batches, warmup, runs)
+    return dense_and_uniform("ViT (HF)", dense, make_inputs, calibration, loss_fn, target, timing)
 
 
 def llm_measurements(
@@ -202,19 +213,10 @@ def llm_measurements(
     def make_inputs(batch: int) -> dict[str, Any]:
         return {"input_ids": tokens[:1].expand(batch, -1).contiguous(), "use_cache": False}
 
-    out = [measure_model("GQA LLM (HF)", "dense", dense, make_inputs, batches, warmup, runs)]
-    model = copy.deepcopy(dense)
-    result = prune_(
-        model,
-        make_inputs(1),
-        calibration,
-        loss_fn,
-        PruneConfig(target=target, global_ranking=False),
+    timing = (batches, warmup, runs)
+    return dense_and_uniform(
+        "GQA LLM (HF)", dense, make_inputs, calibration, loss_fn, target, timing
     )
-    variant = f"oba {target:.0%} MACs"
-    out.append(measure_model("GQA LLM (HF)", variant, model, make_inputs, batches, warmup, runs))
-    print(f"  LLM config after pruning: {result.config_updates}", flush=True)
-    return out
 
 
 def table(measurements: Sequence[Measurement], batches: Sequence[int]) -> str:
