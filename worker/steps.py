@@ -101,15 +101,23 @@ def execute(
     exports: list[export.Exported] = []
     plan = Plan()
     original: dict[str, int] = {}
-    # where the time goes: "score" is the part of "prune" spent on importance scores
-    seconds |= {"prune": 0.0, "score": 0.0, "finetune": 0.0, "export": 0.0}
+    # where the time goes: "score" and "recalibrate" (BatchNorm statistics) are parts of "prune"
+    seconds |= {"prune": 0.0, "score": 0.0, "recalibrate": 0.0, "finetune": 0.0, "export": 0.0}
     cpu_example = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in example.items()}
 
     def on_step(record: StepRecord) -> None:
         with torch.no_grad():  # one batch: the loss's trend, at the cost of one forward pass
             loss = evaluation.evaluate(net, calibration[:1], loss_fn)["loss"]
         step = len(history) + 1  # counted across the family's targets
-        history.append({"step": step, "macs": record.macs, "params": record.params, "loss": loss})
+        history.append(
+            {
+                "step": step,
+                "macs": record.macs,
+                "params": record.params,
+                "loss": loss,
+                "seconds_scoring": round(record.seconds_scoring, 4),
+            }
+        )
         report(
             {
                 "stage": "pruning",
@@ -134,6 +142,7 @@ def execute(
             result = prune_(net, example, calibration, loss_fn, config, on_step=on_step)
         seconds["prune"] += time.perf_counter() - clock
         seconds["score"] += sum(record.seconds_scoring for record in result.history)
+        seconds["recalibrate"] += sum(r.seconds_recalibrating for r in result.history)
         original = original or {"macs": result.initial_macs, "params": result.initial_params}
         if not result.target_met:  # never a success that missed its target
             now = {"macs": result.macs, "params": result.params}[goal.metric]

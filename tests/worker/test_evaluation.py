@@ -1,5 +1,6 @@
 """Before/after metrics: accuracy only where the model has classes to compare with the labels."""
 
+import time
 from typing import Any
 
 import torch
@@ -48,3 +49,26 @@ def test_a_classifier_reports_accuracy() -> None:
     metrics = evaluation.evaluate(model, [BATCH], cross_entropy)
     assert set(metrics) == {"loss", "accuracy"}
     assert metrics["accuracy"] in {0.0, 0.25, 0.5, 0.75, 1.0}
+
+
+class _Clocked(nn.Module):
+    """Counts its forward passes; each one takes `seconds` of wall time."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self.calls = seconds, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        if self.seconds:
+            time.sleep(self.seconds)
+        return x
+
+
+def test_latency_runs_its_repeats_on_a_fast_model_and_five_once_its_budget_is_spent() -> None:
+    fast, slow = _Clocked(0.0), _Clocked(0.02)
+    evaluation.latency_ms(fast, {"x": torch.zeros(1)}, repeats=20, budget_s=0.05)
+    latency = evaluation.latency_ms(slow, {"x": torch.zeros(1)}, repeats=20, budget_s=0.05)
+    assert fast.calls == 2 + 20  # warm-up, then every repeat
+    assert slow.calls == 2 + 5  # five runs of 20 ms are past the 50 ms budget
+    assert latency >= 20

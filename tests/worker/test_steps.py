@@ -47,6 +47,10 @@ def _run(
     assert [s["step"] for s in steps] == [1, 2]
     assert steps[0]["macs"] > steps[1]["macs"] == result["macs_after"]
     assert all(math.isfinite(s["loss"]) for s in steps)
+    assert all(s["seconds_scoring"] > 0 for s in steps)
+    # where the time went: scoring and BatchNorm recalibration are parts of pruning
+    seconds = result["seconds"]
+    assert 0 < seconds["score"] + seconds["recalibrate"] <= seconds["prune"]
     assert [p["loss"] for p in progress if p["stage"] == "pruning"] == [s["loss"] for s in steps]
     return result, {e.format: e.path for e in exports}
 

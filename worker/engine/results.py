@@ -17,6 +17,7 @@ class StepRecord:
     seconds_pruning: float
     channels_removed: int  # blocks, for depth steps
     widths: dict[str, int]  # output channels of each group's root layer (depth: block count)
+    seconds_recalibrating: float = 0.0  # BatchNorm statistics re-estimated after the removal
 
 
 @dataclass

@@ -6,6 +6,8 @@ within about one unit of the target. The schedule of per-step targets follows OB
 (kept_i = target^(i/steps)) or linear.
 """
 
+import bisect
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -144,8 +146,10 @@ def prune_channels_(
             config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
             _check_forward(model, example_inputs, chosen, names)
             groups = all_groups(allowed)
+        recalibrating = time.perf_counter()
         if config.recalibrate_batchnorm:
             recalibrate_batchnorm_(model, calibration, loss_fn)
+        recalibrating = time.perf_counter() - recalibrating
         if finetune is not None:
             finetune(model, step)
         # Recalibration and fine-tuning change weights, not shapes: MACs and params stand.
@@ -155,9 +159,10 @@ def prune_channels_(
             final.macs,
             final.params,
             seconds_scoring,
-            time.perf_counter() - started - seconds_scoring,
+            time.perf_counter() - started - seconds_scoring - recalibrating,
             removed,
             {names[root]: graph.get_out_channels(root) for root in prunable_roots},
+            recalibrating,
         )
         history.append(record)
         if on_step is not None:
@@ -232,19 +237,29 @@ def _candidates(
     config: PruneConfig,
 ) -> list[_Candidate]:
     savings = unit_view(channel_costs(group, cost, config.target_metric), group)
-    order = torch.argsort(scores, stable=True).tolist()
+    order = torch.argsort(scores, stable=True)
     removable = group.units - _floor_units(group, initial_units, config)
-    out: list[_Candidate] = []
-    taken = 0
-    for chunk in _chunks(group, order, config):
-        if taken + len(chunk) > removable:
-            break
-        taken += len(chunk)
-        score = float(scores[chunk].sum())
-        saving = float(savings[chunk].sum())
+    chunks = _chunks(group, order.tolist(), config)
+    sizes = list(itertools.accumulate(len(chunk) for chunk in chunks))
+    chunks = chunks[: bisect.bisect_right(sizes, removable)]
+    if not chunks:
+        return []
+    # Chunks are consecutive runs of `order`: their sums are differences of prefix sums, one
+    # tensor operation instead of two small ones per chunk (thousands per step on an FFN).
+    ends = torch.tensor(sizes[: len(chunks)])
+    score_sums = _run_sums(scores[order].double(), ends).tolist()
+    saving_sums = _run_sums(savings[order].double(), ends).tolist()
+    out = []
+    for chunk, score, saving in zip(chunks, score_sums, saving_sums, strict=True):
         value = score / saving if config.cost_aware and saving > 0 else score
         out.append(_Candidate(value, group, chunk, saving))
     return out
+
+
+def _run_sums(values: Tensor, ends: Tensor) -> Tensor:
+    """Sums of values[0:ends[0]], values[ends[0]:ends[1]], …"""
+    prefix = torch.cat([values.new_zeros(1), values.cumsum(0)])
+    return prefix[ends] - prefix[torch.cat([ends.new_zeros(1), ends[:-1]])]
 
 
 def _select(
@@ -261,9 +276,10 @@ def _select(
     and comes back for more rather than overshooting.
     """
     per_group = [
-        _candidates(g, unit_scores[g.root], cost, initial_units, config)
+        cs
         for g in groups
         if g.root in unit_scores
+        if (cs := _candidates(g, unit_scores[g.root], cost, initial_units, config))
     ]
     if config.global_ranking:
         ranked = sorted((c for cs in per_group for c in cs), key=lambda c: c.value)
@@ -271,16 +287,15 @@ def _select(
     # Uniform widths: every group gives up the same fraction of its initial units, in exact
     # steps of 1/gcd when the widths share a large enough divisor (a config then states the
     # kept widths exactly, e.g. a stage and its 4× inner layer), else rounded steps.
-    initial = [initial_units[cs[0].group.root] for cs in per_group if cs]
+    initial = [initial_units[cs[0].group.root] for cs in per_group]
     steps = math.gcd(*initial) if initial else 0
     if steps < MIN_EXACT_STEPS:
         steps = max(initial, default=0)
-    previous: list[_Candidate] = []
-    for depth in range(1, steps + 1):
+
+    def at(depth: int) -> tuple[list[_Candidate], bool]:
+        """What `depth` steps take from every group, and whether a group ran out first."""
         chosen = []
         for cs in per_group:
-            if not cs:
-                continue
             quota = round(depth * initial_units[cs[0].group.root] / steps)
             taken = used = 0
             for candidate in cs:  # chunks (of a multiple) never overshoot the group's quota
@@ -289,12 +304,21 @@ def _select(
                 chosen.append(candidate)
                 taken += len(candidate.units)
                 used += 1
-            if used == len(cs) and taken < quota:  # a group reached its floor: all stop
-                return previous
-        if sum(c.saving for c in chosen) >= excess:
-            return chosen
-        previous = chosen
-    return []
+            if used == len(cs) and taken < quota:
+                return chosen, True
+        return chosen, False
+
+    # The first depth that saves enough or where a group reaches its floor (both only become
+    # true as depth grows): a bisection, not a scan, since a wide FFN has hundreds of depths.
+    def enough(depth: int) -> bool:
+        chosen, exhausted = at(depth)
+        return exhausted or sum(c.saving for c in chosen) >= excess
+
+    depth = bisect.bisect_left(range(steps + 1), True, lo=1, key=enough)
+    if depth > steps:
+        return []
+    chosen, exhausted = at(depth)
+    return at(depth - 1)[0] if exhausted else chosen
 
 
 def _take_until(ranked: list[_Candidate], excess: float) -> list[_Candidate]:
