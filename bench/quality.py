@@ -26,6 +26,7 @@ Run `python bench/quality.py --help`; `--quick` is a seconds-long smoke run.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import copy
 import functools
@@ -281,7 +282,7 @@ def match_macs(
 # --------------------------------------------------------------------------------------------
 # Experimental variants of the engine's channel score (bench-side patches, engine untouched)
 
-VARIANTS = ("default", "abs_elements", "mean_norm", "abs_elements+mean_norm")
+VARIANTS = ("default", "abs_elements", "mean_norm", "abs_elements+mean_norm", "lamp_norm")
 
 
 @contextlib.contextmanager
@@ -292,8 +293,10 @@ def channel_score_variant(variant: str) -> Iterator[None]:
     engine functions, so it fails loudly if they move. `abs_elements` sums |element score| over
     a channel (as Torch-Pruning's Taylor does) instead of |signed sum| (as OBA does);
     `mean_norm` divides each group's channel scores by their mean (Torch-Pruning's default
-    normaliser) instead of their max. Neither changes which channel ranks first within a group;
-    both change how groups compare in the global ranking.
+    normaliser) instead of their max; `lamp_norm` divides each channel's score by the sum of
+    the scores at least as large in its group (LAMP's layer-adaptive normaliser, Lee et al.
+    2021). None changes which channel ranks first within a group; all change how groups
+    compare in the global ranking.
     """
     from worker.engine import groups, structured
 
@@ -305,13 +308,17 @@ def channel_score_variant(variant: str) -> Iterator[None]:
             return original_reduce(rows if method == "magnitude" else rows.abs(), method)
 
         patches.append((groups, "_reduce", reduce_abs))
-    if "mean_norm" in variant:
+    norm = {"mean_norm": _mean_normalised, "lamp_norm": _lamp_normalised}
+    for name, normalise in norm.items():
+        if name in variant:
 
-        def mean_normalised(scores: Tensor) -> Tensor:
-            mean = scores.mean()
-            return scores / mean if mean > 0 else scores
+            def unit_scores_of(
+                group: Any, by_param: Any, method: str, normalise: Any = normalise
+            ) -> Tensor:
+                per_channel = groups.channel_scores(group, by_param, method)
+                return groups.unit_view(normalise(per_channel), group)
 
-        patches.append((structured, "_normalised", mean_normalised))
+            patches.append((structured, "unit_scores_of", unit_scores_of))
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     try:
         for module, name, value in patches:
@@ -320,6 +327,20 @@ def channel_score_variant(variant: str) -> Iterator[None]:
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
+
+
+def _mean_normalised(scores: Tensor) -> Tensor:
+    mean = scores.mean()
+    return scores / mean if mean > 0 else scores
+
+
+def _lamp_normalised(scores: Tensor) -> Tensor:
+    order = torch.argsort(scores)
+    ranked = scores[order]
+    remaining = ranked.flip(0).cumsum(0).flip(0)  # the sum of the scores from each one up
+    out = torch.empty_like(scores)
+    out[order] = torch.where(remaining > 0, ranked / remaining, ranked)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +363,7 @@ class Settings:
     tolerance: float
     max_probes: int
     variant: str = "default"
+    tries: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (label, switches) rows
 
 
 def _evaluate(
@@ -413,7 +435,19 @@ def run_setting(
     if settings.ablation:
         for label, switches in ABLATIONS.items():
             ours(label, "oba", **switches)
+    for label, pairs in settings.tries:
+        ours(label, "oba", **dict(pairs))
     return rows
+
+
+def parse_try(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """`layer_floor=0.3,cost_aware=False` -> ("oba, layer_floor=0.3, cost_aware=False", …):
+    PruneConfig switches for an extra `oba` row, values read as Python literals."""
+    pairs = []
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        pairs.append((key.strip(), ast.literal_eval(value.strip())))
+    return "oba, " + ", ".join(f"{k}={v}" for k, v in pairs), tuple(pairs)
 
 
 def train_dense(data: Dataset, seed: int, scale: float) -> nn.Module:
@@ -498,6 +532,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     )
     parser.add_argument("--json", help="also write every row to this JSON file")
     parser.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="an extra oba row with these PruneConfig switches (repeatable)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 1 seed, digits, target 0.5, 2 steps, short training",
@@ -519,6 +561,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         tolerance=0.05 if quick else 0.0075,
         max_probes=2 if quick else 12,
         variant=args.variant,
+        tries=tuple(parse_try(text) for text in args.tries),
     )
     return settings, args
 
@@ -535,6 +578,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if settings.ablation:
         print("\n## Ablation of oba's allocation switches\n")
         print(tables(rows, ["oba", *ABLATIONS]))
+    if settings.tries:
+        print("\n## Switches tried\n")
+        print(tables(rows, ["oba", *(label for label, _ in settings.tries)]))
     print(f"\nTotal wall time: {elapsed:.0f} s ({settings})")
     if args.json:
         with open(args.json, "w") as handle:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.engine import models
+from worker.engine import theta_linear
 from worker.engine.hvp import hvp, theta_hvp
 from worker.engine.theta_linear import theta_layers
 
@@ -188,8 +189,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("keep", ["every x̄", "no x̄"])
 @pytest.mark.parametrize("name", CASES)
-def test_theta_hvp_equals_the_plain_double_backward(name: str) -> None:
+def test_theta_hvp_equals_the_plain_double_backward(
+    name: str, keep: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # both ways of getting Vᵀȳ: the kept first-backward x̄, and recomputing it
+    threshold = 0 if keep == "every x̄" else 10**12
+    monkeypatch.setattr(theta_linear, "MIN_MACS_PER_KEPT_ELEMENT", threshold)
     model, objective = _case(name)
     params = _trainable(model)
 
@@ -324,3 +331,20 @@ def test_hvp_along_other_directions_is_unchanged() -> None:
     products = hvp(objective, params, directions)
 
     assert _relative_error(products, list(expected)) <= 1e-12
+
+
+def test_first_backward_weight_gradients_are_placeholders_only_while_building_a_graph() -> None:
+    # the first backward of an HVP (create_graph) leaves W̄ unread; a plain gradient is real
+    linear = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    params = list(linear.parameters())
+    with theta_layers(params):
+        loss = (linear(x) ** 2).sum()
+    placeholder = torch.autograd.grad(loss, params, create_graph=True)[0]
+    assert placeholder.stride() == (0, 0) and not placeholder.any()
+
+    with theta_layers(params):
+        loss = (linear(x) ** 2).sum()
+    real = torch.autograd.grad(loss, params)[0]
+    expected = torch.autograd.grad((linear(x) ** 2).sum(), params)[0]
+    assert torch.allclose(real, expected)
