@@ -191,6 +191,9 @@ ScheduleKind = Annotated[str | None, Opt(help="exponential | linear")]
 Loss = Annotated[str | None, Opt(help="cross_entropy | mse | distill | causal_lm")]
 Batches = Annotated[int | None, Opt(help="calibration batches per step")]
 BatchSize = Annotated[int | None, Opt(help="calibration rows per batch")]
+MaxMemory = Annotated[
+    int | None, Opt(help="bytes one scoring pass may use; larger batches go in micro-batches")
+]
 Epochs = Annotated[int | None, Opt("--finetune-epochs", help="fine-tune after pruning")]
 LearningRate = Annotated[float | None, Opt("--finetune-lr", help="fine-tuning learning rate")]
 EvalFraction = Annotated[
@@ -219,6 +222,7 @@ def build_spec(
     loss: str | None = None,
     batches: int | None = None,
     batch_size: int | None = None,
+    max_memory: int | None = None,
     finetune_epochs: int | None = None,
     finetune_lr: float | None = None,
     eval_fraction: float | None = None,
@@ -251,7 +255,7 @@ def build_spec(
         spec["targets"] = [{metric: _number(v, "--targets", example)} for v in values.split(",")]
         spec.pop("target", None)  # the last of the family
     _merge(spec, "schedule", steps=steps, kind=schedule_kind)
-    _merge(spec, "calibration", batches=batches, batch_size=batch_size)
+    _merge(spec, "calibration", batches=batches, batch_size=batch_size, max_memory=max_memory)
     _merge(spec, "finetune", epochs=finetune_epochs, lr=finetune_lr)
     _merge(spec, "evaluation", fraction=eval_fraction, dataset_id=eval_dataset)
     _merge(
@@ -304,6 +308,7 @@ def submit(
     loss: Loss = None,
     batches: Batches = None,
     batch_size: BatchSize = None,
+    max_memory: MaxMemory = None,
     finetune_epochs: Epochs = None,
     finetune_lr: LearningRate = None,
     eval_fraction: EvalFraction = None,
@@ -334,6 +339,7 @@ def submit(
         loss=loss,
         batches=batches,
         batch_size=batch_size,
+        max_memory=max_memory,
         finetune_epochs=finetune_epochs,
         finetune_lr=finetune_lr,
         eval_fraction=eval_fraction,

@@ -21,6 +21,7 @@ from worker import (
     latency,
     losses,
     memory,
+    microbatch,
     models,
     tracking,
 )
@@ -89,6 +90,11 @@ def execute(
     )
     report({"stage": "measuring", "percent": 0})
     loss_fn = losses.make_loss(spec.loss, net, loaded.pooling)
+    room = memory.free_bytes(device, memory_limit)
+    if spec.calibration.max_memory is not None:
+        room = min(room, spec.calibration.max_memory)
+    pass_rows = microbatch.rows_per_pass(net, loss_fn, calibration[0], room)
+    calibration = microbatch.split(calibration, pass_rows)
     example = models.example_inputs(loaded, batch=calibration[0], device=device)
     seconds["load"] = time.perf_counter() - clock
 
@@ -200,6 +206,8 @@ def execute(
         # per pruning step: MACs, params and the loss on the first calibration batch
         "steps": history,
         "evaluated_on": "held_out" if held_out is not None else "calibration",
+        # rows per scoring pass: fewer than batch_size when a batch would not fit in memory
+        "micro_batch_rows": min(pass_rows, size),
         "exports": last["exports"],
         "seconds": seconds,
     }

@@ -64,6 +64,9 @@ class Schedule(SpecPart):
 class Calibration(SpecPart):
     batches: int = Field(default=8, ge=1, le=10_000)
     batch_size: int = Field(default=32, ge=1, le=4096)
+    # bytes one scoring pass may use; batches that would not fit are scored in micro-batches
+    # (default: what the worker has free)
+    max_memory: int | None = Field(default=None, ge=2**20)
 
 
 class Finetune(SpecPart):
