@@ -435,10 +435,10 @@ def allocation_rule(rule: Allocation | None) -> Iterator[None]:
 
 
 def _raw_unit_scores(
-    group: ChannelGroup, by_param: dict[nn.Parameter, Tensor], method: str
+    group: ChannelGroup, by_param: dict[nn.Parameter, Tensor], config: PruneConfig
 ) -> Tensor:
     """The group's channel scores summed per unit, not normalised."""
-    return unit_view(channel_scores(group, by_param, method), group)
+    return unit_view(channel_scores(group, by_param, config.method), group)
 
 
 class _FirstStep(Exception):
@@ -457,9 +457,9 @@ def first_step_table(setup: Setup, steps: int, target: float) -> str:
     seen: dict[str, Any] = {}
 
     def recording_scores(
-        group: ChannelGroup, by_param: dict[nn.Parameter, Tensor], method: str
+        group: ChannelGroup, by_param: dict[nn.Parameter, Tensor], config: PruneConfig
     ) -> Tensor:
-        channel[group.root] = channel_scores(group, by_param, method)
+        channel[group.root] = channel_scores(group, by_param, config.method)
         return unit_view(channel[group.root], group)
 
     def recording_select(

@@ -282,7 +282,7 @@ def match_macs(
 # --------------------------------------------------------------------------------------------
 # Experimental variants of the engine's channel score (bench-side patches, engine untouched)
 
-VARIANTS = ("default", "abs_elements", "mean_norm", "abs_elements+mean_norm", "lamp_norm")
+VARIANTS = ("default", "abs_elements", "mean_norm", "abs_elements+mean_norm")
 
 
 @contextlib.contextmanager
@@ -293,10 +293,9 @@ def channel_score_variant(variant: str) -> Iterator[None]:
     engine functions, so it fails loudly if they move. `abs_elements` sums |element score| over
     a channel (as Torch-Pruning's Taylor does) instead of |signed sum| (as OBA does);
     `mean_norm` divides each group's channel scores by their mean (Torch-Pruning's default
-    normaliser) instead of their max; `lamp_norm` divides each channel's score by the sum of
-    the scores at least as large in its group (LAMP's layer-adaptive normaliser, Lee et al.
-    2021). None changes which channel ranks first within a group; all change how groups
-    compare in the global ranking.
+    normaliser) instead of their max (LAMP's normaliser is the engine's own switch:
+    `--try normalisation="lamp"`). Neither changes which channel ranks first within a group;
+    both change how groups compare in the global ranking.
     """
     from worker.engine import groups, structured
 
@@ -308,17 +307,14 @@ def channel_score_variant(variant: str) -> Iterator[None]:
             return original_reduce(rows if method == "magnitude" else rows.abs(), method)
 
         patches.append((groups, "_reduce", reduce_abs))
-    norm = {"mean_norm": _mean_normalised, "lamp_norm": _lamp_normalised}
-    for name, normalise in norm.items():
-        if name in variant:
+    if "mean_norm" in variant:
 
-            def unit_scores_of(
-                group: Any, by_param: Any, method: str, normalise: Any = normalise
-            ) -> Tensor:
-                per_channel = groups.channel_scores(group, by_param, method)
-                return groups.unit_view(normalise(per_channel), group)
+        def unit_scores_of(group: Any, by_param: Any, config: Any) -> Tensor:
+            per_channel = groups.channel_scores(group, by_param, config.method)
+            mean = per_channel.mean()
+            return groups.unit_view(per_channel / mean if mean > 0 else per_channel, group)
 
-            patches.append((structured, "unit_scores_of", unit_scores_of))
+        patches.append((structured, "unit_scores_of", unit_scores_of))
     saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     try:
         for module, name, value in patches:
@@ -327,20 +323,6 @@ def channel_score_variant(variant: str) -> Iterator[None]:
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
-
-
-def _mean_normalised(scores: Tensor) -> Tensor:
-    mean = scores.mean()
-    return scores / mean if mean > 0 else scores
-
-
-def _lamp_normalised(scores: Tensor) -> Tensor:
-    order = torch.argsort(scores)
-    ranked = scores[order]
-    remaining = ranked.flip(0).cumsum(0).flip(0)  # the sum of the scores from each one up
-    out = torch.empty_like(scores)
-    out[order] = torch.where(remaining > 0, ranked / remaining, ranked)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tests.engine.hf_models import CASES, inputs_of
-from worker.engine import PruneConfig, PruneResult, prune_
+from worker.engine import PruneConfig, PruneResult, architectures, prune_
 
 
 def _pruned(name: str, global_ranking: bool, target: float = 0.7) -> tuple[Any, PruneResult]:
@@ -82,3 +82,23 @@ def test_uniform_widths_round_trip_through_save_pretrained(name: str, tmp_path: 
         expected = model(**inputs).logits
         actual = reloaded(**inputs).logits
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
+class _CappedOutput(nn.Module):
+    """The output comes from a non-leaf op, allocated after an inner layer's output was freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(256, 256), nn.Linear(256, 256)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.inner(x)
+        logits = self.head(hidden)
+        del hidden  # its memory is free for the next tensor of its size
+        return torch.tanh(logits)
+
+
+def test_an_output_no_leaf_produced_names_no_layer_even_at_a_freed_layers_address() -> None:
+    # once the inner layer's output was freed, tanh's result took its address and the inner
+    # layer was named an output layer, so it was never pruned (Gemma 2's soft-capped logits)
+    assert architectures.output_layers(_CappedOutput(), torch.randn(8, 256)) == []

@@ -5,6 +5,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.engine.config import PruneConfig
 from worker.engine.graph import build_graph
 from worker.engine.groups import ChannelGroup, channel_scores, collect_groups
 from worker.engine.structured import unit_scores_of
@@ -85,12 +86,27 @@ def test_units_of_several_channels_are_normalised_per_channel() -> None:
         model[2].weight: torch.tensor([[1.0, 3, 2, 2]], dtype=torch.float64),
     }
 
-    units = unit_scores_of(group, scores, "oba")
+    units = unit_scores_of(group, scores, PruneConfig())
 
     # channel scores 1, 3, 2, 2 over the best channel (3), summed per head
     torch.testing.assert_close(units, torch.tensor([4 / 3, 4 / 3], dtype=torch.float64))
     group.unit = 1
     torch.testing.assert_close(
-        unit_scores_of(group, scores, "oba"),
+        unit_scores_of(group, scores, PruneConfig()),
         torch.tensor([1 / 3, 1, 2 / 3, 2 / 3], dtype=torch.float64),
     )
+
+
+def test_lamp_normalisation_divides_each_channel_by_the_scores_at_least_as_large() -> None:
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    group = _only_group(model, torch.randn(1, 2), [model[2]])
+    scores: dict[Any, torch.Tensor] = {
+        model[0].weight: torch.tensor([[1.0, 0], [4, 0], [2, 0], [3, 0]], dtype=torch.float64),
+        model[2].weight: torch.tensor([[1.0, 4, 2, 3]], dtype=torch.float64),
+    }
+
+    units = unit_scores_of(group, scores, PruneConfig(normalisation="lamp"))
+
+    # channel scores 1, 4, 2, 3: each over itself plus every larger one
+    expected = torch.tensor([1 / 10, 4 / 4, 2 / 9, 3 / 7], dtype=torch.float64)
+    torch.testing.assert_close(units, expected)

@@ -172,10 +172,15 @@ def group_filter(model: nn.Module, hidden_size: bool) -> Callable[[ChannelGroup]
 def output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
     """Leaf modules whose output is (a view of) a model output: their channels are the contract."""
     produced: dict[int, nn.Module] = {}
+    # Every recorded output stays alive until the end: a freed one's address could be reused by
+    # a model output that no leaf produced (Gemma 2's soft-capped logits), which would then name
+    # an inner layer (an FFN projection, left unpruned) as an output layer.
+    alive: list[Tensor] = []
 
     def record(module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Tensor):
             produced[output.data_ptr()] = module
+            alive.append(output)
 
     handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     try:
