@@ -79,9 +79,10 @@ def _webhook_loop() -> None:
 
 @worker_ready.connect
 def _start_reaper(sender: object = None, **_: object) -> None:
-    from worker import threads
+    from worker import precision, threads
 
     threads.configure(get_settings())
+    precision.allow_tf32(get_settings().allow_tf32)
     consumer = getattr(sender, "task_consumer", None)
     queues = ",".join(q.name for q in getattr(consumer, "queues", []))
     beat_once(queues)

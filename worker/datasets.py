@@ -170,11 +170,21 @@ def split(
 
 
 def batches(
-    columns: dict[str, Tensor], count: int, batch_size: int, device: torch.device
+    columns: dict[str, Tensor],
+    count: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
-    """Up to `count` consecutive batches of `batch_size` rows (fewer if the data runs out)."""
+    """Up to `count` consecutive batches of `batch_size` rows (fewer if the data runs out), on
+    `device`; floating columns in `dtype` (the model's) when given."""
     rows = next(iter(columns.values())).shape[0]
+
+    def moved(column: Tensor) -> Tensor:
+        column = column.to(device)
+        return column.to(dtype) if dtype is not None and column.is_floating_point() else column
+
     return [
-        {name: t[start : start + batch_size].to(device) for name, t in columns.items()}
+        {name: moved(t[start : start + batch_size]) for name, t in columns.items()}
         for start in range(0, min(rows, count * batch_size), batch_size)
     ]

@@ -13,6 +13,8 @@ from rich.table import Table
 from service import archives
 from service.errors import CodedError
 from service.jobs.schemas import JobSpec
+from service.settings import get_settings
+from worker import precision
 from worker.engine import EngineError
 from worker.export import Exported
 from worker.steps import JobFiles, execute
@@ -33,6 +35,7 @@ def prune_local(
 ) -> list[Path]:
     """Run one job on local files; returns the written artifacts."""
     checked = JobSpec.model_validate({"model_id": "local", "dataset_id": "local", **spec})
+    precision.allow_tf32(get_settings().allow_tf32)
     console = Console()
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:

@@ -23,6 +23,7 @@ from worker import (
     memory,
     microbatch,
     models,
+    precision,
     tracking,
 )
 from worker.engine import PruneConfig, PruneResult, StepRecord, architectures, measure, prune_
@@ -65,7 +66,9 @@ def execute(
     report({"stage": "loading", "percent": 0})
     loaded = models.load(files.model_root, files.model_format, trusted=trusted)
     memory.check_fits(loaded.model, device, memory_limit)
-    net = loaded.model.to(device)
+    saved = precision.saved_dtype(loaded.model)  # what the outputs are written in
+    working = precision.compute_dtype(saved, device)
+    net = loaded.model.to(device=device, dtype=working)
     if "hf" in spec.outputs:
         _check_hf_output(net, spec.granularity)
     preprocess = spec.preprocess.model_dump() if spec.preprocess else None
@@ -76,7 +79,7 @@ def execute(
     elif spec.evaluation is not None and spec.evaluation.fraction:
         columns, held_out = datasets.split(columns, spec.evaluation.fraction)
     size = spec.calibration.batch_size
-    calibration = datasets.batches(columns, spec.calibration.batches, size, device)
+    calibration = datasets.batches(columns, spec.calibration.batches, size, device, working)
     if not calibration:
         raise JobFailed("empty_dataset", "the dataset has no rows")
     if spec.loss in losses.NEED_LABELS and "labels" not in columns:
@@ -86,7 +89,9 @@ def execute(
             "loss 'distill', which needs none",
         )
     eval_batches = (
-        datasets.batches(held_out, 10_000, size, device) if held_out is not None else calibration
+        datasets.batches(held_out, 10_000, size, device, working)
+        if held_out is not None
+        else calibration
     )
     report({"stage": "measuring", "percent": 0})
     loss_fn = losses.make_loss(spec.loss, net, loaded.pooling)
@@ -109,7 +114,11 @@ def execute(
     original: dict[str, int] = {}
     # where the time goes: "score" and "recalibrate" (BatchNorm statistics) are parts of "prune"
     seconds |= {"prune": 0.0, "score": 0.0, "recalibrate": 0.0, "finetune": 0.0, "export": 0.0}
-    cpu_example = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in example.items()}
+    # the exporters trace the model on the CPU, in the dtype it is written in
+    cpu_example = {
+        k: precision.cast(v.cpu(), saved) if isinstance(v, torch.Tensor) else v
+        for k, v in example.items()
+    }
 
     def on_step(record: StepRecord) -> None:
         with torch.no_grad():  # one batch: the loss's trend, at the cost of one forward pass
@@ -164,15 +173,18 @@ def execute(
         after_finetune = None
         if spec.finetune is not None:
             clock = time.perf_counter()
-            _finetune(spec, net, calibration, loss_fn, result.masks, report, check)
+            with precision.master_weights(net, device):
+                _finetune(spec, net, calibration, loss_fn, result.masks, report, check)
             seconds["finetune"] += time.perf_counter() - clock
             after_finetune = _measure(net, eval_batches, loss_fn, example, seconds)
         clock = time.perf_counter()
         label = {goal.metric: goal.value} if family else None
+        net.to(dtype=saved)
         made = _export(
             spec.outputs, net, cpu_example, loaded.directory, files.work, plan, label, report
         )
-        net.to(device)  # the exporters work on the CPU; the next target prunes on the device
+        # the exporters work on the CPU; the next target prunes on the device
+        net.to(device=device, dtype=working)
         seconds["export"] += time.perf_counter() - clock
         exports += made
         members.append(
