@@ -39,12 +39,16 @@ CONFIG: dict[str, Any] = {
 }
 
 
-def model_and_batches() -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+def model_and_batches(
+    device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
+    model.to(device=device, dtype=dtype)
     generator = torch.Generator().manual_seed(0)
+    vocabulary = CONFIG["vocab_size"]
     batches = [
-        {"input_ids": torch.randint(0, CONFIG["vocab_size"], (ROWS, LENGTH), generator=generator)}
+        {"input_ids": torch.randint(0, vocabulary, (ROWS, LENGTH), generator=generator).to(device)}
         for _ in range(2)
     ]
     return model, batches
@@ -67,6 +71,21 @@ def scoring(model: torch.nn.Module, batches: list[dict[str, Any]]) -> None:
 
 
 WORK = {"training step": training_step, "scoring (oba)": scoring}
+
+
+def measure_cuda(name: str, dtype: torch.dtype) -> dict[str, float]:
+    """Seconds and peak allocated CUDA memory (weights included) of one run of `name`."""
+    model, batches = model_and_batches("cuda", dtype)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    started = time.perf_counter()
+    WORK[name](model, batches)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    params = sum(p.numel() for p in model.parameters())
+    peak = torch.cuda.max_memory_allocated()
+    return {"seconds": seconds, "peak": peak, "before": before, "params": params}
 
 
 def measure(name: str) -> dict[str, float]:
@@ -103,15 +122,20 @@ def _resident_bytes() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (peak: allocated memory)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--measure", choices=list(WORK), help="internal: one measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.measure:
-        print(json.dumps(measure(args.measure)))
+        dtype = getattr(torch, args.dtype)
+        on_cuda = args.device.startswith("cuda")
+        print(json.dumps(measure_cuda(args.measure, dtype) if on_cuda else measure(args.measure)))
         return
     results = {}
     for name in WORK:
         command = [sys.executable, __file__, "--threads", str(args.threads), "--measure", name]
+        command += ["--device", args.device, "--dtype", args.dtype]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[name] = json.loads(output.strip().splitlines()[-1])
     base = results["training step"]

@@ -151,11 +151,16 @@ def cross_entropy(model: nn.Module, batch: Batch) -> Tensor:
     return F.cross_entropy(model(inputs), labels)
 
 
-def setup(name: str, batch_size: int) -> tuple[nn.Module, Batch]:
+def setup(name: str, batch_size: int, device: str = "cpu") -> tuple[nn.Module, Batch]:
     torch.manual_seed(0)
-    model = MODELS[name]().eval()
+    model = MODELS[name]().eval().to(device)
     batch = (torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,)))
-    return model, batch
+    return model, (batch[0].to(device), batch[1].to(device))
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def measurement(name: str, model: nn.Module, batch: Batch) -> Callable[[], object]:
@@ -180,15 +185,19 @@ def measurement(name: str, model: nn.Module, batch: Batch) -> Callable[[], objec
     return lambda: parameter_scores(model, [batch], cross_entropy, name)
 
 
-def time_all(model_name: str, names: list[str], repeats: int, batch_size: int) -> dict[str, float]:
+def time_all(
+    model_name: str, names: list[str], repeats: int, batch_size: int, device: str = "cpu"
+) -> dict[str, float]:
     """Median seconds per measurement over interleaved rounds (after one warm-up round)."""
-    model, batch = setup(model_name, batch_size)
+    model, batch = setup(model_name, batch_size, device)
     runs = {name: measurement(name, model, batch) for name in names}
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(repeats + 1):
         for name, run in runs.items():
+            synchronize(device)
             start = time.perf_counter()
             run()
+            synchronize(device)
             if round_ > 0:
                 seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}
@@ -199,11 +208,19 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_memory(model_name: str, name: str, batch_size: int) -> int:
-    """Peak RSS growth in bytes of one measurement, in this (fresh) process."""
-    model, batch = setup(model_name, batch_size)
+def peak_memory(model_name: str, name: str, batch_size: int, device: str = "cpu") -> int:
+    """Peak RSS growth in bytes of one measurement, in this (fresh) process; on CUDA the peak
+    of memory allocated by torch over what was allocated before."""
+    model, batch = setup(model_name, batch_size, device)
     run = measurement(name, model, batch)
     run()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
     before = resident_bytes()
     peak = before
     done = threading.Event()
@@ -227,6 +244,7 @@ def peak_memory(model_name: str, name: str, batch_size: int) -> int:
 def peak_memory_in_subprocess(model_name: str, name: str, args: argparse.Namespace) -> int:
     command = [sys.executable, __file__, "--memory-of", model_name, name]
     command += ["--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+    command += ["--device", args.device]
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     output = subprocess.run(
         command, check=True, capture_output=True, text=True, env=environment
@@ -240,21 +258,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (TF32 off)")
     parser.add_argument("--memory-of", nargs=2, metavar=("MODEL", "MEASUREMENT"), help="internal")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     if args.memory_of:
         model_name, name = args.memory_of
-        print(json.dumps(peak_memory(model_name, name, args.batch_size)))
+        print(json.dumps(peak_memory(model_name, name, args.batch_size, args.device)))
         return
 
     names = [BASELINE, *METHODS, *REFERENCES]
-    print(f"batch {args.batch_size}, {args.threads} threads, median of {args.repeats} rounds\n")
+    print(
+        f"batch {args.batch_size}, {args.device}, {args.threads} threads, "
+        f"median of {args.repeats} rounds\n"
+    )
     print("| model | method | time (× fwd+bwd) | peak memory (× fwd+bwd) |")
     print("|---|---|---|---|")
     for model_name in args.models:
-        seconds = time_all(model_name, names, args.repeats, args.batch_size)
+        seconds = time_all(model_name, names, args.repeats, args.batch_size, args.device)
         memory = {name: peak_memory_in_subprocess(model_name, name, args) for name in names}
         base_s, base_b = seconds[BASELINE], memory[BASELINE]
         print(f"| {model_name} | {BASELINE} | {base_s * 1e3:.0f} ms | {base_b / 2**20:.0f} MiB |")
