@@ -8,22 +8,28 @@ import torch
 from torch import Tensor, nn
 
 from worker.engine.cost import run_forward
-from worker.losses import LossFn, logits_of
+from worker.losses import LossFn, model_inputs
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[dict[str, Any]], loss_fn: LossFn) -> dict[str, float]:
-    """Mean loss and, where the batches carry class labels, accuracy (eval mode)."""
+    """Mean loss and, where the batches carry class labels, accuracy (eval mode). One forward
+    pass per batch: the accuracy reads the output of the loss's own pass."""
     training = model.training
     model.eval()
+    outputs: list[Any] = []
+    handle = model.register_forward_hook(lambda module, args, output: outputs.append(output))
     try:
         losses, correct, counted = [], 0, 0
         for batch in batches:
+            outputs.clear()
             losses.append(float(loss_fn(model, batch)))
             labels = batch.get("labels")
             if labels is None or labels.is_floating_point():
                 continue
-            logits = logits_of(model, batch)
+            # the loss's pass when it made one, else a pass of its own (a loss may not call it)
+            output = outputs[0] if outputs else model(**model_inputs(batch))
+            logits = output.logits if hasattr(output, "logits") else output
             if not isinstance(logits, Tensor):  # a model without a task head: no classes
                 continue
             # (…, classes): sequence and token classification alike
@@ -33,6 +39,7 @@ def evaluate(model: nn.Module, batches: list[dict[str, Any]], loss_fn: LossFn) -
             correct += int((predictions == labels.reshape(-1)).sum())
             counted += labels.numel()
     finally:
+        handle.remove()
         model.train(training)
     metrics = {"loss": sum(losses) / max(len(losses), 1)}
     if counted:

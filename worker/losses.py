@@ -14,12 +14,12 @@ LossFn = Callable[[nn.Module, dict[str, Any]], Tensor]
 NEED_LABELS = ("cross_entropy", "mse")  # the losses that read a 'labels' column
 
 
-def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def logits_of(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    output = model(**_inputs(batch))
+    output = model(**model_inputs(batch))
     return output.logits if hasattr(output, "logits") else output
 
 
@@ -68,8 +68,8 @@ def distillation(teacher: nn.Module, pooling: Pooling | None = None) -> LossFn:
 
     def loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         with torch.no_grad():
-            target = frozen(**_inputs(batch))
-        output = model(**_inputs(batch))
+            target = frozen(**model_inputs(batch))
+        output = model(**model_inputs(batch))
         if _has_logits(target):
             return _kl(_logits(output), _logits(target))
         teacher_rows = representations(target, batch, pooling)

@@ -46,9 +46,15 @@ def test_a_classifier_reports_accuracy() -> None:
         logits = model(input_ids=batch["input_ids"]).logits
         return torch.nn.functional.cross_entropy(logits, batch["labels"])
 
-    metrics = evaluation.evaluate(model, [BATCH], cross_entropy)
+    passes: list[int] = []
+    model.register_forward_hook(lambda *_: passes.append(1))
+    metrics = evaluation.evaluate(model, [BATCH, BATCH], cross_entropy)
     assert set(metrics) == {"loss", "accuracy"}
     assert metrics["accuracy"] in {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert len(passes) == 2  # the accuracy reads the loss's own forward pass
+    with torch.no_grad():
+        predictions = model.eval()(input_ids=BATCH["input_ids"]).logits.argmax(-1)
+    assert metrics["accuracy"] == (predictions == BATCH["labels"]).float().mean().item()
 
 
 class _Clocked(nn.Module):
