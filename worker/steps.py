@@ -121,8 +121,14 @@ def execute(
     }
 
     def on_step(record: StepRecord) -> None:
-        with torch.no_grad():  # one batch: the loss's trend, at the cost of one forward pass
-            loss = evaluation.evaluate(net, calibration[:1], loss_fn)["loss"]
+        # Each step's loss (mean over the calibration batches) is measured by the next step's
+        # scoring pass, or at the end of the target; data-free steps take one batch's pass.
+        if history and history[-1]["loss"] is None:
+            history[-1]["loss"] = record.loss_before
+        loss = None
+        if record.loss_before is None:
+            with torch.no_grad():
+                loss = evaluation.evaluate(net, calibration[:1], loss_fn)["loss"]
         step = len(history) + 1  # counted across the family's targets
         history.append(
             {
@@ -141,7 +147,6 @@ def execute(
                 "percent": min(99.0, round(100 * step / sum(budget), 1)),
                 "macs": record.macs,
                 "params": record.params,
-                "loss": loss,
             }
         )
 
@@ -170,6 +175,13 @@ def execute(
             )
         plan = plan.then(result.plan)
         after_pruning = _measure(net, eval_batches, loss_fn, example, seconds)
+        if history and history[-1]["loss"] is None:  # the target's last step
+            with torch.no_grad():
+                history[-1]["loss"] = (
+                    after_pruning["loss"]  # the same batches, whole
+                    if held_out is None
+                    else evaluation.evaluate(net, calibration, loss_fn)["loss"]
+                )
         after_finetune = None
         if spec.finetune is not None:
             clock = time.perf_counter()
@@ -360,6 +372,7 @@ def prune_config(
         global_ranking="hf" not in spec.outputs,  # hf: widths a config can describe
         hidden_size=spec.hidden_size,
         depth_share=spec.depth_share,
+        normalisation=spec.normalisation,
     )
 
 

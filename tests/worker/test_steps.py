@@ -13,11 +13,12 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from service.cli_api import build_spec
 from service.jobs.schemas import JobSpec
 from tests.worker import factories
 from worker.engine import EngineError, measure
 from worker.engine.plan import Plan, apply_plan_
-from worker.steps import JobFailed, JobFiles, execute, steps_per_goal
+from worker.steps import JobFailed, JobFiles, execute, prune_config, steps_per_goal
 
 CPU = torch.device("cpu")
 
@@ -51,7 +52,12 @@ def _run(
     # where the time went: scoring and BatchNorm recalibration are parts of pruning
     seconds = result["seconds"]
     assert 0 < seconds["score"] + seconds["recalibrate"] <= seconds["prune"]
-    assert [p["loss"] for p in progress if p["stage"] == "pruning"] == [s["loss"] for s in steps]
+    pruning = [p for p in progress if p["stage"] == "pruning"]
+    assert [(p["macs"], p["params"]) for p in pruning] == [(s["macs"], s["params"]) for s in steps]
+    # each step's loss came from the next step's scoring pass; the last one's from the
+    # after-pruning measurement on the same batches
+    if result["evaluated_on"] == "calibration":
+        assert steps[-1]["loss"] == result["after_pruning"]["loss"]
     return result, {e.format: e.path for e in exports}
 
 
@@ -343,3 +349,13 @@ def test_exported_weights_are_stored_and_configs_deflated(tmp_path: Path) -> Non
         methods = {info.filename: info.compress_type for info in bundle.infolist()}
     assert methods["model.safetensors"] == zipfile.ZIP_STORED
     assert methods["config.json"] == zipfile.ZIP_DEFLATED
+
+
+def test_spec_switches_reach_the_engine_configuration() -> None:
+    spec = build_spec(
+        {"model_id": "m", "dataset_id": "d"}, None, normalisation="lamp", max_memory=2**30
+    )
+    checked = JobSpec.model_validate(spec)
+    assert checked.calibration.max_memory == 2**30
+    assert prune_config(checked).normalisation == "lamp"
+    assert prune_config(factories.spec()).normalisation == "max"

@@ -44,11 +44,14 @@ def prune_(
     # Tracing and output detection run forward passes: in eval mode they leave BatchNorm
     # statistics alone. The caller's modes come back at the end.
     with eval_mode(model):
+        before = measure(model, example_inputs)
         if config.granularity in ("channel", "layer"):
-            reachable = reachable_fraction(model, example_inputs, config)
+            reachable = reachable_fraction(model, example_inputs, config, before)
             if config.target < reachable:
                 raise TargetUnreachable(config.target_metric, config.target, reachable)
-        return _prune(model, example_inputs, calibration, loss_fn, config, on_step, finetune)
+        return _prune(
+            model, example_inputs, calibration, loss_fn, config, on_step, finetune, before
+        )
 
 
 def _prune(
@@ -59,8 +62,8 @@ def _prune(
     config: PruneConfig,
     on_step: Callable[[StepRecord], None] | None,
     finetune: FinetuneFn | None,
+    before: Cost,
 ) -> PruneResult:
-    before = measure(model, example_inputs)
     result = PruneResult(model, before.macs, before.params, before.macs, before.params, [])
     if config.granularity in ("channel", "layer"):
         result.history, result.plan = _prune_structure_(
@@ -74,11 +77,16 @@ def _prune(
     else:
         result.masks, result.dense_layers = prune_2_4_(model, calibration, loss_fn, config)
         result.sparsity = sparsity(model, result.masks)
-    after = measure(model, example_inputs)
-    result.macs, result.params = after.macs, after.params
+    if config.granularity in ("channel", "layer") and result.history:
+        # every structured step counts the model it leaves: the last count is the result's
+        result.macs, result.params = result.history[-1].macs, result.history[-1].params
+    else:
+        after = measure(model, example_inputs)
+        result.macs, result.params = after.macs, after.params
     if config.granularity in ("channel", "layer"):
         goal = config.target * before.metric(config.target_metric)
-        result.target_met = after.metric(config.target_metric) <= goal
+        reached = result.macs if config.target_metric == "macs" else result.params
+        result.target_met = reached <= goal
     return result
 
 
@@ -113,8 +121,9 @@ def _prune_structure_(
         )
     plan = Plan()
     if config.granularity == "channel":
+        now = None if removed else before  # whole blocks gone: counted again
         widths, plan = prune_channels_(
-            model, example_inputs, calibration, loss_fn, config, on_step, final, finetune
+            model, example_inputs, calibration, loss_fn, config, on_step, final, finetune, now
         )
         history += widths
     if removed:
@@ -138,7 +147,9 @@ def prune(*args: Any, **kwargs: Any) -> PruneResult:
     return prune_(*args, **kwargs)
 
 
-def reachable_fraction(model: nn.Module, example_inputs: Any, config: PruneConfig) -> float:
+def reachable_fraction(
+    model: nn.Module, example_inputs: Any, config: PruneConfig, before: Cost | None = None
+) -> float:
     """The smallest fraction of `config.target_metric` that structured pruning can reach under
     `config` (floors, ignored layers, uniform widths, what the config can describe, depth):
     measured by pruning a copy as far as the constraints allow. Scores do not matter for that,
@@ -151,9 +162,14 @@ def reachable_fraction(model: nn.Module, example_inputs: Any, config: PruneConfi
         steps=1,
         recalibrate_batchnorm=False,
     )
-    before = measure(trial, example_inputs)
-    _prune_structure_(trial, example_inputs, [], _no_loss, limit, None, before)
-    after = measure(trial, example_inputs)
+    if before is None:
+        before = measure(trial, example_inputs)
+    else:  # the model's count, its per-module figures moved onto the copy's modules
+        copies = dict(zip(model.modules(), trial.modules(), strict=True))
+        macs = {copies[m]: value for m, value in before.module_macs.items() if m in copies}
+        before = replace(before, module_macs=macs)
+    history, _ = _prune_structure_(trial, example_inputs, [], _no_loss, limit, None, before)
+    after = history[-1] if history else before
     return after.metric(config.target_metric) / before.metric(config.target_metric)
 
 

@@ -18,6 +18,12 @@ class StepRecord:
     channels_removed: int  # blocks, for depth steps
     widths: dict[str, int]  # output channels of each group's root layer (depth: block count)
     seconds_recalibrating: float = 0.0  # BatchNorm statistics re-estimated after the removal
+    # mean calibration loss as the step began, from its own scoring pass (None: data-free
+    # scores, or a step that scores nothing): the loss after the step before it
+    loss_before: float | None = None
+
+    def metric(self, name: str) -> int:
+        return self.macs if name == "macs" else self.params
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from worker.engine import architectures
 from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import FinetuneFn, PruneConfig
-from worker.engine.cost import Cost, measure, run_forward
+from worker.engine.cost import Cost, measure
 from worker.engine.errors import InvalidConfig, UnsupportedModel
 from worker.engine.graph import build_graph
 from worker.engine.groups import (
@@ -61,9 +61,11 @@ def prune_channels_(
     on_step: Callable[[StepRecord], None] | None = None,
     final_goal: float | None = None,
     finetune: FinetuneFn | None = None,
+    cost: Cost | None = None,
 ) -> tuple[list[StepRecord], Plan]:
     """Prune `model` in place to `config.target` of its MACs or parameters (or to `final_goal`,
-    an absolute value of the metric, when depth pruning took part of the way already).
+    an absolute value of the metric, when depth pruning took part of the way already). `cost`
+    is the model's as it comes, when the caller measured it already.
 
     Returns one record per step and the plan that replays the pruning on the original model.
     """
@@ -107,7 +109,11 @@ def prune_channels_(
         return groups + [g for g in kv if g.width > g.unit and keep(g)]
 
     prunable_roots.update(g.root for g in all_groups(describable))
-    initial = measure(model, example_inputs).metric(config.target_metric)
+    # The model's cost as it is now, None after a removal until measured again. Recalibration
+    # and fine-tuning change weights, not shapes: a step's last count is the next one's first.
+    first = cost or measure(model, example_inputs)
+    current: Cost | None = first
+    initial = first.metric(config.target_metric)
     initial_units: dict[nn.Module, int] = {}
     history: list[StepRecord] = []
     kv_removals: list[tuple[str, list[int]]] = []
@@ -117,10 +123,11 @@ def prune_channels_(
     for step in range(1, config.steps + 1):
         goal = config.step_target(step, initial, end)
         started = time.perf_counter()
+        losses: list[float] = []
         scores = parameter_scores(
             model,
             calibration,
-            loss_fn,
+            _recording(loss_fn, losses),
             config.method,
             seed=config.seed + step,
             theta_shortcut=config.theta_shortcut,
@@ -132,37 +139,36 @@ def prune_channels_(
         for group in groups:
             initial_units.setdefault(group.root, group.units)
         removed = 0
-        measured = None  # the cost of the model as it is now, while no removal follows it
+        chosen: list[_Candidate] = []
         for _ in range(MAX_ROUNDS_PER_STEP):
-            cost = measured = measure(model, example_inputs)
-            excess = cost.metric(config.target_metric) - goal
+            current = current or _measure_after(model, example_inputs, chosen, names)
+            excess = current.metric(config.target_metric) - goal
             if excess <= 0:
                 break
-            chosen = _select(groups, unit_scores, cost, excess, initial_units, config)
+            chosen = _select(groups, unit_scores, current, excess, initial_units, config)
             if not chosen:
                 break
             removed += _remove_units(graph, chosen, unit_scores, kv_layers, kv_removals, names)
-            measured = None
+            current = None
             config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
-            _check_forward(model, example_inputs, chosen, names)
             groups = all_groups(allowed)
+        current = current or _measure_after(model, example_inputs, chosen, names)
         recalibrating = time.perf_counter()
         if config.recalibrate_batchnorm:
             recalibrate_batchnorm_(model, calibration, loss_fn)
         recalibrating = time.perf_counter() - recalibrating
         if finetune is not None:
             finetune(model, step)
-        # Recalibration and fine-tuning change weights, not shapes: MACs and params stand.
-        final = measured or measure(model, example_inputs)
         record = StepRecord(
             step,
-            final.macs,
-            final.params,
+            current.macs,
+            current.params,
             seconds_scoring,
             time.perf_counter() - started - seconds_scoring - recalibrating,
             removed,
             {names[root]: graph.get_out_channels(root) for root in prunable_roots},
             recalibrating,
+            sum(losses) / len(losses) if losses else None,
         )
         history.append(record)
         if on_step is not None:
@@ -170,6 +176,18 @@ def prune_channels_(
     config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
     heads = {names[layer.owner]: layer.heads for layer in layers}
     return history, Plan(list(graph.pruning_history()), heads, config_updates, kv_removals)
+
+
+def _recording(loss_fn: LossFn, losses: list[float]) -> LossFn:
+    """`loss_fn`, noting each value: a scoring pass's losses are the model's calibration loss,
+    which the step reports without a forward pass of its own."""
+
+    def recorded(model: nn.Module, batch: Any) -> Tensor:
+        loss = loss_fn(model, batch)
+        losses.append(float(loss.detach()))
+        return loss
+
+    return recorded
 
 
 def _prune_hidden(model: nn.Module, example_inputs: Any, config: PruneConfig) -> bool:
@@ -181,15 +199,17 @@ def _prune_hidden(model: nn.Module, example_inputs: Any, config: PruneConfig) ->
     return problem is None
 
 
-def _check_forward(
+def _measure_after(
     model: nn.Module, example_inputs: Any, chosen: list[_Candidate], names: dict[nn.Module, str]
-) -> None:
-    """Fail clearly when a removal broke the model, as when a model input feeds a residual add
-    directly: the traced graph cannot see that coupling."""
+) -> Cost:
+    """The model's cost after removing `chosen`, whose forward pass is also the check that the
+    removal left a working model: it fails clearly when not, as when a model input feeds a
+    residual add directly (the traced graph cannot see that coupling)."""
     try:
-        with torch.no_grad():
-            run_forward(model, example_inputs)
+        return measure(model, example_inputs)
     except RuntimeError as error:
+        if not chosen:
+            raise
         roots = sorted({names.get(c.group.root, "?") for c in chosen})
         raise UnsupportedModel(
             f"pruning the groups rooted at {roots} broke the forward pass ({error}); "
