@@ -182,6 +182,9 @@ HiddenSize = Annotated[
 DepthShare = Annotated[
     float | None, Opt(help="channel: share of the reduction taken by whole blocks first")
 ]
+Normalisation = Annotated[
+    str | None, Opt(help="max (default) | lamp: removal spread more evenly, for fine-tuning")
+]
 TargetOpt = Annotated[str | None, Opt(help="macs=0.5 | params=0.5 | sparsity=0.5")]
 TargetsOpt = Annotated[
     str | None, Opt(help="a family from one run: macs=0.75,0.5,0.3 (one model set each)")
@@ -215,6 +218,7 @@ def build_spec(
     granularity: str | None = None,
     hidden_size: bool | None = None,
     depth_share: float | None = None,
+    normalisation: str | None = None,
     target: str | None = None,
     targets: str | None = None,
     steps: int | None = None,
@@ -241,6 +245,7 @@ def build_spec(
         "granularity": granularity,
         "hidden_size": hidden_size,
         "depth_share": depth_share,
+        "normalisation": normalisation,
         "loss": loss,
         "notify_url": notify_url,
         "outputs": outputs.split(",") if outputs else None,
@@ -301,6 +306,7 @@ def submit(
     granularity: Granularity = None,
     hidden_size: HiddenSize = None,
     depth_share: DepthShare = None,
+    normalisation: Normalisation = None,
     target: TargetOpt = None,
     targets: TargetsOpt = None,
     steps: Steps = None,
@@ -332,6 +338,7 @@ def submit(
         granularity=granularity,
         hidden_size=hidden_size,
         depth_share=depth_share,
+        normalisation=normalisation,
         target=target,
         targets=targets,
         steps=steps,

@@ -143,6 +143,9 @@ class JobSpec(SpecPart):
     hidden_size: bool | None = None
     # channel granularity: share (in log space) of the reduction taken by whole blocks first
     depth_share: float = Field(default=0.0, ge=0, le=1)
+    # how channel scores compare across layers: "max" (OBA's) or "lamp" (spreads removal more
+    # evenly; fine-tunes better at 2×, docs/benchmarks.md)
+    normalisation: Literal["max", "lamp"] = "max"
     target: Target = Field(default_factory=lambda: Target(macs=0.5))
     # A family of models from one run: the model at each target, in order (one metric, each
     # smaller than the last); `target` is then the last of them.
