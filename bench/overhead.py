@@ -12,7 +12,8 @@ The question the table answers: does everything that is not scoring (or fine-tun
 most one scoring pass (the first step's scores: the dense model on the calibration batches)?
 BatchNorm recalibration after each step is part of the method (docs/benchmarks.md: worth 35-77
 points right after pruning); it has its own column, and the last column counts it as overhead.
-Each model runs one warm-up job first, as a worker process does before its second job.
+Each model runs one warm-up job first, as a worker process does before its second job, then
+`--repeats` jobs; the table has each stage's median.
 
     .venv/bin/python bench/overhead.py --threads 2
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -109,6 +111,7 @@ def run(name: str) -> tuple[dict[str, float], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="jobs per model (medians)")
     args = parser.parse_args()
     set_threads(args.threads)
     print(
@@ -119,8 +122,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in MODELS:
         run(name)  # a warm-up job: imports, first-call allocations, kernel selection
-        s, one_pass = run(name)
-        rest = s["prune"] - s["score"] - s["recalibrate"]
+        jobs = [run(name) for _ in range(args.repeats)]
+        s = {key: statistics.median(job[0][key] for job in jobs) for key in jobs[0][0]}
+        one_pass = statistics.median(job[1] for job in jobs)
+        rest = statistics.median(j["prune"] - j["score"] - j["recalibrate"] for j, _ in jobs)
         other = s["load"] + s["measure"] + rest + s["export"]
         print(
             f"| {name} | {s['load']:.2f} | {s['measure']:.2f} | {s['score']:.2f} "

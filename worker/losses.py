@@ -49,6 +49,9 @@ def causal_lm(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
+TEACHER_CACHE_BYTES = 256 * 2**20  # teacher targets kept per job (a batch's logits may be more)
+
+
 def distillation(teacher: nn.Module, pooling: Pooling | None = None) -> LossFn:
     """The student's distance to the unpruned model (the teacher) on what the model outputs:
     needs no labels.
@@ -65,18 +68,36 @@ def distillation(teacher: nn.Module, pooling: Pooling | None = None) -> LossFn:
     Both branches are twice differentiable, as the Hessian-vector products need.
     """
     frozen = copy.deepcopy(teacher).eval().requires_grad_(False)
+    # The teacher never changes and a job passes over the same batches again and again
+    # (measurements, every step's scores): its targets are kept per batch, up to a budget.
+    kept: dict[int, tuple[dict[str, Any], Tensor | dict[str, Tensor]]] = {}
+    room = [TEACHER_CACHE_BYTES]
+
+    def targets(batch: dict[str, Any]) -> Tensor | dict[str, Tensor]:
+        hit = kept.get(id(batch))
+        if hit is not None and hit[0] is batch:  # the very batch (it is kept alive with it)
+            return hit[1]
+        with torch.no_grad():
+            output = frozen(**model_inputs(batch))
+            found: Tensor | dict[str, Tensor] = (
+                F.log_softmax(_logits(output), dim=-1)
+                if _has_logits(output)
+                else representations(output, batch, pooling)
+            )
+        tensors = [found] if isinstance(found, Tensor) else list(found.values())
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if size <= room[0]:
+            kept[id(batch)] = (batch, found)
+            room[0] -= size
+        return found
 
     def loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-        with torch.no_grad():
-            target = frozen(**model_inputs(batch))
+        target = targets(batch)
         output = model(**model_inputs(batch))
-        if _has_logits(target):
-            return _kl(_logits(output), _logits(target))
-        teacher_rows = representations(target, batch, pooling)
+        if isinstance(target, Tensor):
+            return _kl(_logits(output), target)
         student_rows = representations(output, batch, pooling)
-        return torch.stack(
-            [embedding_distance(student_rows[k], teacher_rows[k]) for k in teacher_rows]
-        ).sum()
+        return torch.stack([embedding_distance(student_rows[k], target[k]) for k in target]).sum()
 
     return loss
 
@@ -89,9 +110,9 @@ def _logits(output: Any) -> Tensor:
     return output if isinstance(output, Tensor) else output.logits
 
 
-def _kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def _kl(student_logits: Tensor, target: Tensor) -> Tensor:
+    """KL(teacher ‖ student) from the student's logits and the teacher's log-probabilities."""
     student = F.log_softmax(student_logits, dim=-1)
-    target = F.log_softmax(teacher_logits, dim=-1)
     return F.kl_div(
         student.reshape(-1, student.shape[-1]),
         target.reshape(-1, target.shape[-1]),

@@ -167,3 +167,34 @@ def test_the_embedding_distance_is_scale_free_and_counts_direction_and_length() 
     assert float(losses.embedding_distance(turned, teacher)) == pytest.approx(1.5)
     # scale-free: both scaled together, the same distance
     assert float(losses.embedding_distance(100 * turned, 100 * teacher)) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_the_teacher_runs_once_per_batch_and_its_kept_targets_give_the_same_loss(
+    head: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model: nn.Module = _bert()
+    if head:  # logits: KL against kept log-probabilities
+        config = _bert().config
+        config.num_labels = 3
+        torch.manual_seed(0)
+        model = transformers.BertForSequenceClassification(config).eval()
+    batches = [_text_batch(masked=True), _text_batch(masked=False)]
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in moved.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    monkeypatch.setattr(losses, "TEACHER_CACHE_BYTES", 0)  # nothing fits: computed each time
+    uncached = losses.make_loss("distill", model)
+    with torch.no_grad():
+        fresh = [float(uncached(moved, b)) for b in batches]
+    monkeypatch.undo()
+    teacher_passes: list[int] = []
+    model.register_forward_hook(lambda *_: teacher_passes.append(1))  # the teacher's copy too
+    loss = losses.make_loss("distill", model)
+
+    with torch.no_grad():
+        again = [[float(loss(moved, b)) for b in batches] for _ in range(3)]
+
+    assert again == [fresh] * 3
+    assert len(teacher_passes) == len(batches)  # once per batch, then kept

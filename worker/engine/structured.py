@@ -10,7 +10,7 @@ import bisect
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +108,10 @@ def prune_channels_(
         kv = [kv_channel_group(layer, names[layer.owner]) for layer in kv_layers.values()]
         return groups + [g for g in kv if g.width > g.unit and keep(g)]
 
-    prunable_roots.update(g.root for g in all_groups(describable))
+    # Groups change only when units go: those of the unpruned model (all prunable, by
+    # definition) serve the first step, and the last removal round's serve the next step.
+    groups = all_groups(describable)
+    prunable_roots.update(g.root for g in groups)
     # The model's cost as it is now, None after a removal until measured again. Recalibration
     # and fine-tuning change weights, not shapes: a step's last count is the next one's first.
     first = cost or measure(model, example_inputs)
@@ -134,7 +137,6 @@ def prune_channels_(
         )
         by_param = {p: scores[n] for n, p in model.named_parameters() if n in scores}
         seconds_scoring = time.perf_counter() - started
-        groups = all_groups(allowed)
         unit_scores = {g.root: unit_scores_of(g, by_param, config) for g in groups}
         for group in groups:
             initial_units.setdefault(group.root, group.units)
@@ -261,31 +263,50 @@ def _chunks(group: ChannelGroup, order: list[int], config: PruneConfig) -> list[
     return chunks
 
 
-def _candidates(
+@dataclass
+class _Removable:
+    """One group's removable units in removal order, chunked so that kept widths stay
+    multiples (`_chunks`), as running totals: whole-step selection then needs no object per
+    unit (a Llama's FFN has thousands per layer)."""
+
+    group: ChannelGroup
+    chunks: list[list[int]]
+    values: Tensor  # each chunk's score, per unit of saving when ranking is cost-aware
+    taken: list[int]  # units removed once chunks[: i + 1] are
+    saved: list[float]  # predicted saving once chunks[: i + 1] are
+
+    def candidate(self, index: int) -> _Candidate:
+        saving = self.saved[index] - (self.saved[index - 1] if index else 0.0)
+        return _Candidate(float(self.values[index]), self.group, self.chunks[index], saving)
+
+    def first(self, count: int) -> list[_Candidate]:
+        return [self.candidate(i) for i in range(count)]
+
+
+def _removable(
     group: ChannelGroup,
     scores: Tensor,
     cost: Cost,
     initial_units: dict[nn.Module, int],
     config: PruneConfig,
-) -> list[_Candidate]:
+) -> _Removable | None:
     savings = unit_view(channel_costs(group, cost, config.target_metric), group)
     order = torch.argsort(scores, stable=True)
     removable = group.units - _floor_units(group, initial_units, config)
     chunks = _chunks(group, order.tolist(), config)
-    sizes = list(itertools.accumulate(len(chunk) for chunk in chunks))
-    chunks = chunks[: bisect.bisect_right(sizes, removable)]
-    if not chunks:
-        return []
-    # Chunks are consecutive runs of `order`: their sums are differences of prefix sums, one
-    # tensor operation instead of two small ones per chunk (thousands per step on an FFN).
-    ends = torch.tensor(sizes[: len(chunks)])
-    score_sums = _run_sums(scores[order].double(), ends).tolist()
-    saving_sums = _run_sums(savings[order].double(), ends).tolist()
-    out = []
-    for chunk, score, saving in zip(chunks, score_sums, saving_sums, strict=True):
-        value = score / saving if config.cost_aware and saving > 0 else score
-        out.append(_Candidate(value, group, chunk, saving))
-    return out
+    taken = list(itertools.accumulate(len(chunk) for chunk in chunks))
+    count = bisect.bisect_right(taken, removable)
+    if not count:
+        return None
+    # Chunks are consecutive runs of `order`: their sums are differences of prefix sums.
+    ends = torch.tensor(taken[:count])
+    score_sums = _run_sums(scores[order].double(), ends)
+    saving_sums = _run_sums(savings[order].double(), ends)
+    values = score_sums
+    if config.cost_aware:
+        values = torch.where(saving_sums > 0, score_sums / saving_sums, score_sums)
+    saved = saving_sums.cumsum(0).tolist()
+    return _Removable(group, chunks[:count], values, taken[:count], saved)
 
 
 def _run_sums(values: Tensor, ends: Tensor) -> Tensor:
@@ -308,52 +329,63 @@ def _select(
     and comes back for more rather than overshooting.
     """
     per_group = [
-        cs
+        found
         for g in groups
         if g.root in unit_scores
-        if (cs := _candidates(g, unit_scores[g.root], cost, initial_units, config))
+        if (found := _removable(g, unit_scores[g.root], cost, initial_units, config))
     ]
     if config.global_ranking:
-        ranked = sorted((c for cs in per_group for c in cs), key=lambda c: c.value)
-        return _take_until(ranked, excess)
+        return _take_until(_ranked(per_group), excess)
     # Uniform widths: every group gives up the same fraction of its initial units, in exact
     # steps of 1/gcd when the widths share a large enough divisor (a config then states the
     # kept widths exactly, e.g. a stage and its 4× inner layer), else rounded steps.
-    initial = [initial_units[cs[0].group.root] for cs in per_group]
+    initial = [initial_units[r.group.root] for r in per_group]
     steps = math.gcd(*initial) if initial else 0
     if steps < MIN_EXACT_STEPS:
         steps = max(initial, default=0)
 
-    def at(depth: int) -> tuple[list[_Candidate], bool]:
-        """What `depth` steps take from every group, and whether a group ran out first."""
-        chosen = []
-        for cs in per_group:
-            quota = round(depth * initial_units[cs[0].group.root] / steps)
-            taken = used = 0
-            for candidate in cs:  # chunks (of a multiple) never overshoot the group's quota
-                if taken + len(candidate.units) > quota:
-                    break
-                chosen.append(candidate)
-                taken += len(candidate.units)
-                used += 1
-            if used == len(cs) and taken < quota:
-                return chosen, True
-        return chosen, False
+    def at(depth: int) -> tuple[list[int], float, bool]:
+        """Chunks `depth` steps take from each group (chunks of a multiple never overshoot a
+        group's quota), their saving, and whether a group ran out first."""
+        counts: list[int] = []
+        saving = 0.0
+        for found in per_group:
+            quota = round(depth * initial_units[found.group.root] / steps)
+            count = bisect.bisect_right(found.taken, quota)
+            if count == len(found.taken) and found.taken[-1] < quota:
+                return counts, saving, True
+            counts.append(count)
+            saving += found.saved[count - 1] if count else 0.0
+        return counts, saving, False
 
     # The first depth that saves enough or where a group reaches its floor (both only become
     # true as depth grows): a bisection, not a scan, since a wide FFN has hundreds of depths.
     def enough(depth: int) -> bool:
-        chosen, exhausted = at(depth)
-        return exhausted or sum(c.saving for c in chosen) >= excess
+        _, saving, exhausted = at(depth)
+        return exhausted or saving >= excess
 
     depth = bisect.bisect_left(range(steps + 1), True, lo=1, key=enough)
     if depth > steps:
         return []
-    chosen, exhausted = at(depth)
-    return at(depth - 1)[0] if exhausted else chosen
+    counts, _, exhausted = at(depth)
+    if exhausted:
+        counts = at(depth - 1)[0]
+    return [c for found, n in zip(per_group, counts, strict=True) for c in found.first(n)]
 
 
-def _take_until(ranked: list[_Candidate], excess: float) -> list[_Candidate]:
+def _ranked(per_group: list[_Removable]) -> Iterator[_Candidate]:
+    """Every group's chunks by value, lowest first (ties: group order, then chunk order), made
+    into candidates only as they are asked for."""
+    if not per_group:
+        return
+    values = torch.cat([found.values for found in per_group])
+    owner = torch.cat([torch.full((len(f.values),), i) for i, f in enumerate(per_group)])
+    index = torch.cat([torch.arange(len(found.values)) for found in per_group])
+    for position in torch.argsort(values, stable=True).tolist():
+        yield per_group[int(owner[position])].candidate(int(index[position]))
+
+
+def _take_until(ranked: Iterable[_Candidate], excess: float) -> list[_Candidate]:
     chosen, saved = [], 0.0
     for candidate in ranked:
         if saved >= excess:
