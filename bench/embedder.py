@@ -74,7 +74,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,7 @@ from torch import Tensor, nn
 
 from worker import datasets, losses, models
 from worker.engine import PruneConfig, architectures, measure, prune_, structured
+from worker.engine.config import Normalisation
 from worker.engine.cost import Cost
 from worker.engine.groups import ChannelGroup, channel_costs, channel_scores, unit_view
 
@@ -537,12 +538,19 @@ def first_step_table(setup: Setup, steps: int, target: float) -> str:
 
 
 def prune_engine(
-    setup: Setup, method: str, steps: int, target: float, rule: Allocation | None = None
+    setup: Setup,
+    method: str,
+    steps: int,
+    target: float,
+    rule: Allocation | None = None,
+    normalisation: Normalisation = "max",
 ) -> tuple[nn.Module, float]:
     """A copy of the dense model pruned by the engine (heads + FFN neurons); wall seconds."""
     model = copy.deepcopy(setup.dense)
     loss = losses.make_loss("distill", model, setup.pooling)  # the teacher: the dense copy
-    config = PruneConfig(method=method, target_metric="macs", target=target, steps=steps)
+    config = PruneConfig(
+        method=method, target_metric="macs", target=target, steps=steps, normalisation=normalisation
+    )
     started = time.perf_counter()
     with allocation_rule(rule):
         prune_(model, setup.example, setup.calibration, loss, config)
@@ -828,6 +836,7 @@ class Settings:
     probes: int
     tolerance: float
     threads: int
+    normalisation: Normalisation = "max"
 
 
 def run(settings: Settings, work: Path) -> tuple[Setup, list[Row]]:
@@ -843,8 +852,11 @@ def run(settings: Settings, work: Path) -> tuple[Setup, list[Row]]:
         rows += api_rows(setup, settings)
     if "engine" in settings.sections:
         for method in settings.methods:
-            model, seconds = prune_engine(setup, method, settings.steps, settings.target)
-            rows.append(evaluate(setup, "engine", method, model, seconds))
+            model, seconds = prune_engine(
+                setup, method, settings.steps, settings.target, None, settings.normalisation
+            )
+            label = method if settings.normalisation == "max" else f"{method}, lamp"
+            rows.append(evaluate(setup, "engine", label, model, seconds))
     if "recipe" in settings.sections:
         model, seconds = prune_engine(setup, "oba_full", settings.steps, settings.target, RECIPE)
         rows.append(evaluate(setup, "recipe", RECIPE_ROW, model, seconds))
@@ -947,6 +959,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument("--probes", type=int, default=6, help="ratio probes per peer")
     parser.add_argument("--tolerance", type=float, default=0.01, help="peers' MACs tolerance")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--normalisation", choices=get_args(Normalisation), default="max", help="engine rows"
+    )
     parser.add_argument("--json", help="also write every row to this JSON file")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 step, 1 batch, one row per section"
@@ -964,6 +979,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         probes=2 if quick else args.probes,
         tolerance=0.05 if quick else args.tolerance,
         threads=args.threads,
+        normalisation=args.normalisation,
     )
     return settings, args
 
