@@ -284,7 +284,10 @@ def _claim(job_id: str) -> bool:
 def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> None:
     """Upload, then record artifacts and success in one transaction guarded by the lease."""
     store = get_store()
+    started = time.perf_counter()
     stored = [(e, store_file(e.path, store)) for e in exports]
+    seconds = result.get("seconds", {}) | {"store": time.perf_counter() - started}
+    result = result | {"seconds": seconds}
 
     def write() -> None:
         with get_sessionmaker()() as session:

@@ -113,6 +113,7 @@ def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
             finished.result is not None
             and finished.result["exports"]["onnx"]["max_abs_diff"] <= 1e-4
         )
+        assert finished.result["seconds"]["store"] > 0  # putting the artifacts, timed too
 
 
 def test_a_stored_spec_the_worker_does_not_know_fails_the_job_as_invalid(
