@@ -1,6 +1,7 @@
 """A job's steps, free of the database and the queue (tests call them directly):
 load → measure → prune (with progress) → measure → fine-tune → measure → export."""
 
+import copy
 import itertools
 import math
 import time
@@ -191,12 +192,13 @@ def execute(
             after_finetune = _measure(net, eval_batches, loss_fn, example, seconds)
         clock = time.perf_counter()
         label = {goal.metric: goal.value} if family else None
-        net.to(dtype=saved)
+        # Written in the dtype the upload was saved in; a copy when that differs, so that the
+        # next target of a family goes on from unrounded weights.
+        exporting = net if saved == working else copy.deepcopy(net).to(dtype=saved)
         made = _export(
-            spec.outputs, net, cpu_example, loaded.directory, files.work, plan, label, report
+            spec.outputs, exporting, cpu_example, loaded.directory, files.work, plan, label, report
         )
-        # the exporters work on the CPU; the next target prunes on the device
-        net.to(device=device, dtype=working)
+        net.to(device)  # the exporters work on the CPU; the next target prunes on the device
         seconds["export"] += time.perf_counter() - clock
         exports += made
         members.append(
@@ -227,7 +229,7 @@ def execute(
         },
         "config_updates": plan.config_updates,
         "widths": last["widths"],
-        # per pruning step: MACs, params and the loss on the first calibration batch
+        # per pruning step: MACs, params and the loss on the calibration batches
         "steps": history,
         "evaluated_on": "held_out" if held_out is not None else "calibration",
         # rows per scoring pass: fewer than batch_size when a batch would not fit in memory

@@ -95,3 +95,30 @@ def test_tf32_follows_the_setting() -> None:
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_a_family_goes_on_from_unrounded_weights_after_exporting_a_member_in_bfloat16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = factories.bert_folder(tmp_path)
+    model = transformers.BertForSequenceClassification.from_pretrained(folder, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+    spec = factories.spec(
+        targets=[{"macs": 0.7}, {"macs": 0.5}], finetune={"epochs": 1, "lr": 1e-2}
+    )
+    beyond_bfloat16: list[bool] = []
+
+    def recording_prune(net: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        weights = [p for p in net.parameters() if p.dim() == 2]
+        beyond_bfloat16.append(any(not torch.equal(w, w.bfloat16().float()) for w in weights))
+        return prune_(net, *args, **kwargs)
+
+    monkeypatch.setattr(steps, "prune_", recording_prune)
+    result, exports = execute(
+        spec, JobFiles(folder, "hf", data, "tensors", None, tmp_path), CPU, False, lambda _: None
+    )
+
+    assert len(result["family"]) == 2 and len(exports) == 2
+    # the first target starts from the bfloat16 upload; the second from float32 fine-tuning
+    assert beyond_bfloat16 == [False, True]
