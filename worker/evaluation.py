@@ -49,11 +49,13 @@ def evaluate(model: nn.Module, batches: list[dict[str, Any]], loss_fn: LossFn) -
 
 @torch.no_grad()
 def latency_ms(
-    model: nn.Module, inputs: dict[str, Any], repeats: int = 20, budget_s: float = 0.05
+    model: nn.Module, inputs: dict[str, Any], repeats: int = 11, budget_s: float = 0.05
 ) -> float:
     """Median wall time of one forward pass on `inputs` (after warm-up), in milliseconds: up to
-    `repeats` timed runs, fewer (five at least) once `budget_s` is spent, as timeit's autorange
-    bounds its loops, so a model of 100 ms a pass costs half a second here, not two."""
+    `repeats` timed runs (odd: the median is one of them), fewer (five at least) once
+    `budget_s` is spent, as timeit's autorange bounds its loops, so a model of 100 ms a pass
+    costs half a second here, not two. Latency targets time with their own, stricter loop
+    (`worker.latency`)."""
     model.eval()
     for _ in range(2):
         run_forward(model, inputs)

@@ -1,12 +1,18 @@
 """Honest targets: the least reachable fraction is computed first, and a lower target refused."""
 
+import sys
+from dataclasses import replace
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
 
 from tests.engine import hf_models
 from tests.engine.hf_models import classification_loss, text_batches
-from worker.engine import PruneConfig, TargetUnreachable, prune_, reachable_fraction
+from worker.engine import PruneConfig, TargetUnreachable, prune_, reachable_fraction, structured
+
+prune_module = sys.modules["worker.engine.prune"]  # the module, not the function of its name
 
 
 def _bert() -> nn.Module:
@@ -58,3 +64,53 @@ def test_depth_reachable_keeps_one_block() -> None:
     with pytest.raises(TargetUnreachable):
         prune_(model, INPUTS, text_batches(2, 0), classification_loss, depth)
     assert 0.1 < one_block < 1.0
+
+
+@pytest.mark.parametrize("global_ranking", [True, False])
+@pytest.mark.parametrize("name", list(hf_models.CASES))
+def test_the_cheap_bound_is_never_below_the_measured_reachable_fraction(
+    name: str, global_ranking: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build, make_batches, loss = hf_models.CASES[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    batch = make_batches(1, 0)[0]
+    inputs = hf_models.inputs_of(
+        {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    )
+    config = PruneConfig(target=0.95, steps=1, global_ranking=global_ranking)
+    exact = reachable_fraction(model, inputs, config)
+    bounds: list[float] = []
+    original = structured.reachable_bound
+
+    def recorded(*args: Any) -> float:
+        bounds.append(original(*args))
+        return bounds[-1]
+
+    monkeypatch.setattr(structured, "reachable_bound", recorded)
+    prune_(model, inputs, make_batches(1, 0), loss, config)
+
+    assert len(bounds) == 1
+    assert exact - 1e-9 <= bounds[0] < 1.0  # a bound, and one that says something
+
+
+def test_the_copy_is_pruned_only_for_a_target_under_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    measured: list[float] = []
+    original = prune_module.reachable_fraction
+
+    def counted(*args: Any) -> float:
+        measured.append(original(*args))
+        return measured[-1]
+
+    monkeypatch.setattr(prune_module, "reachable_fraction", counted)
+    config = PruneConfig(target=0.9, global_ranking=True, steps=1)
+    prune_(_bert(), INPUTS, text_batches(1, 0), classification_loss, config)
+    assert measured == []  # 0.9 is over the bound: nothing to measure
+
+    with pytest.raises(TargetUnreachable):
+        prune_(
+            _bert(), INPUTS, text_batches(1, 0), classification_loss, replace(config, target=0.01)
+        )
+    assert len(measured) == 1

@@ -45,12 +45,24 @@ def prune_(
     # statistics alone. The caller's modes come back at the end.
     with eval_mode(model):
         before = measure(model, example_inputs)
-        if config.granularity in ("channel", "layer"):
+
+        def refuse_unreachable(bound: float = 1.0) -> None:
+            """Before anything is scored: a target under what the constraints allow is refused
+            with the reachable value. Measuring that prunes a copy, so a target at or above
+            an upper bound of it (width pruning works one out) is let through unmeasured."""
+            if config.target >= bound:
+                return
             reachable = reachable_fraction(model, example_inputs, config, before)
             if config.target < reachable:
                 raise TargetUnreachable(config.target_metric, config.target, reachable)
+
+        guard = None
+        if config.granularity == "channel" and not config.depth_share:
+            guard = refuse_unreachable  # called by width pruning once its groups are known
+        elif config.granularity in ("channel", "layer"):
+            refuse_unreachable()
         return _prune(
-            model, example_inputs, calibration, loss_fn, config, on_step, finetune, before
+            model, example_inputs, calibration, loss_fn, config, on_step, finetune, before, guard
         )
 
 
@@ -63,11 +75,12 @@ def _prune(
     on_step: Callable[[StepRecord], None] | None,
     finetune: FinetuneFn | None,
     before: Cost,
+    guard: Callable[[float], None] | None = None,
 ) -> PruneResult:
     result = PruneResult(model, before.macs, before.params, before.macs, before.params, [])
     if config.granularity in ("channel", "layer"):
         result.history, result.plan = _prune_structure_(
-            model, example_inputs, calibration, loss_fn, config, on_step, before, finetune
+            model, example_inputs, calibration, loss_fn, config, on_step, before, finetune, guard
         )
     elif config.granularity == "unstructured":
         result.masks, result.history = prune_unstructured_(
@@ -99,6 +112,7 @@ def _prune_structure_(
     on_step: Callable[[StepRecord], None] | None,
     before: Cost,
     finetune: FinetuneFn | None = None,
+    guard: Callable[[float], None] | None = None,
 ) -> tuple[list[StepRecord], Plan]:
     """Depth first (whole blocks, down to target^depth_share), then widths to the target."""
     initial = before.metric(config.target_metric)
@@ -123,7 +137,16 @@ def _prune_structure_(
     if config.granularity == "channel":
         now = None if removed else before  # whole blocks gone: counted again
         widths, plan = prune_channels_(
-            model, example_inputs, calibration, loss_fn, config, on_step, final, finetune, now
+            model,
+            example_inputs,
+            calibration,
+            loss_fn,
+            config,
+            on_step,
+            final,
+            finetune,
+            now,
+            guard,
         )
         history += widths
     if removed:

@@ -29,6 +29,7 @@ from worker.engine.groups import (
     channel_scores,
     collect_groups,
     unit_view,
+    weight_axis,
 )
 from worker.engine.kv_groups import (
     GroupedAttention,
@@ -62,10 +63,12 @@ def prune_channels_(
     final_goal: float | None = None,
     finetune: FinetuneFn | None = None,
     cost: Cost | None = None,
+    guard: Callable[[float], None] | None = None,
 ) -> tuple[list[StepRecord], Plan]:
     """Prune `model` in place to `config.target` of its MACs or parameters (or to `final_goal`,
     an absolute value of the metric, when depth pruning took part of the way already). `cost`
-    is the model's as it comes, when the caller measured it already.
+    is the model's as it comes, when the caller measured it already; `guard` receives an upper
+    bound of the reachable fraction before anything is scored (and may raise).
 
     Returns one record per step and the plan that replays the pruning on the original model.
     """
@@ -117,6 +120,8 @@ def prune_channels_(
     first = cost or measure(model, example_inputs)
     current: Cost | None = first
     initial = first.metric(config.target_metric)
+    if guard is not None:
+        guard(reachable_bound(groups, first, config))
     initial_units: dict[nn.Module, int] = {}
     history: list[StepRecord] = []
     kv_removals: list[tuple[str, list[int]]] = []
@@ -178,6 +183,60 @@ def prune_channels_(
     config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
     heads = {names[layer.owner]: layer.heads for layer in layers}
     return history, Plan(list(graph.pruning_history()), heads, config_updates, kv_removals)
+
+
+def reachable_bound(groups: list[ChannelGroup], cost: Cost, config: PruneConfig) -> float:
+    """An upper bound of the fraction of the MACs left once every group is as small as the
+    floors, chunk multiples and uniform widths let it be (1 for a parameter target).
+
+    Linear and convolution layers cost in proportion to their input times their output
+    channels: each keeps at least its groups' kept shares of both. Everything else (attention
+    products, norms) is counted as kept whole. It only decides whether the exact, costlier
+    measurement (`prune.reachable_fraction`) is needed, so looseness costs time, not
+    correctness: a job pruned short of its target fails `target_unreachable` anyway.
+    """
+    if config.target_metric != "macs" or not groups or cost.macs <= 0:
+        return 1.0
+    kept = {id(g): _kept_at_floor(g, config) for g in groups}
+    if not config.global_ranking:  # all stop when the first group reaches its floor
+        units = [g.units for g in groups]
+        steps = math.gcd(*units)
+        steps = steps if steps >= MIN_EXACT_STEPS else max(units)
+        share = min(1.0, max(kept.values()) + 2 / steps)
+        kept = dict.fromkeys(kept, share)
+    removed: dict[tuple[nn.Module, bool], float] = {}
+    for group in groups:
+        for module, is_out, indices, _ in group.members:
+            axis = weight_axis(module, is_out)
+            weight = getattr(module, "weight", None)
+            if axis is None or not isinstance(weight, Tensor) or _depthwise_input(module, is_out):
+                continue
+            share = len(indices) / weight.shape[axis] * (1 - kept[id(group)])
+            removed[module, is_out] = removed.get((module, is_out), 0.0) + share
+    saved = 0.0
+    for module in {module for module, _ in removed}:
+        left = (1 - min(1.0, removed.get((module, True), 0.0))) * (
+            1 - min(1.0, removed.get((module, False), 0.0))
+        )
+        saved += cost.module_macs.get(module, 0) * (1 - left)
+    return 1 - saved / cost.macs
+
+
+def _kept_at_floor(group: ChannelGroup, config: PruneConfig) -> float:
+    """The largest share of its units a group can be left with at its floor: the floor, plus
+    what chunking to a multiple may keep above it."""
+    step = math.lcm(config.round_to or 1, group.multiple) if group.unit == 1 else 1
+    floor = max(1, math.ceil(config.layer_floor * group.units))
+    return min(group.units, floor + step - 1) / group.units
+
+
+def _depthwise_input(module: nn.Module, is_out: bool) -> bool:
+    # a depthwise convolution's input channels are its output channels: counted once
+    return (
+        not is_out
+        and isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups == module.in_channels == module.out_channels
+    )
 
 
 def _recording(loss_fn: LossFn, losses: list[float]) -> LossFn:
