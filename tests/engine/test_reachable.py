@@ -66,6 +66,19 @@ def test_depth_reachable_keeps_one_block() -> None:
     assert 0.1 < one_block < 1.0
 
 
+def _record(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[float]:
+    """Every value `module.name` returns from now on, in the list returned."""
+    values: list[float] = []
+    original = getattr(module, name)
+
+    def recorded(*args: Any) -> float:
+        values.append(original(*args))
+        return values[-1]
+
+    monkeypatch.setattr(module, name, recorded)
+    return values
+
+
 @pytest.mark.parametrize("global_ranking", [True, False])
 @pytest.mark.parametrize("name", list(hf_models.CASES))
 def test_the_cheap_bound_is_never_below_the_measured_reachable_fraction(
@@ -80,14 +93,7 @@ def test_the_cheap_bound_is_never_below_the_measured_reachable_fraction(
     )
     config = PruneConfig(target=0.95, steps=1, global_ranking=global_ranking)
     exact = reachable_fraction(model, inputs, config)
-    bounds: list[float] = []
-    original = structured.reachable_bound
-
-    def recorded(*args: Any) -> float:
-        bounds.append(original(*args))
-        return bounds[-1]
-
-    monkeypatch.setattr(structured, "reachable_bound", recorded)
+    bounds = _record(monkeypatch, structured, "reachable_bound")
     prune_(model, inputs, make_batches(1, 0), loss, config)
 
     assert len(bounds) == 1
@@ -97,14 +103,7 @@ def test_the_cheap_bound_is_never_below_the_measured_reachable_fraction(
 def test_the_copy_is_pruned_only_for_a_target_under_the_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    measured: list[float] = []
-    original = prune_module.reachable_fraction
-
-    def counted(*args: Any) -> float:
-        measured.append(original(*args))
-        return measured[-1]
-
-    monkeypatch.setattr(prune_module, "reachable_fraction", counted)
+    measured = _record(monkeypatch, prune_module, "reachable_fraction")
     config = PruneConfig(target=0.9, global_ranking=True, steps=1)
     prune_(_bert(), INPUTS, text_batches(1, 0), classification_loss, config)
     assert measured == []  # 0.9 is over the bound: nothing to measure

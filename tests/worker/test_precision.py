@@ -52,13 +52,18 @@ def test_fine_tuning_a_half_precision_model_steps_float32_master_weights() -> No
     assert untouched.weight.dtype == torch.float32
 
 
+def _bfloat16_upload(root: Path) -> tuple[Path, Path]:
+    """A BERT classifier saved in bfloat16, and tensors to prune it on."""
+    folder = factories.bert_folder(root)
+    model = transformers.BertForSequenceClassification.from_pretrained(folder, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder, factories.tensors_file(root / "data.safetensors")
+
+
 def test_a_bfloat16_upload_is_pruned_in_float32_and_exported_in_bfloat16(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    folder = factories.bert_folder(tmp_path)
-    model = transformers.BertForSequenceClassification.from_pretrained(folder, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    data = factories.tensors_file(tmp_path / "data.safetensors")
+    folder, data = _bfloat16_upload(tmp_path)
     spec = factories.spec(outputs=["hf", "safetensors"], finetune={"epochs": 1, "lr": 1e-3})
     pruned_in: list[torch.dtype] = []
 
@@ -100,10 +105,7 @@ def test_tf32_follows_the_setting() -> None:
 def test_a_family_goes_on_from_unrounded_weights_after_exporting_a_member_in_bfloat16(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    folder = factories.bert_folder(tmp_path)
-    model = transformers.BertForSequenceClassification.from_pretrained(folder, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    data = factories.tensors_file(tmp_path / "data.safetensors")
+    folder, data = _bfloat16_upload(tmp_path)
     spec = factories.spec(
         targets=[{"macs": 0.7}, {"macs": 0.5}], finetune={"epochs": 1, "lr": 1e-2}
     )
