@@ -29,6 +29,14 @@ def scoring_bytes(net: torch.nn.Module) -> int:
     return SCORING_COPIES * sum(p.numel() * p.element_size() for p in sized)
 
 
+def readable(size: float) -> str:
+    """Bytes as people read them: 1.5 GiB, 12 MiB, 640 KiB."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size:.0f} B"
+
+
 def free_bytes(device: torch.device, limit: int) -> int:
     """What the worker may still use on `device`: the operator's `limit` when set (bytes), else
     what the device reports free."""
@@ -43,9 +51,9 @@ def check_fits(net: torch.nn.Module, device: torch.device, limit: int) -> None:
     needed, free = scoring_bytes(net), free_bytes(device, limit)
     if needed > free:
         raise OutOfMemory(
-            f"scoring this model needs at least {needed / GIB:.2f} GiB on {device.type} "
+            f"scoring this model needs at least {readable(needed)} on {device.type} "
             f"(weights, gradients and Hessian-vector products); the worker has "
-            f"{free / GIB:.2f} GiB. Run it on a worker with more memory",
+            f"{readable(free)}. Run it on a worker with more memory",
         )
 
 

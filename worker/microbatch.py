@@ -50,11 +50,10 @@ def rows_per_pass(net: torch.nn.Module, loss_fn: LossFn, batch: dict[str, Any], 
     per_row = ACTIVATION_FACTOR * saved_bytes_per_row(net, loss_fn, batch)
     if fixed + per_row > budget:
         raise memory.OutOfMemory(
-            f"scoring even one row needs about {(fixed + per_row) / memory.GIB:.2f} GiB "
-            f"(weights, gradients and products {fixed / memory.GIB:.2f} GiB, one row's "
-            f"activations {per_row / memory.GIB:.2f} GiB); the job may use "
-            f"{budget / memory.GIB:.2f} GiB. Raise calibration.max_memory, shorten the rows, or "
-            "use a worker with more memory"
+            f"scoring even one row needs about {memory.readable(fixed + per_row)} (weights, "
+            f"gradients and products {memory.readable(fixed)}, one row's activations "
+            f"{memory.readable(per_row)}); the job may use {memory.readable(budget)}. Raise "
+            "calibration.max_memory, shorten the rows, or use a worker with more memory"
         )
     if not per_row:  # nothing kept per row: any number fits
         return sys.maxsize

@@ -56,7 +56,7 @@ def test_rows_per_pass_fits_the_budget_and_refuses_one_that_holds_no_row() -> No
     fixed = memory.scoring_bytes(model)
     five_rows = fixed + 5 * microbatch.ACTIVATION_FACTOR * per_row
     assert microbatch.rows_per_pass(model, _loss, batch, five_rows) == 5
-    with pytest.raises(memory.OutOfMemory, match=r"scoring even one row needs about .* GiB"):
+    with pytest.raises(memory.OutOfMemory, match=r"one row needs about [\d.]+ KiB .* may use"):
         microbatch.rows_per_pass(model, _loss, batch, fixed)
 
 
@@ -84,3 +84,10 @@ def test_a_job_with_little_memory_scores_in_micro_batches_and_one_with_none_fail
     none = factories.spec(calibration={"batches": 2, "batch_size": 16, "max_memory": 2**20})
     with pytest.raises(memory.OutOfMemory, match="scoring even one row"):
         execute(none, files, torch.device("cpu"), False, lambda _: None)
+
+
+def test_sizes_read_as_people_read_them() -> None:
+    assert memory.readable(3 * 2**30 // 2) == "1.5 GiB"
+    assert memory.readable(12 * 2**20) == "12 MiB"
+    assert memory.readable(100_000) == "97.7 KiB"
+    assert memory.readable(512) == "512 B"
