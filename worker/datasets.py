@@ -18,6 +18,7 @@ from torch import Tensor
 
 from service import archives
 from service.errors import CodedError
+from worker import precision
 from worker.models import LoadedModel
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -182,7 +183,7 @@ def batches(
 
     def moved(column: Tensor) -> Tensor:
         column = column.to(device)
-        return column.to(dtype) if dtype is not None and column.is_floating_point() else column
+        return column if dtype is None else precision.cast(column, dtype)
 
     return [
         {name: moved(t[start : start + batch_size]) for name, t in columns.items()}
