@@ -121,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="jobs per model (medians)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = parser.parse_args()
     set_threads(args.threads)
     print(
@@ -129,7 +130,7 @@ def main() -> None:
         "| with recalibration ÷ one pass |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in MODELS:
+    for name in args.models:
         run(name)  # a warm-up job: imports, first-call allocations, kernel selection
         jobs = [run(name) for _ in range(args.repeats)]
         s = {key: statistics.median(job[0][key] for job in jobs) for key in jobs[0][0]}

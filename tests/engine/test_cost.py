@@ -1,0 +1,87 @@
+"""MAC counts against torch's own FlopCounterMode, per model and per module."""
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.engine import hf_models, models
+from tests.engine.test_grouped_attention import FAMILIES
+from worker.engine.cost import measure, run_forward
+
+TOKENS = {"input_ids": torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))}
+IMAGE = {"pixel_values": torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+CASES: dict[str, tuple[Callable[[], nn.Module], Any]] = {
+    "mlp": (models.mlp, torch.randn(2, 6)),
+    "residual cnn": (models.ResidualCNN, torch.randn(1, 2, 8, 8)),
+    "attention block": (models.AttentionBlock, torch.randn(1, 5, 8)),
+    "bert": (hf_models.bert, TOKENS),
+    "gpt2 (Conv1D)": (hf_models.gpt2, TOKENS),
+    "vit": (hf_models.vit, IMAGE),
+    "resnet": (hf_models.resnet, IMAGE),
+    "convnext": (hf_models.convnext, IMAGE),
+    **{
+        family: (partial(hf_models.grouped_query_lm, family), TOKENS | {"use_cache": False})
+        for family in FAMILIES
+    },
+}
+
+
+def torch_counts(model: nn.Module, inputs: Any) -> tuple[int, dict[str, int]]:
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run_forward(model, inputs)
+    by_name = {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}
+    return counter.get_total_flops() // 2, by_name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_macs_match_torch_flop_counter_per_module(case: str) -> None:
+    build, inputs = CASES[case]
+    torch.manual_seed(0)
+    model = build()
+    total, by_name = torch_counts(model, inputs)
+
+    cost = measure(model, inputs)
+
+    assert total > 0
+    assert cost.macs == total
+    prefix = type(model).__name__
+    for name, module in model.named_modules():
+        key = f"{prefix}.{name}" if name else prefix
+        if key in by_name:  # it ran (a ModuleList never does: there it is its children's sum)
+            assert cost.module_macs[module] == by_name[key], name
+        else:
+            assert cost.module_macs[module] == sum(
+                cost.module_macs[child] for child in module.children()
+            ), name
+    assert cost.params == sum(p.numel() for p in model.parameters())
+
+
+def test_a_shrunk_layer_counts_less_by_its_own_macs() -> None:
+    model = models.mlp(d_in=6, hidden=5, d_out=3)
+    before = measure(model, torch.randn(4, 6))
+    model[0] = nn.Linear(6, 2)
+    model[2] = nn.Linear(2, 5)
+
+    after = measure(model, torch.randn(4, 6))
+
+    assert before.module_macs[model] == 4 * (6 * 5 + 5 * 5 + 5 * 3)
+    assert after.macs == 4 * (6 * 2 + 2 * 5 + 5 * 3)
+    assert after.module_macs[model[0]] == 4 * 6 * 2
+
+
+def test_a_failing_forward_leaves_no_hooks_behind() -> None:
+    model = models.mlp()
+    with pytest.raises(RuntimeError):
+        measure(model, torch.randn(2, 7))  # wrong width
+
+    calls: list[int] = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    cost = measure(model, torch.randn(2, 6))
+    assert cost.macs == 2 * (6 * 5 + 5 * 5 + 5 * 3)
+    assert model.training  # its mode comes back
