@@ -202,7 +202,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Batch]) -> None:
 
 
 def macs(model: nn.Module, example: Any) -> int:
-    """MACs of one forward pass on `example`, counted as the engine counts them (worker.engine.cost)."""
+    """MACs of one forward pass on `example`, as the engine counts them (worker.engine.cost)."""
     return measure(model, example).macs
 
 
