@@ -11,8 +11,9 @@ and sums per unit. Scores arrive already averaged over batches; the sum over a c
 with that mean, so this equals "signed sum per batch, mean over batches, absolute value".
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import bisect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -87,6 +88,50 @@ def collect_groups(
         if width > candidate.unit and allowed(candidate):
             groups.append(candidate)
     return groups
+
+
+def shrink_groups(
+    groups: list[ChannelGroup], removed: Mapping[nn.Module, list[int]]
+) -> list[ChannelGroup]:
+    """The groups once root channels `removed[root]` of some of them are gone, without asking
+    Torch-Pruning again (tracing every group anew cost a small BERT 1.2 ms a round).
+
+    Each member axis a removal touched loses the positions those channels held there, and the
+    positions after them move down: what a fresh `collect_groups` says (tested on every engine
+    architecture). Concatenated inputs come out right too: a removal in one group shifts the
+    positions another group holds on the same axis.
+    """
+    gone: dict[tuple[nn.Module, bool], set[int]] = {}
+    for group in groups:
+        dropped = set(removed.get(group.root, ()))
+        if not dropped:
+            continue
+        for module, is_out, idxs, root_idxs in group.members:
+            lost = gone.setdefault((module, is_out), set())
+            lost.update(i for i, r in zip(idxs, root_idxs, strict=True) if r in dropped)
+    lost_positions = {axis: sorted(positions) for axis, positions in gone.items()}
+    shrunk = []
+    for group in groups:
+        roots = sorted(removed.get(group.root, ()))
+        members = []
+        for module, is_out, idxs, root_idxs in group.members:
+            lost_here = lost_positions.get((module, is_out), [])
+            if not lost_here and not roots:
+                members.append((module, is_out, idxs, root_idxs))
+                continue
+            kept = [
+                (i - bisect.bisect_left(lost_here, i), r - bisect.bisect_left(roots, r))
+                for i, r in zip(idxs, root_idxs, strict=True)
+                if not _holds(lost_here, i)
+            ]
+            members.append((module, is_out, [i for i, _ in kept], [r for _, r in kept]))
+        shrunk.append(replace(group, width=group.width - len(roots), members=members))
+    return shrunk
+
+
+def _holds(ordered: list[int], value: int) -> bool:
+    at = bisect.bisect_left(ordered, value)
+    return at < len(ordered) and ordered[at] == value
 
 
 def _custom_types(graph: tp.DependencyGraph) -> list[type]:

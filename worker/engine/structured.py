@@ -28,6 +28,7 @@ from worker.engine.groups import (
     channel_costs,
     channel_scores,
     collect_groups,
+    shrink_groups,
     unit_view,
     weight_axis,
 )
@@ -155,10 +156,11 @@ def prune_channels_(
             chosen = _select(groups, unit_scores, current, excess, initial_units, config)
             if not chosen:
                 break
-            removed += _remove_units(graph, chosen, unit_scores, kv_layers, kv_removals, names)
+            channels = _remove_units(graph, chosen, unit_scores, kv_layers, kv_removals, names)
+            removed += sum(len(c) for c in channels.values())
             current = None
             config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
-            groups = all_groups(allowed)
+            groups = _regrouped(groups, channels, kv_layers, lambda: all_groups(allowed))
         current = current or _measure_after(model, example_inputs, chosen, names)
         recalibrating = time.perf_counter()
         if config.recalibrate_batchnorm:
@@ -461,15 +463,16 @@ def _remove_units(
     kv_layers: dict[nn.Module, GroupedAttention],
     kv_removals: list[tuple[str, list[int]]],
     names: dict[nn.Module, str],
-) -> int:
-    """Remove every chosen unit, one pruning call per group (indices shift after each call).
+) -> dict[nn.Module, list[int]]:
+    """Remove every chosen unit, one pruning call per group (indices shift after each call);
+    returns the root channels removed, by root.
 
     Key/value groups of grouped-query attention are removed here and recorded for the plan;
     every other group goes through Torch-Pruning (which records its own history)."""
     by_group: dict[nn.Module, tuple[ChannelGroup, list[int]]] = {}
     for candidate in chosen:
         by_group.setdefault(candidate.group.root, (candidate.group, []))[1].extend(candidate.units)
-    removed = 0
+    removed: dict[nn.Module, list[int]] = {}
     for root, (group, units) in by_group.items():
         channels = [u * group.unit + j for u in units for j in range(group.unit)]
         if root in kv_layers:
@@ -480,5 +483,18 @@ def _remove_units(
         keep = torch.ones(len(unit_scores[root]), dtype=torch.bool)
         keep[units] = False
         unit_scores[root] = unit_scores[root][keep]
-        removed += len(channels)
+        removed[root] = channels
     return removed
+
+
+def _regrouped(
+    groups: list[ChannelGroup],
+    removed: dict[nn.Module, list[int]],
+    kv_layers: dict[nn.Module, GroupedAttention],
+    collect: Callable[[], list[ChannelGroup]],
+) -> list[ChannelGroup]:
+    """The groups after a removal round: shrunk from the last ones, or collected anew after a
+    key/value head removal (made outside Torch-Pruning's graph, so not shrunk here)."""
+    if any(root in kv_layers for root in removed):
+        return collect()
+    return [g for g in shrink_groups(groups, removed) if g.width > g.unit]
