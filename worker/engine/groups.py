@@ -11,7 +11,6 @@ and sums per unit. Scores arrive already averaged over batches; the sum over a c
 with that mean, so this equals "signed sum per batch, mean over batches, absolute value".
 """
 
-import bisect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -101,37 +100,45 @@ def shrink_groups(
     architecture). Concatenated inputs come out right too: a removal in one group shifts the
     positions another group holds on the same axis.
     """
-    gone: dict[tuple[nn.Module, bool], set[int]] = {}
+    lost: dict[tuple[nn.Module, bool], set[int]] = {}
     for group in groups:
         dropped = set(removed.get(group.root, ()))
         if not dropped:
             continue
         for module, is_out, idxs, root_idxs in group.members:
-            lost = gone.setdefault((module, is_out), set())
-            lost.update(i for i, r in zip(idxs, root_idxs, strict=True) if r in dropped)
-    lost_positions = {axis: sorted(positions) for axis, positions in gone.items()}
+            lost.setdefault((module, is_out), set()).update(
+                i for i, r in zip(idxs, root_idxs, strict=True) if r in dropped
+            )
     shrunk = []
     for group in groups:
-        roots = sorted(removed.get(group.root, ()))
+        roots = set(removed.get(group.root, ()))
+        root_map = _renumbering(roots, group.width) if roots else None
         members = []
         for module, is_out, idxs, root_idxs in group.members:
-            lost_here = lost_positions.get((module, is_out), [])
-            if not lost_here and not roots:
+            gone = lost.get((module, is_out))
+            if not gone and root_map is None:
                 members.append((module, is_out, idxs, root_idxs))
                 continue
+            position = _renumbering(gone or set(), max(idxs, default=-1) + 1)
             kept = [
-                (i - bisect.bisect_left(lost_here, i), r - bisect.bisect_left(roots, r))
-                for i, r in zip(idxs, root_idxs, strict=True)
-                if not _holds(lost_here, i)
+                (position[i], r) for i, r in zip(idxs, root_idxs, strict=True) if position[i] >= 0
             ]
-            members.append((module, is_out, [i for i, _ in kept], [r for _, r in kept]))
+            new_roots = [r for _, r in kept] if root_map is None else [root_map[r] for _, r in kept]
+            members.append((module, is_out, [i for i, _ in kept], new_roots))
         shrunk.append(replace(group, width=group.width - len(roots), members=members))
     return shrunk
 
 
-def _holds(ordered: list[int], value: int) -> bool:
-    at = bisect.bisect_left(ordered, value)
-    return at < len(ordered) and ordered[at] == value
+def _renumbering(lost: set[int], size: int) -> list[int]:
+    """Each position of range(size) once `lost` are gone: its new position, or -1 if lost."""
+    mapping, shift = [], 0
+    for position in range(size):
+        if position in lost:
+            mapping.append(-1)
+            shift += 1
+        else:
+            mapping.append(position - shift)
+    return mapping
 
 
 def _custom_types(graph: tp.DependencyGraph) -> list[type]:
