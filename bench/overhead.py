@@ -138,10 +138,10 @@ def main() -> None:
         rest = statistics.median(j["prune"] - j["score"] - j["recalibrate"] for j, _ in jobs)
         other = s["load"] + s["measure"] + rest + s["export"] + s["store"]
         print(
-            f"| {name} | {s['load']:.2f} | {s['measure']:.2f} | {s['score']:.2f} "
-            f"| {s['recalibrate']:.2f} | {rest:.2f} | {s['export']:.2f} | {s['store']:.2f} "
-            f"| {one_pass:.2f} "
-            f"| {other:.2f} | {other / one_pass:.2f} "
+            f"| {name} | {s['load']:.3f} | {s['measure']:.3f} | {s['score']:.2f} "
+            f"| {s['recalibrate']:.3f} | {rest:.3f} | {s['export']:.3f} | {s['store']:.3f} "
+            f"| {one_pass:.3f} "
+            f"| {other:.3f} | {other / one_pass:.2f} "
             f"| {(other + s['recalibrate']) / one_pass:.2f} |"
         )
 
