@@ -1,5 +1,6 @@
 """MAC counts against torch's own FlopCounterMode, per model and per module."""
 
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -85,3 +86,45 @@ def test_a_failing_forward_leaves_no_hooks_behind() -> None:
     cost = measure(model, torch.randn(2, 6))
     assert cost.macs == 2 * (6 * 5 + 5 * 5 + 5 * 3)
     assert model.training  # its mode comes back
+
+
+def test_modules_another_thread_runs_meanwhile_do_not_enter_the_count() -> None:
+    entered_ours, entered_other, finish = threading.Event(), threading.Event(), threading.Event()
+
+    class Stall(nn.Module):
+        def __init__(self, entered: threading.Event, until: threading.Event) -> None:
+            super().__init__()
+            self.entered, self.until = entered, until
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.entered.set()
+            assert self.until.wait(10)
+            return x
+
+    class Counted(nn.Module):  # a product in its own forward, after the other thread entered
+        def __init__(self) -> None:
+            super().__init__()
+            self.stall = Stall(entered_ours, entered_other)
+            self.weight = nn.Parameter(torch.randn(6, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.stall(x) @ self.weight
+
+    other = nn.Sequential(Stall(entered_other, finish), nn.Linear(6, 7))
+
+    def run_other() -> None:
+        assert entered_ours.wait(10)
+        with torch.no_grad():
+            other(torch.randn(2, 6))
+
+    thread = threading.Thread(target=run_other)
+    thread.start()
+    counted = Counted()
+    try:
+        cost = measure(counted, torch.randn(2, 6))  # the other thread is inside `other` now
+    finally:
+        finish.set()
+        thread.join()
+
+    assert cost.macs == 2 * 6 * 5
+    assert cost.module_macs[counted] == 2 * 6 * 5

@@ -5,6 +5,7 @@ formulas (`torch.utils.flop_counter.flop_registry`, those of `FlopCounterMode`),
 attention products and layers like transformers' `Conv1D` (an `addmm`) count too.
 """
 
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,12 +72,17 @@ class _FlopCounter(TorchDispatchMode):
         super().__init__()
         self.flops: Counter[nn.Module | None] = Counter()
         self.running: list[nn.Module | None] = [None]  # None: outside every module
+        # The module hooks are global, the dispatch mode is per thread: modules that other
+        # threads run meanwhile are none of this count's business.
+        self.thread = threading.get_ident()
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        self.running.append(module)
+        if threading.get_ident() == self.thread:
+            self.running.append(module)
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.running.pop()
+        if threading.get_ident() == self.thread:
+            self.running.pop()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
