@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ByteSize, TypeAdapter, ValidationError
 from rich.progress import Progress
 
 from service.cli_output import emit, fail, stderr, table
@@ -195,7 +195,12 @@ Loss = Annotated[str | None, Opt(help="cross_entropy | mse | distill | causal_lm
 Batches = Annotated[int | None, Opt(help="calibration batches per step")]
 BatchSize = Annotated[int | None, Opt(help="calibration rows per batch")]
 MaxMemory = Annotated[
-    int | None, Opt(help="bytes one scoring pass may use; larger batches go in micro-batches")
+    str | None,
+    Opt(
+        metavar="SIZE",
+        help="memory one scoring pass may use (512MiB, 2GiB or bytes); larger batches go in "
+        "micro-batches",
+    ),
 ]
 Epochs = Annotated[int | None, Opt("--finetune-epochs", help="fine-tune after pruning")]
 LearningRate = Annotated[float | None, Opt("--finetune-lr", help="fine-tuning learning rate")]
@@ -226,7 +231,7 @@ def build_spec(
     loss: str | None = None,
     batches: int | None = None,
     batch_size: int | None = None,
-    max_memory: int | None = None,
+    max_memory: str | int | None = None,
     finetune_epochs: int | None = None,
     finetune_lr: float | None = None,
     eval_fraction: float | None = None,
@@ -260,7 +265,8 @@ def build_spec(
         spec["targets"] = [{metric: _number(v, "--targets", example)} for v in values.split(",")]
         spec.pop("target", None)  # the last of the family
     _merge(spec, "schedule", steps=steps, kind=schedule_kind)
-    _merge(spec, "calibration", batches=batches, batch_size=batch_size, max_memory=max_memory)
+    memory = None if max_memory is None else _size(max_memory, "--max-memory")
+    _merge(spec, "calibration", batches=batches, batch_size=batch_size, max_memory=memory)
     _merge(spec, "finetune", epochs=finetune_epochs, lr=finetune_lr)
     _merge(spec, "evaluation", fraction=eval_fraction, dataset_id=eval_dataset)
     _merge(
@@ -286,6 +292,14 @@ def _number(text: str, option: str, example: str) -> float:
         return float(text)
     except ValueError:
         fail(f"{option} wants a number, as in {example}; got {text!r}")
+
+
+def _size(text: str | int, option: str) -> int:
+    """Bytes from 2GiB, 512MB, 1.5 GiB or a plain count (pydantic's ByteSize reads them)."""
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        fail(f"{option} wants a size, as in 512MiB or 2GiB; got {text!r}")
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:

@@ -359,3 +359,11 @@ def test_spec_switches_reach_the_engine_configuration() -> None:
     assert checked.calibration.max_memory == 2**30
     assert prune_config(checked).normalisation == "lamp"
     assert prune_config(factories.spec()).normalisation == "max"
+
+
+@pytest.mark.parametrize(
+    ("given", "bytes_"), [("2GiB", 2 * 2**30), ("1.5 MiB", 3 * 2**19), ("512MB", 512 * 10**6)]
+)
+def test_max_memory_takes_sizes_people_write(given: str, bytes_: int) -> None:
+    spec = build_spec({"model_id": "m", "dataset_id": "d"}, None, max_memory=given)
+    assert spec["calibration"]["max_memory"] == bytes_
