@@ -252,6 +252,11 @@ class Client:
                     for event in source.iter_sse():
                         failures = 0
                         last_event_id = event.id or last_event_id
+                        if not event.data:
+                            # A keep-alive comment (": ping", sent after 15 s without events):
+                            # httpx-sse reports one that follows an event with an id as an
+                            # empty message, where the SSE spec dispatches nothing.
+                            continue
                         yield event.event, event.json()
                 return
             except httpx.TransportError:

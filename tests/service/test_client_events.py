@@ -50,6 +50,18 @@ def test_a_dropped_stream_resumes_after_the_last_event_received() -> None:
     assert seen == [None, "2"]
 
 
+def test_keep_alive_comments_between_events_are_not_events() -> None:
+    """FastAPI sends ": ping" after 15 s without events: a quiet scoring step of a big model."""
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return sse(FIRST + b": ping\n\n" + b": ping\n\n" + THIRD)
+
+    with Client("http://api", "key", transport=httpx.MockTransport(server)) as client:
+        events = list(client.events("job"))
+
+    assert events == [("state", {"state": "running"}), ("state", {"state": "succeeded"})]
+
+
 def test_a_stream_that_keeps_dropping_gives_up_after_the_retries() -> None:
     calls = 0
 
