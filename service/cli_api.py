@@ -185,7 +185,9 @@ DepthShare = Annotated[
 Normalisation = Annotated[
     str | None, Opt(help="max (default) | lamp: removal spread more evenly, for fine-tuning")
 ]
-TargetOpt = Annotated[str | None, Opt(help="macs=0.5 | params=0.5 | sparsity=0.5")]
+TargetOpt = Annotated[
+    str | None, Opt(help="macs=0.5 | params=0.5 | sparsity=0.5 | latency_ms=5,batch=32")
+]
 TargetsOpt = Annotated[
     str | None, Opt(help="a family from one run: macs=0.75,0.5,0.3 (one model set each)")
 ]
@@ -256,9 +258,12 @@ def build_spec(
         "outputs": outputs.split(",") if outputs else None,
     }
     spec |= {key: value for key, value in flat.items() if value is not None}
-    if target:
-        metric, _, value = target.partition("=")
-        spec["target"] = {metric: _number(value, "--target", "macs=0.5")}
+    if target:  # macs=0.5, or a latency and the rows it is timed at: latency_ms=5,batch=32
+        pairs = [part.partition("=") for part in target.split(",")]
+        numbers = {key: _number(value, "--target", "macs=0.5") for key, _, value in pairs}
+        spec["target"] = {
+            k: int(v) if v.is_integer() and k == "batch" else v for k, v in numbers.items()
+        }
     if targets:
         metric, _, values = targets.partition("=")
         example = "macs=0.75,0.5,0.3"

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from service import archives
 from service.errors import CodedError
-from service.jobs.schemas import JobSpec
+from service.jobs.schemas import JobSpec, Target
 from service.settings import get_settings
 from worker import precision
 from worker.engine import EngineError
@@ -58,11 +58,16 @@ def prune_local(
 
             try:
                 result, exports = execute(checked, files, _device(device), trusted, report)
+                progress.update(bar, completed=100, description="done")
             except USER_ERRORS as error:  # one line, what to do; never a traceback
                 progress.stop()
                 console.print(f"[red]error[/red] {error.code}: {error}")
                 raise SystemExit(2) from error
-    console.print(_table(result, exports, checked.target.metric, checked.target.value))
+    # plain lines, never wrapped or cut: what was reached, then the whole path of each file
+    console.print(_reached(result, checked.target), soft_wrap=True, markup=False, highlight=False)
+    console.print(_summary(result))
+    for line in _outputs(exports):
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
     return [e.path for e in exports]
 
 
@@ -81,32 +86,62 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _table(result: dict[str, Any], exports: list[Exported], metric: str, target: float) -> Table:
-    if metric == "sparsity":
-        title = f"before → after (sparsity {result['sparsity']:.4f}, target {target:g})"
-    else:
-        reached = result[f"{metric}_after"] / result[f"{metric}_before"]
-        title = f"before → after ({metric} kept {reached:.4f}, target {target:g})"
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after pruning", justify="right")
-    table.add_column("after fine-tuning", justify="right")
-    tuned = result.get("after_finetune") or {}
-    table.add_row("MACs", f"{result['macs_before']:,}", f"{result['macs_after']:,}", "")
-    table.add_row("params", f"{result['params_before']:,}", f"{result['params_after']:,}", "")
+def _summary(result: dict[str, Any]) -> Table:
+    """Before and after, one column per model made: a family's members, or the one model after
+    pruning (and after fine-tuning)."""
+    members = result.get("family") or [result]
+    columns: list[tuple[str, dict[str, Any], dict[str, Any]]] = []  # label, sizes, metrics
+    for member in members:
+        label = "after pruning"
+        if "target" in member and result.get("family"):
+            label = ", ".join(f"{k} {v:g}" for k, v in member["target"].items())
+        columns.append((label, member, member["after_pruning"]))
+        if member.get("after_finetune"):
+            columns.append((f"{label}, fine-tuned", member, member["after_finetune"]))
+    table = Table()
+    for header in ("metric", "before", *(label for label, _, _ in columns)):
+        table.add_column(header, justify="left" if header == "metric" else "right")
+    table.add_row(
+        "MACs", f"{result['macs_before']:,}", *(f"{m['macs_after']:,}" for _, m, _ in columns)
+    )
+    table.add_row(
+        "params", f"{result['params_before']:,}", *(f"{m['params_after']:,}" for _, m, _ in columns)
+    )
     for key in ("loss", "accuracy", "latency_ms"):
         if key in result["before"]:
-            table.add_row(
-                key,
-                f"{result['before'][key]:.4g}",
-                f"{result['after_pruning'][key]:.4g}",
-                f"{tuned[key]:.4g}" if key in tuned else "",
-            )
+            values = (f"{metrics[key]:.4g}" if key in metrics else "" for _, _, metrics in columns)
+            table.add_row(key, f"{result['before'][key]:.4g}", *values)
+    return table
+
+
+def _reached(result: dict[str, Any], target: Target) -> str:
+    if target.metric == "sparsity":
+        return f"sparsity {result['sparsity']:.4f}, target {target.value:g}"
+    if target.metric == "latency_ms":
+        timing = result["latency"]
+        return (
+            f"{timing['after_ms']:.3g} ms at batch {timing['batch']}, target "
+            f"{timing['target_ms']:g} ms: {timing['speedup']:.2f}× faster (noise "
+            f"{timing['noise_ms']:.2g} ms), MACs kept {timing['macs_ratio']:.4f}"
+        )
+    family = result.get("family")
+    metric = target.metric
+    kept = ", ".join(
+        f"{m[f'{metric}_after'] / result[f'{metric}_before']:.4f}" for m in family or [result]
+    )
+    if family:
+        wanted = ", ".join(f"{m['target'][metric]:g}" for m in family)
+        return f"{metric} kept {kept}, targets {wanted}"
+    return f"{metric} kept {kept}, target {target.value:g}"
+
+
+def _outputs(exports: list[Exported]) -> list[str]:
+    """One line per file written, its whole path (a table cell would cut it) and its checks."""
+    lines = []
     for exported in exports:
         checks = ", ".join(
             f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
             for k, v in exported.checks.items()
         )
-        table.add_row(f"→ {exported.format}", "", str(exported.path), checks)
-    return table
+        lines.append(f"→ {exported.format}: {exported.path}" + (f"  ({checks})" if checks else ""))
+    return lines

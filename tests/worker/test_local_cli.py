@@ -96,3 +96,51 @@ def test_a_pickled_model_needs_trusted_mode(tmp_path: Path) -> None:
         "sparsity=0.5",
     )
     assert (tmp_path / "out" / "model.pt2").is_file()
+
+
+def _run(*args: str) -> str:
+    result = CliRunner().invoke(
+        app,
+        ["prune", *args, "--steps", "2", "--batches", "2", "--batch-size", "16", "--device", "cpu"],
+    )
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    return result.output
+
+
+def test_a_family_shows_every_member_and_every_file_whole(tmp_path: Path) -> None:
+    folder = factories.bert_folder(tmp_path)
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+    out = tmp_path / "a-long-folder-name-that-a-table-cell-would-cut" / "out"
+
+    output = _run(
+        str(folder), "--data", str(data), "--output", str(out), "--targets", "macs=0.75,0.5"
+    )
+
+    assert "macs 0.75" in output and "macs 0.5" in output  # a column each
+    assert "macs kept 0.7" in output and "targets 0.75, 0.5" in output  # what each reached
+    written = sorted(p for p in out.rglob("*") if p.is_file())
+    assert len(written) == 2
+    for path in written:
+        assert f"→ hf: {path}" in output
+
+
+def test_a_latency_target_reports_what_was_measured(tmp_path: Path) -> None:
+    folder = factories.bert_folder(tmp_path)
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+
+    # ten seconds: met before any pruning, whatever the machine is doing
+    output = _run(
+        str(folder),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "out"),
+        "--target",
+        "latency_ms=10000,batch=2",
+        "--outputs",
+        "safetensors",
+    )
+
+    assert "at batch 2, target 10000 ms" in output
+    assert "faster" in output
