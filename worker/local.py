@@ -97,7 +97,8 @@ def _summary(result: dict[str, Any]) -> Table:
             label = ", ".join(f"{k} {v:g}" for k, v in member["target"].items())
         columns.append((label, member, member["after_pruning"]))
         if member.get("after_finetune"):
-            columns.append((f"{label}, fine-tuned", member, member["after_finetune"]))
+            tuned = f"{label}, fine-tuned" if result.get("family") else "after fine-tuning"
+            columns.append((tuned, member, member["after_finetune"]))
     table = Table()
     for header in ("metric", "before", *(label for label, _, _ in columns)):
         table.add_column(header, justify="left" if header == "metric" else "right")
