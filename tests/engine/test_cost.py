@@ -1,5 +1,6 @@
 """MAC counts against torch's own FlopCounterMode, per model and per module."""
 
+import contextlib
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -8,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.engine import hf_models, models
@@ -53,13 +55,7 @@ def test_macs_match_torch_flop_counter_per_module(case: str) -> None:
     assert cost.macs == total
     prefix = type(model).__name__
     for name, module in model.named_modules():
-        key = f"{prefix}.{name}" if name else prefix
-        if key in by_name:  # it ran (a ModuleList never does: there it is its children's sum)
-            assert cost.module_macs[module] == by_name[key], name
-        else:
-            assert cost.module_macs[module] == sum(
-                cost.module_macs[child] for child in module.children()
-            ), name
+        assert cost.module_macs[module] == by_name.get(f"{prefix}.{name}" if name else prefix, 0)
     assert cost.params == sum(p.numel() for p in model.parameters())
 
 
@@ -77,15 +73,56 @@ def test_a_shrunk_layer_counts_less_by_its_own_macs() -> None:
 
 
 def test_a_failing_forward_leaves_no_hooks_behind() -> None:
+    hooks = module_hooks._global_forward_pre_hooks, module_hooks._global_forward_hooks
+    before = [len(h) for h in hooks]
     model = models.mlp()
     with pytest.raises(RuntimeError):
         measure(model, torch.randn(2, 7))  # wrong width
 
-    calls: list[int] = []
-    model.register_forward_hook(lambda *_: calls.append(1))
-    cost = measure(model, torch.randn(2, 6))
-    assert cost.macs == 2 * (6 * 5 + 5 * 5 + 5 * 3)
+    assert [len(h) for h in hooks] == before
     assert model.training  # its mode comes back
+    assert measure(model, torch.randn(2, 6)).macs == 2 * (6 * 5 + 5 * 5 + 5 * 3)
+
+
+def test_inference_mode_counts_the_same() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    image = torch.randn(1, 3, 8, 8)
+    expected = 4 * 6 * 6 * 3 * 3 * 3 + 4 * 6 * 6 * 2
+
+    with torch.inference_mode():  # where aten.linear and aten.conv2d reach the counter whole
+        assert measure(model, image).macs == expected
+    assert measure(model, image).macs == expected
+
+
+class _Tolerant(nn.Module):
+    """Multiplies in its own forward before and after calling a child that raises (and is
+    caught); holds one module under two names and one outside its module tree."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad = nn.Linear(3, 3)
+        self.shared = nn.Linear(4, 4)
+        self.again = self.shared
+        self.hidden = [nn.Linear(4, 4)]  # a plain list: not a registered child
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x @ self.weight
+        with contextlib.suppress(RuntimeError):
+            self.bad(x)  # wrong width: raises, and is caught
+        return self.hidden[0](self.shared(x)) @ self.weight
+
+
+def test_per_module_figures_follow_the_calls_made() -> None:
+    model = _Tolerant()
+    total, by_name = torch_counts(model, torch.randn(2, 4))
+
+    cost = measure(model, torch.randn(2, 4))
+
+    assert cost.macs == total == 4 * 2 * 4 * 4
+    assert cost.module_macs[model] == by_name["_Tolerant"] == total  # the hidden layer's too
+    assert cost.module_macs[model.bad] == 0  # the product after it is its parent's
+    assert cost.module_macs[model.shared] == 2 * 4 * 4  # once, under either name
 
 
 def test_modules_another_thread_runs_meanwhile_do_not_enter_the_count() -> None:

@@ -46,61 +46,59 @@ def measure(model: nn.Module, example_inputs: Any) -> Cost:
     model.eval()
     counter = _FlopCounter()
     entering = register_module_forward_pre_hook(counter.enter)
-    leaving = register_module_forward_hook(counter.leave)
+    leaving = register_module_forward_hook(counter.leave, always_call=True)  # raising too
     try:
-        with torch.no_grad(), counter:
+        # Never in inference mode, even when called in it: there composite ops such as
+        # aten.linear reach the counter whole, and no flop formula knows them.
+        with torch.inference_mode(False), torch.no_grad(), counter:
             run_forward(model, example_inputs)
     finally:
         entering.remove()
         leaving.remove()
         model.train(training)
-    module_macs = _with_children(model, counter.flops)
+    module_macs = {module: counter.by_module[module] // 2 for _, module in model.named_modules()}
     params = sum(p.numel() for p in model.parameters())
-    return Cost(macs=sum(counter.flops.values()) // 2, params=params, module_macs=module_macs)
+    return Cost(macs=counter.total // 2, params=params, module_macs=module_macs)
 
 
 class _FlopCounter(TorchDispatchMode):
-    """Flops per innermost running module, from torch's flop formulas.
+    """Flops of one forward pass, in all and per module (its calls' ops, children's included),
+    from torch's flop formulas.
 
     `FlopCounterMode` counts the same ops with the same formulas, but its module tracker adds
     every op to each enclosing module as it goes: about 2 ms a count on a small BERT, twice
-    the counting itself. A job counts after every removal round, so this keeps one stack of
-    running modules and sums the children into their parents once, at the end.
+    the counting itself. A job counts after every removal round, so this adds each op to the
+    innermost running call only, and a call's total to its caller's when it returns.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.flops: Counter[nn.Module | None] = Counter()
-        self.running: list[nn.Module | None] = [None]  # None: outside every module
+        self.total = 0
+        self.by_module: Counter[nn.Module] = Counter()
+        self.calls: list[list[Any]] = []  # [module, flops so far] of each running call
         # The module hooks are global, the dispatch mode is per thread: modules that other
         # threads run meanwhile are none of this count's business.
         self.thread = threading.get_ident()
 
     def enter(self, module: nn.Module, args: Any) -> None:
         if threading.get_ident() == self.thread:
-            self.running.append(module)
+            self.calls.append([module, 0])
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if threading.get_ident() == self.thread:
-            self.running.pop()
+        if threading.get_ident() != self.thread:
+            return
+        _, flops = self.calls.pop()
+        self.by_module[module] += flops
+        if self.calls:
+            self.calls[-1][1] += flops
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
-            self.flops[self.running[-1]] += formula(*args, **kwargs, out_val=out)
+            flops = formula(*args, **kwargs, out_val=out)
+            self.total += flops
+            if self.calls:
+                self.calls[-1][1] += flops
         return out
-
-
-def _with_children(model: nn.Module, flops: Mapping[nn.Module | None, int]) -> dict[nn.Module, int]:
-    """Each module's MACs, its children's included (a module reached twice counts once)."""
-    totals: dict[nn.Module, int] = {}
-
-    def total(module: nn.Module) -> int:
-        if module not in totals:
-            totals[module] = flops.get(module, 0) + sum(total(c) for c in module.children())
-        return totals[module]
-
-    total(model)
-    return {module: value // 2 for module, value in totals.items()}
