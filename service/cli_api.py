@@ -200,8 +200,8 @@ MaxMemory = Annotated[
     str | None,
     Opt(
         metavar="SIZE",
-        help="memory one scoring pass may use (512MiB, 2GiB or bytes); larger batches go in "
-        "micro-batches",
+        help="memory one scoring pass may use: 512MiB, 2GiB (2GB is 2·10⁹) or bytes; larger "
+        "batches go in micro-batches",
     ),
 ]
 Epochs = Annotated[int | None, Opt("--finetune-epochs", help="fine-tune after pruning")]
@@ -258,12 +258,8 @@ def build_spec(
         "outputs": outputs.split(",") if outputs else None,
     }
     spec |= {key: value for key, value in flat.items() if value is not None}
-    if target:  # macs=0.5, or a latency and the rows it is timed at: latency_ms=5,batch=32
-        pairs = [part.partition("=") for part in target.split(",")]
-        numbers = {key: _number(value, "--target", "macs=0.5") for key, _, value in pairs}
-        spec["target"] = {
-            k: int(v) if v.is_integer() and k == "batch" else v for k, v in numbers.items()
-        }
+    if target:
+        spec["target"] = _target(target)
     if targets:
         metric, _, values = targets.partition("=")
         example = "macs=0.75,0.5,0.3"
@@ -284,6 +280,24 @@ def build_spec(
         where = ".".join(str(part) for part in problem["loc"]) or "spec"
         fail(f"invalid job spec: {where}: {problem['msg']}")
     return spec
+
+
+def _target(text: str) -> dict[str, float | int]:
+    """`macs=0.5`, or a latency and the rows it is timed at: `latency_ms=5,batch=32`."""
+    example = "macs=0.5 or latency_ms=5,batch=32"
+    target: dict[str, float | int] = {}
+    for part in text.split(","):
+        key, equals, value = (piece.strip() for piece in part.partition("="))
+        if not equals or not key:
+            fail(
+                f"--target wants name=value, as in {example}; got {text!r} (several "
+                "targets, a family: --targets macs=0.75,0.5,0.3)"
+            )
+        if key in target:
+            fail(f"--target names {key} twice; got {text!r}")
+        number = _number(value, "--target", example)
+        target[key] = int(number) if key == "batch" and number.is_integer() else number
+    return target
 
 
 def _merge(spec: dict[str, Any], part: str, **values: Any) -> None:

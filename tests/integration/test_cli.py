@@ -112,6 +112,8 @@ def test_a_waited_for_job_that_fails_exits_1_with_its_error_code(cli: Cli) -> No
         (("jobs", "submit", "m", "d", "--target", "macs=half"), {}, "--target wants a number"),
         (("jobs", "submit", "m", "d", "--steps", "0"), {}, "schedule.steps"),
         (("jobs", "submit", "m", "d", "--max-memory", "2XB"), {}, "--max-memory wants a size"),
+        (("jobs", "submit", "m", "d", "--target", "macs=0.5,0.3"), {}, "--targets macs=0.75"),
+        (("jobs", "submit", "m", "d", "--target", "macs=0.5,macs=0.3"), {}, "names macs twice"),
         (("jobs", "submit", "m", "d", "--max-memory", "1KiB"), {}, "calibration.max_memory"),
         (("jobs", "submit", "m", "d"), {}, "model_not_found"),
         (("models", "upload", "NOTES"), {}, "notes.txt: cannot tell the model format"),

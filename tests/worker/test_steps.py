@@ -367,3 +367,9 @@ def test_spec_switches_reach_the_engine_configuration() -> None:
 def test_max_memory_takes_sizes_people_write(given: str, bytes_: int) -> None:
     spec = build_spec({"model_id": "m", "dataset_id": "d"}, None, max_memory=given)
     assert spec["calibration"]["max_memory"] == bytes_
+
+
+def test_a_latency_target_and_its_batch_from_the_command_line() -> None:
+    spec = build_spec({"model_id": "m", "dataset_id": "d"}, None, target="latency_ms=5, batch=32")
+    assert spec["target"] == {"latency_ms": 5.0, "batch": 32}
+    assert JobSpec.model_validate(spec).target.batch == 32
