@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from tests.engine import hf_models, models
 from tests.engine.test_grouped_attention import FAMILIES
@@ -36,7 +37,13 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Any]] = {
 
 def torch_counts(model: nn.Module, inputs: Any) -> tuple[int, dict[str, int]]:
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # torch lacks the CPU attention kernel's formula; the engine gives it its siblings' one
+    cpu_attention = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
+            lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v)
+        )
+    }
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         run_forward(model, inputs)
     by_name = {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}
     return counter.get_total_flops() // 2, by_name
@@ -165,3 +172,14 @@ def test_modules_another_thread_runs_meanwhile_do_not_enter_the_count() -> None:
 
     assert cost.macs == 2 * 6 * 5
     assert cost.module_macs[counted] == 2 * 6 * 5
+
+
+def test_attention_products_count_on_the_cpu_as_on_a_gpu() -> None:
+    class Attention(nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))  # (batch, heads, tokens, head size)
+
+    # q·kᵀ and the weights times v: batch × heads × tokens × tokens × head size each
+    assert measure(Attention(), (q, k, v)).macs == 2 * (1 * 2 * 5 * 5 * 4)

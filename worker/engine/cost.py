@@ -2,7 +2,8 @@
 
 MACs are counted at the ATen level (matmul, conv, attention kernels) with torch's own flop
 formulas (`torch.utils.flop_counter.flop_registry`, those of `FlopCounterMode`), so functional
-attention products and layers like transformers' `Conv1D` (an `addmm`) count too.
+attention products and layers like transformers' `Conv1D` (an `addmm`) count too, on every
+device.
 """
 
 import threading
@@ -19,6 +20,16 @@ from torch.nn.modules.module import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+# torch's formulas, and one it lacks: the CPU kernel of scaled_dot_product_attention, which every
+# transformers model runs on the CPU, costs what its CUDA siblings do (flash, efficient, cuDNN).
+# Without it a job counted attention products on a GPU and not on a CPU.
+FORMULAS = {
+    **flop_registry,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[
+        torch.ops.aten._scaled_dot_product_flash_attention
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,7 @@ class _FlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = FORMULAS.get(func._overloadpacket)
         if formula is not None:
             flops = formula(*args, **kwargs, out_val=out)
             self.total += flops
