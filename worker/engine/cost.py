@@ -21,6 +21,8 @@ from torch.nn.modules.module import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from worker.engine.modes import eval_mode
+
 # torch's formulas, and one it lacks: the CPU kernel of scaled_dot_product_attention, which every
 # transformers model runs on the CPU, costs what its CUDA siblings do (flash, efficient, cuDNN).
 # Without it a job counted attention products on a GPU and not on a CPU.
@@ -53,20 +55,17 @@ def run_forward(model: nn.Module, inputs: Any) -> Any:
 
 def measure(model: nn.Module, example_inputs: Any) -> Cost:
     """MACs of one forward pass on `example_inputs` (eval mode, no grad) and parameters."""
-    training = model.training
-    model.eval()
     counter = _FlopCounter()
     entering = register_module_forward_pre_hook(counter.enter)
     leaving = register_module_forward_hook(counter.leave, always_call=True)  # raising too
     try:
         # Never in inference mode, even when called in it: there composite ops such as
         # aten.linear reach the counter whole, and no flop formula knows them.
-        with torch.inference_mode(False), torch.no_grad(), counter:
+        with torch.inference_mode(False), torch.no_grad(), eval_mode(model), counter:
             run_forward(model, example_inputs)
     finally:
         entering.remove()
         leaving.remove()
-        model.train(training)
     module_macs = {module: counter.by_module[module] // 2 for _, module in model.named_modules()}
     params = sum(p.numel() for p in model.parameters())
     return Cost(macs=counter.total // 2, params=params, module_macs=module_macs)

@@ -119,6 +119,11 @@ def shrink_groups(
             if not gone and root_map is None:
                 members.append((module, is_out, idxs, root_idxs))
                 continue
+            if gone == roots and idxs == root_idxs == list(range(len(idxs))):
+                # the group's own plain members (most of them): what is left, renumbered
+                left = list(range(len(idxs) - len(roots)))
+                members.append((module, is_out, left, list(left)))
+                continue
             position = _renumbering(gone or set(), max(idxs, default=-1) + 1)
             kept = [
                 (position[i], r) for i, r in zip(idxs, root_idxs, strict=True) if position[i] >= 0
