@@ -112,6 +112,7 @@ def prune_to_latency(
     result = PruneResult(net, start.macs, start.params, start.macs, start.params, [])
     plan, now = Plan(), before
     rounds: list[dict[str, float]] = []
+    history: list[StepRecord] = []  # every round's steps: the job reports (and times) them all
     while now.median_ms > target_ms and len(rounds) < MAX_ROUNDS:
         cut = min(SMALLEST_CUT, max(LARGEST_CUT, target_ms / now.median_ms))
         try:
@@ -119,7 +120,8 @@ def prune_to_latency(
         except TargetUnreachable:
             break  # the floors allow no more
         plan = plan.then(step.plan)
-        result = PruneResult(net, start.macs, start.params, step.macs, step.params, step.history)
+        history += step.history
+        result = PruneResult(net, start.macs, start.params, step.macs, step.params, history)
         now = timer(net, inputs)
         rounds.append({"macs_kept": step.macs / start.macs, "latency_ms": now.median_ms})
         if not step.target_met:

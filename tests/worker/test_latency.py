@@ -59,6 +59,17 @@ def test_a_latency_target_prunes_until_the_measured_time_is_under_it(
     assert [r["latency_ms"] for r in timing["rounds"]][-1] == timing["after_ms"]
 
 
+def test_every_rounds_scoring_counts_in_the_jobs_time(clock: None, tmp_path: Path) -> None:
+    before = _job(tmp_path / "probe", 5e5, 4)["latency"]["before_ms"]
+
+    result = _job(tmp_path, 0.4 * before, 4)  # a round cuts at most half: two rounds or more
+
+    assert len(result["latency"]["rounds"]) > 1
+    assert result["seconds"]["score"] == pytest.approx(
+        sum(step["seconds_scoring"] for step in result["steps"]), abs=1e-3
+    )
+
+
 def test_a_latency_the_floors_cannot_reach_fails_with_the_fastest_time(
     clock: None, tmp_path: Path
 ) -> None:
