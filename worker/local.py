@@ -89,15 +89,15 @@ def _device(name: str) -> torch.device:
 def _summary(result: dict[str, Any]) -> Table:
     """Before and after, one column per model made: a family's members, or the one model after
     pruning (and after fine-tuning)."""
-    members = result.get("family") or [result]
+    family = result.get("family")
     columns: list[tuple[str, dict[str, Any], dict[str, Any]]] = []  # label, sizes, metrics
-    for member in members:
+    for member in family or [result]:
         label = "after pruning"
-        if "target" in member and result.get("family"):
+        if family:
             label = ", ".join(f"{k} {v:g}" for k, v in member["target"].items())
         columns.append((label, member, member["after_pruning"]))
         if member.get("after_finetune"):
-            tuned = f"{label}, fine-tuned" if result.get("family") else "after fine-tuning"
+            tuned = f"{label}, fine-tuned" if family else "after fine-tuning"
             columns.append((tuned, member, member["after_finetune"]))
     table = Table()
     for header in ("metric", "before", *(label for label, _, _ in columns)):
