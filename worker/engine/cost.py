@@ -26,7 +26,7 @@ from worker.engine.modes import eval_mode
 # torch's formulas, and one it lacks: the CPU kernel of scaled_dot_product_attention, which every
 # transformers model runs on the CPU, costs what its CUDA siblings do (flash, efficient, cuDNN).
 # Without it a job counted attention products on a GPU and not on a CPU.
-FORMULAS = {
+_FORMULAS = {
     **flop_registry,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[
         torch.ops.aten._scaled_dot_product_flash_attention
@@ -36,7 +36,7 @@ FORMULAS = {
 # arguments to shapes with pytree, which was 40% of a count. Those are called here with shapes
 # read directly (a formula's operands are tensors, numbers and lists of numbers; its output a
 # tensor or a tuple of them); the rest (registered raw) as torch calls them.
-_BY_SHAPE = {op: getattr(formula, "__wrapped__", None) for op, formula in FORMULAS.items()}
+_BY_SHAPE = {op: getattr(formula, "__wrapped__", None) for op, formula in _FORMULAS.items()}
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class _FlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = FORMULAS.get(func._overloadpacket)
+        formula = _FORMULAS.get(func._overloadpacket)
         if formula is not None:
             by_shape = _BY_SHAPE[func._overloadpacket]
             if by_shape is None:
