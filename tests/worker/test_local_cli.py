@@ -12,13 +12,15 @@ from service.cli import app
 from tests.worker import factories
 
 
-def _prune(*args: str) -> None:
+def _prune(*args: str) -> str:
     result = CliRunner().invoke(
         app,
         ["prune", *args, "--steps", "2", "--batches", "2", "--batch-size", "16", "--device", "cpu"],
     )
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     assert "MACs" in result.output  # the before/after table
+    assert "Traceback" not in result.output
+    return result.output
 
 
 @pytest.mark.slow  # over 5 s: whole jobs with every export
@@ -98,22 +100,12 @@ def test_a_pickled_model_needs_trusted_mode(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "model.pt2").is_file()
 
 
-def _run(*args: str) -> str:
-    result = CliRunner().invoke(
-        app,
-        ["prune", *args, "--steps", "2", "--batches", "2", "--batch-size", "16", "--device", "cpu"],
-    )
-    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
-    assert "Traceback" not in result.output
-    return result.output
-
-
 def test_a_family_shows_every_member_and_every_file_whole(tmp_path: Path) -> None:
     folder = factories.bert_folder(tmp_path)
     data = factories.tensors_file(tmp_path / "data.safetensors")
     out = tmp_path / "a-long-folder-name-that-a-table-cell-would-cut" / "out"
 
-    output = _run(
+    output = _prune(
         str(folder), "--data", str(data), "--output", str(out), "--targets", "macs=0.75,0.5"
     )
 
@@ -130,7 +122,7 @@ def test_a_latency_target_reports_what_was_measured(tmp_path: Path) -> None:
     data = factories.tensors_file(tmp_path / "data.safetensors")
 
     # ten seconds: met before any pruning, whatever the machine is doing
-    output = _run(
+    output = _prune(
         str(folder),
         "--data",
         str(data),
