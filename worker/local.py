@@ -61,7 +61,10 @@ def prune_local(
                 progress.update(bar, completed=100, description="done")
             except USER_ERRORS as error:  # one line, what to do; never a traceback
                 progress.stop()
-                console.print(f"[red]error[/red] {error.code}: {error}")
+                # one line whatever the terminal's width; the message's brackets are not markup
+                console.print(
+                    f"error {error.code}: {error}", style="red", soft_wrap=True, markup=False
+                )
                 raise SystemExit(2) from error
     # plain lines, never wrapped or cut: what was reached, then the whole path of each file
     console.print(_reached(result, checked.target), soft_wrap=True, markup=False, highlight=False)

@@ -136,3 +136,18 @@ def test_a_latency_target_reports_what_was_measured(tmp_path: Path) -> None:
 
     assert "at batch 2, target 10000 ms" in output
     assert "faster" in output
+
+
+def test_a_user_error_is_one_unwrapped_line(tmp_path: Path) -> None:
+    folder = factories.bert_folder(tmp_path)
+    data = factories.tensors_file(tmp_path / "data.safetensors")
+
+    result = CliRunner().invoke(
+        app,
+        ["prune", str(folder), "--data", str(data), "--target", "macs=0.001", "--device", "cpu"],
+    )
+
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error ")]
+    assert len(lines) == 1 and "target_unreachable" in lines[0]
+    assert lines[0].rstrip().endswith("or loosen the constraints")  # the whole message, unwrapped
