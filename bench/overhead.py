@@ -14,7 +14,8 @@ most one scoring pass (the first step's scores: the dense model on the calibrati
 BatchNorm recalibration after each step is part of the method (docs/benchmarks.md: worth 35-77
 points right after pruning); it has its own column, and the last column counts it as overhead.
 Each model runs one warm-up job first, as a worker process does before its second job, then
-`--repeats` jobs; the table has each stage's median.
+`--repeats` jobs; the table has each stage's median. The heap is frozen as the worker freezes
+it (`worker/heap.py`): at start and after the first job.
 
     .venv/bin/python bench/overhead.py --threads 2
 """
@@ -44,6 +45,7 @@ from scoring_cost import resnet20  # noqa: E402
 from service.jobs.schemas import JobSpec  # noqa: E402
 from service.store import store_file  # noqa: E402
 from service.store.local import LocalStore  # noqa: E402
+from worker import heap  # noqa: E402
 from worker.steps import JobFiles, execute  # noqa: E402
 
 STEPS = 5
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = parser.parse_args()
     set_threads(args.threads)
+    heap.freeze_imports()
     print(
         "| model | load s | measure s | score s | recalibrate s | prune − score − recalibrate s "
         "| export s | store s | one scoring pass s | not scoring s | ÷ one pass "
@@ -132,6 +135,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         run(name)  # a warm-up job: imports, first-call allocations, kernel selection
+        heap.job_done()
         jobs = [run(name) for _ in range(args.repeats)]
         s = {key: statistics.median(job[0][key] for job in jobs) for key in jobs[0][0]}
         one_pass = statistics.median(job[1] for job in jobs)

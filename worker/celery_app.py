@@ -79,10 +79,11 @@ def _webhook_loop() -> None:
 
 @worker_ready.connect
 def _start_reaper(sender: object = None, **_: object) -> None:
-    from worker import precision, threads
+    from worker import heap, precision, threads
 
     threads.configure(get_settings())
     precision.allow_tf32(get_settings().allow_tf32)
+    log.info("froze %d long-lived objects out of the collector's way", heap.freeze_imports())
     consumer = getattr(sender, "task_consumer", None)
     queues = ",".join(q.name for q in getattr(consumer, "queues", []))
     beat_once(queues)

@@ -1,7 +1,7 @@
 """Thin Celery tasks: each takes an id and hands it to the lifecycle (worker/lifecycle.py)."""
 
 from service.broker import RUN_JOB, VALIDATE_MODEL
-from worker import lifecycle
+from worker import heap, lifecycle
 from worker.celery_app import app
 
 
@@ -12,4 +12,7 @@ def validate_model(model_id: str) -> None:
 
 @app.task(name=RUN_JOB)
 def run_job(job_id: str) -> None:
-    lifecycle.run_job(job_id)
+    try:
+        lifecycle.run_job(job_id)
+    finally:
+        heap.job_done()
