@@ -124,11 +124,15 @@ def _check_weights_cover(cls: type[nn.Module], directory: Path) -> None:
     parameter cap, and the safetensors must hold at least as many elements as it has
     parameters. A config alone (a 1 KB upload asking for a huge vocabulary) allocates nothing."""
     import transformers
+    from transformers.initialization import no_init_weights
 
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-        with torch.device("meta"):
+        # as from_pretrained builds its own: initialising meta tensors (torch's Python
+        # reference kernels) was half of this check's time
+        with torch.device("meta"), no_init_weights():
             skeleton = cls._from_config(config)  # type: ignore[attr-defined]
+            skeleton.tie_weights()  # skipped with the initialisation: a tied head counts once
     except Exception as error:  # a config transformers cannot build a model from
         raise ModelRejected(
             "invalid_config", f"config.json does not build a model: {error}"
