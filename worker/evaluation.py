@@ -24,8 +24,8 @@ def evaluate(model: nn.Module, batches: list[dict[str, Any]], loss_fn: LossFn) -
         for batch in batches:
             outputs.clear()
             losses.append(float(loss_fn(model, batch)))
-            labels = batch.get("labels")
-            if labels is None or labels.is_floating_point():
+            labels = class_labels(batch)
+            if labels is None:
                 continue
             # the loss's pass when it made one, else a pass of its own (a loss may not call it)
             output = outputs[0] if outputs else model(**model_inputs(batch))
@@ -47,17 +47,27 @@ def evaluate(model: nn.Module, batches: list[dict[str, Any]], loss_fn: LossFn) -
     return metrics
 
 
+def class_labels(batch: dict[str, Any]) -> Tensor | None:
+    """The batch's labels where they are classes (integers), which accuracy counts."""
+    labels = batch.get("labels")
+    return None if labels is None or labels.is_floating_point() else labels
+
+
 @torch.no_grad()
 def latency_ms(
-    model: nn.Module, inputs: dict[str, Any], repeats: int = 11, budget_s: float = 0.05
+    model: nn.Module,
+    inputs: dict[str, Any],
+    repeats: int = 9,
+    budget_s: float = 0.05,
+    warmup: int = 1,
 ) -> float:
-    """Median wall time of one forward pass on `inputs` (after warm-up), in milliseconds: up to
-    `repeats` timed runs (odd: the median is one of them), fewer (five at least) once
-    `budget_s` is spent, as timeit's autorange bounds its loops, so a model of 100 ms a pass
-    costs half a second here, not two. Latency targets time with their own, stricter loop
-    (`worker.latency`)."""
+    """Median wall time of one forward pass on `inputs` (after `warmup` passes: the first
+    allocates and picks kernels), in milliseconds: up to `repeats` timed runs (odd: the median
+    is one of them), fewer (five at least) once `budget_s` is spent, as timeit's autorange
+    bounds its loops, so a model of 100 ms a pass costs half a second here, not two. Latency
+    targets time with their own, stricter loop (`worker.latency`)."""
     model.eval()
-    for _ in range(2):
+    for _ in range(warmup):
         run_forward(model, inputs)
     timings: list[float] = []
     while len(timings) < repeats and (len(timings) < 5 or sum(timings) < budget_s):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from service.cli_api import build_spec
 from service.jobs.schemas import JobSpec
 from tests.worker import factories
+from worker import evaluation
 from worker.engine import EngineError, measure
 from worker.engine.plan import Plan, apply_plan_
 from worker.steps import JobFailed, JobFiles, execute, prune_config, steps_per_goal
@@ -148,6 +149,27 @@ def test_tensors_with_a_separate_evaluation_set_and_a_distillation_loss(tmp_path
     assert result["evaluated_on"] == "held_out"
     assert result["params_after"] <= 0.8 * result["params_before"]
     assert result["before"]["loss"] == pytest.approx(0.0, abs=1e-6)  # student = teacher
+
+
+def test_before_pruning_a_distilled_model_is_its_teacher_and_takes_no_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = factories.bert_folder(tmp_path)
+    data = factories.jsonl_file(tmp_path / "data.jsonl", labels=False)
+    evaluated: list[int] = []
+    evaluate = evaluation.evaluate
+
+    def counted(*args: Any) -> dict[str, float]:
+        evaluated.append(1)
+        return evaluate(*args)
+
+    monkeypatch.setattr(evaluation, "evaluate", counted)
+
+    result, _ = _run(factories.spec(loss="distill"), model, data, "jsonl", tmp_path / "work")
+
+    assert result["before"]["loss"] == 0.0 and "accuracy" not in result["before"]
+    assert result["after_pruning"]["loss"] > 0
+    assert len(evaluated) == 1  # after pruning only
 
 
 def test_a_pickle_output_only_in_trusted_mode(tmp_path: Path) -> None:
