@@ -25,6 +25,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from worker import threads  # noqa: E402
 from worker.engine import measure  # noqa: E402
 from worker.engine.batchnorm import recalibrate_batchnorm_  # noqa: E402
 
@@ -50,8 +51,9 @@ class Dataset:
 
 
 def set_threads(count: int) -> None:
-    """Pin torch to `count` CPU threads: the machine is small and shared with other jobs."""
-    torch.set_num_threads(count)
+    """Pin torch to `count` CPU threads, as a worker does (`worker/threads.py`): the machine is
+    small and shared with other jobs."""
+    threads.use(count)
     with contextlib.suppress(RuntimeError):  # already set once in this process
         torch.set_num_interop_threads(1)
 

@@ -1,5 +1,7 @@
 """A worker's torch thread pool: the cores it may use, shared by the host's workers."""
 
+import os
+
 import pytest
 import torch
 
@@ -27,3 +29,24 @@ def test_configure_sets_torchs_pool() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("count", "sequential"), [(1, True), (3, True), (4, False), (8, False)])
+def test_checkpoints_load_without_a_thread_pool_beside_fewer_torch_threads(
+    monkeypatch: pytest.MonkeyPatch, count: int, sequential: bool
+) -> None:
+    monkeypatch.delenv(threads.SEQUENTIAL_LOADING, raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+
+    threads.use(count)
+
+    assert (os.environ.get(threads.SEQUENTIAL_LOADING) == "1") is sequential
+
+
+def test_an_operators_choice_of_loading_stands(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(threads.SEQUENTIAL_LOADING, "0")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+
+    threads.use(1)
+
+    assert os.environ[threads.SEQUENTIAL_LOADING] == "0"
