@@ -84,6 +84,9 @@ def _start_reaper(sender: object = None, **_: object) -> None:
     threads.configure(get_settings())
     precision.allow_tf32(get_settings().allow_tf32)
     log.info("froze %d long-lived objects out of the collector's way", heap.freeze_imports())
+    import transformers  # imported by then: its progress bars would fill the log, a line each
+
+    transformers.utils.logging.disable_progress_bar()
     consumer = getattr(sender, "task_consumer", None)
     queues = ",".join(q.name for q in getattr(consumer, "queues", []))
     beat_once(queues)

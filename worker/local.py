@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -36,6 +37,9 @@ def prune_local(
     """Run one job on local files; returns the written artifacts."""
     checked = JobSpec.model_validate({"model_id": "local", "dataset_id": "local", **spec})
     precision.allow_tf32(get_settings().allow_tf32)
+    # One progress bar, the job's: transformers' own (loading weights, writing shards) would
+    # print between its updates.
+    transformers.utils.logging.disable_progress_bar()
     console = Console()
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
