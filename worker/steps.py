@@ -104,7 +104,8 @@ def execute(
     example = models.example_inputs(loaded, batch=calibration[0], device=device)
     seconds["load"] = time.perf_counter() - clock
 
-    before = _measure(net, eval_batches, loss_fn, example, seconds, unpruned=spec.loss == "distill")
+    distilled = spec.loss == "distill"
+    before = _measure(net, eval_batches, loss_fn, example, seconds, is_teacher=distilled)
     goals = spec.goals
     budget = steps_per_goal(spec.schedule.steps, [goal.value for goal in goals])
     family = spec.targets is not None
@@ -400,13 +401,13 @@ def _measure(
     loss_fn: losses.LossFn,
     example: dict[str, Any],
     seconds: dict[str, float],
-    unpruned: bool = False,
+    is_teacher: bool = False,
 ) -> dict[str, float]:
     """Loss (and accuracy) on the evaluation batches and latency; its time adds to "measure".
-    `unpruned`: the model is still the distillation loss's teacher, so its loss is 0 by
-    definition, and only accuracy, where the batches hold class labels, takes a pass."""
+    `is_teacher`: the model is still the distillation loss's teacher (nothing is pruned yet),
+    so its loss is 0 by definition, and only accuracy, where labels are classes, takes a pass."""
     clock = time.perf_counter()
-    if unpruned and not any(evaluation.class_labels(batch) is not None for batch in batches):
+    if is_teacher and not any(evaluation.class_labels(batch) is not None for batch in batches):
         metrics = {"loss": 0.0}
     else:
         metrics = evaluation.evaluate(net, batches, loss_fn)
