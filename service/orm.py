@@ -152,6 +152,18 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class UploadAdmission(Base):
+    """An upload the rate let in, and when: the upload rate counts these, not the models and
+    datasets that remain (an upload deleted at once was still made). A tenant's admissions older
+    than the rate's window go when its next upload is admitted."""
+
+    __tablename__ = "upload_admission"
+    __table_args__ = (Index("ix_upload_admission_tenant_at", "tenant_id", "admitted_at"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))
+    admitted_at: Mapped[datetime] = mapped_column()
+
+
 class Blob(Base):
     """A blob in the store. Rows that name it (models, datasets, artifacts) are its references;
     the sweep deletes a blob none has named since `stored_at` + a grace period."""

@@ -67,6 +67,11 @@ def create(
     if spec.mlflow is not None:
         _check_target(spec.mlflow.tracking_uri, "mlflow.tracking_uri")
     settings = get_settings()
+    # Count, then add, holding the tenant's row until the commit: submits that arrive together
+    # take turns, each counting the jobs the ones before it added. The lock opens a transaction
+    # of its own (see `tenants.lock`); what was read so far ends with the one before.
+    session.commit()
+    tenants.lock(session, tenant_id)
     if repository.active_count(session, tenant_id) >= settings.max_active_jobs:
         raise ProblemError(
             429,

@@ -1,14 +1,16 @@
 """All SQL for tenants, their API keys, and the rows they own: one read and one keyset page
-(newest first on (created_at, id)) for models, datasets, jobs and artifacts alike."""
+(newest first on (created_at, id)) for models, datasets, jobs and artifacts alike; the lock a
+quota check holds, and the uploads the rate admitted."""
 
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, func, select, union_all
+from sqlalchemy import ColumnElement, func, select, union_all, update
+from sqlalchemy import delete as delete_where
 from sqlalchemy.orm import Session
 
-from service.orm import ApiKey, Artifact, Dataset, Job, Model, Tenant, utcnow
+from service.orm import ApiKey, Artifact, Dataset, Job, Model, Tenant, UploadAdmission, utcnow
 from service.pagination import decode_cursor, encode_cursor
 
 Owned = TypeVar("Owned", Model, Dataset, Job, Artifact)
@@ -99,12 +101,38 @@ def stored_bytes(session: Session, tenant_id: str) -> int:
     return int(session.scalar(select(func.coalesce(func.sum(sizes.c.size), 0))) or 0)
 
 
+def lock(session: Session, tenant_id: str) -> None:
+    """Hold the tenant's row until the transaction ends, so that a quota's count-then-write runs
+    for one request of the tenant at a time. A write that changes nothing rather than
+    SELECT … FOR UPDATE: SQLite has no row locks, but a write as the first statement of a
+    transaction takes its database's write lock, waiting its busy timeout for it (a transaction
+    that read first may instead fail to upgrade, SQLITE_BUSY). On Postgres it is a row lock: other
+    tenants go on."""
+    session.execute(
+        update(Tenant)
+        .where(Tenant.id == tenant_id)
+        .values(name=Tenant.name)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def uploads_since(session: Session, tenant_id: str, since: datetime) -> list[datetime]:
-    """When the tenant's models and datasets created after `since` were uploaded, oldest first."""
-    times = union_all(
-        *(
-            select(kind.created_at).where(kind.tenant_id == tenant_id, kind.created_at > since)
-            for kind in (Model, Dataset)
+    """When the tenant's uploads admitted after `since` were admitted, oldest first."""
+    return list(
+        session.scalars(
+            select(UploadAdmission.admitted_at)
+            .where(UploadAdmission.tenant_id == tenant_id, UploadAdmission.admitted_at > since)
+            .order_by(UploadAdmission.admitted_at)
         )
-    ).subquery()
-    return list(session.scalars(select(times.c.created_at).order_by(times.c.created_at)))
+    )
+
+
+def admit_upload(session: Session, tenant_id: str, at: datetime, forget_before: datetime) -> None:
+    """Record an upload admitted `at`, and forget the tenant's admissions the rate no longer
+    counts (those at or before `forget_before`)."""
+    session.execute(
+        delete_where(UploadAdmission).where(
+            UploadAdmission.tenant_id == tenant_id, UploadAdmission.admitted_at <= forget_before
+        )
+    )
+    session.add(UploadAdmission(tenant_id=tenant_id, admitted_at=at))

@@ -48,11 +48,11 @@ async def receive(
     settings = get_settings()
     declared = request.headers.get("content-length", "")
     declared_bytes = int(declared) if declared.isdecimal() else 0
-    await run_in_threadpool(quota.check, sessions, tenant_id, declared_bytes)
+    await run_in_threadpool(quota.admit, sessions, tenant_id, declared_bytes)
     upload = await receive_upload(request, settings.home / "tmp", settings.max_upload_bytes)
     with _discard_on_error(upload):
         if not declared_bytes:  # a chunked body: its size is known only now
-            await run_in_threadpool(quota.check, sessions, tenant_id, upload.size)
+            await run_in_threadpool(quota.check_bytes, sessions, tenant_id, upload.size)
         upload_format = upload.fields.get("format", "")
         if upload_format not in formats:
             raise ProblemError(

@@ -5,18 +5,20 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.orm import UploadAdmission
 from service.settings import Settings, get_settings
 from tests.service.datasets.test_datasets import TENSORS
 from tests.service.datasets.test_datasets import upload as upload_dataset
-from tests.service.factories import Caller, make_dataset, make_model
+from tests.service.factories import Caller
 from tests.service.models.test_upload import WEIGHTS
 from tests.service.models.test_upload import upload as upload_model
 from tests.service.support import QueueRecorder, leftover_files, problem
 
 
-def _limit(monkeypatch: pytest.MonkeyPatch, name: str, value: int) -> None:
+def set_limit(monkeypatch: pytest.MonkeyPatch, name: str, value: int) -> None:
     monkeypatch.setenv(f"APOPTOSIS_{name}", str(value))
     get_settings.cache_clear()
 
@@ -29,11 +31,10 @@ def test_uploads_past_the_rate_get_429_until_the_minute_has_passed(
     queued: QueueRecorder,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _limit(monkeypatch, "MAX_UPLOADS_PER_MINUTE", 3)
+    set_limit(monkeypatch, "MAX_UPLOADS_PER_MINUTE", 3)
     now = datetime.now(UTC)
-    make_model(db, alice.tenant_id, name="long ago", created_at=now - timedelta(minutes=5))
-    make_model(db, alice.tenant_id, name="a", created_at=now - timedelta(seconds=50))
-    make_dataset(db, alice.tenant_id, name="b", created_at=now - timedelta(seconds=20))
+    for seconds_ago in (5 * 60, 50, 20):  # the first has left the minute
+        _admitted(db, alice, now - timedelta(seconds=seconds_ago))
     assert upload_model(client, alice, WEIGHTS).status_code == 201  # the third in a minute
 
     response = upload_dataset(client, alice, TENSORS)
@@ -46,6 +47,43 @@ def test_uploads_past_the_rate_get_429_until_the_minute_has_passed(
     assert len(queued.validations) == 2
 
 
+def test_deleting_uploads_gives_back_none_of_the_rate(
+    client: TestClient, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rate counts uploads made, not the rows that remain (security issue 19, finding 10)."""
+    set_limit(monkeypatch, "MAX_UPLOADS_PER_MINUTE", 3)
+    for _ in range(3):
+        model_id = upload_model(client, alice, WEIGHTS).json()["id"]
+        assert client.delete(f"/v1/models/{model_id}", headers=alice.headers).status_code == 204
+
+    problem(upload_model(client, alice, WEIGHTS), 429, "upload_rate_exceeded")
+
+
+def test_a_refused_upload_is_not_counted_and_old_admissions_are_forgotten(
+    client: TestClient, db: Session, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_limit(monkeypatch, "MAX_UPLOADS_PER_MINUTE", 1)
+    _admitted(db, alice, datetime.now(UTC) - timedelta(minutes=5))
+    set_limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) // 2)
+    problem(upload_model(client, alice, WEIGHTS), 429, "storage_quota_exceeded")
+    set_limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) + 1000)  # the multipart body fits
+
+    assert upload_model(client, alice, WEIGHTS).status_code == 201  # the one of its minute
+
+    db.expire_all()
+    assert len(_admissions(db, alice)) == 1  # the admission five minutes old is gone
+
+
+def _admitted(db: Session, caller: Caller, at: datetime) -> None:
+    db.add(UploadAdmission(tenant_id=caller.tenant_id, admitted_at=at))
+    db.commit()
+
+
+def _admissions(db: Session, caller: Caller) -> list[UploadAdmission]:
+    query = select(UploadAdmission).where(UploadAdmission.tenant_id == caller.tenant_id)
+    return list(db.scalars(query))
+
+
 def test_an_upload_that_would_pass_the_storage_quota_is_refused_unread(
     client: TestClient,
     db: Session,
@@ -53,7 +91,7 @@ def test_an_upload_that_would_pass_the_storage_quota_is_refused_unread(
     alice: Caller,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) + len(TENSORS) // 2)
+    set_limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) + len(TENSORS) // 2)
     assert upload_model(client, alice, WEIGHTS).status_code == 201
     stored_before = leftover_files(settings)
 
@@ -73,7 +111,7 @@ def test_a_chunked_upload_is_measured_once_received(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without a Content-Length the quota is checked on the bytes received."""
-    _limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) // 2)
+    set_limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) // 2)
     boundary = "quota-boundary"
     body = (
         (
@@ -98,7 +136,7 @@ def test_a_chunked_upload_is_measured_once_received(
 def test_deleting_frees_the_quota_at_once(
     client: TestClient, alice: Caller, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) + 1000)
+    set_limit(monkeypatch, "MAX_TENANT_BYTES", len(WEIGHTS) + 1000)
     first = upload_model(client, alice, WEIGHTS).json()["id"]
     problem(upload_model(client, alice, WEIGHTS), 429, "storage_quota_exceeded")
 
