@@ -44,7 +44,10 @@ def create_app(
     )
     app.state.sessions, app.state.store = sessions, store
     problems.install(app)
-    app.add_middleware(BodyLimitMiddleware)
+    # The upload routes are the POSTs at these prefixes: their bodies get the upload cap.
+    app.add_middleware(
+        BodyLimitMiddleware, upload_paths=(models_router.prefix, datasets_router.prefix)
+    )
     metrics.install(app)  # outermost: it counts what the body limit refuses too
     for router in (
         health.router,

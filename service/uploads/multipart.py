@@ -1,5 +1,6 @@
 """Streaming multipart uploads: the file part goes to a temporary file chunk by chunk, counted as
-it arrives, and the request fails with 413 the moment it passes the cap."""
+it arrives, and the request fails with 413 the moment it passes the cap. The other parts are
+held in memory, so their number and their bytes in all are capped too, and checked part by part."""
 
 import tempfile
 import time
@@ -9,11 +10,26 @@ from typing import Any
 
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import (
+    DEFAULT_MAX_HEADER_COUNT,
+    DEFAULT_MAX_HEADER_SIZE,
+    MAX_BOUNDARY_LENGTH,
+    MultipartParser,
+    parse_options_header,
+)
 
 from service.problems import ProblemError
 
-MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELDS = 8  # parts besides the file; only 'format' and 'name' mean anything
+MAX_FIELDS_BYTES = 64 * 1024  # their values, all together
+# One part's framing: its boundary line (CRLF "--" boundary CRLF) and its header block, as the
+# parser caps them (so many header lines of so many bytes, then a blank line).
+_PART_OVERHEAD = (
+    MAX_BOUNDARY_LENGTH + 6 + DEFAULT_MAX_HEADER_COUNT * (DEFAULT_MAX_HEADER_SIZE + 2) + 2
+)
+# The most a well-formed form adds to its file: its fields, their parts', the file part's and
+# the closing boundary's overhead. The body limit caps an upload's body at the file cap plus this.
+FORM_ALLOWANCE = MAX_FIELDS_BYTES + (MAX_FIELDS + 2) * _PART_OVERHEAD
 SPOOL_IDLE_SECONDS = 15 * 60  # an upload that sent nothing for this long is abandoned
 
 
@@ -29,6 +45,8 @@ class _Receiver:
     def __init__(self, spool_dir: Path, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.fields: dict[str, str] = {}
+        self.field_count = 0
+        self.fields_bytes = 0
         self.size = 0
         self.filename = ""
         # closed by receive_upload, which owns the file's whole life
@@ -71,40 +89,51 @@ class _Receiver:
             if self.filename:
                 raise ProblemError(422, "multiple_files", "send exactly one 'file' part")
             self.filename = options[b"filename"].decode(errors="replace") or "upload"
+            return
+        self.field_count += 1
+        if self.field_count > MAX_FIELDS:
+            raise ProblemError(
+                413,
+                "too_many_fields",
+                f"the form has more than {MAX_FIELDS} fields; send 'file', 'format' and 'name'",
+            )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
         if self._is_file:
             self.size += len(chunk)
             if self.size > self.max_bytes:
-                raise ProblemError(
-                    413,
-                    "upload_too_large",
-                    f"the upload exceeds the limit of {self.max_bytes} bytes",
-                )
+                raise upload_too_large(self.max_bytes)
             self.file.write(chunk)
         else:
-            self._value += chunk
-            if len(self._value) > MAX_FIELD_BYTES:
+            self.fields_bytes += len(chunk)
+            if self.fields_bytes > MAX_FIELDS_BYTES:
                 raise ProblemError(
-                    413, "field_too_large", f"form field {self._part_name!r} is too large"
+                    413,
+                    "field_too_large",
+                    f"form field {self._part_name!r} takes the fields past {MAX_FIELDS_BYTES} "
+                    "bytes in all; send only 'format' and 'name' besides the file",
                 )
+            self._value += chunk
 
     def _part_end(self) -> None:
         if not self._is_file and self._part_name:
             self.fields[self._part_name] = self._value.decode(errors="replace")
 
 
+def upload_too_large(max_bytes: int) -> ProblemError:
+    """The 413 for an upload over `max_bytes`, from the parser or from the body limit."""
+    return ProblemError(
+        413, "upload_too_large", f"the upload exceeds the limit of {max_bytes} bytes"
+    )
+
+
 async def receive_upload(request: Request, spool_dir: Path, max_bytes: int) -> Upload:
-    """Parse a multipart/form-data request with a `file` part and small text fields."""
+    """Parse a multipart/form-data request with a `file` part and small text fields. A declared
+    length over `max_bytes` + `FORM_ALLOWANCE` never gets here: the body limit refuses it."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         raise ProblemError(415, "unsupported_media_type", "send the upload as multipart/form-data")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes + MAX_FIELD_BYTES:
-        raise ProblemError(
-            413, "upload_too_large", f"the upload exceeds the limit of {max_bytes} bytes"
-        )
     spool_dir.mkdir(parents=True, exist_ok=True)
     receiver = _Receiver(spool_dir, max_bytes)
     try:

@@ -1,4 +1,5 @@
-"""Malformed multipart bodies: a 400 problem, the connection still usable, nothing left behind."""
+"""Malformed and hostile multipart bodies: a 4xx problem, the connection still usable, nothing
+left behind, and no more of the body read than the part that crossed a limit."""
 
 import os
 import time
@@ -8,8 +9,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
+from service.uploads.multipart import MAX_FIELDS, MAX_FIELDS_BYTES
 from tests.service.factories import Caller, hf_archive
-from tests.service.support import leftover_files, problem
+from tests.service.streamed import Pulled, post
+from tests.service.support import Response, leftover_files, problem
 
 BOUNDARY = "b0undary"
 ARCHIVE = hf_archive(b"\0" * 64)
@@ -79,3 +82,52 @@ def test_spool_files_of_uploads_cut_short_are_swept_at_start(
 
     assert not abandoned.exists()
     assert live.exists()  # written to just now: another process's upload in flight
+
+
+def field(name: str, value: bytes) -> bytes:
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+    return head.encode() + value + b"\r\n"
+
+
+def upload_chunked(app: FastAPI, alice: Caller, *fields: bytes) -> tuple[Response, Pulled]:
+    """POST /v1/models a form of `fields` and then the file, chunked, one part a chunk."""
+    file_part = f"--{BOUNDARY}\r\n".encode() + FILE_PART + b"\r\n\r\n" + ARCHIVE
+    end = f"\r\n--{BOUNDARY}--\r\n".encode()
+    headers = alice.headers | {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    return post(app, "/v1/models", headers, [*fields, file_part + end])
+
+
+def test_thousands_of_fields_are_refused_at_the_first_past_the_cap(
+    app: FastAPI, alice: Caller, settings: Settings
+) -> None:
+    notes = [field(f"note{number}", b"x" * 1024) for number in range(3000)]
+
+    response, pulled = upload_chunked(app, alice, field("format", b"hf"), *notes)
+
+    body = problem(response, 413, "too_many_fields")
+    assert str(MAX_FIELDS) in body["detail"]
+    assert pulled.messages == MAX_FIELDS + 1  # read no further than the part past the cap
+    assert leftover_files(settings) == []
+
+
+def test_fields_are_capped_in_all_not_only_one_by_one(
+    app: FastAPI, alice: Caller, settings: Settings
+) -> None:
+    # Six notes, each far below the cap: with 'format', the fourth takes them past it.
+    notes = [field(f"note{number}", b"x" * (MAX_FIELDS_BYTES // 4)) for number in range(6)]
+
+    response, pulled = upload_chunked(app, alice, field("format", b"hf"), *notes)
+
+    problem(response, 413, "field_too_large")
+    assert pulled.messages == 1 + 4  # read no further than the fourth note
+    assert leftover_files(settings) == []
+
+
+def test_a_form_within_the_field_caps_is_accepted(app: FastAPI, alice: Caller) -> None:
+    extras = [field(f"extra{number}", b"") for number in range(MAX_FIELDS - 2)]
+
+    response, _ = upload_chunked(
+        app, alice, field("format", b"hf"), field("name", b"n" * 200), *extras
+    )
+
+    assert response.status_code == 201, response.text
