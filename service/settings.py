@@ -47,7 +47,15 @@ class Settings(BaseSettings):
     # although they are not public (the SSRF guard refuses them otherwise); JSON list
     webhook_allow: list[str] = Field(default_factory=list)
     webhook_max_attempts: int = Field(default=8, ge=1)
+    # A delivery's whole request (connect, send, read) ends at this deadline
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Deliveries in flight at once per worker, and per tenant among them: a slow receiver holds
+    # its own tenant's slots, never everyone's
+    webhook_concurrency: int = Field(default=16, ge=1)
+    webhook_per_tenant: int = Field(default=2, ge=1)
+    # A call to a job's MLflow tracking server ends at this deadline (an artifact upload gets
+    # one more second per MiB it carries)
+    tracking_timeout_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     stale_after_seconds: float = Field(default=60.0, gt=0)
     job_soft_time_limit: int = 6 * 3600

@@ -16,7 +16,6 @@ log = logging.getLogger("apoptosis.worker")
 app = Celery("apoptosis", include=["worker.tasks"])
 app.conf.update(celery_config(get_settings()))
 _stop_reaper = threading.Event()
-WEBHOOK_POLL_SECONDS = 2.0
 
 
 def reap_once() -> None:
@@ -68,13 +67,9 @@ def _retention_loop() -> None:
 
 
 def _webhook_loop() -> None:
-    from worker.webhooks import deliver_due
+    from worker.webhooks import serve
 
-    while not _stop_reaper.wait(WEBHOOK_POLL_SECONDS):
-        try:
-            deliver_due(get_settings())
-        except Exception:  # the next round retries: deliveries stay in the outbox until sent
-            log.exception("webhook round failed")
+    serve(get_settings(), _stop_reaper)
 
 
 @worker_ready.connect

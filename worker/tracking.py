@@ -1,14 +1,15 @@
-"""Logging a finished job to the MLflow tracking server its spec names (the `mlflow` extra).
+"""Logging a finished job to the MLflow tracking server its spec names.
 
 One run per job: the spec as params (flattened: `target.macs`), the before / after pruning /
 after fine-tuning metrics, MACs, params and loss per pruning step (as the metric's steps), the
 report (JSON) and the exported model files as artifacts. The job's result records the run, or
 why it could not be logged: a tracking server that is down does not undo a pruning that
-succeeded.
+succeeded. Every call goes through the guarded outbound client (`worker.mlflow_api`); artifacts
+go only through the server's artifact proxy, and where the server names another place the run
+is logged without them and the result says why (`artifacts_error`).
 """
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -16,67 +17,73 @@ from typing import Any
 
 from service.jobs.schemas import JobSpec
 from service.settings import get_settings
-from service.webhooks import targets
 from worker.export import Exported
+from worker.mlflow_api import ArtifactsRefused, TrackingError, TrackingServer
 
 MEASURES = ("before", "after_pruning", "after_finetune")
-
-
-# MLflow's client retries a failing server 7 times with doubling waits (minutes); a job waits
-# for a tracking server far less. An operator's own setting wins.
-CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
 
 
 def log_job(spec: JobSpec, result: dict[str, Any], exports: list[Exported]) -> dict[str, Any]:
-    """Log the job; `{"run_id", "experiment_id", "tracking_uri"}`, or `{"error": …}`."""
+    """Log the job; `{"run_id", "experiment_id", "tracking_uri"}` (with `artifacts_error` when
+    the artifacts were refused), or `{"error": …}`."""
     assert spec.mlflow is not None
-    for name, value in CLIENT_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    settings = get_settings()
     tracking_uri = spec.mlflow.tracking_uri
+    server = TrackingServer(tracking_uri, settings.webhook_allow, settings.tracking_timeout_seconds)
+    logged: dict[str, Any] = {"tracking_uri": tracking_uri}
     try:
-        targets.check(tracking_uri, get_settings().webhook_allow)
-        from mlflow.tracking import MlflowClient
-    except targets.TargetRefused as error:
-        return {"error": f"mlflow.tracking_uri: {error}"}
-    except ImportError:
-        return {"error": "this worker has no mlflow: install apoptosis[worker,mlflow]"}
-    try:
-        client = MlflowClient(tracking_uri)
-        experiment = client.get_experiment_by_name(spec.mlflow.experiment)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment is not None
-            else client.create_experiment(spec.mlflow.experiment)
-        )
-        run = client.create_run(experiment_id, run_name=spec.mlflow.run_name)
-        run_id = run.info.run_id
-        _log(client, run_id, spec, result, exports)
-        client.set_terminated(run_id)
-    except Exception as error:  # any client or server failure: the job's result says so
-        return {"error": f"{type(error).__name__}: {error}"[:500], "tracking_uri": tracking_uri}
-    return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri}
+        experiment_id = server.experiment_id(spec.mlflow.experiment)
+        run = server.create_run(experiment_id, spec.mlflow.run_name, _now_ms())
+        logged |= {"run_id": run["run_id"], "experiment_id": experiment_id}
+        server.log_batch(run["run_id"], _metrics(result), _params(spec))
+        try:
+            _log_artifacts(server, str(run.get("artifact_uri", "")), spec, result, exports)
+        except ArtifactsRefused as refused:
+            logged["artifacts_error"] = str(refused)
+        server.finish(run["run_id"], _now_ms())
+    except TrackingError as error:
+        return {"error": str(error)[:500], "tracking_uri": tracking_uri}
+    return logged
 
 
-def _log(
-    client: Any, run_id: str, spec: JobSpec, result: dict[str, Any], exports: list[Exported]
+def _log_artifacts(
+    server: TrackingServer,
+    artifact_uri: str,
+    spec: JobSpec,
+    result: dict[str, Any],
+    exports: list[Exported],
 ) -> None:
-    from mlflow.entities import Metric, Param
-
-    now = int(time.time() * 1000)
-    params = [Param(key, str(value)[:6000]) for key, value in _flat(spec.model_dump(mode="json"))]
-    metrics = [Metric(key, float(value), now, 0) for key, value in _final_metrics(result)]
-    for row in result.get("steps", []):
-        metrics += [
-            Metric(f"step_{name}", float(row[name]), now, int(row["step"]))
-            for name in ("macs", "params", "loss")
-        ]
-    client.log_batch(run_id, metrics=metrics, params=params)
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "report.json"
         report.write_text(json.dumps({"spec": spec.model_dump(mode="json"), "result": result}))
-        client.log_artifact(run_id, str(report))
+        server.upload(artifact_uri, report)
     for exported in exports:
-        client.log_artifact(run_id, str(exported.path), artifact_path="model")
+        server.upload(artifact_uri, exported.path, "model")
+
+
+def _params(spec: JobSpec) -> list[dict[str, str]]:
+    flat = _flat(spec.model_dump(mode="json"))
+    return [{"key": key, "value": str(value)[:MAX_PARAM_CHARS]} for key, value in flat]
+
+
+def _metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
+    now = _now_ms()
+    metrics = [
+        {"key": key, "value": float(value), "timestamp": now, "step": 0}
+        for key, value in _final_metrics(result)
+    ]
+    for row in result.get("steps", []):
+        metrics += [
+            {
+                "key": f"step_{name}",
+                "value": float(row[name]),
+                "timestamp": now,
+                "step": row["step"],
+            }
+            for name in ("macs", "params", "loss")
+        ]
+    return metrics
 
 
 def _final_metrics(result: dict[str, Any]) -> list[tuple[str, float]]:
@@ -96,3 +103,7 @@ def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(value, dict):
         return [pair for key, item in value.items() for pair in _flat(item, f"{prefix}{key}.")]
     return [(prefix.rstrip("."), value)] if value is not None else []
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -12,11 +12,12 @@ from service.jobs.schemas import JobSpec
 from service.jobs.states import TERMINAL, JobState
 from service.models.states import ModelState
 from service.orm import Dataset, Job, Model, utcnow
+from service.outbound import guard
 from service.problems import ProblemError, found
 from service.settings import get_settings
 from service.tenants import repository as tenants
 from service.tenants.repository import Owned
-from service.webhooks import secret, targets
+from service.webhooks import secret
 
 RETRY_AFTER_SECONDS = 30  # a small job's run: when a slot is likely to be free again
 
@@ -107,8 +108,8 @@ def create(
 def _check_target(url: str, field: str) -> None:
     """A URL the worker will call: refused when it reaches a non-public address (SSRF)."""
     try:
-        targets.check(url, get_settings().webhook_allow)
-    except targets.TargetRefused as error:
+        guard.check(url, get_settings().webhook_allow)
+    except guard.TargetRefused as error:
         code = f"{field.split('.')[0]}_refused"
         raise ProblemError(422, code, f"{field}: {error}") from error
 

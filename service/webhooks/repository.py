@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.orm import Job, Tenant, WebhookDelivery
@@ -26,15 +26,32 @@ def of_job(session: Session, job_id: str) -> Sequence[WebhookDelivery]:
     return session.scalars(query.order_by(WebhookDelivery.created_at, WebhookDelivery.id)).all()
 
 
-def due(session: Session, now: datetime, limit: int) -> list[str]:
-    """Pending deliveries whose next attempt is due, oldest first."""
-    query = (
-        select(WebhookDelivery.id)
+def due(session: Session, now: datetime, limit: int, per_tenant: int) -> list[tuple[str, str, str]]:
+    """Pending deliveries whose next attempt is due, as (id, tenant id, job id), oldest first,
+    at most `per_tenant` of each tenant: one tenant's backlog never fills a round."""
+    rank = (
+        func.row_number()
+        .over(partition_by=WebhookDelivery.tenant_id, order_by=WebhookDelivery.next_attempt_at)
+        .label("rank")
+    )
+    ranked = (
+        select(
+            WebhookDelivery.id,
+            WebhookDelivery.tenant_id,
+            WebhookDelivery.job_id,
+            WebhookDelivery.next_attempt_at,
+            rank,
+        )
         .where(WebhookDelivery.state == "pending", WebhookDelivery.next_attempt_at <= now)
-        .order_by(WebhookDelivery.next_attempt_at)
+        .subquery()
+    )
+    query = (
+        select(ranked.c.id, ranked.c.tenant_id, ranked.c.job_id)
+        .where(ranked.c.rank <= per_tenant)
+        .order_by(ranked.c.next_attempt_at, ranked.c.id)
         .limit(limit)
     )
-    return list(session.scalars(query))
+    return [(row.id, row.tenant_id, row.job_id) for row in session.execute(query)]
 
 
 def claim(

@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session
 from service import queue
 from service.app import create_app
 from service.jobs import repository as jobs
+from service.outbound import guard
 from service.store import ArtifactStore
-from service.webhooks import targets
 from service.workers import repository as workers
 from tests.service.factories import (
     Caller,
@@ -98,7 +98,7 @@ def deployed(monkeypatch: pytest.MonkeyPatch, db: Session) -> None:
     """A ready deployment: the broker answers and a worker beat just now (/readyz is 200).
     Hosts in generated URLs (notify_url, mlflow) resolve to a documentation address: no DNS."""
     monkeypatch.setattr(queue, "broker_ready", lambda: True)
-    monkeypatch.setattr(targets, "resolve", lambda host, port: ["192.0.2.1"])
+    monkeypatch.setattr(guard, "resolve", lambda host, port: ["192.0.2.1"])
     workers.beat(db, "worker-1", "cpu")
     db.commit()
 

@@ -7,8 +7,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from service.outbound import guard
 from service.settings import get_settings
-from service.webhooks import targets
 from tests.service.factories import Caller, make_dataset, make_model
 from tests.service.support import QueueRecorder, problem
 
@@ -32,7 +32,7 @@ def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
             raise OSError(f"no such host {host}")
         return answers[host]
 
-    monkeypatch.setattr(targets, "resolve", lying_resolver)
+    monkeypatch.setattr(guard, "resolve", lying_resolver)
     return answers
 
 
@@ -152,3 +152,29 @@ def test_each_tenant_has_its_own_secret_which_rotates(
     assert bobs != first
     assert rotated != first
     assert client.get("/v1/webhooks/secret", headers=alice.headers).json()["secret"] == rotated
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://hooks.example.com:65536/hook",
+        "http://hooks.example.com:-1/hook",
+        "http://[::1/hook",
+        "http://[64:ff9b::zz]/hook",
+        "http://127.0.0.1:8000\\@[64:ff9b::5db8:d822]/x",
+    ],
+)
+@pytest.mark.parametrize("field", ["notify_url", "tracking_uri"])
+def test_a_malformed_url_is_a_422_naming_the_field(
+    client: TestClient, alice: Caller, spec: dict[str, Any], url: str, field: str
+) -> None:
+    named = (
+        {"notify_url": url}
+        if field == "notify_url"
+        else {"mlflow": {"tracking_uri": url, "experiment": "e"}}
+    )
+
+    response = client.post("/v1/jobs", json=spec | named, headers=alice.headers)
+
+    code = "notify_url_refused" if field == "notify_url" else "mlflow_refused"
+    assert field in problem(response, 422, code)["detail"]

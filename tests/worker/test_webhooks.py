@@ -3,7 +3,7 @@ delivery with the tenant's secret (Standard Webhooks); failures are retried with
 recorded; a host that resolves somewhere private by delivery time gets nothing."""
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -11,12 +11,15 @@ import pytest
 from sqlalchemy import update
 from standardwebhooks import Webhook
 
+from service.auth import create_tenant
 from service.db import get_sessionmaker
 from service.jobs import repository as jobs
 from service.jobs.states import JobState
 from service.orm import Dataset, Job, Model, WebhookDelivery, utcnow
+from service.outbound import guard
 from service.settings import get_settings
-from service.webhooks import repository, secret, targets
+from service.webhooks import repository, secret
+from tests.worker.loopback import answer, serving
 from worker import webhooks
 
 
@@ -182,7 +185,7 @@ def test_a_host_resolving_to_loopback_at_delivery_time_gets_nothing(
     monkeypatch.setenv("APOPTOSIS_WEBHOOK_ALLOW", "[]")
     get_settings.cache_clear()
     port = receiver.server_address[1]
-    monkeypatch.setattr(targets, "resolve", lambda host, port: ["127.0.0.1"])
+    monkeypatch.setattr(guard, "resolve", lambda host, port: ["127.0.0.1"])
     job_id = _job_that_ends(tenant, f"http://rebound.example:{port}/hook")
 
     webhooks.deliver_due(get_settings())
@@ -198,7 +201,7 @@ def test_the_sender_connects_to_the_address_it_checked(
     """The address checked is the address used: no second lookup a rebinding DNS could answer
     differently (this host name exists only in the test's resolver)."""
     port = receiver.server_address[1]
-    monkeypatch.setattr(targets, "resolve", lambda host, port: ["127.0.0.1"])
+    monkeypatch.setattr(guard, "resolve", lambda host, port: ["127.0.0.1"])
     _job_that_ends(tenant, f"http://receiver.test:{port}/hook")
 
     webhooks.deliver_due(get_settings())
@@ -209,3 +212,120 @@ def test_the_sender_connects_to_the_address_it_checked(
 def test_backoff_doubles_up_to_an_hour() -> None:
     waits = [webhooks.backoff(n).total_seconds() for n in (1, 2, 3, 12, 40)]
     assert waits == [5, 10, 20, 3600, 3600]
+
+
+def _endless_500(
+    written: list[int], done: threading.Event
+) -> Callable[[BaseHTTPRequestHandler], None]:
+    """A receiver that answers 500 with a 256 MiB body, and records how much it could write."""
+    total = 256 * 1024 * 1024
+
+    def handle(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(500)
+        request.send_header("content-length", str(total))
+        request.end_headers()
+        sent = 0
+        try:
+            while sent < total:
+                request.wfile.write(b"e" * 65536)
+                sent += 65536
+        except OSError:  # the worker hung up
+            pass
+        written.append(sent)
+        done.set()
+
+    return handle
+
+
+def test_a_receivers_huge_reply_is_not_read_and_a_few_kib_are_kept(tenant: str) -> None:
+    written: list[int] = []
+    done = threading.Event()
+    with serving(_endless_500(written, done)) as flood:
+        job_id = _job_that_ends(tenant, f"{flood.url}/hook")
+
+        webhooks.deliver_due(get_settings())
+        assert done.wait(30)
+
+    first = _deliveries(job_id)[0]
+    assert first.last_status == 500
+    assert first.last_error is not None and len(first.last_error) <= 2100
+    assert written[0] < 64 * 1024 * 1024  # the worker stopped reading long before the end
+
+
+def test_a_trickling_receiver_is_cut_at_the_total_deadline(
+    tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte every 100 ms never trips a per-read timeout: the deadline covers the whole
+    request."""
+    monkeypatch.setenv("APOPTOSIS_WEBHOOK_TIMEOUT_SECONDS", "1")
+    get_settings.cache_clear()
+    released = threading.Event()
+
+    def trickle(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(500)
+        request.send_header("content-length", "600")
+        request.end_headers()
+        try:
+            for _ in range(600):
+                request.wfile.write(b"x")
+                request.wfile.flush()
+                if released.wait(0.1):
+                    return
+        except OSError:
+            pass
+
+    with serving(trickle) as slow:
+        job_id = _job_that_ends(tenant, f"{slow.url}/hook")
+        try:
+            webhooks.deliver_due(get_settings())
+        finally:
+            released.set()
+
+    for delivery in _deliveries(job_id):
+        assert delivery.last_status is None
+        assert "no complete answer within 1 s" in (delivery.last_error or "")
+
+
+def test_a_slow_receiver_holds_only_its_own_tenants_deliveries(tenant: str) -> None:
+    """Tenant A's receiver hangs until released; tenant B's notifications arrive meanwhile, and
+    A never has more than its share of requests in flight."""
+    per_tenant = get_settings().webhook_per_tenant
+    release = threading.Event()
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    def hang(request: BaseHTTPRequestHandler) -> None:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        release.wait(60)
+        with lock:
+            in_flight[0] -= 1
+        answer(request, 200)
+
+    b_arrived = threading.Event()
+
+    def fast(request: BaseHTTPRequestHandler) -> None:
+        answer(request, 200)
+        if len(fast_server.requests) >= 2:
+            b_arrived.set()
+
+    with get_sessionmaker()() as session:
+        other, _ = create_tenant(session, "b")
+        session.commit()
+    with serving(hang) as hanging, serving(fast) as fast_server:
+        a_jobs = [_job_that_ends(tenant, f"{hanging.url}/hook") for _ in range(4)]
+        b_job = _job_that_ends(other.id, f"{fast_server.url}/hook")  # due after all of A's
+        round_ = threading.Thread(target=webhooks.deliver_due, args=(get_settings(),))
+        round_.start()
+        try:
+            assert b_arrived.wait(30), "B's notifications waited behind A's slow receiver"
+        finally:
+            release.set()
+            round_.join(60)
+
+    assert [d.state for d in _deliveries(b_job)] == ["delivered", "delivered"]
+    assert most[0] <= per_tenant
+    assert sum(d.state == "delivered" for j in a_jobs for d in _deliveries(j)) == 2 * min(
+        len(a_jobs), per_tenant
+    )
