@@ -20,6 +20,10 @@ def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, item_id = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(created), str(item_id)
+        item_id = str(item_id)
+        # JSON may hold a lone surrogate ("\ud800"): refused here (UnicodeEncodeError is a
+        # ValueError), not by the database driver as a 500
+        item_id.encode()
+        return datetime.fromisoformat(created), item_id
     except (ValueError, TypeError, RecursionError) as error:
         raise ProblemError(400, "invalid_cursor", "the pagination cursor is not valid") from error

@@ -66,6 +66,7 @@ _MEANING = {
     409: "the resource's state does not allow it",
     413: "the body or upload is over its limit",
     415: "the upload is not multipart/form-data",
+    416: "the Range is not one satisfiable byte range; Content-Range has the size",
     422: "the request or its content is not valid",
     429: "a tenant limit is reached; see Retry-After",
     503: "a dependency (the broker or the store) is unavailable; see Retry-After",

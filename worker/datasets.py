@@ -19,7 +19,7 @@ from torch import Tensor
 from service import archives
 from service.errors import CodedError
 from worker import precision
-from worker.models import LoadedModel
+from worker.models import LoadedModel, forward_inputs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MAX_TEXT_LENGTH = 512
@@ -43,7 +43,28 @@ def load(
     rows = {name: t.shape[0] if t.dim() else 0 for name, t in columns.items()}
     if not columns or len(set(rows.values())) != 1 or 0 in rows.values():
         raise DatasetRejected("invalid_dataset", f"arrays must share a non-zero row count: {rows}")
+    check_columns(columns, loaded)
     return columns
+
+
+def check_columns(columns: dict[str, Tensor], loaded: LoadedModel) -> None:
+    """Every column but `labels` (the loss's) goes to the model's forward by name: refuse,
+    before any pass, columns it lacks an argument for and inputs it needs that are missing.
+    Found by the first forward pass, they would fail the job mid-way as an internal error."""
+    inputs = forward_inputs(loaded.model)
+    missing = [name for name in inputs.needed if name not in columns]
+    unknown = [] if inputs.takes_any else sorted(set(columns) - {"labels", *inputs.named})
+    if not missing and not unknown:
+        return
+    wants = (
+        f"needs {', '.join(inputs.needed)}" if inputs.needed else f"takes {', '.join(inputs.named)}"
+    )
+    refused = f" and has no argument {', '.join(unknown)}" if unknown else ""
+    raise DatasetRejected(
+        "invalid_dataset",
+        f"the dataset has columns {', '.join(sorted(columns))}; {type(loaded.model).__name__} "
+        f"{wants}{refused}: name the arrays after its forward's arguments (plus labels)",
+    )
 
 
 def load_tensors(path: Path) -> dict[str, Tensor]:

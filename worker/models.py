@@ -3,6 +3,7 @@ classes (never remote code), weights only from safetensors unless trusted mode i
 sentence-transformers folder (a Hugging Face model plus `modules.json`) also yields the pooling
 that turns its token states into sentence embeddings."""
 
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -40,6 +41,15 @@ class Pooling:
     modes: tuple[str, ...]  # concatenated in this order (POOLING_MODES)
     normalize: bool  # modules.json lists a Normalize module (L2 norm of the embedding)
     config: Path  # the Pooling module's config.json, relative to the model folder
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    """What a model's forward takes as keyword arguments, as its signature says."""
+
+    named: tuple[str, ...]
+    needed: tuple[str, ...]  # the model cannot run without these
+    takes_any: bool  # it has **kwargs: any name is an argument
 
 
 @dataclass(frozen=True)
@@ -115,7 +125,7 @@ def load_hf(root: Path, *, trusted: bool) -> LoadedModel:
             f"({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); they would be "
             "random. Save the model whose config this is (save_pretrained)",
         )
-    kind = "vision" if "pixel_values" in _forward_arguments(model) else "text"
+    kind = "vision" if "pixel_values" in forward_inputs(model).named else "text"
     return LoadedModel(model.eval(), directory, kind, sentence_pooling(directory))
 
 
@@ -226,10 +236,17 @@ def _read_json(directory: Path, relative: str) -> Any:
         ) from error
 
 
-def _forward_arguments(model: nn.Module) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(model.forward).parameters)
+def forward_inputs(model: nn.Module) -> ForwardInputs:
+    parameters = inspect.signature(model.forward).parameters.values()
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = [p.name for p in parameters if p.kind in keywords]
+    needed = [p.name for p in parameters if p.kind in keywords and p.default is p.empty]
+    # transformers' forwards default every input to None and raise when the main one is absent
+    main = getattr(model, "main_input_name", None)
+    if main in named and main not in needed:
+        needed.append(main)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return ForwardInputs(tuple(named), tuple(needed), takes_any)
 
 
 def load(root: Path, model_format: str, *, trusted: bool) -> LoadedModel:
@@ -246,7 +263,7 @@ def load(root: Path, model_format: str, *, trusted: bool) -> LoadedModel:
             raise ModelRejected("invalid_model", f"the pickle does not load: {error}") from error
         if not isinstance(model, nn.Module):
             raise ModelRejected("invalid_model", "the pickle does not hold an nn.Module")
-        kind = "vision" if "pixel_values" in _forward_arguments(model) else "tensor"
+        kind = "vision" if "pixel_values" in forward_inputs(model).named else "tensor"
         return LoadedModel(model.eval(), None, kind)
     raise ModelRejected("unsupported_format", f"unknown model format {model_format!r}")
 
@@ -270,6 +287,6 @@ def example_inputs(
         inputs = {"input_ids": torch.zeros(1, 16, dtype=torch.long)}
     if device is not None:
         inputs = {k: v.to(device) for k, v in inputs.items()}
-    if "use_cache" in _forward_arguments(loaded.model):
+    if "use_cache" in forward_inputs(loaded.model).named:
         inputs["use_cache"] = False  # key/value caches are not part of the model's structure
     return inputs

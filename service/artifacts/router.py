@@ -1,5 +1,6 @@
 """/v1/artifacts/{id}/content: streamed downloads with a strong ETag (the sha256)."""
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
@@ -8,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from service.auth import TenantDep
 from service.db import SessionsDep
 from service.orm import Artifact
-from service.problems import found, responses
+from service.problems import ProblemError, found, responses
 from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
 
@@ -21,8 +22,12 @@ _DOWNLOAD: dict[int | str, dict[str, Any]] = {
     200: {"description": "the artifact's bytes", "content": _BYTES},
     206: {"description": "the bytes of the one range asked for", "content": _BYTES},
     304: {"description": "If-None-Match names the artifact's ETag: no body"},
-    416: {"description": "the Range is not one satisfiable range; Content-Range has the size"},
+    **responses(416),
 }
+# RFC 9110 §14.1.2, exactly: one `first-last`, `first-` or `-count` range, no spaces, no list.
+# ASCII digits only (not the '²' a latin-1 header may hold); at most 19, as no blob is larger
+# and int() of thousands of digits raises.
+_ONE_RANGE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})", re.IGNORECASE)
 
 
 @router.get(
@@ -47,28 +52,31 @@ def download(
     range_: Annotated[str | None, Header(alias="range")] = None,
 ) -> Response:
     """The artifact's bytes (`HEAD`: its headers only). One `Range: bytes=…` range is served
-    as 206 Partial Content, so a broken download resumes where it stopped."""
+    as 206 Partial Content, so a broken download resumes where it stopped; any other Range is
+    a 416 `range_not_satisfiable`."""
     with sessions() as session:
         owned = tenants.owned(session, Artifact, tenant_id, artifact_id)
         artifact = found(owned, "artifact", artifact_id)
     etag = f'"{artifact.sha256}"'
     if if_none_match is not None and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
-    headers = {
-        "ETag": etag,
-        "Accept-Ranges": "bytes",
-        "Content-Disposition": f'attachment; filename="{artifact.filename}"',
-    }
+    headers = {"ETag": etag, "Accept-Ranges": "bytes"}
     start, length, status = 0, artifact.size, 200
     if range_ is not None:
         wanted = _byte_range(range_, artifact.size)
         if wanted is None:
-            headers["Content-Range"] = f"bytes */{artifact.size}"
-            return Response(status_code=416, headers=headers)
+            raise ProblemError(
+                416,
+                "range_not_satisfiable",
+                f"Range must be one byte range within the {artifact.size} bytes: "
+                "bytes=first-last, bytes=first- or bytes=-count",
+                headers=headers | {"Content-Range": f"bytes */{artifact.size}"},
+            )
         start, end = wanted
         length, status = end - start + 1, 206
         headers["Content-Range"] = f"bytes {start}-{end}/{artifact.size}"
     headers["Content-Length"] = str(length)
+    headers["Content-Disposition"] = f'attachment; filename="{artifact.filename}"'
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type="application/octet-stream")
     return StreamingResponse(
@@ -81,21 +89,17 @@ def download(
 
 def _byte_range(header: str, size: int) -> tuple[int, int] | None:
     """The first and last byte of one `bytes=a-b`, `bytes=a-` or `bytes=-n` range within
-    `size`; None when it is not one satisfiable range (several ranges are not served)."""
-    unit, _, spec = header.partition("=")
-    first, dash, last = spec.strip().partition("-")
-    if unit.strip().lower() != "bytes" or not dash or "," in spec:
+    `size`; None when it is not exactly one satisfiable range (several ranges are not served)."""
+    # a server strips the whitespace around a field's value; inside it, none is allowed
+    one = _ONE_RANGE.fullmatch(header.strip(" \t"))
+    if one is None:
         return None
-    if len(first) > 19 or len(last) > 19:
-        return None
-    # isdecimal, not isdigit: int() refuses the digits '¹²³' a (latin-1) header may hold
+    first, last = one.groups()
     if not first:  # the last n bytes
-        count = int(last) if last.isdecimal() else 0
+        count = int(last or 0)
         return (max(0, size - count), size - 1) if count and size else None
-    if not first.isdecimal():
-        return None
     start = int(first)
-    end = min(int(last), size - 1) if last.isdecimal() else size - 1
+    end = min(int(last), size - 1) if last else size - 1
     return (start, end) if start <= end and start < size else None
 
 

@@ -4,6 +4,7 @@ import itertools
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from service.timestamps import UtcDatetime
 
@@ -21,9 +22,26 @@ MAX_FINETUNE_ROWS = 5_000_000  # calibration batches × batch size × epochs
 
 
 class SpecPart(BaseModel):
-    """Every part of a spec: unknown fields and NaN / ±Infinity are refused."""
+    """Every part of a spec: unknown fields, NaN / ±Infinity and text UTF-8 cannot encode are
+    refused."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _encodable(cls, value: Any) -> Any:
+        # JSON may hold a lone surrogate ("\ud800"): the database driver would fail on it as a
+        # 500. pydantic refuses it already in strings with a length or pattern; this is the
+        # same error for plain ones (ids).
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise PydanticCustomError(
+                    "string_unicode",
+                    "Input should be a valid string, unable to parse raw data as a unicode string",
+                ) from None
+        return value
 
 
 METRICS = ("macs", "params", "sparsity", "latency_ms")

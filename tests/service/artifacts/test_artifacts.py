@@ -146,9 +146,25 @@ def test_a_range_is_served_as_partial_content(
         "bytes=-0",
         "bytes=",
         "bytes=x-5",
+        # not exactly one range: never read as the range a lenient parser would guess
+        "bytes=5- 9",
+        "bytes=5 -9",
+        "bytes= 5-9",
+        "bytes =5-9",
+        "bytes=5-9,",
+        "bytes=5-9;",
+        "bytes=+5-9",
+        "bytes=5-+9",
+        "bytes=-+9",
+        "bytes=0x5-9",
+        "bytes=5-9-",
+        "bytes=-",
+        "bytes",
+        "5-9",
+        "bytes=0-" + "9" * 5000,  # more digits than any size (and than int() reads)
     ],
 )
-def test_an_unsatisfiable_range_is_416(
+def test_a_range_that_is_not_exactly_one_satisfiable_range_is_416(
     client: TestClient, db: Session, store: ArtifactStore, alice: Caller, header: str
 ) -> None:
     artifact = make_artifact(db, store, make_job(db, alice.tenant_id, "succeeded"), CONTENT)
@@ -157,8 +173,24 @@ def test_an_unsatisfiable_range_is_416(
         f"/v1/artifacts/{artifact.id}/content", headers=alice.headers | {"Range": header}
     )
 
-    assert response.status_code == 416
+    assert response.status_code == 416, response.headers.get("content-range")  # not the bytes
+    problem(response, 416, "range_not_satisfiable")
     assert response.headers["content-range"] == f"bytes */{SIZE}"
+    assert "content-disposition" not in response.headers  # the body is the problem
+
+
+@pytest.mark.parametrize("header", ["BYTES=5-9", " bytes=5-9 ", "bytes=5-9\t"])
+def test_the_unit_is_case_insensitive_and_the_values_edges_are_not_part_of_it(
+    client: TestClient, db: Session, store: ArtifactStore, alice: Caller, header: str
+) -> None:
+    artifact = make_artifact(db, store, make_job(db, alice.tenant_id, "succeeded"), CONTENT)
+
+    response = client.get(
+        f"/v1/artifacts/{artifact.id}/content", headers=alice.headers | {"Range": header}
+    )
+
+    assert response.status_code == 206
+    assert response.content == CONTENT[5:10]
 
 
 @pytest.mark.parametrize("header", ["bytes=²-", "bytes=-¹", "bytes=0³-"])
@@ -172,4 +204,4 @@ def test_a_range_of_digits_int_refuses_is_416(
         app, f"/v1/artifacts/{artifact.id}/content", alice.headers | {"Range": header}
     )
 
-    assert response.status_code == 416
+    problem(response, 416, "range_not_satisfiable")
