@@ -4,9 +4,10 @@ job's input shape at the job's batch size, measured (not estimated) as it prunes
 Each round times the model (warm-up, then the median of repeated runs; the noise floor is half
 the interquartile range), predicts from the MACs how far the next round must go (time follows
 arithmetic roughly; a round takes at least 5% and at most half of what is left), prunes that
-far, and times again. It stops at the first model under the target, or fails with the fastest
-latency reached when the floors allow no more. Widths round to the multiple the device runs
-fastest, chosen by timing a layer at a width one under that multiple and at the multiple.
+far, and times again. It stops at the first model under the target, or at the fastest latency
+reached when the floors allow no more (the job then fails with it). Widths round to the multiple
+the device runs fastest, chosen by timing a layer at a width one under that multiple and at the
+multiple.
 """
 
 import statistics
@@ -85,10 +86,6 @@ class Reached:
 
     result: PruneResult
     report: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def met(self) -> bool:
-        return bool(self.report["after_ms"] <= self.report["target_ms"])
 
 
 def prune_to_latency(

@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 
 from service.errors import CodedError
-from service.jobs.schemas import JobSpec
+from service.jobs.schemas import JobSpec, Target
 from worker import (
     datasets,
     evaluation,
@@ -27,7 +27,15 @@ from worker import (
     precision,
     tracking,
 )
-from worker.engine import PruneConfig, PruneResult, StepRecord, architectures, measure, prune_
+from worker.engine import (
+    PruneConfig,
+    PruneResult,
+    StepRecord,
+    TargetUnreachable,
+    architectures,
+    measure,
+    prune_,
+)
 from worker.engine.config import TargetMetric
 from worker.engine.plan import Plan
 
@@ -166,15 +174,10 @@ def execute(
         seconds["score"] += sum(record.seconds_scoring for record in result.history)
         seconds["recalibrate"] += sum(r.seconds_recalibrating for r in result.history)
         original = original or {"macs": result.initial_macs, "params": result.initial_params}
-        if not result.target_met:  # never a success that missed its target
-            now = {"macs": result.macs, "params": result.params}[goal.metric]
-            reached = now / original[goal.metric]
-            raise JobFailed(
-                "target_unreachable",
-                f"pruning stopped at {reached:.4f} of the {goal.metric} (target "
-                f"{goal.value:g}): floors or the output format's uniform widths allow no more; "
-                f"ask for {reached:.4f} or more",
-            )
+        reached = _reached(goal.metric, result, original, timing)
+        met = _target_met(goal, reached, result)
+        if not met:  # never a success (or an export) that missed its target
+            raise _unreachable(goal, reached, timing, spec.granularity)
         plan = plan.then(result.plan)
         after_pruning = _measure(net, eval_batches, loss_fn, example, seconds)
         if history and history[-1]["loss"] is None:  # the target's last step
@@ -210,6 +213,7 @@ def execute(
                 "after_pruning": after_pruning,
                 "after_finetune": after_finetune,
                 "widths": result.history[-1].widths if result.history else {},
+                "target_met": met,
                 "exports": {e.format: e.checks for e in made},
             }
         )
@@ -222,7 +226,7 @@ def execute(
         "params_after": last["params_after"],
         "macs_before": original["macs"],
         "macs_after": last["macs_after"],
-        "target_met": True,
+        "target_met": all(member["target_met"] for member in members),
         "sparsity": result.sparsity,
         # MACs and latency refer to one row of this shape
         "example_inputs": {
@@ -256,7 +260,8 @@ def _prune_to_latency(
     loss_fn: losses.LossFn,
     on_step: Callable[[StepRecord], None],
 ) -> tuple[PruneResult, dict[str, Any]]:
-    """Prune until one forward pass of the job's batch runs under its latency target here."""
+    """Prune until one forward pass of the job's batch runs under its latency target here, or
+    the floors allow no more: the engine's result and the timings, met or not."""
     goal, rows = spec.target.latency_ms, spec.target.batch
     assert goal is not None
     device = next(net.parameters()).device
@@ -272,15 +277,51 @@ def _prune_to_latency(
         multiple,
         on_step,
     )
-    timing = reached.report
-    if not reached.met:
-        raise JobFailed(
+    return reached.result, reached.report
+
+
+def _reached(
+    metric: str, result: PruneResult, original: dict[str, int], timing: dict[str, Any] | None
+) -> float:
+    """What the job measured in its target's metric: the fraction of the original MACs or params
+    the model keeps, the fraction of the eligible weights zeroed, or the milliseconds of one
+    timed forward pass of the target's batch."""
+    if metric == "latency_ms":
+        assert timing is not None
+        return float(timing["after_ms"])
+    if metric == "sparsity":
+        return result.sparsity or 0.0
+    return {"macs": result.macs, "params": result.params}[metric] / original[metric]
+
+
+def _target_met(goal: Target, reached: float, result: PruneResult) -> bool:
+    """At most the target for what is kept (MACs, params, milliseconds), at least it for
+    sparsity: counted in whole weights there, as the engine zeroes round(target × eligible)."""
+    if goal.metric == "sparsity":
+        eligible = sum(mask.numel() for mask in result.masks.values())
+        return round(reached * eligible) >= round(goal.value * eligible)
+    return reached <= goal.value
+
+
+def _unreachable(
+    goal: Target, reached: float, timing: dict[str, Any] | None, granularity: str
+) -> Exception:
+    """The failure of a job that missed its target: what it reached, and what to ask for."""
+    if goal.metric == "latency_ms":
+        assert timing is not None
+        return JobFailed(
             "target_unreachable",
-            f"the fastest this model ran here was {timing['after_ms']:.3g} ms (±"
-            f"{timing['noise_ms']:.2g}) at batch {rows}, with {timing['macs_ratio']:.3f} of its "
-            f"MACs; floors allow no more. Ask for {timing['after_ms']:.3g} ms or more",
+            f"the fastest this model ran here was {reached:.3g} ms (±{timing['noise_ms']:.2g}) "
+            f"at batch {timing['batch']}, with {timing['macs_ratio']:.3f} of its MACs; floors "
+            f"allow no more. Ask for {reached:.3g} ms or more",
         )
-    return reached.result, timing
+    if goal.metric == "sparsity":
+        return JobFailed(
+            "target_unreachable",
+            f"{granularity} pruning zeroed {reached:.4f} of the eligible weights (sparsity "
+            f"target {goal.value:g}); ask for {reached:.4f} or less",
+        )
+    return TargetUnreachable(goal.metric, goal.value, reached)
 
 
 def steps_per_goal(steps: int, goals: list[float]) -> list[int]:

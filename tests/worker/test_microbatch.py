@@ -79,7 +79,7 @@ def test_a_job_with_little_memory_scores_in_micro_batches_and_one_with_none_fail
     small = factories.spec(calibration={"batches": 2, "batch_size": 16, "max_memory": tight})
     result, _ = execute(small, files, torch.device("cpu"), False, lambda _: None)
     assert 1 <= result["micro_batch_rows"] < 16  # the estimate of a batch of zeros is near
-    assert result["target_met"]
+    assert result["macs_after"] <= small.target.value * result["macs_before"]
 
     none = factories.spec(calibration={"batches": 2, "batch_size": 16, "max_memory": 2**20})
     with pytest.raises(memory.OutOfMemory, match="scoring even one row"):

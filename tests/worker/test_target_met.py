@@ -1,0 +1,141 @@
+"""A job's `target_met` is what it measured against what it was asked for, for every member of a
+family, and a job that misses its target fails as `target_unreachable`: it never succeeds, and
+writes no model for the target it missed."""
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sqlalchemy import select
+from torch import nn
+
+from service.db import get_sessionmaker
+from service.orm import Artifact, Job
+from tests.worker import factories
+from tests.worker.test_lifecycle import _stored_bert, _stored_job
+from worker import lifecycle, steps
+from worker.engine import PruneConfig, PruneResult, TargetUnreachable, prune_
+from worker.steps import JobFailed, JobFiles, execute
+
+CPU = torch.device("cpu")
+
+
+def _execute(tmp_path: Path, **spec: Any) -> dict[str, Any]:
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    files = JobFiles(
+        factories.bert_folder(tmp_path),
+        "hf",
+        factories.tensors_file(tmp_path / "data.safetensors"),
+        "tensors",
+        None,
+        work,
+    )
+    # magnitude scores: what is measured against the target does not depend on the method
+    job = factories.spec(**{"method": "magnitude"} | spec)
+    result, _ = execute(job, files, CPU, False, lambda _: None)
+    return result
+
+
+def _falling_short(monkeypatch: pytest.MonkeyPatch, *, from_call: int = 1) -> None:
+    """From its `from_call`th call on, the engine is asked to keep 0.95 of the model it is given:
+    it meets the target it was given (its own `target_met` holds), not the job's."""
+    calls: list[None] = []
+
+    def short(
+        net: nn.Module, example: Any, batches: Any, loss: Any, config: PruneConfig, **kwargs: Any
+    ) -> PruneResult:
+        calls.append(None)
+        if len(calls) >= from_call:
+            config = replace(config, target=0.95)
+        result = prune_(net, example, batches, loss, config, **kwargs)
+        assert result.target_met
+        return result
+
+    monkeypatch.setattr(steps, "prune_", short)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"target": {"macs": 0.5}},
+        {"target": {"params": 0.7}},
+        {"granularity": "unstructured", "target": {"sparsity": 0.7}},
+        {"granularity": "2:4", "target": {"sparsity": 0.5}},
+    ],
+    ids=["macs", "params", "sparsity", "2:4"],
+)
+def test_a_job_under_its_target_reports_it_met(tmp_path: Path, change: dict[str, Any]) -> None:
+    result = _execute(tmp_path, **change)
+
+    goal = factories.spec(**change).target
+    if goal.metric == "sparsity":
+        assert result["sparsity"] >= goal.value
+    else:
+        assert result[f"{goal.metric}_after"] <= goal.value * result[f"{goal.metric}_before"]
+    assert result["target_met"] is True
+
+
+def test_each_member_of_a_family_meets_its_own_target(tmp_path: Path) -> None:
+    result = _execute(tmp_path, targets=[{"macs": 0.8}, {"macs": 0.55}])
+
+    for member, goal in zip(result["family"], (0.8, 0.55), strict=True):
+        assert member["macs_after"] <= goal * result["macs_before"]
+        assert member["target_met"] is True
+    assert result["target_met"] is True
+
+
+def test_a_job_that_falls_short_fails_with_what_it_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _falling_short(monkeypatch)
+
+    with pytest.raises(TargetUnreachable) as missed:
+        _execute(tmp_path, target={"macs": 0.5})
+
+    assert missed.value.code == "target_unreachable"
+    assert missed.value.metric == "macs" and missed.value.target == 0.5
+    assert 0.5 < missed.value.reachable <= 0.95
+    assert not list((tmp_path / "work").rglob("*.zip"))  # nothing exported for a miss
+
+
+def test_a_family_member_that_falls_short_fails_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _falling_short(monkeypatch, from_call=2)  # the first member meets 0.8, the second misses
+
+    with pytest.raises(TargetUnreachable) as missed:
+        _execute(tmp_path, targets=[{"macs": 0.8}, {"macs": 0.55}])
+
+    assert missed.value.metric == "macs" and missed.value.target == 0.55
+    assert 0.55 < missed.value.reachable <= 0.8
+    assert [p.name for p in (tmp_path / "work").rglob("*.zip")] == ["model-hf.macs-0.8.zip"]
+
+
+def test_a_2_4_job_asked_for_more_than_half_fails_with_the_half_it_zeroed(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(JobFailed, match=r"2:4 pruning zeroed 0\.5000 .* target 0\.7") as missed:
+        _execute(tmp_path, granularity="2:4", target={"sparsity": 0.7})
+
+    assert missed.value.code == "target_unreachable"
+
+
+def test_a_job_that_falls_short_is_failed_never_succeeded(
+    tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_id = _stored_bert(tenant, tmp_path)
+    lifecycle.validate_model(model_id)
+    job_id = _stored_job(tenant, model_id, tmp_path, factories.spec().model_dump(mode="json"))
+    _falling_short(monkeypatch)
+
+    lifecycle.run_job(job_id)
+
+    with get_sessionmaker()() as session:
+        job = session.get_one(Job, job_id)
+        artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all()
+    assert job.state == "failed" and job.result is None and not artifacts
+    assert job.error is not None and job.error["code"] == "target_unreachable"
+    assert job.error["message"].startswith("a macs target of 0.5 cannot be reached")
