@@ -229,6 +229,10 @@ class JobSpec(SpecPart):
             raise ValueError("depth_share combines depth with channel pruning")
         if self.granularity == "unstructured" and self.target.metric != "sparsity":
             raise ValueError("unstructured pruning targets sparsity")
+        if self.granularity == "2:4" and (
+            self.target.metric != "sparsity" or self.target.value > 0.5
+        ):
+            raise ValueError("2:4 pruning zeroes half the weights: ask for sparsity 0.5 or less")
         rows = self.calibration.batches * self.calibration.batch_size
         if rows * self.schedule.steps > MAX_SCORED_ROWS:
             raise ValueError(

@@ -166,6 +166,23 @@ def test_a_spec_asking_for_too_much_work_is_422_naming_the_limit(
     assert job_count(db) == 0
 
 
+@pytest.mark.parametrize(
+    "target", [{"macs": 0.5}, {"params": 0.5}, {"sparsity": 0.7}], ids=["macs", "params", "0.7"]
+)
+def test_a_2_4_job_asks_for_the_half_it_zeroes(
+    client: TestClient, db: Session, alice: Caller, spec: dict[str, Any], target: dict[str, float]
+) -> None:
+    """2:4 zeroes half of each four weights: it changes no MACs or params as counted, and it
+    can never reach a sparsity above 0.5. Refused at submit, not failed after pruning."""
+    change = {"granularity": "2:4", "target": target}
+
+    response = client.post("/v1/jobs", json=spec | change, headers=alice.headers)
+
+    body = problem(response, 422, "invalid_request")
+    assert "sparsity 0.5 or less" in json.dumps(body["errors"])
+    assert job_count(db) == 0
+
+
 def test_a_repeated_output_is_one_export(
     client: TestClient, alice: Caller, spec: dict[str, Any]
 ) -> None:
@@ -272,26 +289,36 @@ def test_an_overlong_idempotency_key_is_422(
     problem(client.post("/v1/jobs", json=spec, headers=headers), 422, "invalid_request")
 
 
-def test_a_retry_after_a_failed_send_enqueues_the_job(
+def test_a_submit_the_broker_cannot_take_is_503_with_its_job_and_a_retry_sends_it(
     client: TestClient,
+    db: Session,
     monkeypatch: pytest.MonkeyPatch,
     queued: QueueRecorder,
     alice: Caller,
     spec: dict[str, Any],
 ) -> None:
+    """The job is committed before the send: the 503 names it, and a retry with the same
+    Idempotency-Key returns that job (no second one) and sends it."""
+
     def broker_down(job_id: str, queue_name: str) -> None:
         raise ConnectionError("broker unreachable")
 
     headers = alice.headers | {"Idempotency-Key": "retry-after-outage"}
     with monkeypatch.context() as patch:
         patch.setattr(queue, "enqueue_job", broker_down)
-        with TestClient(client.app, raise_server_exceptions=False) as failing:
-            assert failing.post("/v1/jobs", json=spec, headers=headers).status_code >= 500
+        refused = client.post("/v1/jobs", json=spec, headers=headers)
+
+    body = problem(refused, 503, "broker_unavailable")
+    saved = db.get(Job, body["job_id"])
+    assert saved is not None and saved.state == JobState.QUEUED
+    assert saved.tenant_id == alice.tenant_id and queued.jobs == []
 
     retry = client.post("/v1/jobs", json=spec, headers=headers)
 
-    assert retry.status_code in (200, 202), retry.text
-    assert [e.resource_id for e in queued.jobs] == [retry.json()["id"]]
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["id"] == body["job_id"]
+    assert job_count(db) == 1
+    assert [e.resource_id for e in queued.jobs] == [body["job_id"]]
 
 
 def test_a_concurrent_request_with_the_same_key_returns_the_winners_job(
@@ -382,7 +409,7 @@ def test_a_tenant_at_its_active_job_limit_gets_429_with_retry_after(
 
     body = problem(response, 429, "too_many_jobs")
     assert body["limit"] == 2
-    assert int(response.headers["retry-after"]) > 0
+    assert response.headers["retry-after"] == "30"  # docs/reliability.md, Limits
     assert queued.jobs == []
     # another tenant is not held back by alice's jobs
     bobs = {
