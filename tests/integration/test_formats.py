@@ -45,7 +45,8 @@ def trusted_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client
 
 def _run(
     client: Client, model: Path, model_format: str, data: Path, data_format: str, **spec: Any
-) -> dict[str, Path]:
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The finished job's result and its downloaded artifacts by format."""
     uploaded = client.wait_for_model(client.upload_model(model, model_format).id)
     assert uploaded.state == "ready", uploaded.rejection_reason
     dataset = client.upload_dataset(data, data_format)
@@ -60,17 +61,18 @@ def _run(
     )
     finished = client.wait(job.id)
     assert finished.state == "succeeded", finished.error
+    assert finished.result is not None
     artifacts = client.artifacts(job.id)
     assert sorted(a.format for a in artifacts) == sorted(spec["outputs"])
     out = model.parent / f"out-{job.id}"
-    return {a.format: client.download(a, out) for a in artifacts}
+    return finished.result, {a.format: client.download(a, out) for a in artifacts}
 
 
 def test_jsonl_text_to_hf_safetensors_onnx_and_pt2(trusted_service: Client, tmp_path: Path) -> None:
     model = factories.zip_folder(factories.bert_folder(tmp_path), tmp_path / "bert.zip")
     data = factories.jsonl_file(tmp_path / "reviews.jsonl")
 
-    files = _run(
+    result, files = _run(
         trusted_service,
         model,
         "hf",
@@ -88,14 +90,27 @@ def test_jsonl_text_to_hf_safetensors_onnx_and_pt2(trusted_service: Client, tmp_
         assert sorted(bundle.namelist()) == ["model.safetensors", "pruning-plan.json"]
     session = onnxruntime.InferenceSession(str(files["onnx"]))
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
-    assert torch.export.load(str(files["pt2"])).module() is not None
+    # pt2 and ONNX take the dataset's columns positionally and return the pruned model's
+    # logits: three rows of the row shape the job traced (the batch axis is dynamic)
+    length = result["example_inputs"]["input_ids"][1]
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(4, len(factories.WORDS) + 4, (3, length), generator=generator)
+    attention_mask = torch.ones(3, length, dtype=torch.long)
+    attention_mask[1, length // 2 :] = 0  # a padded row
+    with torch.no_grad():
+        expected = pruned(input_ids=input_ids, attention_mask=attention_mask).logits
+    program = torch.export.load(str(files["pt2"])).module()
+    torch.testing.assert_close(program(input_ids, attention_mask), expected)
+    feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+    from_onnx = torch.from_numpy(session.run(None, feeds)[0])
+    torch.testing.assert_close(from_onnx, expected, rtol=0, atol=1e-4)
 
 
 def test_imagefolder_to_hf(trusted_service: Client, tmp_path: Path) -> None:
     model = factories.zip_folder(factories.vit_folder(tmp_path), tmp_path / "vit.zip")
     data = factories.imagefolder_zip(tmp_path / "images.zip")
 
-    files = _run(
+    _, files = _run(
         trusted_service, model, "hf", data, "imagefolder", target={"macs": 0.5}, outputs=["hf"]
     )
 
@@ -113,7 +128,7 @@ def test_a_pickled_model_in_trusted_mode_to_a_pickle(
     torch.save(transformers.AutoModelForSequenceClassification.from_pretrained(folder), pickled)
     data = factories.tensors_file(tmp_path / "data.safetensors")
 
-    files = _run(
+    result, files = _run(
         trusted_service,
         pickled,
         "torch_pickle",
@@ -124,6 +139,13 @@ def test_a_pickled_model_in_trusted_mode_to_a_pickle(
         outputs=["torch_pickle", "pt2"],
     )
 
-    model = torch.load(files["torch_pickle"], weights_only=False)
+    model = torch.load(files["torch_pickle"], weights_only=False).eval()
     weights = model.bert.encoder.layer[0].intermediate.dense.weight
     assert 0.3 < float((weights == 0).float().mean()) < 0.7
+    # the pt2 program is that pruned model: the same logits, on a batch of three rows
+    shape = result["example_inputs"]["input_ids"]
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(4, len(factories.WORDS) + 4, (3, *shape[1:]), generator=generator)
+    program = torch.export.load(str(files["pt2"])).module()
+    with torch.no_grad():
+        torch.testing.assert_close(program(input_ids), model(input_ids=input_ids).logits)

@@ -2,6 +2,7 @@
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import transformers
 from torch import nn
 
 from tests.worker import factories
+from worker import export
 from worker.engine import measure
 from worker.steps import JobFailed, JobFiles, execute
 
@@ -21,8 +23,18 @@ DATA = {
 
 @pytest.mark.slow  # over 5 s: whole jobs with every export
 @pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama", "resnet", "convnext"])
-def test_half_the_macs_reloads_and_matches_onnx(tmp_path: Path, name: str) -> None:
+def test_half_the_macs_reloads_and_matches_onnx(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder, kind = factories.architecture_folder(tmp_path, name)
+    exported: list[nn.Module] = []  # the pruned module, as the exporters were given it
+    write = export.export
+
+    def kept(fmt: str, model: nn.Module, *args: Any) -> export.Exported:
+        exported.append(model)
+        return write(fmt, model, *args)
+
+    monkeypatch.setattr(export, "export", kept)
     data = DATA[kind](tmp_path / "data.safetensors")
     outputs = ["hf", "onnx"]
     spec = factories.spec(
@@ -54,9 +66,18 @@ def test_half_the_macs_reloads_and_matches_onnx(tmp_path: Path, name: str) -> No
         k: torch.zeros(v, dtype=torch.long if k == "input_ids" else torch.float)
         for k, v in shape.items()
     }
-    with torch.no_grad():
-        model(**inputs)
     assert measure(model, inputs).macs == result["macs_after"]
+    # the reloaded model computes what the pruned one did, on three rows of varied inputs
+    generator = torch.Generator().manual_seed(1)
+    rows = {
+        k: torch.randint(4, len(factories.WORDS) + 4, (3, *v[1:]), generator=generator)
+        if k == "input_ids"
+        else torch.randn(3, *v[1:], generator=generator)
+        for k, v in shape.items()
+    }
+    pruned = exported[-1].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**rows).logits, pruned(**rows).logits)
 
 
 def test_hf_output_of_a_plain_module_fails_clearly_before_pruning(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ they measured, and fail with the fastest time reached when the floors allow no m
 is replaced by one proportional to the MACs (a test that timed real runs would be a flaky
 benchmark; bench/latency_target.py measures real ones)."""
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,64 @@ def test_widths_round_to_a_multiple_only_when_the_device_rewards_it() -> None:
     assert latency.choose_round_to(CPU, 4, macs_clock) is None  # a smooth cost: no rounding
 
 
-def test_a_real_timing_has_a_median_and_a_spread() -> None:
-    timing = latency.time_forward(nn.Linear(8, 8), {"input": torch.zeros(2, 8)}, warmup=1, runs=5)
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
 
-    assert timing.median_ms > 0 and timing.noise_ms >= 0
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class Scripted(nn.Module):
+    """Each forward pass takes the next of `seconds` on `clock`."""
+
+    def __init__(self, clock: FakeClock, seconds: list[float]) -> None:
+        super().__init__()
+        self.clock, self.seconds = clock, iter(seconds)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self.clock.now += next(self.seconds)
+        return input
+
+
+def test_a_timing_is_the_median_and_half_the_interquartile_range_after_warm_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(latency, "time", clock)
+    warm_up = [0.5, 0.5]  # left out: counted, they would move the median to 4 ms
+    runs = [0.003, 0.001, 0.004, 0.001, 0.005, 0.009, 0.002]
+
+    timing = latency.time_forward(
+        Scripted(clock, warm_up + runs), {"input": torch.zeros(1)}, warmup=2, runs=7
+    )
+
+    # sorted, the runs are 1 1 2 3 4 5 9 ms: the median is the 4th, the quartiles the 2nd and 6th
+    assert timing.median_ms == pytest.approx(3.0)
+    assert timing.noise_ms == pytest.approx((5.0 - 1.0) / 2)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """On a busy machine two torch threads wait for each other a scheduler slice per pass (20 ms
+    for a tiny one here, whatever its work); one thread times the pass itself."""
+    count = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(count)
+
+
+def test_a_real_timing_grows_with_the_work_of_the_pass(one_thread: None) -> None:
+    """512 times the rows through one layer: the median must be clearly longer. The margin is
+    far below the ratio of the work (about 200 measured), so a busy machine does not flip it; a
+    timer that measured something other than the passes (nothing, the warm-up, a constant)
+    does."""
+    layer = nn.Linear(256, 256)
+    light = latency.time_forward(layer, {"input": torch.randn(2, 256)}, warmup=2, runs=9)
+    heavy = latency.time_forward(layer, {"input": torch.randn(1024, 256)}, warmup=2, runs=9)
+
+    assert heavy.median_ms > 5 * light.median_ms
+
+
+def test_a_timed_batch_repeats_the_example_row() -> None:
     assert latency.rows_of({"input_ids": torch.ones(1, 5)}, 3)["input_ids"].shape == (3, 5)

@@ -83,6 +83,16 @@ def test_a_renamed_tensor_is_missing_even_when_the_sizes_add_up(tmp_path: Path) 
     assert name in str(raised.value)
 
 
-def test_complete_weights_load(tmp_path: Path) -> None:
-    loaded = models.load_hf(factories.bert_folder(tmp_path), trusted=False)
-    assert isinstance(loaded.model, transformers.BertForSequenceClassification)
+def test_complete_weights_load_as_saved(tmp_path: Path) -> None:
+    """Every tensor the model holds is the saved one: a freshly initialised model of the same
+    class would pass a type check, not this."""
+    folder = factories.bert_folder(tmp_path)
+    saved = load_file(str(folder / "model.safetensors"))
+
+    loaded = models.load_hf(folder, trusted=False)
+
+    state = loaded.model.state_dict()
+    assert type(loaded.model) is transformers.BertForSequenceClassification
+    assert set(saved) == set(state)
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name

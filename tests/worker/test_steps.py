@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from service.cli_api import build_spec
 from service.jobs.schemas import JobSpec
 from tests.worker import factories
-from worker import evaluation
+from worker import datasets, evaluation, models
 from worker.engine import EngineError, measure
 from worker.engine.plan import Plan, apply_plan_
 from worker.steps import JobFailed, JobFiles, execute, prune_config, steps_per_goal
@@ -122,15 +122,40 @@ def test_text_classification_from_jsonl_to_every_portable_format(tmp_path: Path)
 def test_image_classification_from_an_imagefolder(tmp_path: Path) -> None:
     model = factories.vit_folder(tmp_path)
     data = factories.imagefolder_zip(tmp_path / "images.zip")
+    columns = datasets.load(data, "imagefolder", models.load_hf(model, trusted=False))
+    _predict_a_third_as_class_0(model, columns["pixel_values"])
 
     result, files = _run(factories.spec(), model, data, "imagefolder", tmp_path / "work")
 
-    assert result["before"]["accuracy"] >= 0.0 and "accuracy" in result["after_pruning"]
     assert result["macs_after"] <= 0.5 * result["macs_before"]
-    vit = transformers.AutoModelForImageClassification.from_pretrained(
+    # Without an evaluation set, accuracy is over the calibration rows (2 batches of 16: all
+    # 24 images): the original model's before, the exported pruned model's after pruning.
+    original = transformers.AutoModelForImageClassification.from_pretrained(model).eval()
+    pruned = transformers.AutoModelForImageClassification.from_pretrained(
         _unzip(files["hf"], tmp_path / "hf")
-    )
-    assert vit(pixel_values=torch.zeros(1, 3, 16, 16)).logits.shape == (1, 2)
+    ).eval()
+
+    def accuracy(vit: torch.nn.Module) -> float:
+        with torch.no_grad():
+            predicted = vit(pixel_values=columns["pixel_values"]).logits.argmax(-1)
+        return int((predicted == columns["labels"]).sum()) / len(predicted)
+
+    assert 0.5 < accuracy(original) < 1  # neither constant predictions nor all right
+    assert result["before"]["accuracy"] == accuracy(original)
+    assert result["after_pruning"]["accuracy"] == accuracy(pruned)
+
+
+def _predict_a_third_as_class_0(folder: Path, pixel_values: torch.Tensor) -> None:
+    """Shift the saved classifier's bias so that the third of the images with the lowest
+    class-1 margin are predicted class 0. The random head predicts class 1 for every image,
+    and on a balanced set an accuracy counted wrongly would read 0.5 as well."""
+    vit = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = vit(pixel_values=pixel_values).logits
+        margins = (logits[:, 1] - logits[:, 0]).sort().values
+        third = len(margins) // 3
+        vit.classifier.bias[1] -= (margins[third - 1] + margins[third]) / 2
+    vit.save_pretrained(folder)
 
 
 def test_tensors_with_a_separate_evaluation_set_and_a_distillation_loss(tmp_path: Path) -> None:
@@ -176,8 +201,8 @@ def test_a_pickle_output_only_in_trusted_mode(tmp_path: Path) -> None:
     model = factories.bert_folder(tmp_path)
     data = factories.tensors_file(tmp_path / "train.safetensors")
 
-    _, files = _run(
-        factories.spec(outputs=["torch_pickle"]),
+    result, files = _run(
+        factories.spec(outputs=["torch_pickle", "safetensors"]),
         model,
         data,
         "tensors",
@@ -186,7 +211,14 @@ def test_a_pickle_output_only_in_trusted_mode(tmp_path: Path) -> None:
     )
 
     loaded = torch.load(files["torch_pickle"], weights_only=False)
-    assert isinstance(loaded, transformers.BertForSequenceClassification)
+    # the pruned model itself: its MACs, and the weights the safetensors export holds
+    tokens = {"input_ids": torch.full(result["example_inputs"]["input_ids"], 4)}
+    assert measure(loaded, tokens).macs == result["macs_after"]
+    weights = load_file(str(_unzip(files["safetensors"], tmp_path / "st") / "model.safetensors"))
+    state = loaded.state_dict()
+    assert set(state) == set(weights)
+    for name, tensor in weights.items():
+        assert torch.equal(state[name], tensor), name
 
 
 def test_an_unreachable_target_fails_before_pruning_with_the_reachable_value(
