@@ -2,7 +2,7 @@
 
 | format | file | loads with |
 |---|---|---|
-| `hf` | model-hf.zip | `AutoModel*.from_pretrained` (or `SentenceTransformer`) on its folder |
+| `hf` | model-hf.zip | `from_pretrained` / `SentenceTransformer` on its folder (checked here) |
 | `safetensors` | weights + pruning-plan.json | original model, `apply_plan_`, `load_state_dict` |
 | `onnx` | model.onnx | onnxruntime (checked against torch here) |
 | `pt2` | model.pt2 | `torch.export.load(...).module()` (checked against torch here) |
@@ -24,8 +24,12 @@ from torch import Tensor, nn
 
 from worker.engine.plan import Plan
 from worker.models import sentence_modules, sentence_pooling
+from worker.verify import compare, verify_hf
 
 MAX_EXPORT_BATCH = 4096
+# onnxruntime and torch.export's graphs fuse and reorder float operations: rounding differs by
+# more than a reload's, a wrong graph by far more
+RUNTIME_TOLERANCE = 1e-3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
 RUNTIME_SUFFIXES = (".onnx", ".onnx_data", ".pt2", ".gguf")  # other runtimes' copies of weights
 
@@ -64,7 +68,7 @@ def export(
 ) -> Exported:
     model = model.eval()
     if fmt == "hf":
-        return Exported(fmt, export_hf(model, source, out))
+        return export_hf(model, inputs, source, out)
     if fmt == "safetensors":
         return Exported(fmt, export_safetensors(model, plan, out))
     if fmt == "onnx":
@@ -78,9 +82,10 @@ def export(
     raise ValueError(f"unknown output format {fmt!r}")
 
 
-def export_hf(model: nn.Module, source: Path | None, out: Path) -> Path:
+def export_hf(model: nn.Module, inputs: dict[str, Any], source: Path | None, out: Path) -> Exported:
     """A zip of a Hugging Face directory: `from_pretrained` on its extraction loads the pruned
-    model. Tokenizer and preprocessor files of the upload are carried over, and so are its
+    model, which is checked on the files before they are zipped (`verify.verify_hf`).
+    Tokenizer and preprocessor files of the upload are carried over, and so are its
     sentence-transformers modules (`1_Pooling/`, `2_Normalize/`…), so that a sentence-transformers
     folder comes back as one."""
     with tempfile.TemporaryDirectory() as work:
@@ -91,9 +96,10 @@ def export_hf(model: nn.Module, source: Path | None, out: Path) -> Path:
         model.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
         if source is not None:
             _restate_pooling_width(model, source, directory)
+        checks = verify_hf(model, inputs, directory)
         archive = out / "model-hf.zip"
         _zip_folder(directory, archive)
-    return archive
+    return Exported("hf", archive, checks)
 
 
 def _copy_companions(source: Path, directory: Path) -> None:
@@ -197,12 +203,9 @@ def export_onnx(model: nn.Module, inputs: dict[str, Any], out: Path) -> Exported
     probe = _batch_dynamic(tensors)[0] if dynamic else tensors
     actual = session.run(None, {n: t.cpu().numpy() for n, t in zip(names, probe, strict=True)})[0]
     with torch.no_grad():
-        expected = wrapper(*probe).cpu().numpy()
-    return Exported(
-        "onnx",
-        path,
-        {"max_abs_diff": float(abs(actual - expected).max()), "dynamic_batch": dynamic},
-    )
+        expected = wrapper(*probe).cpu()
+    checks = compare(expected, torch.from_numpy(actual), "the onnx output", RUNTIME_TOLERANCE)
+    return Exported("onnx", path, checks | {"dynamic_batch": dynamic})
 
 
 def export_pt2(model: nn.Module, inputs: dict[str, Any], out: Path) -> Exported:
@@ -214,8 +217,8 @@ def export_pt2(model: nn.Module, inputs: dict[str, Any], out: Path) -> Exported:
     reloaded = torch.export.load(str(path)).module()
     probe = _batch_dynamic(tensors)[0] if dynamic else tensors
     with torch.no_grad():
-        difference = (reloaded(*probe) - wrapper(*probe)).abs().max()
-    return Exported("pt2", path, {"max_abs_diff": float(difference), "dynamic_batch": dynamic})
+        checks = compare(wrapper(*probe), reloaded(*probe), "the pt2 output", RUNTIME_TOLERANCE)
+    return Exported("pt2", path, checks | {"dynamic_batch": dynamic})
 
 
 def _zip_folder(folder: Path, archive: Path) -> None:

@@ -41,6 +41,7 @@ from worker import datasets, memory, models
 from worker.engine import EngineError, PruneConfig, measure, reachable_fraction
 from worker.export import Exported
 from worker.steps import JobFailed, JobFiles, execute
+from worker.verify import ExportMismatch
 
 log = logging.getLogger("apoptosis.worker")
 T = TypeVar("T")
@@ -249,6 +250,7 @@ def run_job(job_id: str) -> None:
             memory.OutOfMemory,
             StoreFull,
             StoreUnavailable,
+            ExportMismatch,
         ) as error:
             _end(job_id, JobState.FAILED, {"code": error.code, "message": str(error)})
         except (torch.OutOfMemoryError, MemoryError) as error:

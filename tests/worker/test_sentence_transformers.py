@@ -124,7 +124,9 @@ def test_the_pooling_config_states_the_saved_hidden_size(tmp_path: Path) -> None
         )
     )
 
-    archive = export.export_hf(narrower, folder, tmp_path)
+    example = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3)}
+
+    archive = export.export_hf(narrower.eval(), example, folder, tmp_path).path
 
     pooling = json.loads(
         (_unzip(archive, tmp_path / "out") / "1_Pooling" / "config.json").read_text()
