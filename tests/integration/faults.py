@@ -31,14 +31,19 @@ from sqlalchemy.orm import Session
 from service.auth import create_tenant
 from service.client import Client
 from service.db import make_engine
+from service.health import CHECK_SECONDS
 from service.jobs.states import TERMINAL
 from service.migrate import upgrade
 from service.orm import Artifact, Job, JobEvent, Model, utcnow
 from service.workers import repository as workers
-from tests.integration.services import apoptosis, free_port, stop, wait_healthy
+from tests.integration.services import apoptosis, free_port, stop, until, wait_healthy
 
 HEARTBEAT_SECONDS = "0.5"
 STALE_AFTER_SECONDS = "3"  # a killed worker's job is reaped within about 4 s
+# /readyz cuts each check at CHECK_SECONDS, so a probe of a hung dependency answers in about
+# that; one that waited for the dependency would wait out its client's timeouts (S3: three tries
+# of 30 s) or forever. The slack is what a loaded 2-core machine needs, not part of the contract.
+PROBE_WITHIN_S = CHECK_SECONDS + 7
 ADMIN_DATABASE = "postgresql://postgres@127.0.0.1:5432/test"
 T = TypeVar("T")
 
@@ -70,17 +75,6 @@ QUICK_SPEC: dict[str, Any] = {
     "loss": "cross_entropy",
     "outputs": ["hf"],
 }
-
-
-def until(condition: Callable[[], Any], seconds: float, what: str, every: float = 0.1) -> Any:
-    """Poll `condition` until it returns something truthy (returned), or fail naming `what`."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {seconds:g} s: {what}"
-        time.sleep(every)
 
 
 def kill_group(process: subprocess.Popen[bytes]) -> None:

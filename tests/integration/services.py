@@ -8,9 +8,10 @@ import sys
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -24,6 +25,17 @@ REDIS_START = (
 )
 
 
+def until(condition: Callable[[], Any], seconds: float, what: str, every: float = 0.1) -> Any:
+    """Poll `condition` until it returns something truthy (returned), or fail naming `what`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {seconds:g} s: {what}"
+        time.sleep(every)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,6 +46,16 @@ def _answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_listening(port: int, process: subprocess.Popen[Any], seconds: float = 30) -> None:
+    """Until `process` accepts connections on 127.0.0.1:`port`; fails if it exits first."""
+
+    def listening() -> bool:
+        assert process.poll() is None, f"it exited ({process.returncode}) before binding {port}"
+        return _answers(port)
+
+    until(listening, seconds, f"a process listening on port {port}", every=0.05)
 
 
 def ensure_server(port: int, start_command: str) -> None:

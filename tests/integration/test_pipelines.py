@@ -5,14 +5,13 @@ receiving the job's signed notifications."""
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.integration.services import embedded_service, free_port
+from tests.integration.services import embedded_service, free_port, until, wait_listening
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,16 +68,15 @@ def test_the_pipeline_prunes_and_the_receiver_verifies_its_notifications(
         stdout=received,
     )
     try:
-        time.sleep(1)  # the receiver binds its port
+        wait_listening(port, receiver)
         done = _pipeline(
             deployment, tmp_path / "pruned", NOTIFY_URL=f"http://127.0.0.1:{port}/hook"
         )
         assert done.returncode == 0, done.stderr
         job = done.stdout.strip().splitlines()[-1]
-        deadline = time.monotonic() + 30  # workers send due notifications every 2 s
-        while f"job.succeeded {job}" not in (tmp_path / "received.log").read_text():
-            assert time.monotonic() < deadline, (tmp_path / "received.log").read_text()
-            time.sleep(0.5)
+        log = tmp_path / "received.log"
+        # workers send due notifications every 2 s; 60 s leaves a loaded machine room
+        until(lambda: f"job.succeeded {job}" in log.read_text(), 60, f"job.succeeded {job}")
     finally:
         receiver.terminate()
         receiver.wait()

@@ -4,7 +4,7 @@ recorded; a host that resolves somewhere private by delivery time gets nothing."
 
 import threading
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -132,27 +132,34 @@ def test_a_signature_made_with_another_secret_does_not_verify(
         Webhook("whsec_" + "A" * 32).verify(body, headers)
 
 
+def _next_attempt(delivery: WebhookDelivery) -> datetime:
+    return delivery.next_attempt_at.replace(tzinfo=UTC)  # SQLite hands back naive UTC
+
+
 def test_a_failed_delivery_is_retried_with_backoff_until_it_succeeds(
-    tenant: str, receiver: Receiver
+    tenant: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The worker's clock stands still and moves only when the test moves it (to the next
+    attempt's time), so each retry is due exactly the backoff after the attempt that failed."""
     receiver.statuses = [503, 200, 503]  # the queued notification fails twice
     job_id = _job_that_ends(tenant, receiver.url, JobState.CANCELLED)
-    before = utcnow()
+    started = utcnow()  # both notifications are due
+    clock = [started]
+    monkeypatch.setattr(webhooks, "utcnow", lambda: clock[0])
 
     webhooks.deliver_due(get_settings())
     first = _deliveries(job_id)[0]
-    webhooks.deliver_due(get_settings())  # not due yet: nothing is sent
-    _due_now(job_id)
+    assert webhooks.deliver_due(get_settings()) == 0  # not due yet: nothing is sent
+    clock[0] = _next_attempt(first)
     webhooks.deliver_due(get_settings())
     second = _deliveries(job_id)[0]
-    _due_now(job_id)
+    clock[0] = _next_attempt(second)
     webhooks.deliver_due(get_settings())
 
     assert (first.state, first.attempts, first.last_status) == ("pending", 1, 503)
-    assert first.next_attempt_at.replace(tzinfo=before.tzinfo) >= before + timedelta(seconds=4)
+    assert _next_attempt(first) == started + timedelta(seconds=5)
     assert (second.state, second.attempts) == ("pending", 2)
-    wait = second.next_attempt_at.replace(tzinfo=before.tzinfo) - utcnow()
-    assert timedelta(seconds=8) <= wait <= timedelta(seconds=11)  # doubled
+    assert _next_attempt(second) == _next_attempt(first) + timedelta(seconds=10)  # doubled
     assert [(d.state, d.attempts) for d in _deliveries(job_id)] == [
         ("delivered", 3),
         ("delivered", 1),
