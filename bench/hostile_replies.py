@@ -129,11 +129,12 @@ def last_errors(job_id: str) -> list[int]:
         return [len(d.last_error or "") for d in repository.of_job(session, job_id)]
 
 
-def webhook_case(size: int) -> dict[str, Any]:
+def delivery_round(kind: str, size: int) -> dict[str, Any]:
+    """One delivery round of a job's two notifications to a `kind` peer."""
     from service.settings import get_settings
     from worker import webhooks
 
-    process, url = start_peer("webhook", size)
+    process, url = start_peer(kind, size)
     try:
         job_id = job_with_notifications(f"{url}/hook")
         before = reset_peak()
@@ -173,23 +174,14 @@ def mlflow_case(size: int) -> dict[str, Any]:
 
 def trickle_case() -> dict[str, Any]:
     from service.settings import get_settings
-    from worker import webhooks
 
     os.environ["APOPTOSIS_WEBHOOK_TIMEOUT_SECONDS"] = "2"
     get_settings.cache_clear()
-    process, url = start_peer("trickle", 120)
     try:
-        job_id = job_with_notifications(f"{url}/hook")
-        before = reset_peak()
-        started = time.perf_counter()
-        webhooks.deliver_due(get_settings())
-        seconds = time.perf_counter() - started
-        growth = _kib("VmHWM") * 1024 - before
+        return delivery_round("trickle", 120)
     finally:
-        process.terminate()
         del os.environ["APOPTOSIS_WEBHOOK_TIMEOUT_SECONDS"]
         get_settings.cache_clear()
-    return {"growth": growth, "seconds": seconds, "kept": max(last_errors(job_id))}
 
 
 def main() -> None:
@@ -209,7 +201,9 @@ def main() -> None:
     import worker.webhooks  # noqa: F401
 
     cases = {
-        f"webhook receiver answers 500 + {args.mib} MiB": lambda: webhook_case(args.mib * MIB),
+        f"webhook receiver answers 500 + {args.mib} MiB": lambda: delivery_round(
+            "webhook", args.mib * MIB
+        ),
         f"tracking server answers 200 + {args.mib} MiB": lambda: mlflow_case(args.mib * MIB),
     }
     if not args.skip_trickle:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from service.jobs.schemas import JobSpec
+from worker.steps import JobFiles, execute
 
 WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "a", "plot", "acting"]
 
@@ -253,3 +254,20 @@ def lm_tensors_file(path: Path, rows: int = 32) -> Path:
         {"input_ids": torch.randint(4, len(WORDS) + 4, (rows, 12), generator=generator)}, str(path)
     )
     return path
+
+
+def run_bert_job(tmp_path: Path, job: JobSpec) -> dict[str, Any]:
+    """The pipeline's result for `job` on the small BERT and its tensors dataset, on the CPU;
+    what it writes goes under `tmp_path / "work"`."""
+    work = tmp_path / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    files = JobFiles(
+        bert_folder(tmp_path),
+        "hf",
+        tensors_file(tmp_path / "data.safetensors"),
+        "tensors",
+        None,
+        work,
+    )
+    result, _ = execute(job, files, torch.device("cpu"), False, lambda _: None)
+    return result

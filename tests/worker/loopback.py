@@ -67,3 +67,48 @@ def answer(request: BaseHTTPRequestHandler, status: int, body: bytes = b"", **he
     request.send_header("content-length", str(len(body)))
     request.end_headers()
     request.wfile.write(body)
+
+
+class Flood:
+    """A peer that answers `status` with a `total`-byte body, and records how much of it it
+    could write before the client hung up (`written`, set once `done`)."""
+
+    def __init__(self, status: int, total: int = 256 * 1024 * 1024) -> None:
+        self.status, self.total = status, total
+        self.written = 0
+        self.done = threading.Event()
+
+    def __call__(self, request: BaseHTTPRequestHandler) -> None:
+        request.send_response(self.status)
+        request.send_header("content-length", str(self.total))
+        request.end_headers()
+        chunk = b"e" * 65536
+        try:
+            while self.written < self.total:
+                request.wfile.write(chunk)
+                self.written += len(chunk)
+        except OSError:  # the client hung up
+            pass
+        self.done.set()
+
+
+class Trickle:
+    """A peer that answers `status` and sends its body a byte every 100 ms, until `released`:
+    slow enough for any total deadline, fast enough for every per-read timeout."""
+
+    def __init__(self, status: int, length: int = 1000) -> None:
+        self.status, self.length = status, length
+        self.released = threading.Event()
+
+    def __call__(self, request: BaseHTTPRequestHandler) -> None:
+        request.send_response(self.status)
+        request.send_header("content-length", str(self.length))
+        request.end_headers()
+        try:
+            for _ in range(self.length):
+                request.wfile.write(b"x")
+                request.wfile.flush()
+                if self.released.wait(0.1):
+                    return
+        except OSError:
+            pass

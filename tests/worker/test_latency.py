@@ -15,7 +15,7 @@ from tests.worker import factories
 from worker import latency
 from worker.engine import measure
 from worker.latency import Timing
-from worker.steps import JobFailed, JobFiles, execute
+from worker.steps import JobFailed
 
 CPU = torch.device("cpu")
 
@@ -32,18 +32,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _job(tmp_path: Path, target_ms: float, batch: int) -> dict[str, Any]:
     spec = factories.spec(target={"latency_ms": target_ms, "batch": batch})
-    work = tmp_path / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    files = JobFiles(
-        factories.bert_folder(tmp_path),
-        "hf",
-        factories.tensors_file(tmp_path / "data.safetensors"),
-        "tensors",
-        None,
-        work,
-    )
-    result, _ = execute(spec, files, CPU, False, lambda _: None)
-    return result
+    return factories.run_bert_job(tmp_path, spec)
 
 
 def test_a_latency_target_prunes_until_the_measured_time_is_under_it(

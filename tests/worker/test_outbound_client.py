@@ -2,13 +2,12 @@
 reply, ends at a total deadline however slowly the peer trickles, and connects to the address
 the guard checked."""
 
-import threading
 from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from service.outbound import client, guard
-from tests.worker.loopback import answer, serving
+from tests.worker.loopback import Flood, Trickle, answer, serving
 
 ALLOW_SECOND_LOOPBACK = ["127.0.0.2"]  # 127.0.0.1 stays refused: the "internal" host
 
@@ -36,54 +35,22 @@ def test_a_refused_host_gets_no_request() -> None:
 
 
 def test_a_huge_reply_is_cut_at_the_bound_and_not_read_to_its_end() -> None:
-    total = 256 * 1024 * 1024
-    written: list[int] = []
-    done = threading.Event()
-
-    def endless(request: BaseHTTPRequestHandler) -> None:
-        request.send_response(500)
-        request.send_header("content-length", str(total))
-        request.end_headers()
-        sent = 0
-        try:
-            chunk = b"x" * 65536
-            while sent < total:
-                request.wfile.write(chunk)
-                sent += len(chunk)
-        except OSError:  # the client hung up
-            pass
-        written.append(sent)
-        done.set()
-
-    with serving(endless, host="127.0.0.2") as receiver:
+    flood = Flood(500)
+    with serving(flood, host="127.0.0.2") as receiver:
         reply = client.request(
             "POST", receiver.url, ALLOW_SECOND_LOOPBACK, deadline=30, content=b"{}"
         )
-        assert done.wait(30)  # the handler noticed the hang-up
+        assert flood.done.wait(30)  # the peer noticed the hang-up
 
     assert reply.status == 500 and reply.truncated
     assert len(reply.body) == client.ERROR_TEXT_BYTES
     assert len(reply.summary()) < client.ERROR_TEXT_BYTES + 20
-    assert written and written[0] < total // 4  # the rest was never pulled off the wire
+    assert flood.written < flood.total // 4  # the rest was never pulled off the wire
 
 
 def test_a_trickling_peer_is_cut_at_the_total_deadline() -> None:
     """A byte every 100 ms never trips a per-read timeout; the total deadline ends it."""
-    released = threading.Event()
-
-    def trickle(request: BaseHTTPRequestHandler) -> None:
-        request.send_response(200)
-        request.send_header("content-length", "1000")
-        request.end_headers()
-        try:
-            for _ in range(1000):
-                request.wfile.write(b"x")
-                request.wfile.flush()
-                if released.wait(0.1):
-                    return
-        except OSError:
-            pass
-
+    trickle = Trickle(200)
     with serving(trickle, host="127.0.0.2") as receiver:
         try:
             with pytest.raises(client.OutboundError, match="no complete answer within 1 s"):
@@ -91,7 +58,7 @@ def test_a_trickling_peer_is_cut_at_the_total_deadline() -> None:
                     "GET", receiver.url, ALLOW_SECOND_LOOPBACK, deadline=1, max_reply=10_000
                 )
         finally:
-            released.set()
+            trickle.released.set()
 
 
 def test_the_client_connects_to_the_checked_address_with_the_name_as_host(

@@ -18,7 +18,7 @@ from tests.worker import factories
 from tests.worker.test_lifecycle import _stored_bert, _stored_job
 from worker import lifecycle, steps
 from worker.engine import PruneConfig, PruneResult, TargetUnreachable, prune_
-from worker.steps import JobFailed, JobFiles, execute
+from worker.steps import JobFailed
 
 CPU = torch.device("cpu")
 
@@ -28,20 +28,9 @@ def _execute(
 ) -> dict[str, Any]:
     """Run a job of `spec`; `unchecked` fields are set past the spec's validation (a spec the
     API refuses at submit, to reach the job's own guard)."""
-    work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
-    files = JobFiles(
-        factories.bert_folder(tmp_path),
-        "hf",
-        factories.tensors_file(tmp_path / "data.safetensors"),
-        "tensors",
-        None,
-        work,
-    )
     # magnitude scores: what is measured against the target does not depend on the method
     job = factories.spec(**{"method": "magnitude"} | spec).model_copy(update=unchecked or {})
-    result, _ = execute(job, files, CPU, False, lambda _: None)
-    return result
+    return factories.run_bert_job(tmp_path, job)
 
 
 def _falling_short(monkeypatch: pytest.MonkeyPatch, *, from_call: int = 1) -> None:

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from service.settings import get_settings
 from tests.integration.services import free_port
 from tests.worker import factories
-from worker.steps import JobFiles, execute
 
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -65,18 +63,7 @@ def _prune(tmp_path: Path, tracking_uri: str, run_name: str) -> dict[str, object
         finetune={"epochs": 1},
         mlflow={"tracking_uri": tracking_uri, "experiment": "bert-pruning", "run_name": run_name},
     )
-    work = tmp_path / "work"
-    work.mkdir()
-    files = JobFiles(
-        factories.bert_folder(tmp_path),
-        "hf",
-        factories.tensors_file(tmp_path / "data.safetensors"),
-        "tensors",
-        None,
-        work,
-    )
-    result, _ = execute(spec, files, torch.device("cpu"), False, lambda _: None)
-    return result
+    return factories.run_bert_job(tmp_path, spec)
 
 
 @pytest.mark.slow  # a tracking server and a whole job

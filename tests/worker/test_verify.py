@@ -17,25 +17,13 @@ from tests.worker import factories
 from tests.worker.test_lifecycle import _stored_bert, _stored_job
 from worker import lifecycle
 from worker.engine import architectures
-from worker.steps import JobFiles, execute
 from worker.verify import TOLERANCE, ExportMismatch, compare
 
 CPU = torch.device("cpu")
 
 
 def _execute(tmp_path: Path, **spec: Any) -> dict[str, Any]:
-    work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
-    files = JobFiles(
-        factories.bert_folder(tmp_path),
-        "hf",
-        factories.tensors_file(tmp_path / "data.safetensors"),
-        "tensors",
-        None,
-        work,
-    )
-    result, _ = execute(factories.spec(**spec), files, CPU, False, lambda _: None)
-    return result
+    return factories.run_bert_job(tmp_path, factories.spec(**spec))
 
 
 @pytest.fixture

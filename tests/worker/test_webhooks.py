@@ -3,7 +3,7 @@ delivery with the tenant's secret (Standard Webhooks); failures are retried with
 recorded; a host that resolves somewhere private by delivery time gets nothing."""
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,7 +19,7 @@ from service.orm import Dataset, Job, Model, WebhookDelivery, utcnow
 from service.outbound import guard
 from service.settings import get_settings
 from service.webhooks import repository, secret
-from tests.worker.loopback import answer, serving
+from tests.worker.loopback import Flood, Trickle, answer, serving
 from worker import webhooks
 
 
@@ -221,72 +221,34 @@ def test_backoff_doubles_up_to_an_hour() -> None:
     assert waits == [5, 10, 20, 3600, 3600]
 
 
-def _endless_500(
-    written: list[int], done: threading.Event
-) -> Callable[[BaseHTTPRequestHandler], None]:
-    """A receiver that answers 500 with a 256 MiB body, and records how much it could write."""
-    total = 256 * 1024 * 1024
-
-    def handle(request: BaseHTTPRequestHandler) -> None:
-        request.send_response(500)
-        request.send_header("content-length", str(total))
-        request.end_headers()
-        sent = 0
-        try:
-            while sent < total:
-                request.wfile.write(b"e" * 65536)
-                sent += 65536
-        except OSError:  # the worker hung up
-            pass
-        written.append(sent)
-        done.set()
-
-    return handle
-
-
 def test_a_receivers_huge_reply_is_not_read_and_a_few_kib_are_kept(tenant: str) -> None:
-    written: list[int] = []
-    done = threading.Event()
-    with serving(_endless_500(written, done)) as flood:
-        job_id = _job_that_ends(tenant, f"{flood.url}/hook")
+    flood = Flood(500)
+    with serving(flood) as receiver:
+        job_id = _job_that_ends(tenant, f"{receiver.url}/hook")
 
         webhooks.deliver_due(get_settings())
-        assert done.wait(30)
+        assert flood.done.wait(30)
 
     first = _deliveries(job_id)[0]
     assert first.last_status == 500
     assert first.last_error is not None and len(first.last_error) <= 2100
-    assert written[0] < 64 * 1024 * 1024  # the worker stopped reading long before the end
+    assert flood.written < 64 * 1024 * 1024  # the worker stopped reading long before the end
 
 
 def test_a_trickling_receiver_is_cut_at_the_total_deadline(
     tenant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A byte every 100 ms never trips a per-read timeout: the deadline covers the whole
-    request."""
+    """The deadline covers the whole request, not each read."""
     monkeypatch.setenv("APOPTOSIS_WEBHOOK_TIMEOUT_SECONDS", "1")
     get_settings.cache_clear()
-    released = threading.Event()
-
-    def trickle(request: BaseHTTPRequestHandler) -> None:
-        request.send_response(500)
-        request.send_header("content-length", "600")
-        request.end_headers()
-        try:
-            for _ in range(600):
-                request.wfile.write(b"x")
-                request.wfile.flush()
-                if released.wait(0.1):
-                    return
-        except OSError:
-            pass
+    trickle = Trickle(500)
 
     with serving(trickle) as slow:
         job_id = _job_that_ends(tenant, f"{slow.url}/hook")
         try:
             webhooks.deliver_due(get_settings())
         finally:
-            released.set()
+            trickle.released.set()
 
     for delivery in _deliveries(job_id):
         assert delivery.last_status is None
