@@ -5,10 +5,11 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from torch import Tensor, nn
 
-from tests.engine.hf_models import CASES, inputs_of
-from worker.engine import PruneConfig, PruneResult, architectures, prune_
+from tests.engine.hf_models import CASES, causal_lm_loss, inputs_of, lm_batches
+from worker.engine import PruneConfig, PruneResult, architectures, prune_, reachable_fraction
 
 
 def _pruned(name: str, global_ranking: bool, target: float = 0.7) -> tuple[Any, PruneResult]:
@@ -102,3 +103,79 @@ def test_an_output_no_leaf_produced_names_no_layer_even_at_a_freed_layers_addres
     # once the inner layer's output was freed, tanh's result took its address and the inner
     # layer was named an output layer, so it was never pruned (Gemma 2's soft-capped logits)
     assert architectures.output_layers(_CappedOutput(), torch.randn(8, 256)) == []
+
+
+def _bart(encoder_ffn: int, decoder_ffn: int) -> nn.Module:
+    config = transformers.BartConfig(
+        vocab_size=64,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=encoder_ffn,
+        decoder_ffn_dim=decoder_ffn,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return transformers.BartForConditionalGeneration(config).eval()
+
+
+def test_each_stack_of_an_encoder_decoder_states_its_own_ffn_width(tmp_path: Path) -> None:
+    model = _bart(encoder_ffn=128, decoder_ffn=96)
+    batches = lm_batches(2, 0)
+
+    result = prune_(
+        model,
+        inputs_of(batches[0]),
+        batches,
+        causal_lm_loss,
+        PruneConfig(method="oba", target=0.7, steps=2, global_ranking=False),
+    )
+
+    encoder, decoder = (result.config_updates[f"{s}_ffn_dim"] for s in ("encoder", "decoder"))
+    assert encoder < 128 and encoder * 3 == decoder * 4  # each stack uniform, in step
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.BartForConditionalGeneration.from_pretrained(tmp_path).eval()
+    inputs = inputs_of(lm_batches(1, 9)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5
+        )
+
+
+def test_an_ffn_no_description_names_is_kept_whole() -> None:
+    """GPT-J's `fc_in` is named by no family: its width was pruned while `n_inner` stayed, and
+    the output did not reload. Now the FFN stays whole, and a target that needs it is refused."""
+    config = transformers.GPTJConfig(
+        vocab_size=64, n_embd=32, n_inner=128, n_layer=2, n_head=4, n_positions=32, rotary_dim=4
+    )
+    model = transformers.GPTJForCausalLM(config).eval()
+    inputs = inputs_of(lm_batches(1, 0)[0])
+
+    assert architectures.ffn_layers(model) == {}
+    assert reachable_fraction(model, inputs, PruneConfig(target=0.5, global_ranking=False)) == 1
+
+
+@pytest.mark.parametrize(
+    ("sizes", "integral"),
+    [
+        ([(15, 11), (30, 22)], False),  # 11 × (15 / 11) is 14.99…: one neuron short
+        ([(160, 96), (320, 192)], False),  # Swin: a stage of twice the width, the same ratio
+        ([(96, 48)], True),  # DINOv2's config types mlp_ratio as an integer
+    ],
+)
+def test_a_ratio_field_rebuilds_every_width_exactly(
+    sizes: list[tuple[int, int]], integral: bool
+) -> None:
+    """(width, hidden) per layer: the class builds int(hidden × ratio) neurons."""
+    ratio = architectures._ratio(sizes, integral)
+
+    assert ratio is not None
+    assert all(int(hidden * ratio) == width for width, hidden in sizes)
+    assert isinstance(ratio, int) == integral
+
+
+def test_a_ratio_the_layers_do_not_share_is_not_written() -> None:
+    assert architectures._ratio([(56, 96), (100, 192)], integral=False) is None
+    assert architectures._ratio([(72, 48)], integral=True) is None

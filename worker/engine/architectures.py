@@ -1,9 +1,12 @@
 """What the engine knows about model families: attention layers, which groups a Hugging Face
-config can describe, and keeping head counts in modules and configs in step with the weights.
+config can describe, and keeping head counts and widths in modules and configs in step with the
+weights.
 
-Duck-typed on module attributes: the engine never imports `transformers`.
+Duck-typed on module attributes, with the config fields and module names of each family from
+`families` (a description per `model_type`): the engine never imports `transformers`.
 """
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +16,8 @@ from torch import Tensor, nn
 
 from worker.engine.cost import run_forward
 from worker.engine.errors import InvalidConfig
-from worker.engine.groups import ChannelGroup
+from worker.engine.families import FfnWidth, family_of
+from worker.engine.groups import ChannelGroup, weight_axis
 from worker.engine.kv_groups import GroupedAttention
 
 
@@ -81,12 +85,17 @@ def is_transformer(model: nn.Module) -> bool:
 
 
 def config_describes_head_size(model: nn.Module) -> bool:
-    """True when the config carries `head_dim`, so it can describe fewer heads of the same size.
+    """True when the class reads the head size from `head_dim`, so a config can describe fewer
+    heads of the same size: as its family says, else when the config states `head_dim`.
 
     BERT, ViT and GPT-2 derive the head size from hidden_size / num_attention_heads: a config
     cannot express pruned heads for them, so uniform (config-describable) pruning keeps heads.
     """
-    return getattr(getattr(model, "config", None), "head_dim", None) is not None
+    config = getattr(model, "config", None)
+    head_size = family_of(config).head_size
+    if head_size == "auto":
+        return getattr(config, "head_dim", None) is not None
+    return head_size == "head_dim"
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -142,31 +151,58 @@ def hidden_size_multiple(model: nn.Module) -> int:
     return heads if isinstance(heads, int) and heads > 0 else 1
 
 
-def intermediate_size(model: nn.Module) -> int | None:
+def ffn_layers(model: nn.Module) -> dict[nn.Module, FfnWidth]:
+    """A transformer's FFN up-projections whose width its config states, each with the field
+    that states it, in module order: the up-projections its family names (`families`), under
+    the first of its fields whose scope holds them and which the config has."""
     config = getattr(model, "config", None)
-    if config is None:
-        return None
-    for attribute in ("intermediate_size", "n_inner"):
-        value = getattr(config, attribute, None)
-        if isinstance(value, int):
-            return value
-    hidden = getattr(config, "n_embd", None)
-    return 4 * hidden if isinstance(hidden, int) else None
+    if not is_transformer(model):
+        return {}
+    family = family_of(config)
+    found: dict[nn.Module, FfnWidth] = {}
+    for name, module in model.named_modules():
+        if weight_axis(module, True) is None or not _ends_with(name, family.up_projections):
+            continue
+        parts = name.split(".")
+        stated = [f for f in family.ffn if f.scope in ("", *parts) and hasattr(config, f.field)]
+        if stated:
+            found[module] = stated[0]
+    return found
+
+
+def _ends_with(name: str, suffixes: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
 def group_filter(model: nn.Module, hidden_size: bool) -> Callable[[ChannelGroup], bool]:
-    """Hugging Face transformers: attention heads, FFN neurons and, when `hidden_size`, the
-    residual stream (the group whose members include the input embeddings)."""
+    """Hugging Face transformers: attention heads, FFN neurons whose width the config states
+    and, when `hidden_size`, the residual stream (the group whose members include the input
+    embeddings)."""
     if not is_transformer(model):
         return lambda group: True
-    ffn_width = intermediate_size(model)
+    ffn = ffn_layers(model)
 
     def allowed(group: ChannelGroup) -> bool:
         if is_residual_stream(group):
             return hidden_size
-        return group.unit > 1 or group.width == ffn_width
+        return group.unit > 1 or any(is_out and m in ffn for m, is_out, _, _ in group.members)
 
     return allowed
+
+
+def kept_multiple(model: nn.Module) -> Callable[[ChannelGroup], int]:
+    """What a group's kept width must stay a multiple of for the config to state it: the head
+    count for the hidden size, the hidden size for an FFN whose config states an integer ratio
+    of it (DINOv2's `mlp_ratio`), else 1. Decided on the model as it comes."""
+    heads = hidden_size_multiple(model)
+    ratios = {m: _in_width(m) for m, stated in ffn_layers(model).items() if stated.integral}
+
+    def multiple(group: ChannelGroup) -> int:
+        if is_residual_stream(group):
+            return heads
+        return max((ratios.get(m, 1) for m, is_out, _, _ in group.members if is_out), default=1)
+
+    return multiple
 
 
 def output_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
@@ -230,6 +266,8 @@ def sync_structure(
         written["num_attention_heads"] = head_counts.pop()
         if getattr(config, "num_key_value_heads", None) is not None:
             written["num_key_value_heads"] = written["num_attention_heads"]
+        if family_of(config).head_size == "head_dim":  # the class reads it, stated or not
+            written["head_dim"] = layers[0].head_dim
     grouped_counts = {(layer.heads, layer.kv_heads) for layer in grouped}
     if len(grouped_counts) == 1:
         written["num_attention_heads"], written["num_key_value_heads"] = grouped_counts.pop()
@@ -240,12 +278,7 @@ def sync_structure(
     tie: Any = getattr(model, "tie_weights", None)
     if getattr(config, "tie_word_embeddings", False) and callable(tie):
         tie()  # pruning replaced the shared weight by two equal copies
-    ffn_width = intermediate_size(model)
-    if ffn_width is not None:
-        widths = set(_ffn_widths(model))
-        if len(widths) == 1:
-            attribute = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
-            written[attribute] = widths.pop()
+    written.update(_ffn_fields(model))
     if not is_transformer(model) and isinstance(getattr(config, "hidden_sizes", None), list):
         written.update(_stage_widths(model, len(config.hidden_sizes)))
     for attribute, value in written.items():
@@ -280,11 +313,50 @@ def _stage_widths(model: nn.Module, stages: int) -> dict[str, Any]:
     return written
 
 
+def _ffn_fields(model: nn.Module) -> dict[str, Any]:
+    """Each FFN field whose layers share one width (or one ratio of their hidden size)."""
+    layers: dict[FfnWidth, list[tuple[int, int]]] = {}  # field: (width, hidden) per layer
+    for (module, stated), width in zip(ffn_layers(model).items(), _ffn_widths(model), strict=True):
+        layers.setdefault(stated, []).append((width, _in_width(module)))
+    written: dict[str, Any] = {}
+    for stated, sizes in layers.items():
+        value = _ratio(sizes, stated.integral) if stated.ratio else _one_width(sizes)
+        if value is not None:
+            written[stated.field] = value
+    return written
+
+
+def _one_width(sizes: list[tuple[int, int]]) -> int | None:
+    widths = {width for width, _ in sizes}
+    return widths.pop() if len(widths) == 1 else None
+
+
+def _ratio(sizes: list[tuple[int, int]], integral: bool) -> float | None:
+    """The ratio r from which the class builds every (width, hidden) layer back exactly,
+    int(hidden × r) = width, or None if they share none (or, `integral`, none that is whole)."""
+    width, hidden = sizes[0]
+    ratio: float
+    if integral:
+        ratio = width // hidden
+    else:
+        ratio = width / hidden
+        if int(hidden * ratio) < width:  # the quotient was rounded down: the next float is exact
+            ratio = math.nextafter(ratio, math.inf)
+    return ratio if all(int(h * ratio) == w for w, h in sizes) else None
+
+
 def _ffn_widths(model: nn.Module) -> Iterator[int]:
-    """Current widths of the FFN up-projections, found by their names in common families."""
-    for name, module in model.named_modules():
-        leaf = name.rpartition(".")[2]
-        if leaf in ("up_proj", "c_fc", "fc1") or name.endswith("intermediate.dense"):
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, Tensor):
-                yield int(weight.shape[1] if leaf == "c_fc" else weight.shape[0])
+    """Current widths of the FFN up-projections, in the order of `ffn_layers`."""
+    for module in ffn_layers(model):
+        yield _width(module, is_out=True)
+
+
+def _in_width(module: nn.Module) -> int:
+    return _width(module, is_out=False)
+
+
+def _width(module: nn.Module, is_out: bool) -> int:
+    axis = weight_axis(module, is_out)
+    weight = getattr(module, "weight", None)
+    assert axis is not None and isinstance(weight, Tensor)
+    return int(weight.shape[axis])

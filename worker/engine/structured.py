@@ -102,13 +102,12 @@ def prune_channels_(
         return group.root in prunable_roots
 
     head_dims = architectures.head_dims(layers)
-    hidden_multiple = architectures.hidden_size_multiple(model)
+    multiple_of = architectures.kept_multiple(model)
 
     def all_groups(keep: Callable[[ChannelGroup], bool]) -> list[ChannelGroup]:
         groups = collect_groups(graph, names, ignored, head_dims, keep)
         for group in groups:
-            if architectures.is_residual_stream(group):
-                group.multiple = hidden_multiple
+            group.multiple = multiple_of(group)
         kv = [kv_channel_group(layer, names[layer.owner]) for layer in kv_layers.values()]
         return groups + [g for g in kv if g.width > g.unit and keep(g)]
 
