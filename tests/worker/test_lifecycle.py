@@ -4,63 +4,23 @@
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from sqlalchemy import select
 
 from service.db import get_sessionmaker
-from service.orm import Artifact, Blob, Dataset, Job, Model, WorkerHeartbeat
+from service.orm import Artifact, Blob, Job, Model, WorkerHeartbeat
 from service.settings import get_settings
-from service.store import get_store, store_file
+from service.store import get_store
 from service.workers import repository as workers
 from tests.worker import factories
+from tests.worker.stored import stored_bert, stored_job, stored_model
 from worker import lifecycle, retention, steps
 
 
-def _stored_model(tenant: str, archive: Path) -> str:
-    blob = store_file(archive)
-    with get_sessionmaker()() as session:
-        model = Model(
-            tenant_id=tenant,
-            name="m",
-            format="hf",
-            blob_key=blob.key,
-            sha256=blob.sha256,
-            size=blob.size,
-        )
-        session.add(model)
-        session.commit()
-        return model.id
-
-
-def _stored_bert(tenant: str, root: Path) -> str:
-    return _stored_model(tenant, factories.zip_folder(factories.bert_folder(root), root / "b.zip"))
-
-
-def _stored_job(tenant: str, model_id: str, root: Path, spec: dict[str, Any]) -> str:
-    """A queued job on the model, with a small tensors dataset, as the API would store it."""
-    blob = store_file(factories.tensors_file(root / "d.safetensors"))
-    with get_sessionmaker()() as session:
-        dataset = Dataset(
-            tenant_id=tenant,
-            name="d",
-            format="tensors",
-            blob_key=blob.key,
-            sha256=blob.sha256,
-            size=blob.size,
-        )
-        session.add(dataset)
-        session.flush()
-        job = Job(tenant_id=tenant, model_id=model_id, dataset_id=dataset.id, spec=spec)
-        session.add(job)
-        session.commit()
-        return job.id
-
-
 def test_validation_records_params_and_macs(tenant: str, tmp_path: Path) -> None:
-    model_id = _stored_model(
+    model_id = stored_model(
         tenant, factories.zip_folder(factories.bert_folder(tmp_path), tmp_path / "b.zip")
     )
 
@@ -79,7 +39,7 @@ def test_a_class_outside_transformers_is_rejected_with_a_reason(
     folder = factories.bert_folder(tmp_path)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"architectures": ["EvilModel"]}))
-    model_id = _stored_model(tenant, factories.zip_folder(folder, tmp_path / "evil.zip"))
+    model_id = stored_model(tenant, factories.zip_folder(folder, tmp_path / "evil.zip"))
 
     lifecycle.validate_model(model_id)
 
@@ -93,12 +53,12 @@ def test_a_class_outside_transformers_is_rejected_with_a_reason(
 def test_a_job_runs_to_success_once_and_publishes_its_artifacts(
     tenant: str, tmp_path: Path
 ) -> None:
-    model_id = _stored_model(
+    model_id = stored_model(
         tenant, factories.zip_folder(factories.bert_folder(tmp_path), tmp_path / "b.zip")
     )
     lifecycle.validate_model(model_id)
     spec = factories.spec(outputs=["hf", "onnx"]).model_dump(mode="json")
-    job_id = _stored_job(tenant, model_id, tmp_path, spec)
+    job_id = stored_job(tenant, model_id, tmp_path, spec)
 
     lifecycle.run_job(job_id)
     lifecycle.run_job(job_id)  # a duplicate delivery: the claim makes it a no-op
@@ -121,9 +81,9 @@ def test_a_stored_spec_the_worker_does_not_know_fails_the_job_as_invalid(
 ) -> None:
     """The worker validates the stored spec with the API's model: a spec written by another
     version (here, a newer spec_version) fails the job with `invalid_job`, and runs nothing."""
-    model_id = _stored_bert(tenant, tmp_path)
+    model_id = stored_bert(tenant, tmp_path)
     stored = factories.spec().model_dump(mode="json") | {"spec_version": 2}
-    job_id = _stored_job(tenant, model_id, tmp_path, stored)
+    job_id = stored_job(tenant, model_id, tmp_path, stored)
 
     lifecycle.run_job(job_id)
 
@@ -140,11 +100,11 @@ def test_the_reaper_sends_again_a_queued_job_whose_message_was_lost(
 ) -> None:
     """A broker that restarted empty (Redis keeps nothing on disk) lost the message of a queued
     job: the reaper sends it again, once per period, and leaves a freshly sent job alone."""
-    model_id = _stored_bert(tenant, tmp_path)
+    model_id = stored_bert(tenant, tmp_path)
     spec = factories.spec().model_dump(mode="json")
-    lost = _stored_job(tenant, model_id, tmp_path, spec)
+    lost = stored_job(tenant, model_id, tmp_path, spec)
     (tmp_path / "fresh").mkdir()
-    fresh = _stored_job(tenant, model_id, tmp_path / "fresh", spec)
+    fresh = stored_job(tenant, model_id, tmp_path / "fresh", spec)
     long_ago = datetime.now(UTC) - timedelta(hours=1)
     with get_sessionmaker()() as session:
         for job_id, sent in ((lost, long_ago), (fresh, datetime.now(UTC))):
@@ -177,8 +137,8 @@ def test_the_reaper_forgets_workers_silent_for_a_day(tenant: str) -> None:
 def test_a_job_past_the_time_limit_fails_as_time_limit(
     tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model_id = _stored_bert(tenant, tmp_path)
-    job_id = _stored_job(tenant, model_id, tmp_path, factories.spec().model_dump(mode="json"))
+    model_id = stored_bert(tenant, tmp_path)
+    job_id = stored_job(tenant, model_id, tmp_path, factories.spec().model_dump(mode="json"))
     monkeypatch.setenv("APOPTOSIS_JOB_SOFT_TIME_LIMIT", "0")  # every step is past it
     get_settings.cache_clear()
 
@@ -196,10 +156,10 @@ def test_artifacts_are_recorded_as_blobs_and_swept_once_expired(
 ) -> None:
     """The worker records each artifact's blob with the artifact; with `artifact_days` set, the
     retention round forgets old artifacts and deletes their blobs; the job stays."""
-    model_id = _stored_bert(tenant, tmp_path)
+    model_id = stored_bert(tenant, tmp_path)
     lifecycle.validate_model(model_id)
     spec = factories.spec(outputs=["safetensors"]).model_dump(mode="json")
-    job_id = _stored_job(tenant, model_id, tmp_path, spec)
+    job_id = stored_job(tenant, model_id, tmp_path, spec)
     lifecycle.run_job(job_id)
     with get_sessionmaker()() as session:
         (artifact,) = session.scalars(select(Artifact).where(Artifact.job_id == job_id))
@@ -223,18 +183,18 @@ def test_artifacts_are_recorded_as_blobs_and_swept_once_expired(
 def test_a_model_too_big_for_the_workers_memory_fails_at_once_and_the_worker_goes_on(
     tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model_id = _stored_bert(tenant, tmp_path)
+    model_id = stored_bert(tenant, tmp_path)
     lifecycle.validate_model(model_id)
     spec = factories.spec(outputs=["safetensors"]).model_dump(mode="json")
     monkeypatch.setenv("APOPTOSIS_WORKER_MEMORY_BYTES", "100000")
     get_settings.cache_clear()
-    too_big = _stored_job(tenant, model_id, tmp_path, spec)
+    too_big = stored_job(tenant, model_id, tmp_path, spec)
 
     lifecycle.run_job(too_big)
 
     monkeypatch.delenv("APOPTOSIS_WORKER_MEMORY_BYTES")
     get_settings.cache_clear()
-    fits = _stored_job(tenant, model_id, tmp_path, spec)
+    fits = stored_job(tenant, model_id, tmp_path, spec)
     lifecycle.run_job(fits)  # the same process takes the next job
     with get_sessionmaker()() as session:
         failed, succeeded = session.get_one(Job, too_big), session.get_one(Job, fits)
@@ -248,9 +208,9 @@ def test_a_model_too_big_for_the_workers_memory_fails_at_once_and_the_worker_goe
 def test_an_allocation_failing_mid_job_fails_it_as_out_of_memory(
     tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model_id = _stored_bert(tenant, tmp_path)
+    model_id = stored_bert(tenant, tmp_path)
     lifecycle.validate_model(model_id)
-    job_id = _stored_job(tenant, model_id, tmp_path, factories.spec().model_dump(mode="json"))
+    job_id = stored_job(tenant, model_id, tmp_path, factories.spec().model_dump(mode="json"))
 
     def exhausted(*_: object, **__: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 …")
@@ -268,10 +228,10 @@ def test_an_allocation_failing_mid_job_fails_it_as_out_of_memory(
 
 @pytest.mark.slow  # a whole family job
 def test_a_family_job_records_each_artifact_with_its_target(tenant: str, tmp_path: Path) -> None:
-    model_id = _stored_bert(tenant, tmp_path)
+    model_id = stored_bert(tenant, tmp_path)
     lifecycle.validate_model(model_id)
     spec = factories.spec(targets=[{"macs": 0.8}, {"macs": 0.55}], schedule={"steps": 2})
-    job_id = _stored_job(tenant, model_id, tmp_path, spec.model_dump(mode="json"))
+    job_id = stored_job(tenant, model_id, tmp_path, spec.model_dump(mode="json"))
 
     lifecycle.run_job(job_id)
 

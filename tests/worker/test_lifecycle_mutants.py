@@ -23,7 +23,7 @@ from service.orm import Artifact, Job
 from service.settings import get_settings
 from service.store import ArtifactStore, StoredBlob, get_store, store_file
 from tests.worker import factories
-from tests.worker.test_lifecycle import _stored_bert, _stored_job
+from tests.worker.stored import stored_bert, stored_job
 from worker import lifecycle
 from worker.export import Exported
 from worker.steps import JobFailed, JobFiles
@@ -33,8 +33,8 @@ Act = Callable[[str, JobFiles, Callable[[dict[str, Any]], None]], Any]
 
 
 def _job(tenant: str, root: Path) -> str:
-    return _stored_job(
-        tenant, _stored_bert(tenant, root), root, factories.spec().model_dump(mode="json")
+    return stored_job(
+        tenant, stored_bert(tenant, root), root, factories.spec().model_dump(mode="json")
     )
 
 

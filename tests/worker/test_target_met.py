@@ -15,7 +15,7 @@ from service.db import get_sessionmaker
 from service.jobs.schemas import Target
 from service.orm import Artifact, Job
 from tests.worker import factories
-from tests.worker.test_lifecycle import _stored_bert, _stored_job
+from tests.worker.stored import stored_bert, stored_job
 from worker import lifecycle, steps
 from worker.engine import PruneConfig, PruneResult, TargetUnreachable, prune_
 from worker.steps import JobFailed
@@ -123,9 +123,9 @@ def test_a_2_4_job_asked_for_more_than_half_fails_with_the_half_it_zeroed(
 def test_a_job_that_falls_short_is_failed_never_succeeded(
     tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model_id = _stored_bert(tenant, tmp_path)
+    model_id = stored_bert(tenant, tmp_path)
     lifecycle.validate_model(model_id)
-    job_id = _stored_job(tenant, model_id, tmp_path, factories.spec().model_dump(mode="json"))
+    job_id = stored_job(tenant, model_id, tmp_path, factories.spec().model_dump(mode="json"))
     _falling_short(monkeypatch)
 
     lifecycle.run_job(job_id)

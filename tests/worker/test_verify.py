@@ -14,7 +14,7 @@ from torch import nn
 from service.db import get_sessionmaker
 from service.orm import Artifact, Job
 from tests.worker import factories
-from tests.worker.test_lifecycle import _stored_bert, _stored_job
+from tests.worker.stored import stored_bert, stored_job
 from worker import lifecycle
 from worker.engine import architectures
 from worker.verify import TOLERANCE, ExportMismatch, compare
@@ -81,10 +81,10 @@ def test_a_folder_that_loads_but_computes_another_function_fails_the_job(
 def test_a_job_whose_output_does_not_reload_ends_failed_never_succeeded(
     tenant: str, tmp_path: Path, wrong_ffn_width: None
 ) -> None:
-    model_id = _stored_bert(tenant, tmp_path)
+    model_id = stored_bert(tenant, tmp_path)
     lifecycle.validate_model(model_id)
     spec = factories.spec(outputs=["hf"]).model_dump(mode="json")
-    job_id = _stored_job(tenant, model_id, tmp_path, spec)
+    job_id = stored_job(tenant, model_id, tmp_path, spec)
 
     lifecycle.run_job(job_id)
 
