@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from service.errors import CodedError
+from worker.engine.families import family_of
 
 
 class ModelRejected(CodedError, ValueError):
@@ -147,7 +148,9 @@ def _check_weights_cover(cls: type[nn.Module], directory: Path) -> None:
         raise ModelRejected(
             "invalid_config", f"config.json does not build a model: {error}"
         ) from error
-    needed = sum(p.numel() for p in skeleton.parameters())
+    # parameters the class computes and never saves (Marian's sinusoidal positions) excepted
+    computed = set(getattr(skeleton, "_keys_to_ignore_on_save", None) or ())
+    needed = sum(p.numel() for n, p in skeleton.named_parameters() if n not in computed)
     if needed > MAX_PARAMS:
         raise ModelRejected(
             "model_too_large",
@@ -245,6 +248,13 @@ def forward_inputs(model: nn.Module) -> ForwardInputs:
     main = getattr(model, "main_input_name", None)
     if main in named and main not in needed:
         needed.append(main)
+    config = getattr(model, "config", None)
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        and "decoder_input_ids" in named
+        and not family_of(config).shifts_decoder_inputs
+    ):
+        needed.append("decoder_input_ids")  # else its forward fails: its decoder has no input
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
     return ForwardInputs(tuple(named), tuple(needed), takes_any)
 

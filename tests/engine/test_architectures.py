@@ -145,13 +145,17 @@ def test_each_stack_of_an_encoder_decoder_states_its_own_ffn_width(tmp_path: Pat
 
 
 def test_an_ffn_no_description_names_is_kept_whole() -> None:
-    """GPT-J's `fc_in` is named by no family: its width was pruned while `n_inner` stayed, and
-    the output did not reload. Now the FFN stays whole, and a target that needs it is refused."""
+    """GPT-J's `fc_in` under a model type no family describes (as GPT-J was before its entry):
+    its width was pruned while `n_inner` stayed, and the output did not reload. Now the FFN
+    stays whole, and a target that needs it is refused."""
     config = transformers.GPTJConfig(
         vocab_size=64, n_embd=32, n_inner=128, n_layer=2, n_head=4, n_positions=32, rotary_dim=4
     )
     model = transformers.GPTJForCausalLM(config).eval()
     inputs = inputs_of(lm_batches(1, 0)[0])
+    assert len(architectures.ffn_layers(model)) == 2  # described: `mlp.fc_in`, `n_inner`
+
+    model.config.model_type = "an_undescribed_family"
 
     assert architectures.ffn_layers(model) == {}
     assert reachable_fraction(model, inputs, PruneConfig(target=0.5, global_ranking=False)) == 1

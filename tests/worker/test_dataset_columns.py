@@ -13,8 +13,8 @@ from torch import nn
 from service.db import get_sessionmaker
 from service.orm import Dataset, Job, Model
 from service.store import store_file
-from tests.worker import factories
-from worker import datasets, lifecycle
+from tests.worker import factories, family_zoo
+from worker import datasets, lifecycle, models
 from worker.steps import JobFiles, execute
 
 CPU = torch.device("cpu")
@@ -79,6 +79,29 @@ def test_an_image_dataset_for_a_text_model_names_the_input_it_lacks(tmp_path: Pa
     assert error.code == "invalid_dataset"
     assert "labels, pixel_values" in str(error) and "needs input_ids" in str(error)
     assert stages == ["loading"]
+
+
+@pytest.mark.parametrize("family", ["t5", "marian"])
+def test_an_encoder_decoder_that_cannot_shift_its_inputs_asks_for_decoder_input_ids(
+    tmp_path: Path, family: str
+) -> None:
+    """T5 and Marian build no decoder inputs from `input_ids` (BART does): without the column
+    their forward would fail mid-job."""
+    family_zoo.FAMILIES[family].build().save_pretrained(tmp_path / family)
+    data = _tensors(tmp_path / "data.safetensors", input_ids=_token_ids())
+
+    error, stages = _refusal(factories.spec(loss="distill"), tmp_path / family, "hf", data)
+
+    assert error.code == "invalid_dataset"
+    assert "needs input_ids, decoder_input_ids" in str(error)
+    assert stages == ["loading"]
+
+
+def test_bart_builds_its_decoder_inputs_from_input_ids(tmp_path: Path) -> None:
+    family_zoo.FAMILIES["bart"].build().save_pretrained(tmp_path / "bart")
+    loaded = models.load(tmp_path / "bart", "hf", trusted=False)
+
+    datasets.check_columns({"input_ids": _token_ids()}, loaded)  # no refusal
 
 
 def test_a_column_the_forward_has_no_argument_for_is_named(tmp_path: Path) -> None:

@@ -124,6 +124,8 @@ def hidden_size_problem(model: nn.Module, example_inputs: Any) -> str | None:
     with the attribute changed.
     """
     config: Any = getattr(model, "config", None)
+    if not family_of(config).hidden:
+        return "its routed experts read the hidden size outside the dependency graph"
     if not is_transformer(model) or not config_describes_head_size(model):
         return "its config derives the head size from hidden_size"
     if not isinstance(getattr(config, "hidden_size", None), int):
@@ -273,7 +275,12 @@ def sync_structure(
         written["num_attention_heads"], written["num_key_value_heads"] = grouped_counts.pop()
     embeddings = input_embeddings(model)
     hidden = getattr(embeddings, "embedding_dim", None)
-    if is_transformer(model) and isinstance(hidden, int) and hidden != config.hidden_size:
+    if (
+        is_transformer(model)
+        and family_of(config).hidden
+        and isinstance(hidden, int)
+        and hidden != config.hidden_size
+    ):
         written["hidden_size"] = hidden
     tie: Any = getattr(model, "tie_weights", None)
     if getattr(config, "tie_word_embeddings", False) and callable(tie):

@@ -8,7 +8,7 @@ the config can write back (`architectures.sync_structure`), and `from_pretrained
 Adding a family is one entry here plus its case in `tests/worker/test_families.py`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 HeadSize = Literal["auto", "derived", "head_dim"]
@@ -42,6 +42,12 @@ class Family:
     # when the class reads `config.head_dim`, stated or not (fewer heads of the same size can
     # be written); "auto": `head_dim` if the config states one.
     head_size: HeadSize = "auto"
+    # Whether the hidden size may move at all: not where layers outside Torch-Pruning's graph
+    # read it (the routers and fused 3-D expert weights of mixtures of experts).
+    hidden: bool = True
+    # An encoder-decoder whose forward shifts `input_ids` into decoder inputs when it gets
+    # none (BART); others (T5, Marian, Whisper) need `decoder_input_ids` in the dataset.
+    shifts_decoder_inputs: bool = False
 
 
 DEFAULT = Family(
@@ -49,12 +55,32 @@ DEFAULT = Family(
     up_projections=("up_proj", "c_fc", "fc1", "intermediate.dense"),
 )
 
+# Encoder-decoders whose stacks each state their own width (Marian, Whisper; BART, mBART)
+_SEQ2SEQ = Family(
+    (FfnWidth("encoder_ffn_dim", "encoder"), FfnWidth("decoder_ffn_dim", "decoder")),
+    ("fc1",),
+    head_size="derived",
+)
+_BART = replace(_SEQ2SEQ, shifts_decoder_inputs=True)
+# GPT-J and CodeGen: `n_inner`, read by `fc_in`
+_GPTJ = Family((FfnWidth("n_inner"),), ("mlp.fc_in",), head_size="derived")
+# `d_kv` states the head size apart from `d_model`, but heads are kept: each layer's relative
+# position bias has one column per head. Flan-T5's gated FFN reads `wi_0` and `wi_1`.
+_T5 = Family(
+    (FfnWidth("d_ff"),),
+    ("DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1"),
+    head_size="derived",
+)
+# Mixtures of experts with routed experts only: their fused 3-D expert weights and routers are
+# outside Torch-Pruning's graph, so the hidden size they read stays (attention heads can move)
+_ROUTED = replace(DEFAULT, hidden=False)
+
 FAMILIES: dict[str, Family] = {
-    "bart": Family(  # each stack states its own width
-        (FfnWidth("encoder_ffn_dim", "encoder"), FfnWidth("decoder_ffn_dim", "decoder")),
-        ("fc1",),
-        head_size="derived",
-    ),
+    # one layer shared by every position in the stack: pruned once, its width stated once; its
+    # embeddings are `embedding_size` wide, projected to the hidden size (which stays)
+    "albert": Family((FfnWidth("intermediate_size"),), ("ffn",), head_size="derived", hidden=False),
+    "bart": _BART,
+    "codegen": _GPTJ,
     # DINOv2's config types mlp_ratio `int`; its attention reads `head_dim` when the config has it
     "dinov2": Family(
         (FfnWidth("mlp_ratio", ratio=True, integral=True),), ("mlp.fc1",), head_size="head_dim"
@@ -63,12 +89,31 @@ FAMILIES: dict[str, Family] = {
     # Falcon's config has a `head_dim`, but as a property: hidden_size / heads
     "falcon": Family((FfnWidth("ffn_hidden_size"),), ("mlp.dense_h_to_4h",), head_size="derived"),
     "gpt2": Family((FfnWidth("n_inner"),), ("mlp.c_fc",), head_size="derived"),
+    "gptj": _GPTJ,
     "gpt_neox": Family(
         (FfnWidth("intermediate_size"),), ("mlp.dense_h_to_4h",), head_size="derived"
     ),
+    "marian": _SEQ2SEQ,
+    "mixtral": _ROUTED,
+    "mt5": _T5,
+    "mbart": _BART,
+    "olmoe": _ROUTED,
     "opt": Family((FfnWidth("ffn_dim"),), ("fc1",), head_size="derived"),
+    # the shared expert's width; routed experts are fused 3-D tensors, out of Torch-Pruning's reach
+    "qwen2_moe": Family(
+        (
+            FfnWidth("shared_expert_intermediate_size", "shared_expert"),
+            FfnWidth("intermediate_size"),
+        ),
+        ("shared_expert.up_proj", "mlp.up_proj"),
+        hidden=False,
+    ),
+    "qwen3_moe": _ROUTED,
     # one ratio for every stage: stage i is 2^i times as wide, its FFN too
     "swin": Family((FfnWidth("mlp_ratio", ratio=True),), ("mlp.fc1",), head_size="derived"),
+    "t5": _T5,
+    "umt5": _T5,
+    "whisper": _SEQ2SEQ,
 }
 
 
