@@ -1,7 +1,8 @@
 """Each family of `tests/worker/family_zoo.py`, uploaded as an `hf` folder and pruned by the job
 with an `hf` output to half its MACs: either it gets there, the job's own reload check passes and
 the output reloads with the family's class at the pruned size, or the job is refused before
-anything is pruned, in one line that says what it can reach."""
+anything is pruned, in one line that says what it can reach. Either way the job's row of
+`docs/families.md` (`tests/worker/family_jobs.py`) must be what it did."""
 
 import zipfile
 from pathlib import Path
@@ -11,39 +12,13 @@ import pytest
 import torch
 import transformers
 
-from tests.worker import factories
-from tests.worker.family_zoo import FAMILIES, Family
+from tests.worker.family_jobs import documented, row, run_job, stale_message
+from tests.worker.family_zoo import FAMILIES
 from worker.engine import TargetUnreachable, measure
 from worker.engine.families import FAMILIES as DESCRIBED
-from worker.steps import JobFailed, JobFiles, execute
 
 PRUNED = sorted(n for n, f in FAMILIES.items() if f.reaches <= 0.5)
 REFUSED = sorted(n for n, f in FAMILIES.items() if f.reaches > 0.5)
-
-
-def _execute(tmp_path: Path, family: Family, target: float) -> tuple[dict[str, Any], Path]:
-    """The job on `family` uploaded as an hf folder: its result and its hf archive."""
-    torch.manual_seed(0)
-    folder = tmp_path / "upload"
-    family.build().save_pretrained(folder)
-    spec = factories.spec(
-        outputs=["hf"],
-        loss=family.loss,
-        method=family.method,
-        target={"macs": target},
-        calibration={"batches": 2, "batch_size": 4},
-    )
-    data = family.data(tmp_path / "data.safetensors")
-    (tmp_path / "work").mkdir()
-    result, exports = execute(
-        spec,
-        JobFiles(folder, "hf", data, "tensors", None, tmp_path / "work"),
-        torch.device("cpu"),
-        False,
-        lambda progress: None,
-    )
-    [hf] = [e.path for e in exports if e.format == "hf"]
-    return result, hf
 
 
 def _model_type(name: str) -> str:
@@ -54,13 +29,21 @@ def test_every_described_family_is_in_the_zoo() -> None:
     assert set(DESCRIBED) - {"mt5", "umt5"} <= {_model_type(n) for n in FAMILIES}
 
 
+def test_docs_families_lists_the_zoo() -> None:
+    """Each row is held to its job in the tests below; a family added or removed shows here."""
+    assert set(documented()) == set(FAMILIES), stale_message("its families")
+
+
 def _marked(names: list[str]) -> list[Any]:
     return [pytest.param(n, marks=[pytest.mark.slow] * FAMILIES[n].slow) for n in names]
 
 
 @pytest.mark.parametrize("name", _marked(PRUNED))
 def test_prunes_to_half_with_an_hf_output_that_reloads(tmp_path: Path, name: str) -> None:
-    result, hf = _execute(tmp_path, FAMILIES[name], 0.5)
+    job = run_job(tmp_path, name)
+    assert job.refusal is None, job.refusal
+    assert job.result is not None and job.hf is not None
+    result, hf = job.result, job.hf
 
     assert result["macs_after"] <= 0.5 * result["macs_before"]
     assert result["exports"]["hf"]["relative_diff"] <= 1e-4  # the job's own reload check
@@ -76,6 +59,7 @@ def test_prunes_to_half_with_an_hf_output_that_reloads(tmp_path: Path, name: str
     }
     reloaded = measure(model.eval(), inputs)
     assert (reloaded.macs, reloaded.params) == (result["macs_after"], result["params_after"])
+    assert row(job) == documented().get(name), stale_message(f"the row for {name}")
 
 
 @pytest.mark.parametrize("name", _marked(REFUSED))
@@ -83,20 +67,22 @@ def test_is_refused_at_half_before_pruning_saying_what_it_can_reach(
     tmp_path: Path, name: str
 ) -> None:
     family = FAMILIES[name]
-    with pytest.raises((TargetUnreachable, JobFailed)) as refused:
-        _execute(tmp_path, family, 0.5)
+    job = run_job(tmp_path, name)
+    assert job.refusal is not None, f"not refused: {row(job)}"
 
-    assert "\n" not in str(refused.value)
-    if isinstance(refused.value, TargetUnreachable):
-        assert 0.5 < refused.value.reachable <= family.reaches
+    assert "\n" not in str(job.refusal)
+    if isinstance(job.refusal, TargetUnreachable):
+        assert 0.5 < job.refusal.reachable <= family.reaches
     else:  # the config states no width this family's pruning could move
         assert family.reaches == 1.0
-        assert "choose safetensors, onnx or pt2" in str(refused.value)
+        assert "choose safetensors, onnx or pt2" in str(job.refusal)
+    assert row(job) == documented().get(name), stale_message(f"the row for {name}")
 
 
 @pytest.mark.slow
 def test_bart_prunes_to_what_it_can_reach_with_an_hf_output(tmp_path: Path) -> None:
-    result, _ = _execute(tmp_path, FAMILIES["bart"], FAMILIES["bart"].reaches)
+    result = run_job(tmp_path, "bart", FAMILIES["bart"].reaches).result
 
+    assert result is not None
     assert result["macs_after"] <= FAMILIES["bart"].reaches * result["macs_before"]
     assert result["exports"]["hf"]["relative_diff"] <= 1e-4
