@@ -8,11 +8,14 @@ the document's; this module, run as a script, writes the document:
 import argparse
 import dataclasses
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from torch import nn
 
 from tests.worker import factories
 from tests.worker.family_zoo import FAMILIES
@@ -65,6 +68,17 @@ def run_job(folder: Path, name: str, target: float = TARGET) -> FamilyJob:
     return dataclasses.replace(job, result=result, hf=hf)
 
 
+def reload(job: FamilyJob, folder: Path) -> nn.Module:
+    """The job's hf output as its users load it: extracted into `folder`, with the class its
+    config names, in eval mode."""
+    assert job.hf is not None
+    with zipfile.ZipFile(job.hf) as bundle:
+        bundle.extractall(folder)
+    config: Any = transformers.AutoConfig.from_pretrained(folder)
+    model: nn.Module = getattr(transformers, config.architectures[0]).from_pretrained(folder)
+    return model.eval()
+
+
 def _value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -92,19 +106,25 @@ def _bucket(relative_diff: float) -> str:
     return "≥ 1e-4"
 
 
+def macs_reached(job: FamilyJob) -> str:
+    """The fraction of its MACs the pruned model keeps, or why the job refused to prune."""
+    if isinstance(job.refusal, TargetUnreachable):
+        return f"refused: reaches {job.refusal.reachable:.3f}"
+    if job.refusal is not None:  # the first clause: the rest names other output formats
+        return f"refused: {str(job.refusal).split(';')[0]}"
+    assert job.result is not None
+    return f"{job.result['macs_after'] / job.result['macs_before']:.3f}"
+
+
 def row(job: FamilyJob) -> tuple[str, ...]:
     """`job` as a row of `docs/families.md` (see `HEADERS`)."""
     head = (job.name, f"`{job.config.model_type}`", job.model_class)
-    if isinstance(job.refusal, TargetUnreachable):
-        return (*head, "—", f"refused: reaches {job.refusal.reachable:.3f}", "—")
-    if job.refusal is not None:  # the first clause: the rest names other output formats
-        return (*head, "—", f"refused: {str(job.refusal).split(';')[0]}", "—")
-    assert job.result is not None
-    reached = job.result["macs_after"] / job.result["macs_before"]
+    if job.result is None:
+        return (*head, "—", macs_reached(job), "—")
     return (
         *head,
         _moved(job.config, job.result["config_updates"]),
-        f"{reached:.3f}",
+        macs_reached(job),
         _bucket(job.result["exports"]["hf"]["relative_diff"]),
     )
 

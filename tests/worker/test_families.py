@@ -4,15 +4,13 @@ the output reloads with the family's class at the pruned size, or the job is ref
 anything is pruned, in one line that says what it can reach. Either way the job's row of
 `docs/families.md` (`tests/worker/family_jobs.py`) must be what it did."""
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import transformers
 
-from tests.worker.family_jobs import documented, row, run_job, stale_message
+from tests.worker.family_jobs import documented, reload, row, run_job, stale_message
 from tests.worker.family_zoo import FAMILIES
 from worker.engine import TargetUnreachable, measure
 from worker.engine.families import FAMILIES as DESCRIBED
@@ -42,22 +40,19 @@ def _marked(names: list[str]) -> list[Any]:
 def test_prunes_to_half_with_an_hf_output_that_reloads(tmp_path: Path, name: str) -> None:
     job = run_job(tmp_path, name)
     assert job.refusal is None, job.refusal
-    assert job.result is not None and job.hf is not None
-    result, hf = job.result, job.hf
+    assert job.result is not None
+    result = job.result
 
     assert result["macs_after"] <= 0.5 * result["macs_before"]
     assert result["exports"]["hf"]["relative_diff"] <= 1e-4  # the job's own reload check
-    with zipfile.ZipFile(hf) as bundle:
-        bundle.extractall(tmp_path / "reloaded")
-    config: Any = transformers.AutoConfig.from_pretrained(tmp_path / "reloaded")
-    model = getattr(transformers, config.architectures[0]).from_pretrained(tmp_path / "reloaded")
+    model = reload(job, tmp_path / "reloaded")
     inputs = {
         k: torch.zeros(
             shape, dtype=torch.float if k in ("pixel_values", "input_features") else torch.long
         )
         for k, shape in result["example_inputs"].items()
     }
-    reloaded = measure(model.eval(), inputs)
+    reloaded = measure(model, inputs)
     assert (reloaded.macs, reloaded.params) == (result["macs_after"], result["params_after"])
     assert row(job) == documented().get(name), stale_message(f"the row for {name}")
 
