@@ -44,6 +44,13 @@ STALE_AFTER_SECONDS = "3"  # a killed worker's job is reaped within about 4 s
 # that; one that waited for the dependency would wait out its client's timeouts (S3: three tries
 # of 30 s) or forever. The slack is what a loaded 2-core machine needs, not part of the contract.
 PROBE_WITHIN_S = CHECK_SECONDS + 7
+# A wait for a job fails once nothing it can be waiting on has moved for this long: its own row
+# (state, attempt, lease, progress) or the deployment's event log (every job's progress and
+# transitions: a queued job waits on the others). The longest still stretch is a killed worker's
+# lease going stale while its replacement boots (imports torch) on two loaded cores.
+STALLED_AFTER_S = 60
+# The whole wait, moving or not: far above what any job here takes on a loaded 2-core machine.
+JOB_WAIT_S = 600
 ADMIN_DATABASE = "postgresql://postgres@127.0.0.1:5432/test"
 T = TypeVar("T")
 
@@ -75,6 +82,8 @@ QUICK_SPEC: dict[str, Any] = {
     "loss": "cross_entropy",
     "outputs": ["hf"],
 }
+# A quick job that fine-tunes for seconds, reporting progress many times a second.
+FINETUNING_SPEC: dict[str, Any] = {**QUICK_SPEC, "finetune": {"epochs": 40, "lr": 0.001}}
 
 
 def kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -114,6 +123,7 @@ class Stack:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _engine: Engine | None = None
     _starts: int = 0
+    _worker_logs: dict[int, Path] = field(default_factory=dict)  # by pid
 
     @property
     def url(self) -> str:
@@ -153,16 +163,12 @@ class Stack:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         self._starts += 1
+        log = self.work / f"worker{self._starts}.log"
         worker = apoptosis(
-            "worker",
-            "--queues",
-            "cpu",
-            "--name",
-            f"w{self._starts}@%h",
-            env=self.env,
-            log=self.work / f"worker{self._starts}.log",
+            "worker", "--queues", "cpu", "--name", f"w{self._starts}@%h", env=self.env, log=log
         )
         self.workers.append(worker)
+        self._worker_logs[worker.pid] = log
         return worker
 
     def wait_workers(self, count: int, seconds: float = 90) -> None:
@@ -173,6 +179,19 @@ class Stack:
             return self.read(lambda session: workers.alive_since(session, cutoff) >= count)
 
         until(beating, seconds, f"{count} workers beating", every=0.3)
+
+    def restart_workers(self) -> None:
+        """Stop every worker (SIGTERM: each forgets its heartbeat) and start as many new ones."""
+        for worker in self.workers:
+            stop(worker)
+        count = len(self.workers)
+        self.workers.clear()
+        for _ in range(count):
+            self.start_worker()
+        self.wait_workers(count)
+
+    def worker_log(self, worker: subprocess.Popen[bytes]) -> str:
+        return self._worker_logs[worker.pid].read_text(errors="replace")
 
     def worker_of(self, job: Job) -> subprocess.Popen[bytes]:
         """The worker process holding the job's lease (its owner is `host:pid`)."""
@@ -231,26 +250,53 @@ class Stack:
         query = select(Job).where(Job.idempotency_key == key)
         return self.read(lambda session: list(session.scalars(query)))
 
-    def wait_for_stage(self, job_id: str, stage: str, seconds: float = 120) -> Job:
+    def wait_job(self, job_id: str, reached: Callable[[Job], bool], what: str, every: float) -> Job:
+        """Poll the job row every `every` s until `reached(job)`. Fails once nothing the job
+        can be waiting on has moved for STALLED_AFTER_S (a stuck job), or after JOB_WAIT_S in
+        all: a job that is slow because the machine is loaded is not stuck."""
+        last: tuple[object, ...] = ()
+        moved = time.monotonic()
+
+        def check() -> Job | None:
+            nonlocal last, moved
+            job, latest_event = self.read(
+                lambda session: (
+                    session.get(Job, job_id),
+                    session.scalar(select(func.max(JobEvent.id))),
+                )
+            )
+            assert job is not None, f"no job {job_id}"
+            if reached(job):
+                return job
+            mark = (job.state, job.attempt, job.lease_owner, job.progress, latest_event)
+            if mark != last:
+                last, moved = mark, time.monotonic()
+            assert time.monotonic() - moved < STALLED_AFTER_S, (
+                f"{what}: nothing moved for {STALLED_AFTER_S} s (the job: {job.state}, attempt "
+                f"{job.attempt}, {job.progress}; the last event: {latest_event})"
+            )
+            return None
+
+        found: Job = until(check, JOB_WAIT_S, what, every=every)
+        return found
+
+    def wait_for_stage(self, job_id: str, stage: str) -> Job:
         """Poll the job row (every 20 ms) until its progress reports `stage`: the stage is
         running now. Fails if the job ends first."""
 
-        def reached() -> Job | None:
-            job = self.job(job_id)
+        def reached(job: Job) -> bool:
             assert job.state not in TERMINAL, f"job ended before {stage}: {job.state} {job.error}"
-            return job if (job.progress or {}).get("stage") == stage else None
+            return bool((job.progress or {}).get("stage") == stage)
 
-        found: Job = until(reached, seconds, f"job {job_id} in stage {stage}", every=0.02)
-        return found
+        return self.wait_job(job_id, reached, f"job {job_id} in stage {stage}", every=0.02)
 
-    def wait_terminal(self, job_id: str, seconds: float = 120) -> Job:
-        found: Job = until(
-            lambda: (job := self.job(job_id)).state in TERMINAL and job,
-            seconds,
-            f"job {job_id} ending",
-            every=0.2,
+    def wait_terminal(self, job_id: str) -> Job:
+        return self.wait_job(
+            job_id, lambda job: job.state in TERMINAL, f"job {job_id} ending", every=0.2
         )
-        return found
+
+
+WORKER_THREADS_ENV = {"APOPTOSIS_WORKER_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def make_stack(work: Path, env: dict[str, str], database_url: str, *, workers: int) -> Stack:
@@ -260,7 +306,10 @@ def make_stack(work: Path, env: dict[str, str], database_url: str, *, workers: i
         "APOPTOSIS_HEARTBEAT_SECONDS": HEARTBEAT_SECONDS,
         "APOPTOSIS_STALE_AFTER_SECONDS": STALE_AFTER_SECONDS,
         "APOPTOSIS_DATABASE_URL": database_url,
-        "OMP_NUM_THREADS": "1",  # two shared cores: no thread oversubscription in torch
+        # Two shared cores: one torch thread per worker. A worker sets its own count (it would
+        # take both cores, overriding OMP_NUM_THREADS), and torch's threads spin-wait for each
+        # other, so beside another busy process every parallel step waits for a descheduled one.
+        **WORKER_THREADS_ENV,
         **env,
     }
     upgrade(database_url)
@@ -382,6 +431,19 @@ class RedisServer:
                 return False
 
         until(answers, 20, f"redis on port {self.port}")
+
+    def consumer_idle(self) -> bool:
+        """A worker waits in BRPOP and no message is queued: it has nothing to acknowledge
+        (one message at a time: it asks for the next only once it acked the last) and nothing
+        to take."""
+        import redis
+
+        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5) as r:
+            waiting = any(
+                client["cmd"] == "brpop" and "b" in client["flags"] for client in r.client_list()
+            )
+            queued = sum(r.llen(key) for key in r.scan_iter(_type="list"))  # kombu's queues
+            return waiting and queued == 0
 
     def kill(self) -> None:
         if self.process is not None:

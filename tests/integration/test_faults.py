@@ -29,12 +29,14 @@ from service.jobs.states import JobState
 from service.orm import Job
 from tests.integration.faults import (
     AWS_ENV,
+    FINETUNING_SPEC,
     HEARTBEAT_SECONDS,
     LONG_SPEC,
     MEDIUM_SPEC,
     PROBE_WITHIN_S,
     QUICK_SPEC,
     STALE_AFTER_SECONDS,
+    WORKER_THREADS_ENV,
     MotoS3,
     RedisServer,
     Stack,
@@ -123,7 +125,7 @@ def test_up_killed_as_a_group_and_restarted_finishes_both_jobs_once(
         "APOPTOSIS_HEARTBEAT_SECONDS": HEARTBEAT_SECONDS,
         "APOPTOSIS_STALE_AFTER_SECONDS": STALE_AFTER_SECONDS,
         "APOPTOSIS_API_KEY": "",
-        "OMP_NUM_THREADS": "1",
+        **WORKER_THREADS_ENV,
     }
     url = f"http://127.0.0.1:{port}"
 
@@ -545,6 +547,8 @@ def test_a_hung_redis_is_reported_within_seconds_not_waited_for(
     assert redis is not None
     headers = {"Authorization": f"Bearer {stack.key}", "Idempotency-Key": "redis-hung"}
     spec = distributed.spec(QUICK_SPEC)
+    # Hung while the worker waits for work; hung while it acknowledges a job is the next test.
+    until(redis.consumer_idle, 60, "the worker waiting in BRPOP, nothing queued")
     with redis.frozen():
         status, body = readyz(stack.url, within=PROBE_WITHIN_S)
         assert status == 503 and body["checks"]["broker"] is False, body
@@ -563,6 +567,45 @@ def test_a_hung_redis_is_reported_within_seconds_not_waited_for(
     assert distributed.client.submit_job(spec, "redis-hung").id == saved
     stack.wait_terminal(saved)
     _assert_once(stack, saved, QUICK_SPEC["outputs"])
+
+
+# Celery's report of an ack that raised: the one outside sign that the worker tried to ack while
+# Redis hung (a fix that reports it otherwise changes the wait for it below).
+FAILED_ACK = "Couldn't ack"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="kombu's Redis QoS.ack runs its pipeline before it forgets the delivery: the timed-out "
+    "ack leaves the worker's one prefetch slot taken, so it never asks for a message again",
+)
+def test_a_redis_hung_while_the_worker_acknowledges_a_job_does_not_stop_the_worker(
+    distributed: Distributed,
+) -> None:
+    """Redis hangs while a job runs: the job ends (Postgres answers) and the worker's
+    acknowledgement of its message times out (the broker's socket timeout). Once Redis answers
+    again, the worker takes the next job and it succeeds once."""
+    stack, redis = distributed.stack, distributed.redis
+    assert redis is not None
+    [worker] = stack.workers
+    try:
+        running = distributed.submit(MEDIUM_SPEC)
+        stack.wait_job(running, lambda job: job.state == JobState.RUNNING, "a claim", every=0.05)
+        failed_acks = stack.worker_log(worker).count(FAILED_ACK)  # Redis's restart left some
+        with redis.frozen():
+            stack.wait_terminal(running)
+            # The ack gives up after the broker's 3 s socket timeout; 30 s is for a loaded machine.
+            until(
+                lambda: stack.worker_log(worker).count(FAILED_ACK) > failed_acks,
+                30,
+                "the worker giving up its acknowledgement",
+            )
+        _assert_once(stack, running, MEDIUM_SPEC["outputs"])
+        following = distributed.submit(QUICK_SPEC)
+        stack.wait_terminal(following)
+        _assert_once(stack, following, QUICK_SPEC["outputs"])
+    finally:
+        stack.restart_workers()  # whatever this left behind, the next test gets a fresh worker
 
 
 # 4. Postgres connections dropped
@@ -585,7 +628,7 @@ def dropped(distributed: Distributed) -> Dropped:
     three seconds, while a job fine-tunes (it reports progress many times a second) and
     clients submit jobs, retrying a 5xx with the same Idempotency-Key."""
     stack = distributed.stack
-    running = distributed.submit(LONG_SPEC)
+    running = distributed.submit(FINETUNING_SPEC)
     stack.wait_for_stage(running, "finetuning")
     storming = threading.Event()
     storming.set()
@@ -666,7 +709,7 @@ def test_dropped_postgres_connections_leave_no_job_stuck(
             job.id for job in dropped.submitted if job.idempotency_key == key
         ]
     assert len(dropped.submitted) == len(dropped.tries)
-    for job, outputs in [(dropped.running, LONG_SPEC["outputs"])] + [
+    for job, outputs in [(dropped.running, FINETUNING_SPEC["outputs"])] + [
         (job, QUICK_SPEC["outputs"]) for job in dropped.submitted
     ]:
         assert job.state == JobState.SUCCEEDED or (job.error and job.error.get("code")), job.error
