@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from worker.engine.cost import run_forward
 from worker.engine.errors import InvalidConfig
 from worker.engine.families import FfnWidth, family_of
+from worker.engine.fused_ffn import fused_ffn_layers
 from worker.engine.groups import ChannelGroup, weight_axis
 from worker.engine.kv_groups import GroupedAttention
 
@@ -161,9 +162,11 @@ def ffn_layers(model: nn.Module) -> dict[nn.Module, FfnWidth]:
     if not is_transformer(model):
         return {}
     family = family_of(config)
+    fused = {f.up for f in fused_ffn_layers(model)}
     found: dict[nn.Module, FfnWidth] = {}
     for name, module in model.named_modules():
-        if weight_axis(module, True) is None or not _ends_with(name, family.up_projections):
+        named = _ends_with(name, family.up_projections) or module in fused
+        if weight_axis(module, True) is None or not named:
             continue
         parts = name.split(".")
         stated = [f for f in family.ffn if f.scope in ("", *parts) and hasattr(config, f.field)]
@@ -353,9 +356,11 @@ def _ratio(sizes: list[tuple[int, int]], integral: bool) -> float | None:
 
 
 def _ffn_widths(model: nn.Module) -> Iterator[int]:
-    """Current widths of the FFN up-projections, in the order of `ffn_layers`."""
+    """Current widths of the FFN up-projections, in the order of `ffn_layers` (a fused gate and
+    up projection holds two rows a neuron)."""
+    fused = {f.up for f in fused_ffn_layers(model)}
     for module in ffn_layers(model):
-        yield _width(module, is_out=True)
+        yield _width(module, is_out=True) // (2 if module in fused else 1)
 
 
 def _in_width(module: nn.Module) -> int:

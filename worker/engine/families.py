@@ -45,6 +45,10 @@ class Family:
     # Whether the hidden size may move at all: not where layers outside Torch-Pruning's graph
     # read it (the routers and fused 3-D expert weights of mixtures of experts).
     hidden: bool = True
+    # FFNs whose gate and up projections are one layer, chunked in two halves by the forward:
+    # (fused up-projection, down-projection) attribute names of the FFN module (`fused_ffn`).
+    # Their width is the field of `ffn` too.
+    fused_ffn: tuple[tuple[str, str], ...] = ()
     # An encoder-decoder whose forward shifts `input_ids` into decoder inputs when it gets
     # none (BART); others (T5, Marian, Whisper) need `decoder_input_ids` in the dataset.
     shifts_decoder_inputs: bool = False
@@ -97,9 +101,15 @@ FAMILIES: dict[str, Family] = {
     "mixtral": _ROUTED,
     "mt5": _T5,
     "mbart": _BART,
+    "modernbert": Family(
+        (FfnWidth("intermediate_size"),), (), head_size="derived", fused_ffn=(("Wi", "Wo"),)
+    ),
     "olmoe": _ROUTED,
     "opt": Family((FfnWidth("ffn_dim"),), ("fc1",), head_size="derived"),
     # the shared expert's width; routed experts are fused 3-D tensors, out of Torch-Pruning's reach
+    "phi3": Family(
+        (FfnWidth("intermediate_size"),), (), fused_ffn=(("gate_up_proj", "down_proj"),)
+    ),
     "qwen2_moe": Family(
         (
             FfnWidth("shared_expert_intermediate_size", "shared_expert"),

@@ -15,6 +15,7 @@ from torch import nn
 from worker.engine.architectures import set_head_count
 from worker.engine.blocks import remove_blocks_
 from worker.engine.errors import InvalidConfig
+from worker.engine.fused_ffn import fused_ffn_layers
 from worker.engine.graph import build_graph
 from worker.engine.kv_groups import grouped_attention_layers, remove_kv_groups_
 
@@ -28,6 +29,8 @@ class Plan:
     config_updates: dict[str, Any] = field(default_factory=dict)
     # grouped-query attention: (attention module name, kv heads removed), in order
     kv_removals: list[tuple[str, list[int]]] = field(default_factory=list)
+    # fused gate-and-up FFNs: (fused projection name, neurons removed), in order
+    ffn_removals: list[tuple[str, list[int]]] = field(default_factory=list)
     # depth: the blocks' ModuleList and each removed block's position at its removal, in order
     block_container: str = ""
     blocks_removed: list[int] = field(default_factory=list)
@@ -35,13 +38,15 @@ class Plan:
     def then(self, later: "Plan") -> "Plan":
         """This plan followed by `later`, a plan made on the model this one leaves: one plan
         from the original architecture (widths only: depth comes first in a plan)."""
-        if later.blocks_removed and (self.history or self.kv_removals or self.blocks_removed):
+        widths = self.history or self.kv_removals or self.ffn_removals
+        if later.blocks_removed and (widths or self.blocks_removed):
             raise InvalidConfig("a plan that removes blocks cannot follow another")
         return Plan(
             self.history + later.history,
             self.heads | later.heads,
             self.config_updates | later.config_updates,
             self.kv_removals + later.kv_removals,
+            self.ffn_removals + later.ffn_removals,
             later.block_container or self.block_container,
             self.blocks_removed + later.blocks_removed,
         )
@@ -56,14 +61,16 @@ class Plan:
         history = [
             (str(name), bool(out), [int(i) for i in idxs]) for name, out, idxs in data["history"]
         ]
-        kv_removals = [
-            (str(name), [int(g) for g in groups]) for name, groups in data.get("kv_removals", [])
-        ]
+        kv_removals, ffn_removals = (
+            [(str(name), [int(u) for u in units]) for name, units in data.get(key, [])]
+            for key in ("kv_removals", "ffn_removals")
+        )
         return cls(
             history,
             dict(data.get("heads", {})),
             dict(data.get("config_updates", {})),
             kv_removals,
+            ffn_removals,
             str(data.get("block_container", "")),
             [int(i) for i in data.get("blocks_removed", [])],
         )
@@ -81,6 +88,9 @@ def apply_plan_(model: nn.Module, example_inputs: Any, plan: Plan) -> nn.Module:
     grouped = {names[layer.owner]: layer for layer in grouped_attention_layers(model)}
     for name, groups in plan.kv_removals:
         remove_kv_groups_(grouped[name], groups)
+    fused = {names[f.up]: f for f in fused_ffn_layers(model)}
+    for name, neurons in plan.ffn_removals:
+        fused[name].remove_(neurons)
     for name, heads in plan.heads.items():
         owner: Any = modules[name]
         head_dim = getattr(owner, "attention_head_size", None) or getattr(owner, "head_dim", None)

@@ -22,6 +22,7 @@ from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import FinetuneFn, PruneConfig
 from worker.engine.cost import Cost, measure
 from worker.engine.errors import InvalidConfig, UnsupportedModel
+from worker.engine.fused_ffn import FusedFfn, fused_ffn_layers
 from worker.engine.graph import build_graph
 from worker.engine.groups import (
     ChannelGroup,
@@ -87,6 +88,8 @@ def prune_channels_(
     kv_layers: dict[nn.Module, GroupedAttention] = {
         layer.k: layer for layer in grouped_attention_layers(model)
     }
+    fused: dict[nn.Module, FusedFfn] = {f.up: f for f in fused_ffn_layers(model)}
+    frozen += list(fused)  # their two halves are coupled here, not by Torch-Pruning
     if not (config.prune_heads and heads_describable):
         frozen += [p for layer in layers for p in layer.projections]
         layers = []
@@ -109,7 +112,8 @@ def prune_channels_(
         for group in groups:
             group.multiple = multiple_of(group)
         kv = [kv_channel_group(layer, names[layer.owner]) for layer in kv_layers.values()]
-        return groups + [g for g in kv if g.width > g.unit and keep(g)]
+        ffn = [f.channel_group(names[up]) for up, f in fused.items()]
+        return groups + [g for g in kv + ffn if g.width > g.unit and keep(g)]
 
     # Groups change only when units go: those of the unpruned model (all prunable, by
     # definition) serve the first step, and the last removal round's serve the next step.
@@ -125,6 +129,7 @@ def prune_channels_(
     initial_units: dict[nn.Module, int] = {}
     history: list[StepRecord] = []
     kv_removals: list[tuple[str, list[int]]] = []
+    ffn_removals: list[tuple[str, list[int]]] = []
     config_updates: dict[str, Any] = {}  # accumulated: each sync writes what changed since
 
     end = config.target * initial if final_goal is None else final_goal
@@ -155,11 +160,12 @@ def prune_channels_(
             chosen = _select(groups, unit_scores, current, excess, initial_units, config)
             if not chosen:
                 break
-            channels = _remove_units(graph, chosen, unit_scores, kv_layers, kv_removals, names)
+            outside = _Outside(kv_layers, fused, kv_removals, ffn_removals)
+            channels = _remove_units(graph, chosen, unit_scores, outside, names)
             removed += sum(len(c) for c in channels.values())
             current = None
             config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
-            groups = _regrouped(groups, channels, kv_layers, lambda: all_groups(allowed))
+            groups = _regrouped(groups, channels, outside, lambda: all_groups(allowed))
         current = current or _measure_after(model, example_inputs, chosen, names)
         recalibrating = time.perf_counter()
         if config.recalibrate_batchnorm:
@@ -183,7 +189,8 @@ def prune_channels_(
             on_step(record)
     config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
     heads = {names[layer.owner]: layer.heads for layer in layers}
-    return history, Plan(list(graph.pruning_history()), heads, config_updates, kv_removals)
+    removals = list(graph.pruning_history())
+    return history, Plan(removals, heads, config_updates, kv_removals, ffn_removals)
 
 
 def reachable_bound(groups: list[ChannelGroup], cost: Cost, config: PruneConfig) -> float:
@@ -455,28 +462,48 @@ def _take_until(ranked: Iterable[_Candidate], excess: float) -> list[_Candidate]
     return chosen
 
 
+@dataclass
+class _Outside:
+    """Units outside Torch-Pruning's graph, by root, and their removals for the plan."""
+
+    kv_layers: dict[nn.Module, GroupedAttention]
+    fused: dict[nn.Module, FusedFfn]
+    kv_removals: list[tuple[str, list[int]]]
+    ffn_removals: list[tuple[str, list[int]]]
+
+    def __contains__(self, root: nn.Module) -> bool:
+        return root in self.kv_layers or root in self.fused
+
+    def remove_(self, root: nn.Module, units: list[int], names: dict[nn.Module, str]) -> None:
+        if root in self.kv_layers:
+            remove_kv_groups_(self.kv_layers[root], units)
+            self.kv_removals.append((names[self.kv_layers[root].owner], units))
+        else:
+            self.fused[root].remove_(units)
+            self.ffn_removals.append((names[root], units))
+
+
 def _remove_units(
     graph: Any,
     chosen: list[_Candidate],
     unit_scores: dict[nn.Module, Tensor],
-    kv_layers: dict[nn.Module, GroupedAttention],
-    kv_removals: list[tuple[str, list[int]]],
+    outside: _Outside,
     names: dict[nn.Module, str],
 ) -> dict[nn.Module, list[int]]:
     """Remove every chosen unit, one pruning call per group (indices shift after each call);
     returns the root channels removed, by root.
 
-    Key/value groups of grouped-query attention are removed here and recorded for the plan;
-    every other group goes through Torch-Pruning (which records its own history)."""
+    Key/value groups of grouped-query attention and fused FFN neurons are removed here and
+    recorded for the plan; every other group goes through Torch-Pruning (which records its
+    own history)."""
     by_group: dict[nn.Module, tuple[ChannelGroup, list[int]]] = {}
     for candidate in chosen:
         by_group.setdefault(candidate.group.root, (candidate.group, []))[1].extend(candidate.units)
     removed: dict[nn.Module, list[int]] = {}
     for root, (group, units) in by_group.items():
         channels = [u * group.unit + j for u in units for j in range(group.unit)]
-        if root in kv_layers:
-            remove_kv_groups_(kv_layers[root], sorted(units))
-            kv_removals.append((names[kv_layers[root].owner], sorted(units)))
+        if root in outside:
+            outside.remove_(root, sorted(units), names)
         else:
             graph.get_pruning_group(root, group.handler, channels).prune()
         keep = torch.ones(len(unit_scores[root]), dtype=torch.bool)
@@ -489,11 +516,14 @@ def _remove_units(
 def _regrouped(
     groups: list[ChannelGroup],
     removed: dict[nn.Module, list[int]],
-    kv_layers: dict[nn.Module, GroupedAttention],
+    outside: _Outside,
     collect: Callable[[], list[ChannelGroup]],
 ) -> list[ChannelGroup]:
     """The groups after a removal round: shrunk from the last ones, or collected anew after a
-    key/value head removal (made outside Torch-Pruning's graph, so not shrunk here)."""
-    if any(root in kv_layers for root in removed):
+    key/value head removal (made outside Torch-Pruning's graph, which then regroups what
+    it couples). A fused FFN's removal touches no group but its own: shrunk as the rest
+    (collecting anew would trace through the fused layer's chunk, whose sizes the graph still
+    holds from before, and Torch-Pruning does not come back from it)."""
+    if any(root in outside.kv_layers for root in removed):
         return collect()
     return [g for g in shrink_groups(groups, removed) if g.width > g.unit]
