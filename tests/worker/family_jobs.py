@@ -109,7 +109,9 @@ def _bucket(relative_diff: float) -> str:
 def macs_reached(job: FamilyJob) -> str:
     """The fraction of its MACs the pruned model keeps, or why the job refused to prune."""
     if isinstance(job.refusal, TargetUnreachable):
-        return f"refused: reaches {job.refusal.reachable:.3f}"
+        per_layer = job.refusal.per_layer
+        other = f" (onnx, pt2, safetensors: {per_layer:.3f})" if per_layer is not None else ""
+        return f"refused: reaches {job.refusal.reachable:.3f}{other}"
     if job.refusal is not None:  # the first clause: the rest names other output formats
         return f"refused: {str(job.refusal).split(';')[0]}"
     assert job.result is not None

@@ -68,6 +68,12 @@ def test_is_refused_at_half_before_pruning_saying_what_it_can_reach(
     assert "\n" not in str(job.refusal)
     if isinstance(job.refusal, TargetUnreachable):
         assert 0.5 < job.refusal.reachable <= family.reaches
+        # and what the other outputs, with widths no config must state, would reach
+        per_layer = job.refusal.per_layer
+        assert per_layer is not None and per_layer <= job.refusal.reachable
+        if per_layer < job.refusal.reachable:
+            other = f"onnx, pt2 or safetensors output (per-layer widths) {per_layer:.4f} is"
+            assert other in str(job.refusal)
     else:  # the config states no width this family's pruning could move
         assert family.reaches == 1.0
         assert "choose safetensors, onnx or pt2" in str(job.refusal)

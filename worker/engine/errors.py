@@ -30,10 +30,21 @@ class TargetUnreachable(EngineError):
 
     code = "target_unreachable"
 
-    def __init__(self, metric: str, target: float, reachable: float) -> None:
+    def __init__(
+        self, metric: str, target: float, reachable: float, per_layer: float | None = None
+    ) -> None:
+        """`per_layer`: what per-layer widths would reach, when the run asked for widths a
+        config states (uniform: an `hf` output) and they are what stands in the way."""
         self.metric, self.target, self.reachable = metric, target, reachable
+        self.per_layer = per_layer
+        other = (
+            f"; with an onnx, pt2 or safetensors output (per-layer widths) {per_layer:.4f} is "
+            "reachable"
+            if per_layer is not None and per_layer < reachable
+            else ""
+        )
         super().__init__(
             f"a {metric} target of {target:g} cannot be reached: under this job's constraints "
             f"(output format, floors, granularity) the model keeps at least {reachable:.4f} of "
-            f"its {metric}; ask for {reachable:.4f} or more, or loosen the constraints"
+            f"its {metric}; ask for {reachable:.4f} or more, or loosen the constraints{other}"
         )

@@ -54,7 +54,11 @@ def prune_(
                 return
             reachable = reachable_fraction(model, example_inputs, config, before)
             if config.target < reachable:
-                raise TargetUnreachable(config.target_metric, config.target, reachable)
+                per_layer = None
+                if not config.global_ranking:  # would other outputs get there?
+                    free = replace(config, global_ranking=True)
+                    per_layer = reachable_fraction(model, example_inputs, free, before)
+                raise TargetUnreachable(config.target_metric, config.target, reachable, per_layer)
 
         guard = None
         if config.granularity == "channel" and not config.depth_share:
