@@ -278,11 +278,22 @@ def load(root: Path, model_format: str, *, trusted: bool) -> LoadedModel:
     raise ModelRejected("unsupported_format", f"unknown model format {model_format!r}")
 
 
+def _example_input(name: str, model: nn.Module) -> torch.Tensor:
+    """One row of a text model's input `name`: 16 tokens, or for a speech encoder (Whisper) the
+    log-mel frames its config states."""
+    config: Any = getattr(model, "config", None)
+    if name == "input_features" and hasattr(config, "num_mel_bins"):
+        frames = 2 * getattr(config, "max_source_positions", 1500)  # its convolutions halve them
+        return torch.zeros(1, config.num_mel_bins, frames)
+    return torch.zeros(1, 16, dtype=torch.long)
+
+
 def example_inputs(
     loaded: LoadedModel, batch: dict[str, Any] | None = None, device: torch.device | None = None
 ) -> dict[str, Any]:
-    """Inputs for tracing, MAC counts and export: one row of `batch` when given, else a short
-    token sequence or one image of the configured size."""
+    """Inputs for tracing, MAC counts and export: one row of `batch` when given, else one image
+    of the configured size, or a short token sequence for each input the forward needs (an
+    encoder-decoder's `decoder_input_ids` too)."""
     inputs: dict[str, Any]
     if batch is not None:
         inputs = {
@@ -294,7 +305,10 @@ def example_inputs(
         channels = getattr(config, "num_channels", 3)
         inputs = {"pixel_values": torch.zeros(1, channels, size, size)}
     else:
-        inputs = {"input_ids": torch.zeros(1, 16, dtype=torch.long)}
+        inputs = {
+            name: _example_input(name, loaded.model)
+            for name in forward_inputs(loaded.model).needed or ("input_ids",)
+        }
     if device is not None:
         inputs = {k: v.to(device) for k, v in inputs.items()}
     if "use_cache" in forward_inputs(loaded.model).named:

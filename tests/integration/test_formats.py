@@ -15,6 +15,7 @@ import transformers
 from service.client import Client
 from tests.integration.services import apoptosis, free_port, stop, wait_healthy
 from tests.worker import factories
+from tests.worker.family_zoo import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,63 @@ def test_a_pickled_model_in_trusted_mode_to_a_pickle(
     program = torch.export.load(str(files["pt2"])).module()
     with torch.no_grad():
         torch.testing.assert_close(program(input_ids), model(input_ids=input_ids).logits)
+
+
+@pytest.mark.parametrize("name", ["phi3", "flan_t5", "qwen2_moe", "modernbert"])
+def test_families_through_the_api_to_an_hf_output_that_reloads(
+    trusted_service: Client, tmp_path: Path, name: str
+) -> None:
+    """Families described since the first families (fused FFNs, an encoder-decoder with its
+    decoder inputs in the dataset, a shared expert) as a user brings them: uploaded, pruned to
+    half their MACs by the service, downloaded and loaded with their own class."""
+    family = FAMILIES[name]
+    torch.manual_seed(0)
+    family.build().save_pretrained(tmp_path / name)
+    model = factories.zip_folder(tmp_path / name, tmp_path / f"{name}.zip")
+    data = family.data(tmp_path / "data.safetensors")
+
+    result, files = _run(
+        trusted_service,
+        model,
+        "hf",
+        data,
+        "tensors",
+        outputs=["hf"],
+        loss=family.loss,
+        target={"macs": 0.5},
+    )
+
+    assert result["macs_after"] <= 0.5 * result["macs_before"]
+    assert result["exports"]["hf"]["relative_diff"] <= 1e-4
+    with zipfile.ZipFile(files["hf"]) as bundle:
+        bundle.extractall(tmp_path / "reloaded")
+    config: Any = transformers.AutoConfig.from_pretrained(tmp_path / "reloaded")
+    reloaded = getattr(transformers, config.architectures[0]).from_pretrained(tmp_path / "reloaded")
+    assert sum(p.numel() for p in reloaded.parameters()) == result["params_after"]
+
+
+def test_a_family_refused_with_hf_names_the_outputs_that_reach_it(
+    trusted_service: Client, tmp_path: Path
+) -> None:
+    FAMILIES["bart"].build().save_pretrained(tmp_path / "bart")
+    model = factories.zip_folder(tmp_path / "bart", tmp_path / "bart.zip")
+    uploaded = trusted_service.wait_for_model(trusted_service.upload_model(model, "hf").id)
+    dataset = trusted_service.upload_dataset(
+        factories.lm_tensors_file(tmp_path / "d.safetensors"), "tensors"
+    )
+
+    job = trusted_service.submit_job(
+        {
+            "model_id": uploaded.id,
+            "dataset_id": dataset.id,
+            "outputs": ["hf"],
+            "loss": "distill",
+            "target": {"macs": 0.5},
+            "calibration": {"batches": 2, "batch_size": 16},
+        }
+    )
+    finished = trusted_service.wait(job.id)
+
+    assert finished.state == "failed" and finished.error is not None
+    assert finished.error.code == "target_unreachable"
+    assert "with an onnx, pt2 or safetensors output" in finished.error.message

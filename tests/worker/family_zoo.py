@@ -57,6 +57,19 @@ def _speech_tensors_file(path: Path, rows: int = 32) -> Path:
     return path
 
 
+def _large_image_tensors_file(path: Path, rows: int = 16) -> Path:
+    """32 × 32 images: EfficientNet's 5 × 5 kernels need more than 16 × 16 pixels."""
+    generator = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "pixel_values": torch.randn(rows, 3, 32, 32, generator=generator),
+            "labels": torch.randint(0, 2, (rows,), generator=generator),
+        },
+        str(path),
+    )
+    return path
+
+
 def _classifier(config: Any) -> Any:
     config.num_labels = 2
     return config
@@ -445,8 +458,8 @@ FAMILIES: dict[str, Family] = {
         reaches=1.0,
     ),
     "efficientnet": Family(
-        _cnn(T.EfficientNetConfig, T.EfficientNetForImageClassification, image_size=16),
-        IMAGE,
+        _cnn(T.EfficientNetConfig, T.EfficientNetForImageClassification, image_size=32),
+        _large_image_tensors_file,
         "cross_entropy",
         reaches=1.0,
     ),

@@ -12,7 +12,9 @@ import torch
 
 from tests.worker.family_jobs import documented, reload, row, run_job, stale_message
 from tests.worker.family_zoo import FAMILIES
+from worker import models
 from worker.engine import TargetUnreachable, measure
+from worker.engine.cost import run_forward
 from worker.engine.families import FAMILIES as DESCRIBED
 
 PRUNED = sorted(n for n, f in FAMILIES.items() if f.reaches <= 0.5)
@@ -87,3 +89,14 @@ def test_bart_prunes_to_what_it_can_reach_with_an_hf_output(tmp_path: Path) -> N
     assert result is not None
     assert result["macs_after"] <= FAMILIES["bart"].reaches * result["macs_before"]
     assert result["exports"]["hf"]["relative_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_validates_as_an_upload_with_inputs_of_its_own(tmp_path: Path, name: str) -> None:
+    """Validation runs the model on example inputs before any data is seen: T5's and Whisper's
+    need decoder inputs (and Whisper its mel frames), or the upload was rejected."""
+    FAMILIES[name].build().save_pretrained(tmp_path / name)
+    loaded = models.load(tmp_path / name, "hf", trusted=False)
+
+    with torch.no_grad():
+        run_forward(loaded.model, models.example_inputs(loaded))
