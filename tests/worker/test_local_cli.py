@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from tests.worker import factories
+from tests.worker.family_zoo import FAMILIES
 
 
 def _prune(*args: str) -> str:
@@ -152,3 +153,35 @@ def test_a_user_error_is_one_unwrapped_line(tmp_path: Path) -> None:
     lines = [line for line in result.output.splitlines() if line.startswith("error ")]
     assert len(lines) == 1 and "target_unreachable" in lines[0]
     assert lines[0].rstrip().endswith("or loosen the constraints")  # the whole message, unwrapped
+
+
+@pytest.mark.parametrize("name", ["phi3", "flan_t5"])
+def test_a_family_folder_to_an_hf_output_that_reloads(tmp_path: Path, name: str) -> None:
+    """A fused-FFN decoder and an encoder-decoder with decoder inputs in its data, as the
+    service prunes them (tests/integration/test_formats.py), from the local CLI."""
+    family = FAMILIES[name]
+    torch.manual_seed(0)
+    family.build().save_pretrained(tmp_path / name)
+    data = family.data(tmp_path / "data.safetensors")
+
+    _prune(
+        str(tmp_path / name),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "out"),
+        "--target",
+        "macs=0.5",
+        "--outputs",
+        "hf",
+        "--loss",
+        family.loss,
+    )
+
+    with zipfile.ZipFile(tmp_path / "out" / "model-hf.zip") as bundle:
+        bundle.extractall(tmp_path / "hf")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    original = family.build().config
+    width = "d_ff" if name == "flan_t5" else "intermediate_size"
+    assert getattr(config, width) < getattr(original, width)
+    getattr(transformers, config.architectures[0]).from_pretrained(tmp_path / "hf")
