@@ -313,7 +313,6 @@ FAMILIES: dict[str, Family] = {
         _decoder(T.MixtralConfig, T.MixtralForCausalLM, **_LLAMA_FFN, **_MOE, num_local_experts=4),
         LM,
         "causal_lm",
-        reaches=1.0,
     ),
     "olmoe": Family(
         _decoder(
@@ -326,7 +325,6 @@ FAMILIES: dict[str, Family] = {
         ),
         LM,
         "causal_lm",
-        reaches=1.0,
     ),
     "qwen2_moe": Family(
         _decoder(
@@ -353,7 +351,6 @@ FAMILIES: dict[str, Family] = {
         ),
         LM,
         "causal_lm",
-        reaches=0.55,
     ),
     # encoders
     "albert": Family(

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from worker.engine.cost import run_forward
 from worker.engine.errors import InvalidConfig
+from worker.engine.experts import expert_layers
 from worker.engine.families import FfnWidth, family_of
 from worker.engine.fused_ffn import fused_ffn_layers
 from worker.engine.groups import ChannelGroup, weight_axis
@@ -181,16 +182,19 @@ def _ends_with(name: str, suffixes: tuple[str, ...]) -> bool:
 
 def group_filter(model: nn.Module, hidden_size: bool) -> Callable[[ChannelGroup], bool]:
     """Hugging Face transformers: attention heads, FFN neurons whose width the config states
-    and, when `hidden_size`, the residual stream (the group whose members include the input
-    embeddings)."""
+    (routed experts' too) and, when `hidden_size`, the residual stream (the group whose
+    members include the input embeddings)."""
     if not is_transformer(model):
         return lambda group: True
     ffn = ffn_layers(model)
+    experts = {e.module for e in expert_layers(model)} if states_expert_width(model) else set()
 
     def allowed(group: ChannelGroup) -> bool:
         if is_residual_stream(group):
             return hidden_size
-        return group.unit > 1 or any(is_out and m in ffn for m, is_out, _, _ in group.members)
+        if group.unit > 1 or group.root in experts:
+            return True
+        return any(is_out and m in ffn for m, is_out, _, _ in group.members)
 
     return allowed
 
@@ -289,11 +293,21 @@ def sync_structure(
     if getattr(config, "tie_word_embeddings", False) and callable(tie):
         tie()  # pruning replaced the shared weight by two equal copies
     written.update(_ffn_fields(model))
+    expert_widths = {e.width for e in expert_layers(model)}
+    if states_expert_width(model) and len(expert_widths) == 1:
+        written[str(family_of(config).experts_width)] = expert_widths.pop()
     if not is_transformer(model) and isinstance(getattr(config, "hidden_sizes", None), list):
         written.update(_stage_widths(model, len(config.hidden_sizes)))
     for attribute, value in written.items():
         setattr(config, attribute, value)
     return written
+
+
+def states_expert_width(model: nn.Module) -> bool:
+    """Whether the config states the width of every routed expert (`families`)."""
+    config = getattr(model, "config", None)
+    field = family_of(config).experts_width
+    return field is not None and hasattr(config, field)
 
 
 def describes_stage_widths(model: nn.Module) -> bool:

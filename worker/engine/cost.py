@@ -23,14 +23,28 @@ from torch.utils.flop_counter import flop_registry
 
 from worker.engine.modes import eval_mode
 
-# torch's formulas, and one it lacks: the CPU kernel of scaled_dot_product_attention, which every
-# transformers model runs on the CPU, costs what its CUDA siblings do (flash, efficient, cuDNN).
-# Without it a job counted attention products on a GPU and not on a CPU.
+
+def _grouped_mm_flops(
+    a: torch.Tensor, b: torch.Tensor, *args: Any, out_val: torch.Tensor, **kwargs: Any
+) -> int:
+    """The grouped matrix product transformers runs routed experts with: each output element
+    is one dot product over the shared dimension, except for a 2-D × 2-D product whose groups
+    split that dimension (the output stacks one partial product a group)."""
+    if a.dim() == b.dim() == 2:
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    return 2 * out_val.numel() * a.shape[-1]
+
+
+# torch's formulas, and two it lacks: the CPU kernel of scaled_dot_product_attention, which
+# every transformers model runs on the CPU, costs what its CUDA siblings do (flash, efficient,
+# cuDNN) — without it a job counted attention products on a GPU and not on a CPU; and the
+# grouped product of mixtures of experts — without it routed experts cost nothing.
 _FORMULAS = {
     **flop_registry,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[
         torch.ops.aten._scaled_dot_product_flash_attention
     ],
+    torch.ops.aten._grouped_mm: _grouped_mm_flops,
 }
 # Most formulas take shapes: torch wraps them (functools.wraps) in a converter that maps its
 # arguments to shapes with pytree, which was 40% of a count. Those are called here with shapes

@@ -49,6 +49,8 @@ class Family:
     # (fused up-projection, down-projection) attribute names of the FFN module (`fused_ffn`).
     # Their width is the field of `ffn` too.
     fused_ffn: tuple[tuple[str, str], ...] = ()
+    # The config field stating every routed expert's width (`experts`); None: experts stay.
+    experts_width: str | None = None
     # An encoder-decoder whose forward shifts `input_ids` into decoder inputs when it gets
     # none (BART); others (T5, Marian, Whisper) need `decoder_input_ids` in the dataset.
     shifts_decoder_inputs: bool = False
@@ -76,8 +78,9 @@ _T5 = Family(
     head_size="derived",
 )
 # Mixtures of experts with routed experts only: their fused 3-D expert weights and routers are
-# outside Torch-Pruning's graph, so the hidden size they read stays (attention heads can move)
-_ROUTED = replace(DEFAULT, hidden=False)
+# outside Torch-Pruning's graph, so the hidden size they read stays; each expert's width is
+# pruned by `experts`, one for all, and stated by `intermediate_size`.
+_ROUTED = replace(DEFAULT, hidden=False, experts_width="intermediate_size")
 
 FAMILIES: dict[str, Family] = {
     # one layer shared by every position in the stack: pruned once, its width stated once; its
@@ -106,7 +109,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "olmoe": _ROUTED,
     "opt": Family((FfnWidth("ffn_dim"),), ("fc1",), head_size="derived"),
-    # the shared expert's width; routed experts are fused 3-D tensors, out of Torch-Pruning's reach
+    # the shared expert's width, the dense layers' and the routed experts' (`experts`)
     "phi3": Family(
         (FfnWidth("intermediate_size"),), (), fused_ffn=(("gate_up_proj", "down_proj"),)
     ),
@@ -117,8 +120,9 @@ FAMILIES: dict[str, Family] = {
         ),
         ("shared_expert.up_proj", "mlp.up_proj"),
         hidden=False,
+        experts_width="moe_intermediate_size",
     ),
-    "qwen3_moe": _ROUTED,
+    "qwen3_moe": replace(_ROUTED, experts_width="moe_intermediate_size"),
     # one ratio for every stage: stage i is 2^i times as wide, its FFN too
     "swin": Family((FfnWidth("mlp_ratio", ratio=True),), ("mlp.fc1",), head_size="derived"),
     "t5": _T5,

@@ -33,6 +33,10 @@ class ChannelGroup:
     unit: int  # channels removed together: 1, or head_dim for attention heads
     members: list[tuple[nn.Module, bool, list[int], list[int]]]  # (module, is_out, idxs, root_idxs)
     multiple: int = 1  # kept units must stay a multiple of this (hidden size: of the heads)
+    # Units whose channels are no layer's (routed experts: `experts`) score and cost
+    # themselves: (element scores, method) → per root channel; (module MACs, metric) → same.
+    scores: Callable[[dict[nn.Parameter, Tensor], str], Tensor] | None = None
+    costs: Callable[[Mapping[nn.Module, int], str], Tensor] | None = None
 
     @property
     def units(self) -> int:
@@ -157,6 +161,8 @@ def channel_scores(
 
     `magnitude` uses the L2 norm of the channel's weights instead of a signed sum.
     """
+    if group.scores is not None:
+        return group.scores(element_scores, method)
     total = torch.zeros(group.width, dtype=torch.float64)
     counted = 0
     for module, is_out, idxs, root_idxs in group.members:
@@ -199,6 +205,8 @@ def channel_costs(group: ChannelGroup, cost: Cost, metric: str) -> Tensor:
     Additive per member, so it slightly overstates the joint saving of removing channels on both
     sides of one layer; the pruning loop measures and corrects.
     """
+    if group.costs is not None:
+        return group.costs(cost.module_macs, metric)
     total = torch.zeros(group.width, dtype=torch.float64)
     for module, is_out, idxs, root_idxs in group.members:
         per_channel = _member_cost(module, is_out, cost, metric)

@@ -15,6 +15,7 @@ from torch import nn
 from worker.engine.architectures import set_head_count
 from worker.engine.blocks import remove_blocks_
 from worker.engine.errors import InvalidConfig
+from worker.engine.experts import expert_layers
 from worker.engine.fused_ffn import fused_ffn_layers
 from worker.engine.graph import build_graph
 from worker.engine.kv_groups import grouped_attention_layers, remove_kv_groups_
@@ -31,6 +32,8 @@ class Plan:
     kv_removals: list[tuple[str, list[int]]] = field(default_factory=list)
     # fused gate-and-up FFNs: (fused projection name, neurons removed), in order
     ffn_removals: list[tuple[str, list[int]]] = field(default_factory=list)
+    # routed experts: (experts module name, each expert's neurons removed), in order
+    expert_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
     # depth: the blocks' ModuleList and each removed block's position at its removal, in order
     block_container: str = ""
     blocks_removed: list[int] = field(default_factory=list)
@@ -38,7 +41,7 @@ class Plan:
     def then(self, later: "Plan") -> "Plan":
         """This plan followed by `later`, a plan made on the model this one leaves: one plan
         from the original architecture (widths only: depth comes first in a plan)."""
-        widths = self.history or self.kv_removals or self.ffn_removals
+        widths = self.history or self.kv_removals or self.ffn_removals or self.expert_removals
         if later.blocks_removed and (widths or self.blocks_removed):
             raise InvalidConfig("a plan that removes blocks cannot follow another")
         return Plan(
@@ -47,6 +50,7 @@ class Plan:
             self.config_updates | later.config_updates,
             self.kv_removals + later.kv_removals,
             self.ffn_removals + later.ffn_removals,
+            self.expert_removals + later.expert_removals,
             later.block_container or self.block_container,
             self.blocks_removed + later.blocks_removed,
         )
@@ -65,12 +69,17 @@ class Plan:
             [(str(name), [int(u) for u in units]) for name, units in data.get(key, [])]
             for key in ("kv_removals", "ffn_removals")
         )
+        expert_removals = [
+            (str(name), [[int(n) for n in neurons] for neurons in removed])
+            for name, removed in data.get("expert_removals", [])
+        ]
         return cls(
             history,
             dict(data.get("heads", {})),
             dict(data.get("config_updates", {})),
             kv_removals,
             ffn_removals,
+            expert_removals,
             str(data.get("block_container", "")),
             [int(i) for i in data.get("blocks_removed", [])],
         )
@@ -91,6 +100,9 @@ def apply_plan_(model: nn.Module, example_inputs: Any, plan: Plan) -> nn.Module:
     fused = {names[f.up]: f for f in fused_ffn_layers(model)}
     for name, neurons in plan.ffn_removals:
         fused[name].remove_(neurons)
+    experts = {names[e.module]: e for e in expert_layers(model)}
+    for name, removed in plan.expert_removals:
+        experts[name].remove_neurons_(removed)
     for name, heads in plan.heads.items():
         owner: Any = modules[name]
         head_dim = getattr(owner, "attention_head_size", None) or getattr(owner, "head_dim", None)

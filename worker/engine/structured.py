@@ -22,6 +22,7 @@ from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import FinetuneFn, PruneConfig
 from worker.engine.cost import Cost, measure
 from worker.engine.errors import InvalidConfig, UnsupportedModel
+from worker.engine.experts import Experts, expert_layers
 from worker.engine.fused_ffn import FusedFfn, fused_ffn_layers
 from worker.engine.graph import build_graph
 from worker.engine.groups import (
@@ -89,6 +90,9 @@ def prune_channels_(
         layer.k: layer for layer in grouped_attention_layers(model)
     }
     fused: dict[nn.Module, FusedFfn] = {f.up: f for f in fused_ffn_layers(model)}
+    experts: dict[nn.Module, Experts] = {
+        e.module: e for e in expert_layers(model) if architectures.states_expert_width(model)
+    }
     frozen += list(fused)  # their two halves are coupled here, not by Torch-Pruning
     if not (config.prune_heads and heads_describable):
         frozen += [p for layer in layers for p in layer.projections]
@@ -113,6 +117,7 @@ def prune_channels_(
             group.multiple = multiple_of(group)
         kv = [kv_channel_group(layer, names[layer.owner]) for layer in kv_layers.values()]
         ffn = [f.channel_group(names[up]) for up, f in fused.items()]
+        ffn += [e.channel_group(names[module]) for module, e in experts.items()]
         return groups + [g for g in kv + ffn if g.width > g.unit and keep(g)]
 
     # Groups change only when units go: those of the unpruned model (all prunable, by
@@ -130,6 +135,7 @@ def prune_channels_(
     history: list[StepRecord] = []
     kv_removals: list[tuple[str, list[int]]] = []
     ffn_removals: list[tuple[str, list[int]]] = []
+    outside = _Outside(kv_layers, fused, experts, kv_removals, ffn_removals, [])
     config_updates: dict[str, Any] = {}  # accumulated: each sync writes what changed since
 
     end = config.target * initial if final_goal is None else final_goal
@@ -160,7 +166,6 @@ def prune_channels_(
             chosen = _select(groups, unit_scores, current, excess, initial_units, config)
             if not chosen:
                 break
-            outside = _Outside(kv_layers, fused, kv_removals, ffn_removals)
             channels = _remove_units(graph, chosen, unit_scores, outside, names)
             removed += sum(len(c) for c in channels.values())
             current = None
@@ -180,7 +185,7 @@ def prune_channels_(
             seconds_scoring,
             time.perf_counter() - started - seconds_scoring - recalibrating,
             removed,
-            {names[root]: graph.get_out_channels(root) for root in prunable_roots},
+            {names[root]: outside.width(root, graph) for root in prunable_roots},
             recalibrating,
             sum(losses) / len(losses) if losses else None,
         )
@@ -190,7 +195,9 @@ def prune_channels_(
     config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
     heads = {names[layer.owner]: layer.heads for layer in layers}
     removals = list(graph.pruning_history())
-    return history, Plan(removals, heads, config_updates, kv_removals, ffn_removals)
+    plan = Plan(removals, heads, config_updates, kv_removals, ffn_removals)
+    plan.expert_removals = outside.expert_removals
+    return history, plan
 
 
 def reachable_bound(groups: list[ChannelGroup], cost: Cost, config: PruneConfig) -> float:
@@ -468,19 +475,29 @@ class _Outside:
 
     kv_layers: dict[nn.Module, GroupedAttention]
     fused: dict[nn.Module, FusedFfn]
+    experts: dict[nn.Module, Experts]
     kv_removals: list[tuple[str, list[int]]]
     ffn_removals: list[tuple[str, list[int]]]
+    expert_removals: list[tuple[str, list[list[int]]]]
 
     def __contains__(self, root: nn.Module) -> bool:
-        return root in self.kv_layers or root in self.fused
+        return root in self.kv_layers or root in self.fused or root in self.experts
 
     def remove_(self, root: nn.Module, units: list[int], names: dict[nn.Module, str]) -> None:
         if root in self.kv_layers:
             remove_kv_groups_(self.kv_layers[root], units)
             self.kv_removals.append((names[self.kv_layers[root].owner], units))
-        else:
+        elif root in self.fused:
             self.fused[root].remove_(units)
             self.ffn_removals.append((names[root], units))
+        else:
+            self.expert_removals.append((names[root], self.experts[root].remove_(units)))
+
+    def width(self, root: nn.Module, graph: Any) -> int:
+        """A root's output channels (an experts module's: each expert's width)."""
+        if root in self.experts:
+            return self.experts[root].width
+        return int(graph.get_out_channels(root))
 
 
 def _remove_units(
