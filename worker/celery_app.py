@@ -4,8 +4,10 @@ sends its re-queued tasks through this app, not through the API's client."""
 import logging
 import threading
 
-from celery import Celery
+from celery import Celery, Task
 from celery.signals import worker_ready, worker_shutdown
+from celery.worker.request import Request
+from kombu.transport import virtual
 
 from service.broker import RUN_JOB, VALIDATE_MODEL, celery_config
 from service.db import get_sessionmaker
@@ -13,7 +15,44 @@ from service.settings import get_settings
 from service.workers import repository as workers
 
 log = logging.getLogger("apoptosis.worker")
-app = Celery("apoptosis", include=["worker.tasks"])
+
+
+class SlotFreeingRequest(Request):
+    """A task's message whose acknowledgement frees the worker's prefetch slot even when the
+    broker did not answer it.
+
+    kombu's virtual transports (Redis, filesystem, SQL) count unacknowledged deliveries in the
+    channel's QoS, and the worker asks for no message while that count is at its prefetch limit
+    (one: solo pool, multiplier 1). Redis's QoS.ack writes to Redis before it forgets the
+    delivery, so an ack that times out (Redis hung) leaves the slot taken for good, and Celery
+    only logs "Couldn't ack" (Message.ack_log_error), as it does for a reject. No Celery or
+    kombu setting covers this, so the slot is freed here, as the rest of kombu's ack would
+    have. If Redis never applied the ack, the message stays in its unacked set and comes back
+    after the visibility timeout; its job has ended, so the redelivery claims nothing
+    (lifecycle.run_job: the claim is a guarded queued → running update)."""
+
+    def acknowledge(self) -> None:
+        if not self.acknowledged:
+            super().acknowledge()
+            self._forget_unanswered()
+
+    def reject(self, requeue: bool = False) -> None:
+        if not self.acknowledged:
+            super().reject(requeue)
+            self._forget_unanswered()
+
+    def _forget_unanswered(self) -> None:
+        message = self.message
+        qos = getattr(message.channel, "qos", None)
+        if not message.acknowledged and isinstance(qos, virtual.QoS):
+            virtual.QoS.ack(qos, message.delivery_tag)
+
+
+class JobTask(Task):
+    Request = SlotFreeingRequest
+
+
+app = Celery("apoptosis", include=["worker.tasks"], task_cls=JobTask)
 app.conf.update(celery_config(get_settings()))
 _stop_reaper = threading.Event()
 

@@ -574,11 +574,6 @@ def test_a_hung_redis_is_reported_within_seconds_not_waited_for(
 FAILED_ACK = "Couldn't ack"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kombu's Redis QoS.ack runs its pipeline before it forgets the delivery: the timed-out "
-    "ack leaves the worker's one prefetch slot taken, so it never asks for a message again",
-)
 def test_a_redis_hung_while_the_worker_acknowledges_a_job_does_not_stop_the_worker(
     distributed: Distributed,
 ) -> None:
