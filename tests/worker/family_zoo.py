@@ -4,6 +4,7 @@ the list `tests/worker/test_families.py` prunes and `docs/families.md` is genera
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,43 +32,35 @@ class Family:
     slow: bool = False  # over 5 s
 
 
-def _seq2seq_tensors_file(path: Path, rows: int = 32) -> Path:
-    """Token ids for an encoder-decoder whose forward cannot build its decoder inputs (T5)."""
+def _random_tensors(
+    path: Path,
+    ids: dict[str, int],
+    floats: dict[str, tuple[int, ...]] | None = None,
+    classes: int = 0,
+    rows: int = 32,
+) -> Path:
+    """Token ids (`ids`: name → length), normal floats (`floats`: name → row shape) and, with
+    `classes`, labels, saved as a tensors dataset."""
     generator = torch.Generator().manual_seed(0)
-    save_file(
-        {
-            "input_ids": torch.randint(4, VOCAB, (rows, 12), generator=generator),
-            "decoder_input_ids": torch.randint(4, VOCAB, (rows, 8), generator=generator),
-        },
-        str(path),
-    )
+    columns = {k: torch.randint(4, VOCAB, (rows, n), generator=generator) for k, n in ids.items()}
+    for name, shape in (floats or {}).items():
+        columns[name] = torch.randn(rows, *shape, generator=generator)
+    if classes:
+        columns["labels"] = torch.randint(0, classes, (rows,), generator=generator)
+    save_file(columns, str(path))
     return path
 
 
-def _speech_tensors_file(path: Path, rows: int = 32) -> Path:
-    """Log-mel features (8 bins, 16 frames) and decoder token ids, as Whisper reads them."""
-    generator = torch.Generator().manual_seed(0)
-    save_file(
-        {
-            "input_features": torch.randn(rows, 8, 16, generator=generator),
-            "decoder_input_ids": torch.randint(4, VOCAB, (rows, 8), generator=generator),
-        },
-        str(path),
-    )
-    return path
-
-
-def _large_image_tensors_file(path: Path, rows: int = 16) -> Path:
-    """32 × 32 images: EfficientNet's 5 × 5 kernels need more than 16 × 16 pixels."""
-    generator = torch.Generator().manual_seed(0)
-    save_file(
-        {
-            "pixel_values": torch.randn(rows, 3, 32, 32, generator=generator),
-            "labels": torch.randint(0, 2, (rows,), generator=generator),
-        },
-        str(path),
-    )
-    return path
+# Token ids for an encoder-decoder whose forward cannot build its decoder inputs (T5, Marian)
+_seq2seq_tensors_file = partial(_random_tensors, ids={"input_ids": 12, "decoder_input_ids": 8})
+# Log-mel features (8 bins, 16 frames) and decoder token ids, as Whisper reads them
+_speech_tensors_file = partial(
+    _random_tensors, ids={"decoder_input_ids": 8}, floats={"input_features": (8, 16)}
+)
+# 32 × 32 images: EfficientNet's 5 × 5 kernels need more than 16 × 16 pixels
+_large_image_tensors_file = partial(
+    _random_tensors, ids={}, floats={"pixel_values": (3, 32, 32)}, classes=2, rows=16
+)
 
 
 def _classifier(config: Any) -> Any:
