@@ -84,7 +84,8 @@ class Experts:
     def remove_neurons_(self, removed: list[list[int]]) -> None:
         """Remove `removed[e]` from expert e (the same count from each)."""
         width = self.width
-        kept = [[j for j in range(width) if j not in set(r)] for r in removed]
+        drops = [set(r) for r in removed]
+        kept = [[j for j in range(width) if j not in drop] for drop in drops]
         index = torch.tensor(kept, dtype=torch.long, device=self.module.down_proj.device)
         rows = torch.cat([index, index + width], dim=1)  # gate half, then up half
         gate_up, down = self.module.gate_up_proj.data, self.module.down_proj.data
