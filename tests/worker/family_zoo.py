@@ -68,21 +68,71 @@ def _classifier(config: Any) -> Any:
     return config
 
 
-def _decoder(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], nn.Module]:
-    """A causal LM of two layers and four heads, `fields` completing or overriding its config."""
+def _built(
+    config_class: Any, model_class: Any, fields: dict[str, Any], *, classifier: bool = False
+) -> Callable[[], nn.Module]:
+    """A builder of `model_class` on `config_class(**fields)` (two labels for a classifier)."""
 
     def build() -> nn.Module:
-        config = config_class(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=32,
-            **fields,
-        )
-        return model_class(config)
+        config = config_class(**fields)
+        return model_class(_classifier(config) if classifier else config)
 
     return build
+
+
+# Two layers, four heads: what each kind of family shares, completed or overridden per family
+_DECODER = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 32,
+}
+_ENCODER = _DECODER | {"intermediate_size": 4 * HIDDEN}
+_GPTJ = {"vocab_size": VOCAB, "n_embd": HIDDEN, "n_inner": 4 * HIDDEN, "n_layer": 2, "n_head": 4}
+_SEQ2SEQ = {
+    "vocab_size": VOCAB,
+    "d_model": HIDDEN,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 4 * HIDDEN,
+    "decoder_ffn_dim": 4 * HIDDEN,
+}
+_VIT = {
+    "image_size": 16,
+    "patch_size": 4,
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+
+
+def _decoder(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], nn.Module]:
+    """A causal LM, `fields` completing or overriding its config."""
+    return _built(config_class, model_class, _DECODER | fields)
+
+
+def _bert_like(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], nn.Module]:
+    return _built(config_class, model_class, _ENCODER | fields, classifier=True)
+
+
+def _seq2seq(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], nn.Module]:
+    """BART-style encoder-decoders: two layers a stack, each stack with its own FFN width."""
+    return _built(config_class, model_class, _SEQ2SEQ | fields)
+
+
+def _vit_like(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], nn.Module]:
+    return _built(config_class, model_class, _VIT | fields, classifier=True)
+
+
+def _cnn(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], nn.Module]:
+    return _built(config_class, model_class, fields, classifier=True)
+
+
+def _gptj_like(config_class: Any, model_class: Any) -> Callable[[], nn.Module]:
+    return _built(config_class, model_class, _GPTJ | {"rotary_dim": 8, "n_positions": 32})
 
 
 def _gpt2() -> nn.Module:
@@ -90,38 +140,6 @@ def _gpt2() -> nn.Module:
         vocab_size=VOCAB, n_positions=32, n_embd=HIDDEN, n_layer=2, n_head=4, n_inner=4 * HIDDEN
     )
     return transformers.GPT2LMHeadModel(config)
-
-
-def _gptj_like(config_class: Any, model_class: Any) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        config = config_class(
-            vocab_size=VOCAB,
-            n_embd=HIDDEN,
-            n_inner=4 * HIDDEN,
-            n_layer=2,
-            n_head=4,
-            rotary_dim=8,
-            n_positions=32,
-        )
-        return model_class(config)
-
-    return build
-
-
-def _bert_like(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        config = config_class(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=4 * HIDDEN,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=32,
-            **fields,
-        )
-        return model_class(_classifier(config))
-
-    return build
 
 
 def _distilbert() -> nn.Module:
@@ -155,26 +173,6 @@ def _modernbert() -> nn.Module:
     return transformers.ModernBertForSequenceClassification(_classifier(config))
 
 
-def _seq2seq(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], nn.Module]:
-    """BART-style encoder-decoders: two layers a stack, each stack with its own FFN width."""
-
-    def build() -> nn.Module:
-        config = config_class(
-            vocab_size=VOCAB,
-            d_model=HIDDEN,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=4 * HIDDEN,
-            decoder_ffn_dim=4 * HIDDEN,
-            **fields,
-        )
-        return model_class(config)
-
-    return build
-
-
 def _t5(gated: bool) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         config: Any = transformers.T5Config(  # type: ignore[call-arg]
@@ -194,21 +192,6 @@ def _t5(gated: bool) -> Callable[[], nn.Module]:
     return build
 
 
-def _vit_like(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        config = config_class(
-            image_size=16,
-            patch_size=4,
-            hidden_size=HIDDEN,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            **fields,
-        )
-        return model_class(_classifier(config))
-
-    return build
-
-
 def _swin() -> nn.Module:
     config = transformers.SwinConfig(
         image_size=16,
@@ -220,13 +203,6 @@ def _swin() -> nn.Module:
         mlp_ratio=4.0,
     )
     return transformers.SwinForImageClassification(_classifier(config))
-
-
-def _cnn(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        return model_class(_classifier(config_class(**fields)))
-
-    return build
 
 
 LM, TEXT, IMAGE = factories.lm_tensors_file, factories.tensors_file, factories.image_tensors_file
