@@ -11,7 +11,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -133,9 +133,7 @@ def prune_channels_(
         guard(reachable_bound(groups, first, config))
     initial_units: dict[nn.Module, int] = {}
     history: list[StepRecord] = []
-    kv_removals: list[tuple[str, list[int]]] = []
-    ffn_removals: list[tuple[str, list[int]]] = []
-    outside = _Outside(kv_layers, fused, experts, kv_removals, ffn_removals, [])
+    outside = _Outside(kv_layers, fused, experts)
     config_updates: dict[str, Any] = {}  # accumulated: each sync writes what changed since
 
     end = config.target * initial if final_goal is None else final_goal
@@ -195,9 +193,14 @@ def prune_channels_(
     config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
     heads = {names[layer.owner]: layer.heads for layer in layers}
     removals = list(graph.pruning_history())
-    plan = Plan(removals, heads, config_updates, kv_removals, ffn_removals)
-    plan.expert_removals = outside.expert_removals
-    return history, plan
+    return history, Plan(
+        removals,
+        heads,
+        config_updates,
+        outside.kv_removals,
+        outside.ffn_removals,
+        outside.expert_removals,
+    )
 
 
 def reachable_bound(groups: list[ChannelGroup], cost: Cost, config: PruneConfig) -> float:
@@ -476,9 +479,9 @@ class _Outside:
     kv_layers: dict[nn.Module, GroupedAttention]
     fused: dict[nn.Module, FusedFfn]
     experts: dict[nn.Module, Experts]
-    kv_removals: list[tuple[str, list[int]]]
-    ffn_removals: list[tuple[str, list[int]]]
-    expert_removals: list[tuple[str, list[list[int]]]]
+    kv_removals: list[tuple[str, list[int]]] = field(default_factory=list)
+    ffn_removals: list[tuple[str, list[int]]] = field(default_factory=list)
+    expert_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
 
     def __contains__(self, root: nn.Module) -> bool:
         return root in self.kv_layers or root in self.fused or root in self.experts
