@@ -296,9 +296,6 @@ class Stack:
         )
 
 
-WORKER_THREADS_ENV = {"APOPTOSIS_WORKER_THREADS": "1", "OMP_NUM_THREADS": "1"}
-
-
 def make_stack(work: Path, env: dict[str, str], database_url: str, *, workers: int) -> Stack:
     """Migrate, make a tenant, start the API and `workers` workers (waited for)."""
     work.mkdir(parents=True, exist_ok=True)
@@ -306,10 +303,6 @@ def make_stack(work: Path, env: dict[str, str], database_url: str, *, workers: i
         "APOPTOSIS_HEARTBEAT_SECONDS": HEARTBEAT_SECONDS,
         "APOPTOSIS_STALE_AFTER_SECONDS": STALE_AFTER_SECONDS,
         "APOPTOSIS_DATABASE_URL": database_url,
-        # Two shared cores: one torch thread per worker. A worker sets its own count (it would
-        # take both cores, overriding OMP_NUM_THREADS), and torch's threads spin-wait for each
-        # other, so beside another busy process every parallel step waits for a descheduled one.
-        **WORKER_THREADS_ENV,
         **env,
     }
     upgrade(database_url)

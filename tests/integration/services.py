@@ -87,12 +87,19 @@ def postgres_database() -> Iterator[str]:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# Two shared cores: one torch thread per process a test starts. A worker sets its own count (it
+# would take both cores, overriding OMP_NUM_THREADS), and torch's threads spin-wait for each
+# other, so beside another busy process every parallel step waits for a descheduled one.
+ONE_THREAD_ENV = {"APOPTOSIS_WORKER_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
 def apoptosis(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`apoptosis ARGS` as a child process with one torch thread, `env` over the test's own."""
     command = [sys.executable, "-c", "from service.cli import main; main()", *args]
     with log.open("ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
             command,
-            env={**os.environ, **env},
+            env={**os.environ, **ONE_THREAD_ENV, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -36,7 +36,6 @@ from tests.integration.faults import (
     PROBE_WITHIN_S,
     QUICK_SPEC,
     STALE_AFTER_SECONDS,
-    WORKER_THREADS_ENV,
     MotoS3,
     RedisServer,
     Stack,
@@ -125,7 +124,6 @@ def test_up_killed_as_a_group_and_restarted_finishes_both_jobs_once(
         "APOPTOSIS_HEARTBEAT_SECONDS": HEARTBEAT_SECONDS,
         "APOPTOSIS_STALE_AFTER_SECONDS": STALE_AFTER_SECONDS,
         "APOPTOSIS_API_KEY": "",
-        **WORKER_THREADS_ENV,
     }
     url = f"http://127.0.0.1:{port}"
 
