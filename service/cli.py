@@ -87,11 +87,19 @@ def worker(queues: str = "cpu,gpu", name: str = "worker@%h") -> None:
     os.execvp(sys.executable, _worker_command(queues, name))
 
 
+# `python -m celery -A worker.celery_app` imports `worker` from the current directory first
+# (`-m` and Celery's app lookup both put it on sys.path): run from a project with its own
+# worker.py, the worker stopped with "'worker' is not a package". `-P` keeps the directory off
+# sys.path, and the app, imported before Celery looks for it, is ours.
+_CELERY = "import worker.celery_app; from celery.__main__ import main; main()"
+
+
 def _worker_command(queues: str, name: str) -> list[str]:
     return [
         sys.executable,
-        "-m",
-        "celery",
+        "-P",
+        "-c",
+        _CELERY,
         "-A",
         "worker.celery_app",
         "worker",

@@ -308,17 +308,18 @@ class Client:
         data_format: str | None = None,
         **spec: Any,
     ) -> PruneResult:
-        """Upload the model and the data, submit a job (`target`, default half the MACs, and
-        any other job-spec field as a keyword), wait for it and download its artifacts into
-        `output`. Raises `JobFailed` when the job fails or is cancelled; with `wait=False`,
-        returns as soon as the job is queued."""
+        """Upload the model and the data, submit a job (`target`, default half the MACs, or a
+        family's `targets`, and any other job-spec field as a keyword), wait for it and
+        download its artifacts into `output`. Raises `JobFailed` when the job fails or is
+        cancelled; with `wait=False`, returns as soon as the job is queued."""
         model = self.wait_for_model(self.upload_model(Path(model_path), model_format).id)
         if model.state != ModelState.READY:
             reason = model.rejection_reason or model.state
             raise ApiError(422, reason.split(":")[0], f"{model_path}: {reason}", {})
         dataset = self.upload_dataset(Path(data_path), data_format)
         job_spec = {"model_id": model.id, "dataset_id": dataset.id, **spec}
-        job_spec["target"] = target or {"macs": 0.5}
+        if target is not None or "targets" not in spec:  # a family's last target is its own
+            job_spec["target"] = target or {"macs": 0.5}
         job = self.submit_job(job_spec)
         if not wait:
             return PruneResult(model, dataset, job)

@@ -3,11 +3,20 @@ outlives `up` (not even a SIGKILLed one), and a second `up` on the same home ref
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 
-from tests.integration.services import apoptosis, free_port, stop, until, wait_healthy
+from tests.integration.services import (
+    ONE_THREAD_ENV,
+    apoptosis,
+    free_port,
+    stop,
+    until,
+    wait_healthy,
+)
 
 
 def _alive(pid: int) -> bool:
@@ -54,5 +63,36 @@ def test_up_restarts_its_worker_and_takes_it_down_with_it(tmp_path: Path) -> Non
         os.kill(up.pid, signal.SIGKILL)  # `up` alone (not its group) dies, with no clean-up
         up.wait()
         until(lambda: not _alive(second), 30, "the worker ending with `up`")
+    finally:
+        stop(up)
+
+
+def test_up_runs_its_worker_from_a_project_folder_with_its_own_worker_module(
+    tmp_path: Path,
+) -> None:
+    """A user's project with a `worker.py` and a `service/` package of its own: the console
+    script and its worker import ours, not theirs (the worker used to stop at "'worker' is not
+    a package" and start again forever)."""
+    project = tmp_path / "project"
+    (project / "service").mkdir(parents=True)
+    mistake = 'raise SystemExit("the project\'s own module was imported")\n'
+    (project / "worker.py").write_text(mistake)
+    (project / "service" / "__init__.py").write_text(mistake)
+    home, log, port = tmp_path / "var", tmp_path / "up.log", free_port()
+    script = Path(sys.executable).parent / "apoptosis"
+    with log.open("ab") as out:
+        up = subprocess.Popen(
+            [str(script), "up", "--port", str(port), "--home", str(home)],
+            cwd=project,
+            env={**os.environ, **ONE_THREAD_ENV, "APOPTOSIS_API_KEY": ""},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, up, log)
+        until(lambda: _ready(url), 60, "/readyz seeing the worker's heartbeat")
+        assert "own module was imported" not in log.read_text()
     finally:
         stop(up)

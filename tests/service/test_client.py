@@ -3,6 +3,7 @@ its formats taken from files, and its errors."""
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -158,3 +159,48 @@ def test_a_file_of_no_known_format_names_itself_and_the_option(tmp_path: Path, n
         formats.model_format(path)
     with pytest.raises(formats.UnknownFormat, match=rf"{name}.*--data-format"):
         formats.dataset_format(path)
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ({}, {"target": {"macs": 0.5}}),
+        ({"target": {"params": 0.6}}, {"target": {"params": 0.6}}),
+        (
+            {"targets": [{"macs": 0.7}, {"macs": 0.4}]},
+            {"targets": [{"macs": 0.7}, {"macs": 0.4}]},
+        ),
+    ],
+)
+def test_prune_submits_a_target_or_a_family_of_targets_as_given(
+    tmp_path: Path, given: dict[str, Any], sent: dict[str, Any]
+) -> None:
+    """A family's `targets` go as they are: adding the default `target` beside them made every
+    family submitted through the SDK a 422."""
+    dataset = {k: MODEL[k] for k in ("id", "name", "sha256", "size", "created_at")}
+    answers = {
+        ("POST", "/v1/models"): {**MODEL, "state": "ready"},
+        ("GET", "/v1/models/m"): {**MODEL, "state": "ready"},
+        ("POST", "/v1/datasets"): {**dataset, "id": "d", "format": "tensors"},
+        ("POST", "/v1/jobs"): JOB,
+    }
+    submitted: list[bytes] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/jobs":
+            submitted.append(request.content)
+        return httpx.Response(200, json=answers[request.method, request.url.path])
+
+    (tmp_path / "model.zip").write_bytes(b"PK")
+    (tmp_path / "data.safetensors").write_bytes(b"{}")
+    with _client(httpx.MockTransport(server)) as client:
+        client.prune(
+            tmp_path / "model.zip",
+            tmp_path / "data.safetensors",
+            model_format="hf",
+            wait=False,
+            **given,
+        )
+
+    [body] = submitted
+    assert httpx.Response(200, content=body).json() == {"model_id": "m", "dataset_id": "d", **sent}
