@@ -427,7 +427,11 @@ def _check_hf_output(net: torch.nn.Module, granularity: str) -> None:
             "invalid_output",
             "the hf output needs a Hugging Face model; choose safetensors, onnx or pt2",
         )
-    describable = architectures.is_transformer(net) or architectures.describes_stage_widths(net)
+    describable = (
+        architectures.is_transformer(net)
+        or architectures.describes_stage_widths(net)
+        or architectures.states_width_multiplier(net)
+    )
     if granularity == "channel" and not describable:
         raise JobFailed(
             "invalid_output",

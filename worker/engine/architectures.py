@@ -20,6 +20,7 @@ from worker.engine.experts import expert_layers
 from worker.engine.families import FfnWidth, family_of
 from worker.engine.fused_ffn import fused_ffn_layers
 from worker.engine.groups import ChannelGroup, weight_axis
+from worker.engine.head_dims import head_dim_layers
 from worker.engine.kv_groups import GroupedAttention
 
 
@@ -182,17 +183,19 @@ def _ends_with(name: str, suffixes: tuple[str, ...]) -> bool:
 
 def group_filter(model: nn.Module, hidden_size: bool) -> Callable[[ChannelGroup], bool]:
     """Hugging Face transformers: attention heads, FFN neurons whose width the config states
-    (routed experts' too) and, when `hidden_size`, the residual stream (the group whose
+    (routed experts' too), head sizes the config states (`head_dims`) and, when `hidden_size`, the residual stream (the group whose
     members include the input embeddings)."""
     if not is_transformer(model):
         return lambda group: True
     ffn = ffn_layers(model)
-    experts = {e.module for e in expert_layers(model)} if states_expert_width(model) else set()
+    outside = {e.module for e in expert_layers(model)} if states_expert_width(model) else set()
+    if states_head_dim(model):
+        outside |= {h.owner.q for h in head_dim_layers(model)}
 
     def allowed(group: ChannelGroup) -> bool:
         if is_residual_stream(group):
             return hidden_size
-        if group.unit > 1 or group.root in experts:
+        if group.unit > 1 or group.root in outside:
             return True
         return any(is_out and m in ffn for m, is_out, _, _ in group.members)
 
@@ -293,6 +296,9 @@ def sync_structure(
     if getattr(config, "tie_word_embeddings", False) and callable(tie):
         tie()  # pruning replaced the shared weight by two equal copies
     written.update(_ffn_fields(model))
+    head_sizes = {h.head_dim for h in head_dim_layers(model)}
+    if states_head_dim(model) and len(head_sizes) == 1:
+        written[str(family_of(config).head_dim)] = head_sizes.pop()
     expert_widths = {e.width for e in expert_layers(model)}
     if states_expert_width(model) and len(expert_widths) == 1:
         written[str(family_of(config).experts_width)] = expert_widths.pop()
@@ -314,6 +320,16 @@ def describes_stage_widths(model: nn.Module) -> bool:
     """Hugging Face CNNs (ResNet, ConvNeXt) state one width per stage: `hidden_sizes`."""
     config = getattr(model, "config", None)
     return not is_transformer(model) and isinstance(getattr(config, "hidden_sizes", None), list)
+
+
+def states_head_dim(model: nn.Module) -> bool:
+    """Whether the config states every head's size apart from the hidden size (T5's `d_kv`)."""
+    return family_of(getattr(model, "config", None)).head_dim is not None
+
+
+def states_width_multiplier(model: nn.Module) -> bool:
+    """CNNs whose config scales every width by one number (MobileNetV2, EfficientNet)."""
+    return family_of(getattr(model, "config", None)).width_multiplier is not None
 
 
 def _stage_widths(model: nn.Module, stages: int) -> dict[str, Any]:

@@ -54,6 +54,14 @@ class Family:
     # An encoder-decoder whose forward shifts `input_ids` into decoder inputs when it gets
     # none (BART); others (T5, Marian, Whisper) need `decoder_input_ids` in the dataset.
     shifts_decoder_inputs: bool = False
+    # A CNN whose config scales every width by this one field (`width_multiplier`): its widths
+    # are those the class builds at a smaller value. `stated_widths`: fields that state one
+    # layer's output channels outright, (field, end of the layer's module name).
+    # The config field stating every head's size where heads stay but their size can move
+    # alone (T5's `d_kv`; `head_dims`); None: head sizes stay.
+    head_dim: str | None = None
+    width_multiplier: str | None = None
+    stated_widths: tuple[tuple[str, str], ...] = ()
 
 
 DEFAULT = Family(
@@ -70,12 +78,14 @@ _SEQ2SEQ = Family(
 _BART = replace(_SEQ2SEQ, shifts_decoder_inputs=True)
 # GPT-J and CodeGen: `n_inner`, read by `fc_in`
 _GPTJ = Family((FfnWidth("n_inner"),), ("mlp.fc_in",), head_size="derived")
-# `d_kv` states the head size apart from `d_model`, but heads are kept: each layer's relative
-# position bias has one column per head. Flan-T5's gated FFN reads `wi_0` and `wi_1`.
+# `d_kv` states the head size apart from `d_model`: heads are kept (each stack's first layer
+# has a relative position bias with one column per head) and their size moves (`head_dims`).
+# Flan-T5's gated FFN reads `wi_0` and `wi_1`.
 _T5 = Family(
     (FfnWidth("d_ff"),),
     ("DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1"),
     head_size="derived",
+    head_dim="d_kv",
 )
 # Mixtures of experts with routed experts only: their fused 3-D expert weights and routers are
 # outside Torch-Pruning's graph, so the hidden size they read stays; each expert's width is
@@ -93,6 +103,11 @@ FAMILIES: dict[str, Family] = {
         (FfnWidth("mlp_ratio", ratio=True, integral=True),), ("mlp.fc1",), head_size="head_dim"
     ),
     "distilbert": Family((FfnWidth("hidden_dim"),), ("ffn.lin1",), head_size="derived"),
+    # EfficientNet's last convolution is `round_filters(1280)` wide; its BatchNorm and the
+    # classifier read `hidden_dim`, which must say the same
+    "efficientnet": Family(
+        (), (), width_multiplier="width_coefficient", stated_widths=(("hidden_dim", "top_conv"),)
+    ),
     # Falcon's config has a `head_dim`, but as a property: hidden_size / heads
     "falcon": Family((FfnWidth("ffn_hidden_size"),), ("mlp.dense_h_to_4h",), head_size="derived"),
     "gpt2": Family((FfnWidth("n_inner"),), ("mlp.c_fc",), head_size="derived"),
@@ -104,6 +119,7 @@ FAMILIES: dict[str, Family] = {
     "mixtral": _ROUTED,
     "mt5": _T5,
     "mbart": _BART,
+    "mobilenet_v2": Family((), (), width_multiplier="depth_multiplier"),
     "modernbert": Family(
         (FfnWidth("intermediate_size"),), (), head_size="derived", fused_ffn=(("Wi", "Wo"),)
     ),

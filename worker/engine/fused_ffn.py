@@ -9,11 +9,10 @@ row j with row I + j, so these layers stay out of its reach (as grouped-query at
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from worker.engine.families import family_of
-from worker.engine.groups import ChannelGroup
+from worker.engine.groups import ChannelGroup, keep_channels_
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,8 @@ class FusedFfn:
         projection."""
         drop = set(neurons)
         kept = [j for j in range(self.width) if j not in drop]
-        _keep_(self.up, 0, kept + [self.width + j for j in kept])
-        _keep_(self.down, 1, kept)
+        keep_channels_(self.up, 0, kept + [self.width + j for j in kept])
+        keep_channels_(self.down, 1, kept)
 
 
 def fused_ffn_layers(model: nn.Module) -> list[FusedFfn]:
@@ -61,14 +60,3 @@ def fused_ffn_layers(model: nn.Module) -> list[FusedFfn]:
             ):
                 found.append(FusedFfn(up, down))
     return found
-
-
-def _keep_(linear: nn.Linear, axis: int, kept: list[int]) -> None:
-    index = torch.tensor(kept, dtype=torch.long, device=linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.data.index_select(axis, index).clone())
-    if axis == 0 and linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.data.index_select(0, index).clone())
-    if axis == 0:
-        linear.out_features = len(kept)
-    else:
-        linear.in_features = len(kept)

@@ -43,6 +43,19 @@ class ChannelGroup:
         return self.width // self.unit
 
 
+def keep_channels_(linear: nn.Linear, axis: int, kept: list[int]) -> None:
+    """Keep only output (axis 0) or input (axis 1) channels `kept` of `linear`: for the units
+    the engine removes outside Torch-Pruning's graph."""
+    index = torch.tensor(kept, dtype=torch.long, device=linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(axis, index).clone())
+    if axis == 0 and linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data.index_select(0, index).clone())
+    if axis == 0:
+        linear.out_features = len(kept)
+    else:
+        linear.in_features = len(kept)
+
+
 def is_conv1d_transposed(module: nn.Module) -> bool:
     """transformers' `Conv1D` (GPT-2): a linear layer whose weight is stored (in, out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")

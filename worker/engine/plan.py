@@ -18,6 +18,7 @@ from worker.engine.errors import InvalidConfig
 from worker.engine.experts import expert_layers
 from worker.engine.fused_ffn import fused_ffn_layers
 from worker.engine.graph import build_graph
+from worker.engine.head_dims import head_dim_layers
 from worker.engine.kv_groups import grouped_attention_layers, remove_kv_groups_
 
 PLAN_FORMAT = "apoptosis-pruning-plan/1"
@@ -37,11 +38,19 @@ class Plan:
     # depth: the blocks' ModuleList and each removed block's position at its removal, in order
     block_container: str = ""
     blocks_removed: list[int] = field(default_factory=list)
+    # every head's size (T5's d_kv): (attention module name, each head's dimensions removed)
+    head_dim_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
 
     def then(self, later: "Plan") -> "Plan":
         """This plan followed by `later`, a plan made on the model this one leaves: one plan
         from the original architecture (widths only: depth comes first in a plan)."""
-        widths = self.history or self.kv_removals or self.ffn_removals or self.expert_removals
+        widths = (
+            self.history
+            or self.kv_removals
+            or self.ffn_removals
+            or self.expert_removals
+            or self.head_dim_removals
+        )
         if later.blocks_removed and (widths or self.blocks_removed):
             raise InvalidConfig("a plan that removes blocks cannot follow another")
         return Plan(
@@ -53,6 +62,7 @@ class Plan:
             self.expert_removals + later.expert_removals,
             later.block_container or self.block_container,
             self.blocks_removed + later.blocks_removed,
+            self.head_dim_removals + later.head_dim_removals,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -69,10 +79,13 @@ class Plan:
             [(str(name), [int(u) for u in units]) for name, units in data.get(key, [])]
             for key in ("kv_removals", "ffn_removals")
         )
-        expert_removals = [
-            (str(name), [[int(n) for n in neurons] for neurons in removed])
-            for name, removed in data.get("expert_removals", [])
-        ]
+        expert_removals, head_dim_removals = (
+            [
+                (str(name), [[int(n) for n in each] for each in removed])
+                for name, removed in data.get(key, [])
+            ]
+            for key in ("expert_removals", "head_dim_removals")
+        )
         return cls(
             history,
             dict(data.get("heads", {})),
@@ -82,6 +95,7 @@ class Plan:
             expert_removals,
             str(data.get("block_container", "")),
             [int(i) for i in data.get("blocks_removed", [])],
+            head_dim_removals,
         )
 
 
@@ -103,6 +117,9 @@ def apply_plan_(model: nn.Module, example_inputs: Any, plan: Plan) -> nn.Module:
     experts = {names[e.module]: e for e in expert_layers(model)}
     for name, removed in plan.expert_removals:
         experts[name].remove_neurons_(removed)
+    head_sizes = {names[h.owner]: h for h in head_dim_layers(model)}
+    for name, removed in plan.head_dim_removals:
+        head_sizes[name].remove_dims_(removed)
     for name, heads in plan.heads.items():
         owner: Any = modules[name]
         head_dim = getattr(owner, "attention_head_size", None) or getattr(owner, "head_dim", None)

@@ -34,6 +34,7 @@ from worker.engine.groups import (
     unit_view,
     weight_axis,
 )
+from worker.engine.head_dims import HeadDims, head_dim_layers
 from worker.engine.kv_groups import (
     GroupedAttention,
     grouped_attention_layers,
@@ -43,6 +44,7 @@ from worker.engine.kv_groups import (
 from worker.engine.plan import Plan
 from worker.engine.results import StepRecord
 from worker.engine.scores import LossFn, parameter_scores
+from worker.engine.width_multiplier import MultipliedWidths
 
 MAX_ROUNDS_PER_STEP = 25
 MIN_EXACT_STEPS = 8  # fewer would make each uniform step too coarse
@@ -93,7 +95,11 @@ def prune_channels_(
     experts: dict[nn.Module, Experts] = {
         e.module: e for e in expert_layers(model) if architectures.states_expert_width(model)
     }
+    head_dims: dict[nn.Module, HeadDims] = {
+        h.owner.q: h for h in head_dim_layers(model) if architectures.states_head_dim(model)
+    }
     frozen += list(fused)  # their two halves are coupled here, not by Torch-Pruning
+    frozen += [p for h in head_dims.values() for p in h.projections]  # every head one size
     if not (config.prune_heads and heads_describable):
         frozen += [p for layer in layers for p in layer.projections]
         layers = []
@@ -108,16 +114,17 @@ def prune_channels_(
         # decided once on the unpruned model: widths and configs change as pruning goes on
         return group.root in prunable_roots
 
-    head_dims = architectures.head_dims(layers)
+    head_sizes = architectures.head_dims(layers)
     multiple_of = architectures.kept_multiple(model)
 
     def all_groups(keep: Callable[[ChannelGroup], bool]) -> list[ChannelGroup]:
-        groups = collect_groups(graph, names, ignored, head_dims, keep)
+        groups = collect_groups(graph, names, ignored, head_sizes, keep)
         for group in groups:
             group.multiple = multiple_of(group)
         kv = [kv_channel_group(layer, names[layer.owner]) for layer in kv_layers.values()]
         ffn = [f.channel_group(names[up]) for up, f in fused.items()]
         ffn += [e.channel_group(names[module]) for module, e in experts.items()]
+        ffn += [h.channel_group(names[h.owner]) for h in head_dims.values()]
         return groups + [g for g in kv + ffn if g.width > g.unit and keep(g)]
 
     # Groups change only when units go: those of the unpruned model (all prunable, by
@@ -129,11 +136,15 @@ def prune_channels_(
     first = cost or measure(model, example_inputs)
     current: Cost | None = first
     initial = first.metric(config.target_metric)
-    if guard is not None:
-        guard(reachable_bound(groups, first, config))
+    # Uniform widths of a CNN whose config states one multiplier: the class's own widths
+    multiplied = None
+    if not config.global_ranking and architectures.states_width_multiplier(model):
+        multiplied = MultipliedWidths(model, first, config.layer_floor)
+    if guard is not None:  # the bound of uniform fractions says nothing of a class's rounding
+        guard(1.0 if multiplied else reachable_bound(groups, first, config))
     initial_units: dict[nn.Module, int] = {}
     history: list[StepRecord] = []
-    outside = _Outside(kv_layers, fused, experts)
+    outside = _Outside(kv_layers, fused, experts, head_dims)
     config_updates: dict[str, Any] = {}  # accumulated: each sync writes what changed since
 
     end = config.target * initial if final_goal is None else final_goal
@@ -161,13 +172,20 @@ def prune_channels_(
             excess = current.metric(config.target_metric) - goal
             if excess <= 0:
                 break
-            chosen = _select(groups, unit_scores, current, excess, initial_units, config)
+            if multiplied is None:
+                chosen = _select(groups, unit_scores, current, excess, initial_units, config)
+            else:
+                multiplier = multiplied.fit(goal, config.target_metric)
+                widths = multiplied.widths(multiplier)
+                chosen = _to_widths(groups, unit_scores, widths, names, current, config)
             if not chosen:
                 break
             channels = _remove_units(graph, chosen, unit_scores, outside, names)
             removed += sum(len(c) for c in channels.values())
             current = None
             config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
+            if multiplied is not None:
+                config_updates |= multiplied.write_(model, multiplier)
             groups = _regrouped(groups, channels, outside, lambda: all_groups(allowed))
         current = current or _measure_after(model, example_inputs, chosen, names)
         recalibrating = time.perf_counter()
@@ -200,6 +218,7 @@ def prune_channels_(
         outside.kv_removals,
         outside.ffn_removals,
         outside.expert_removals,
+        head_dim_removals=outside.head_dim_removals,
     )
 
 
@@ -450,6 +469,30 @@ def _select(
     return [c for found, n in zip(per_group, counts, strict=True) for c in found.first(n)]
 
 
+def _to_widths(
+    groups: list[ChannelGroup],
+    unit_scores: dict[nn.Module, Tensor],
+    widths: dict[str, int],
+    names: dict[nn.Module, str],
+    cost: Cost,
+    config: PruneConfig,
+) -> list[_Candidate]:
+    """In each group, its lowest-scored channels beyond `widths` of its root (by module name):
+    the widths a class builds at a smaller multiplier (`width_multiplier`)."""
+    chosen = []
+    for group in groups:
+        excess = group.width - widths.get(names[group.root], group.width)
+        if excess <= 0 or group.unit != 1 or group.root not in unit_scores:
+            continue
+        scores = unit_scores[group.root]
+        units = torch.argsort(scores, stable=True)[:excess]
+        saving = unit_view(channel_costs(group, cost, config.target_metric), group)[units]
+        chosen.append(
+            _Candidate(float(scores[units].sum()), group, units.tolist(), float(saving.sum()))
+        )
+    return chosen
+
+
 def _ranked(per_group: list[_Removable]) -> Iterator[_Candidate]:
     """Every group's chunks by value, lowest first (ties: group order, then chunk order), made
     into candidates only as they are asked for."""
@@ -479,12 +522,15 @@ class _Outside:
     kv_layers: dict[nn.Module, GroupedAttention]
     fused: dict[nn.Module, FusedFfn]
     experts: dict[nn.Module, Experts]
+    head_dims: dict[nn.Module, HeadDims]  # by q projection
     kv_removals: list[tuple[str, list[int]]] = field(default_factory=list)
     ffn_removals: list[tuple[str, list[int]]] = field(default_factory=list)
     expert_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
+    head_dim_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
 
     def __contains__(self, root: nn.Module) -> bool:
-        return root in self.kv_layers or root in self.fused or root in self.experts
+        units = (self.kv_layers, self.fused, self.experts, self.head_dims)
+        return any(root in outside for outside in units)
 
     def remove_(self, root: nn.Module, units: list[int], names: dict[nn.Module, str]) -> None:
         if root in self.kv_layers:
@@ -493,13 +539,19 @@ class _Outside:
         elif root in self.fused:
             self.fused[root].remove_(units)
             self.ffn_removals.append((names[root], units))
-        else:
+        elif root in self.experts:
             self.expert_removals.append((names[root], self.experts[root].remove_(units)))
+        else:
+            heads = self.head_dims[root]
+            self.head_dim_removals.append((names[heads.owner], heads.remove_(units)))
 
     def width(self, root: nn.Module, graph: Any) -> int:
-        """A root's output channels (an experts module's: each expert's width)."""
+        """A root's output channels (an experts module's: each expert's width; a layer's
+        heads': their size)."""
         if root in self.experts:
             return self.experts[root].width
+        if root in self.head_dims:
+            return self.head_dims[root].head_dim
         return int(graph.get_out_channels(root))
 
 

@@ -1,0 +1,114 @@
+"""The size of every head of an attention layer, where the config states it apart from the
+hidden size and the heads must stay (T5's `d_kv`: each stack's first layer holds a relative
+position bias with one column per head, and `num_heads` is one number for every layer).
+
+Channel c = h·d + j of the q, k and v projections (and column c of o) is dimension j of head
+h. Attention is q_h · k_h summed over the head's dimensions and v_h mixed into o, so removing
+dimension j of head h from all four removes one term and leaves the rest of the function as it
+is (T5 scales no logits by the head size). Unit r of a layer is the r-th least important
+dimension of *every* head (OBA channel scores, ranked within each head), so removing k units
+leaves each head its d − k best dimensions: one size, which the config states. Torch-Pruning
+cannot keep the heads equal, so these layers stay out of its graph (as `experts` do) and the
+plan records each head's removed dimensions (`head_dim_removals`).
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from worker.engine.groups import ChannelGroup, keep_channels_
+
+
+@dataclass(eq=False)
+class HeadDims:
+    owner: Any  # the attention module: q, k, v, o, n_heads, key_value_proj_dim, inner_dim
+    # order[h] lists head h's dimensions from least to most important, as last scored
+    order: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    @property
+    def heads(self) -> int:
+        return int(self.owner.n_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.owner.key_value_proj_dim)
+
+    @property
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        return self.owner.q, self.owner.k, self.owner.v, self.owner.o
+
+    def channel_group(self, name: str) -> ChannelGroup:
+        """Root channel r: the r-th ranked dimension of every head (scored by `rank_`)."""
+        return ChannelGroup(
+            name, self.owner.q, None, self.head_dim, 1, [], 1, self.rank_, self.costs
+        )
+
+    def rank_(self, element_scores: dict[nn.Parameter, Tensor], method: str) -> Tensor:
+        """Per rank r, the sum over heads of their r-th lowest dimension score; remembers each
+        head's order for `remove_`. A dimension's score is the OBA channel score averaged over
+        its q, k and v rows and its o column."""
+        q, k, v, o = (cast(nn.Parameter, p.weight) for p in self.projections)
+        if not all(w in element_scores for w in (q, k, v, o)):
+            self.order = torch.arange(self.head_dim).repeat(self.heads, 1)
+            return torch.zeros(self.head_dim, dtype=torch.float64)
+        rows = [_per_channel(element_scores[w], method) for w in (q, k, v)]
+        columns = _per_channel(element_scores[o].t(), method)
+        per_dim = ((sum(rows) + columns) / 4).view(self.heads, self.head_dim)
+        ranked, self.order = per_dim.cpu().sort(dim=1, stable=True)
+        return ranked.sum(0)
+
+    def costs(self, module_macs: Mapping[nn.Module, int], metric: str) -> Tensor:
+        """What removing one rank (a dimension of every head) saves: the four projections'
+        MACs over the head size (the attention products shrink too; the loop measures them),
+        or their parameters."""
+        q, k, v, o = self.projections
+        if metric == "macs":
+            saved = sum(module_macs.get(p, 0) for p in (q, k, v, o)) / self.head_dim
+        else:
+            saved = self.heads * (q.in_features + k.in_features + v.in_features + o.out_features)
+        return torch.full((self.head_dim,), float(saved), dtype=torch.float64)
+
+    def remove_(self, ranks: list[int]) -> list[list[int]]:
+        """Remove the dimensions of ranks `ranks` from every head; returns each head's removed
+        dimensions (indices among its current ones), for the plan."""
+        removed = [sorted(int(j) for j in self.order[h, ranks]) for h in range(self.heads)]
+        self.remove_dims_(removed)
+        keep = torch.ones(self.order.shape[1], dtype=torch.bool)
+        keep[ranks] = False
+        order = self.order[:, keep]
+        gone = torch.tensor(removed, dtype=torch.long)  # later dimensions move down
+        self.order = order - (order.unsqueeze(2) > gone.unsqueeze(1)).sum(2)
+        return removed
+
+    def remove_dims_(self, removed: list[list[int]]) -> None:
+        """Remove `removed[h]` from head h (the same count from each)."""
+        d = self.head_dim
+        kept = [h * d + j for h, drop in enumerate(removed) for j in range(d) if j not in set(drop)]
+        q, k, v, o = self.projections
+        for projection in (q, k, v):
+            keep_channels_(projection, 0, kept)
+        keep_channels_(o, 1, kept)
+        self.owner.key_value_proj_dim = d - len(removed[0])
+        self.owner.inner_dim = self.heads * self.owner.key_value_proj_dim
+
+
+def head_dim_layers(model: nn.Module) -> list[HeadDims]:
+    """Attention modules whose heads' size can move alone (T5's: q, k, v, o projections,
+    `n_heads` and `key_value_proj_dim`)."""
+    found = []
+    for module in model.modules():
+        if all(isinstance(getattr(module, n, None), nn.Linear) for n in "qkvo") and all(
+            isinstance(getattr(module, n, None), int) for n in ("n_heads", "key_value_proj_dim")
+        ):
+            found.append(HeadDims(module))
+    return found
+
+
+def _per_channel(scores: Tensor, method: str) -> Tensor:
+    """(channels, inputs) → (channels,), as `groups.channel_scores` reduces a layer's rows:
+    |signed sum|, or the L2 norm for magnitude."""
+    scores = scores.double()
+    return (scores**2).sum(1).sqrt() if method == "magnitude" else scores.sum(1).abs()
