@@ -11,7 +11,7 @@ import typer
 from pydantic import BaseModel, ByteSize, TypeAdapter, ValidationError
 from rich.progress import Progress
 
-from service.cli_output import emit, fail, stderr, table
+from service.cli_output import emit, fail, show_job, stderr, table
 from service.client import Client, JobFailed
 from service.jobs.schemas import JobOut, JobSpec
 from service.jobs.states import JobState
@@ -52,8 +52,9 @@ def add_show_and_delete(
     delete: Callable[[Client, str], None],
     show_help: str,
     delete_help: str,
+    render: Callable[[Any, bool], None] = emit,
 ) -> None:
-    """`show ID` and `delete ID` for one kind of resource."""
+    """`show ID` and `delete ID` for one kind of resource (shown by `render`)."""
 
     @app.command("show", help=show_help)
     def show(
@@ -63,7 +64,7 @@ def add_show_and_delete(
         api_key: KeyOption = "",
     ) -> None:
         with client(url, api_key) as api:
-            emit(read(api, resource_id), as_json)
+            render(read(api, resource_id), as_json)
 
     @app.command("delete", help=delete_help)
     def delete_(
@@ -118,8 +119,10 @@ add_show_and_delete(
     "job",
     Client.job,
     Client.delete_job,
-    "One job: its spec, progress, result or error.",
+    "One job: its state, target and times, then its result as a before / after table, or its "
+    "error (--json: the whole resource).",
     "Delete an ended job with its artifacts.",
+    show_job,
 )
 
 
@@ -394,7 +397,7 @@ def submit(
         job = api.submit_job(spec, idempotency_key)
         if wait:
             job = follow(api, job.id)
-    emit(job, as_json)
+    show_job(job, as_json)
     ended(job)
 
 
@@ -422,7 +425,10 @@ def watch(
     """Follow a job with a progress bar (on stderr) until it ends; exit 1 unless it succeeded."""
     with client(url, api_key) as api:
         job = follow(api, job_id)
-    emit(job.model_dump(mode="json", include={"id", "state", "result", "error"}), as_json)
+    if as_json:
+        emit(job.model_dump(mode="json", include={"id", "state", "result", "error"}), as_json)
+    else:
+        show_job(job, as_json)
     ended(job)
 
 
@@ -455,9 +461,9 @@ def cancel(
 def report(
     job_id: str, as_json: JsonOption = False, url: UrlOption = DEFAULT_URL, api_key: KeyOption = ""
 ) -> None:
-    """The job's metrics before and after pruning (and fine-tuning)."""
+    """The job's metrics before and after pruning (and fine-tuning), as a table."""
     with client(url, api_key) as api:
-        emit(api.report(job_id), as_json)
+        show_job(api.report(job_id), as_json)
 
 
 @jobs_app.command("download")

@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any, NoReturn
 
 import httpx
@@ -17,6 +18,8 @@ from rich.table import Table
 from service.client import ApiError, JobFailed
 from service.errors import CodedError
 from service.formats import UnknownFormat
+from service.jobs.schemas import Target
+from service.jobs.summary import reached, result_table
 
 # Errors a user can act on: each becomes one line on stderr and exit status 2 (1 for a job
 # that ended other than succeeded).
@@ -35,6 +38,72 @@ def emit(value: BaseModel | Sequence[BaseModel] | dict[str, Any], as_json: bool)
             shown = json.dumps(item, default=str) if isinstance(item, (dict, list)) else item
             typer.echo(f"{key}: {shown}")
         typer.echo("")
+
+
+def show_job(job: BaseModel | dict[str, Any], as_json: bool) -> None:
+    """A job (or its report) for people: state, target and times, then what it reached with
+    the before / after table `apoptosis prune` prints, or its error in one line. `--json`:
+    the resource as the API gives it."""
+    data = _plain(job)
+    if as_json:
+        emit(data, as_json)
+        return
+    spec = data.get("spec") or {}
+    attempt = data.get("attempt") or 1
+    lines = [
+        f"job {data.get('id') or data.get('job_id')}: {data['state']}"
+        + (f" (attempt {attempt})" if attempt > 1 else "")
+    ]
+    if data.get("model_id"):
+        lines.append(f"model {data['model_id']}, dataset {data.get('dataset_id') or '—'}")
+    if spec.get("target"):
+        lines.append(f"target {_target_words(spec)}")
+    lines += _times(data)
+    error = data.get("error")
+    if error:
+        lines.append(f"error {error['code']}: {error['message']}")
+    out = Console(width=shutil.get_terminal_size((160, 24)).columns)
+    for line in lines:
+        out.print(line, soft_wrap=True, markup=False, highlight=False)
+    result = data.get("result")
+    if result and spec.get("target"):
+        line = reached(result, Target.model_validate(spec["target"]))
+        out.print(line, soft_wrap=True, markup=False, highlight=False)
+        out.print(result_table(result))
+
+
+def _target_words(spec: dict[str, Any]) -> str:
+    """`macs 0.5`, a family's `macs 0.7 → 0.4`, or `latency_ms 20 at batch 8`."""
+    targets = [Target.model_validate(t) for t in spec.get("targets") or [spec["target"]]]
+    words = " → ".join(f"{t.value:g}" for t in targets)
+    batch = targets[-1].batch
+    return f"{targets[-1].metric} {words}" + (f" at batch {batch}" if batch > 1 else "")
+
+
+def _times(data: dict[str, Any]) -> list[str]:
+    """When the job was created, started and finished, in this machine's time, with how long
+    it waited and ran."""
+    stamps = {k: data.get(f"{k}_at") for k in ("created", "started", "finished")}
+    when = {k: datetime.fromisoformat(v).astimezone() for k, v in stamps.items() if v}
+    if "created" not in when:
+        return []
+    words = [f"created {when['created']:%Y-%m-%d %H:%M:%S %Z}"]
+    if "started" in when:
+        waited = (when["started"] - when["created"]).total_seconds()
+        words.append(f"started {_duration(waited)} later")
+    if "started" in when and "finished" in when:
+        ran = (when["finished"] - when["started"]).total_seconds()
+        words.append(f"ran {_duration(ran)}")
+    return [", ".join(words)]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s"
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def table(

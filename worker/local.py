@@ -9,11 +9,11 @@ import torch
 import transformers
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from service import archives
 from service.errors import CodedError
-from service.jobs.schemas import JobSpec, Target
+from service.jobs.schemas import JobSpec
+from service.jobs.summary import reached, result_table
 from service.settings import get_settings
 from worker import precision
 from worker.engine import EngineError
@@ -71,8 +71,8 @@ def prune_local(
                 )
                 raise SystemExit(2) from error
     # plain lines, never wrapped or cut: what was reached, then the whole path of each file
-    console.print(_reached(result, checked.target), soft_wrap=True, markup=False, highlight=False)
-    console.print(_summary(result))
+    console.print(reached(result, checked.target), soft_wrap=True, markup=False, highlight=False)
+    console.print(result_table(result))
     for line in _outputs(exports):
         console.print(line, soft_wrap=True, markup=False, highlight=False)
     return [e.path for e in exports]
@@ -91,56 +91,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _summary(result: dict[str, Any]) -> Table:
-    """Before and after, one column per model made: a family's members, or the one model after
-    pruning (and after fine-tuning)."""
-    family = result.get("family")
-    columns: list[tuple[str, dict[str, Any], dict[str, Any]]] = []  # label, sizes, metrics
-    for member in family or [result]:
-        label = "after pruning"
-        if family:
-            label = ", ".join(f"{k} {v:g}" for k, v in member["target"].items())
-        columns.append((label, member, member["after_pruning"]))
-        if member.get("after_finetune"):
-            tuned = f"{label}, fine-tuned" if family else "after fine-tuning"
-            columns.append((tuned, member, member["after_finetune"]))
-    table = Table()
-    for header in ("metric", "before", *(label for label, _, _ in columns)):
-        table.add_column(header, justify="left" if header == "metric" else "right")
-    table.add_row(
-        "MACs", f"{result['macs_before']:,}", *(f"{m['macs_after']:,}" for _, m, _ in columns)
-    )
-    table.add_row(
-        "params", f"{result['params_before']:,}", *(f"{m['params_after']:,}" for _, m, _ in columns)
-    )
-    for key in ("loss", "accuracy", "latency_ms"):
-        if key in result["before"]:
-            values = (f"{metrics[key]:.4g}" if key in metrics else "" for _, _, metrics in columns)
-            table.add_row(key, f"{result['before'][key]:.4g}", *values)
-    return table
-
-
-def _reached(result: dict[str, Any], target: Target) -> str:
-    if target.metric == "sparsity":
-        return f"sparsity {result['sparsity']:.4f}, target {target.value:g}"
-    if target.metric == "latency_ms":
-        timing = result["latency"]
-        return (
-            f"{timing['after_ms']:.3g} ms at batch {timing['batch']}, target "
-            f"{timing['target_ms']:g} ms: {timing['speedup']:.2f}× faster (noise "
-            f"{timing['noise_ms']:.2g} ms), MACs kept {timing['macs_ratio']:.4f}"
-        )
-    family = result.get("family")
-    metric = target.metric
-    kept = ", ".join(
-        f"{m[f'{metric}_after'] / result[f'{metric}_before']:.4f}" for m in family or [result]
-    )
-    if family:
-        wanted = ", ".join(f"{m['target'][metric]:g}" for m in family)
-        return f"{metric} kept {kept}, targets {wanted}"
-    return f"{metric} kept {kept}, target {target.value:g}"
 
 
 def _outputs(exports: list[Exported]) -> list[str]:

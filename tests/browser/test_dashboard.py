@@ -88,6 +88,7 @@ def test_upload_submit_watch_and_download(
     page.get_by_role("navigation").get_by_role("link", name="Jobs").click()
     expect(page.locator("td.state-succeeded")).to_have_count(1)
     expect(page.get_by_role("progressbar")).to_have_attribute("value", "100")
+    expect(page.get_by_role("cell", name="macs 0.7", exact=True)).to_be_visible()  # not "batch 1"
     page.screenshot(path=str(SHOTS / "jobs.png"), full_page=True)
     assert errors == []
 

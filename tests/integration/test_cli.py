@@ -69,6 +69,11 @@ def test_every_command_with_json_output(cli: Cli) -> None:
     ]
     assert cli.json("jobs", "show", job["id"])["result"]["macs_after"] > 0
     assert cli.json("jobs", "report", job["id"])["state"] == "succeeded"
+    for command in ("show", "report"):  # for people: the before / after table of `prune`
+        shown = cli.run("jobs", command, job["id"]).stdout
+        assert shown.startswith(f"job {job['id']}: succeeded\n"), shown
+        assert "target macs 0.7" in shown and "macs kept 0." in shown, shown
+        assert "after pruning" in shown and "MACs" in shown and "{" not in shown, shown
     lines = cli.run("jobs", "events", job["id"], "--json").stdout.splitlines()
     assert json.loads(lines[-1]) == {"event": "state", "data": {"state": "succeeded"}}
     assert cli.run("jobs", "logs", job["id"]).stdout.splitlines()[0] == 'state: {"state": "queued"}'
@@ -99,7 +104,7 @@ def test_a_waited_for_job_that_fails_exits_1_with_its_error_code(cli: Cli) -> No
 
     assert done.returncode == 1
     assert "missing_labels" in done.stderr and "Traceback" not in done.stderr
-    assert "state: failed" in done.stdout
+    assert ": failed\n" in done.stdout and "error missing_labels: " in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -183,8 +183,9 @@ def _ends_with(name: str, suffixes: tuple[str, ...]) -> bool:
 
 def group_filter(model: nn.Module, hidden_size: bool) -> Callable[[ChannelGroup], bool]:
     """Hugging Face transformers: attention heads, FFN neurons whose width the config states
-    (routed experts' too), head sizes the config states (`head_dims`) and, when `hidden_size`, the residual stream (the group whose
-    members include the input embeddings)."""
+    (routed experts' too), head sizes the config states (`head_dims`) and, when
+    `hidden_size`, the residual stream (the group whose members include the input
+    embeddings)."""
     if not is_transformer(model):
         return lambda group: True
     ffn = ffn_layers(model)

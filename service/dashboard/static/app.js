@@ -109,13 +109,23 @@ function loginView() {
       field("API key", key), el("button", { type: "submit" }, "Log in")));
 }
 
+// "macs 0.5", a family's "macs 0.7 → 0.4", "latency_ms 20 at batch 8" (as the CLI says it)
+function targetWords(spec) {
+  const targets = spec?.targets || (spec?.target ? [spec.target] : []);
+  if (!targets.length) return "";
+  const last = targets[targets.length - 1];
+  const metric = ["macs", "params", "sparsity", "latency_ms"].find((m) => last[m] != null);
+  const batch = last.batch > 1 ? ` at batch ${last.batch}` : "";
+  return `${metric} ${targets.map((t) => t[metric]).join(" → ")}${batch}`;
+}
+
 async function jobsView() {
   const page = await json("/v1/jobs?limit=50");
   const rows = page.items.map((job) => [
     el("td", {}, el("a", { href: `#/jobs/${job.id}` }, job.id)),
     el("td", { class: `state-${job.state}`, "data-state": job.id }, job.state),
     el("td", {}, progressBar(job)),
-    job.spec?.target ? Object.entries(job.spec.target).filter(([, v]) => v !== null).map(([k, v]) => `${k} ${v}`).join("") : "",
+    targetWords(job.spec),
     job.created_at,
   ]);
   show(el("h1", {}, "Jobs"), page.items.length ? table(["job", "state", "progress", "target", "created"], rows)
