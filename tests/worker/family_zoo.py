@@ -422,8 +422,15 @@ FAMILIES: dict[str, Family] = {
         IMAGE,
         "cross_entropy",
     ),
-    "efficientnet": Family(
-        _cnn(T.EfficientNetConfig, T.EfficientNetForImageClassification, image_size=32),
+    "efficientnet": Family(  # B0 at half its width and depth (the default is B7: 66M)
+        _cnn(
+            T.EfficientNetConfig,
+            T.EfficientNetForImageClassification,
+            image_size=32,
+            width_coefficient=0.5,
+            depth_coefficient=0.5,
+            hidden_dim=640,
+        ),
         _large_image_tensors_file,
         "cross_entropy",
     ),
