@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.engine.groups import ChannelGroup
+from worker.engine.ranked import rank_rows, take_ranks
 
 # transformers runs experts with grouped matrix products (torch._grouped_mm), whose operands'
 # strides must be multiples of 16 bytes: 8 neurons in half precision (4 in float32)
@@ -56,8 +57,8 @@ class Experts:
         rows = _per_channel(element_scores[gate_up], method)  # (experts, 2I)
         columns = _per_channel(element_scores[down].transpose(1, 2), method)  # (experts, I)
         per_neuron = (rows[:, :width] + rows[:, width:] + columns) / 2
-        ranked, self.order = per_neuron.cpu().sort(dim=1, stable=True)
-        return ranked.sum(0)
+        scores, self.order = rank_rows(per_neuron)
+        return scores
 
     def costs(self, module_macs: Mapping[nn.Module, int], metric: str) -> Tensor:
         """What removing one rank (a neuron from every expert) saves: the experts' MACs over
@@ -71,14 +72,8 @@ class Experts:
     def remove_(self, ranks: list[int]) -> list[list[int]]:
         """Remove the neurons of ranks `ranks` from every expert; returns each expert's removed
         neurons (indices among its current ones), for the plan."""
-        removed = [sorted(int(n) for n in self.order[e, ranks]) for e in range(self.count)]
+        removed, self.order = take_ranks(self.order, ranks)
         self.remove_neurons_(removed)
-        keep = torch.ones(self.order.shape[1], dtype=torch.bool)
-        keep[ranks] = False
-        order = self.order[:, keep]
-        # renumber: each expert's neurons after the removed ones move down
-        gone = torch.tensor(removed, dtype=torch.long)
-        self.order = order - (order.unsqueeze(2) > gone.unsqueeze(1)).sum(2)
         return removed
 
     def remove_neurons_(self, removed: list[list[int]]) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.engine.groups import ChannelGroup, keep_channels_
+from worker.engine.ranked import rank_rows, take_ranks
 
 
 @dataclass(eq=False)
@@ -57,8 +58,8 @@ class HeadDims:
         rows = [_per_channel(element_scores[w], method) for w in (q, k, v)]
         columns = _per_channel(element_scores[o].t(), method)
         per_dim = ((sum(rows) + columns) / 4).view(self.heads, self.head_dim)
-        ranked, self.order = per_dim.cpu().sort(dim=1, stable=True)
-        return ranked.sum(0)
+        scores, self.order = rank_rows(per_dim)
+        return scores
 
     def costs(self, module_macs: Mapping[nn.Module, int], metric: str) -> Tensor:
         """What removing one rank (a dimension of every head) saves: the four projections'
@@ -74,19 +75,15 @@ class HeadDims:
     def remove_(self, ranks: list[int]) -> list[list[int]]:
         """Remove the dimensions of ranks `ranks` from every head; returns each head's removed
         dimensions (indices among its current ones), for the plan."""
-        removed = [sorted(int(j) for j in self.order[h, ranks]) for h in range(self.heads)]
+        removed, self.order = take_ranks(self.order, ranks)
         self.remove_dims_(removed)
-        keep = torch.ones(self.order.shape[1], dtype=torch.bool)
-        keep[ranks] = False
-        order = self.order[:, keep]
-        gone = torch.tensor(removed, dtype=torch.long)  # later dimensions move down
-        self.order = order - (order.unsqueeze(2) > gone.unsqueeze(1)).sum(2)
         return removed
 
     def remove_dims_(self, removed: list[list[int]]) -> None:
         """Remove `removed[h]` from head h (the same count from each)."""
         d = self.head_dim
-        kept = [h * d + j for h, drop in enumerate(removed) for j in range(d) if j not in set(drop)]
+        drops = [set(drop) for drop in removed]
+        kept = [h * d + j for h, drop in enumerate(drops) for j in range(d) if j not in drop]
         q, k, v, o = self.projections
         for projection in (q, k, v):
             keep_channels_(projection, 0, kept)
