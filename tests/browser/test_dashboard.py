@@ -75,6 +75,10 @@ def test_upload_submit_watch_and_download(
     expect(page.locator("#job-state")).to_have_text("succeeded")
     expect(page.get_by_role("heading", name="Pruning steps")).to_be_visible()
     expect(page.get_by_role("heading", name="Widths per layer")).to_be_visible()
+    expect(page.locator("dl.spec")).to_contain_text("macs 0.7")  # a summary; JSON on request
+    expect(page.locator("details pre")).to_be_hidden()
+    page.get_by_text("Spec as JSON").click()
+    expect(page.locator("details pre")).to_contain_text('"steps": 2')
     report = page.frame_locator("iframe.report")  # the HTML report's charts, sandboxed
     expect(report.get_by_role("heading", name=re.compile(r"MACs \(0\.\d+×\)"))).to_be_visible()
     page.screenshot(path=str(SHOTS / "job.png"), full_page=True)

@@ -170,9 +170,24 @@ async function jobView(jobId) {
   });
 }
 
+// What people ask first of a job: its target and how it prunes; the rest is in the JSON
+function specSummary(spec) {
+  const rows = [
+    ["target", targetWords(spec)],
+    ["method", spec.method],
+    ["granularity", spec.granularity],
+    ["steps", spec.schedule?.steps],
+    ["loss", spec.loss],
+    ["outputs", (spec.outputs || []).join(", ")],
+    ["fine-tuning", spec.finetune?.epochs ? `${spec.finetune.epochs} epochs` : "none"],
+  ].filter(([, value]) => value !== undefined && value !== null && value !== "");
+  return el("dl", { class: "spec" }, rows.flatMap(([name, value]) => [el("dt", {}, name), el("dd", {}, String(value))]));
+}
+
 async function jobDetails(jobId) {
   const job = await json(`/v1/jobs/${encodeURIComponent(jobId)}`);
-  const parts = [el("h2", {}, "Spec"), el("pre", {}, JSON.stringify(job.spec, null, 2))];
+  const parts = [el("h2", {}, "Spec"), specSummary(job.spec),
+    el("details", {}, el("summary", {}, "Spec as JSON"), el("pre", {}, JSON.stringify(job.spec, null, 2)))];
   if (job.error) parts.push(el("h2", {}, "Error"), el("p", {}, `${job.error.code}: ${job.error.message}`));
   const result = job.result;
   if (!result) return parts;
