@@ -413,7 +413,7 @@ def prune_config(
         steps=spec.schedule.steps if steps is None else steps,
         round_to=round_to,
         schedule=spec.schedule.kind,
-        global_ranking="hf" not in spec.outputs,  # hf: widths a config can describe
+        global_ranking=not spec.uniform_widths,
         hidden_size=spec.hidden_size,
         depth_share=spec.depth_share,
         normalisation=spec.normalisation,

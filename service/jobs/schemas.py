@@ -190,6 +190,12 @@ class JobSpec(SpecPart):
         return data
 
     @property
+    def uniform_widths(self) -> bool:
+        """Every layer of a kind keeps one width: an `hf` output's config states one per kind
+        (the API's reachability check and the worker's pruning both follow this)."""
+        return "hf" in self.outputs
+
+    @property
     def goals(self) -> list[Target]:
         """The targets the job passes through, in order (one for a plain job)."""
         return self.targets or [self.target]

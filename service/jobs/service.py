@@ -123,7 +123,7 @@ def _check_reachable(model: Model, spec: JobSpec) -> None:
     model (`summary.reachable_params`, default switches). MAC fractions depend on the input
     shape the data brings, so those are checked by the job before it prunes."""
     reachable = (model.summary or {}).get("reachable_params") or {}
-    allocation = "uniform" if "hf" in spec.outputs else "global"
+    allocation = "uniform" if spec.uniform_widths else "global"
     default_switches = spec.hidden_size is None and not spec.depth_share
     if (
         spec.granularity != "channel"
