@@ -63,7 +63,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -747,16 +746,13 @@ def embedded_service(home: Path, threads: int) -> Iterator[Any]:
 
 
 def _reachable(error: Any) -> float | None:
-    """The reachable MACs fraction a `target_unreachable` answer states, if it states one."""
-    body = getattr(error, "body", None) or {}
-    for key in ("reachable", "reachable_target", "reachable_macs"):
-        value = body.get(key) if isinstance(body, dict) else None
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, dict) and isinstance(value.get("macs"), (int, float)):
-            return float(value["macs"])
-    found = re.search(r"reachable[^0-9]*([01]?\.\d+)", str(error))
-    return float(found.group(1)) if found else None
+    """The reachable fraction a `target_unreachable` answer states: the job's error field
+    (`JobError.reachable`), or the 422 problem's at submit."""
+    if isinstance(getattr(error, "reachable", None), (int, float)):
+        return float(error.reachable)
+    body = getattr(error, "body", None)
+    value = body.get("reachable") if isinstance(body, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def api_rows(setup: Setup, settings: Settings) -> list[Row]:

@@ -28,6 +28,7 @@ from service.blobs import repository as blobs
 from service.blobs import service as retention
 from service.datasets import repository as datasets_repository
 from service.db import get_sessionmaker
+from service.errors import CodedError
 from service.jobs import repository
 from service.jobs.schemas import JobSpec
 from service.jobs.states import JobState
@@ -38,7 +39,13 @@ from service.settings import Settings, get_settings
 from service.store import StoreFull, StoreUnavailable, get_store, store_file
 from service.workers import repository as workers_repository
 from worker import datasets, memory, models
-from worker.engine import EngineError, PruneConfig, measure, reachable_fraction
+from worker.engine import (
+    EngineError,
+    PruneConfig,
+    TargetUnreachable,
+    measure,
+    reachable_fraction,
+)
 from worker.export import Exported
 from worker.steps import JobFailed, JobFiles, execute
 from worker.verify import ExportMismatch
@@ -252,7 +259,7 @@ def run_job(job_id: str) -> None:
             StoreUnavailable,
             ExportMismatch,
         ) as error:
-            _end(job_id, JobState.FAILED, {"code": error.code, "message": str(error)})
+            _end(job_id, JobState.FAILED, _coded(error))
         except (torch.OutOfMemoryError, MemoryError) as error:
             # What the job held is garbage once this frame is left; the worker takes the next.
             log.warning("job %s ran out of memory", job_id)
@@ -326,6 +333,17 @@ def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> Non
     _retrying(write)
     for export, blob in stored:
         retention.confirm_stored(store, blob, export.path)
+
+
+def _coded(error: CodedError | EngineError | StoreFull | StoreUnavailable) -> dict[str, Any]:
+    """A coded failure as the job's `error` (`JobError`): its code and message, and for a
+    target pruning cannot reach, the metric and what is reachable, as fields."""
+    body: dict[str, Any] = {"code": error.code, "message": str(error)}
+    if isinstance(error, TargetUnreachable):
+        body |= {"metric": error.metric, "reachable": error.reachable}
+        if error.per_layer is not None:
+            body["per_layer"] = error.per_layer
+    return body
 
 
 def _end(job_id: str, state: JobState, error: dict[str, str] | None) -> None:

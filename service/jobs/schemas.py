@@ -258,9 +258,19 @@ class JobSpec(SpecPart):
         return list(dict.fromkeys(outputs))
 
 
+def _unset(value: object) -> bool:
+    return value is None
+
+
 class JobError(BaseModel):
     code: str
     message: str
+    # `target_unreachable` from pruning: the metric, the least fraction of it the job's
+    # constraints reach, and what per-layer widths (an onnx, pt2 or safetensors output) reach
+    # (left out when unset: every other error stays `{code, message}` on the wire)
+    metric: str | None = Field(default=None, exclude_if=_unset)
+    reachable: float | None = Field(default=None, exclude_if=_unset)
+    per_layer: float | None = Field(default=None, exclude_if=_unset)
 
 
 class JobOut(BaseModel):

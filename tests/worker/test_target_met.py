@@ -12,7 +12,7 @@ from sqlalchemy import select
 from torch import nn
 
 from service.db import get_sessionmaker
-from service.jobs.schemas import Target
+from service.jobs.schemas import JobError, Target
 from service.orm import Artifact, Job
 from tests.worker import factories
 from tests.worker.stored import stored_bert, stored_job
@@ -136,3 +136,7 @@ def test_a_job_that_falls_short_is_failed_never_succeeded(
     assert job.state == "failed" and job.result is None and not artifacts
     assert job.error is not None and job.error["code"] == "target_unreachable"
     assert job.error["message"].startswith("a macs target of 0.5 cannot be reached")
+    # what it can reach is a field, not only words in the message (an SDK reads it as is)
+    error = JobError.model_validate(job.error)
+    assert error.metric == "macs" and error.reachable is not None and 0.5 < error.reachable < 1
+    assert f"{error.reachable:.4f}" in error.message
