@@ -3,22 +3,15 @@ width for all, scored within each expert, counted in MACs and replayed by the pl
 
 import copy
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from tests.engine.hf_models import assert_reloads_identically, causal_lm_loss
-from tests.worker.family_zoo import FAMILIES, VOCAB
+from tests.worker.family_zoo import FAMILIES, lm_inputs
 from worker.engine import PruneConfig, measure, prune_
 from worker.engine.experts import expert_layers
 from worker.engine.plan import Plan, apply_plan_
-
-
-def _inputs(seed: int) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, VOCAB, (4, 12), generator=generator)
-    return {"input_ids": ids, "use_cache": False}
 
 
 def _mixtral() -> nn.Module:
@@ -42,7 +35,7 @@ def test_removing_neurons_equals_silencing_their_down_columns_expert_by_expert()
     assert tuple(experts.module.gate_up_proj.shape) == (4, 2 * 168, 64)
     with torch.no_grad():
         torch.testing.assert_close(
-            model(**_inputs(1)).logits, reference(**_inputs(1)).logits, rtol=0, atol=1e-5
+            model(**lm_inputs(1)).logits, reference(**lm_inputs(1)).logits, rtol=0, atol=1e-5
         )
 
 
@@ -70,7 +63,7 @@ def test_a_rank_removes_each_experts_least_important_neuron() -> None:
 
 def test_routed_experts_count_in_the_macs_in_proportion_to_their_width() -> None:
     model = _mixtral()
-    before = measure(model, _inputs(0))
+    before = measure(model, lm_inputs(0))
     experts = expert_layers(model)
     expert_macs = sum(before.module_macs[e.module] for e in experts)
     # 48 tokens, 2 experts each, 3 products of 64 × 176 per expert and token, 2 layers
@@ -79,7 +72,7 @@ def test_routed_experts_count_in_the_macs_in_proportion_to_their_width() -> None
     for layer in experts:
         layer.remove_neurons_([list(range(88))] * 4)
 
-    after = measure(model, _inputs(0))
+    after = measure(model, lm_inputs(0))
     assert before.macs - after.macs == expert_macs // 2
 
 
@@ -90,8 +83,8 @@ def test_mixtral_prunes_its_experts_states_the_width_and_replays_its_plan(
     original = copy.deepcopy(model)
     result = prune_(
         model,
-        _inputs(0),
-        [_inputs(0), _inputs(1)],
+        lm_inputs(0),
+        [lm_inputs(0), lm_inputs(1)],
         causal_lm_loss,
         PruneConfig(method="oba", target=0.6, steps=2, global_ranking=False),
     )
@@ -101,6 +94,6 @@ def test_mixtral_prunes_its_experts_states_the_width_and_replays_its_plan(
     width = widths.pop()
     assert width == result.config_updates["intermediate_size"] < 176 and width % 8 == 0
     assert result.plan.expert_removals
-    rebuilt = apply_plan_(original, _inputs(0), Plan.from_json(result.plan.to_json()))
+    rebuilt = apply_plan_(original, lm_inputs(0), Plan.from_json(result.plan.to_json()))
     rebuilt.load_state_dict(model.state_dict())
-    assert_reloads_identically(model, tmp_path, _inputs(3), rebuilt.eval())
+    assert_reloads_identically(model, tmp_path, lm_inputs(3), rebuilt.eval())

@@ -4,23 +4,16 @@ as `intermediate_size`."""
 
 import copy
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from tests.engine.hf_models import assert_reloads_identically, causal_lm_loss
-from tests.worker.family_zoo import FAMILIES, VOCAB
+from tests.worker.family_zoo import FAMILIES, lm_inputs
 from worker.engine import PruneConfig, prune_
 from worker.engine.fused_ffn import fused_ffn_layers
 from worker.engine.plan import Plan, apply_plan_
-
-
-def _inputs(seed: int) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, VOCAB, (4, 12), generator=generator)
-    return {"input_ids": ids, "use_cache": False}  # as jobs run causal LMs
 
 
 def _model(name: str) -> nn.Module:
@@ -46,7 +39,7 @@ def test_removing_a_neuron_equals_silencing_its_down_projection_column(name: str
     )
     with torch.no_grad():
         torch.testing.assert_close(
-            model(**_inputs(1)).logits, reference(**_inputs(1)).logits, rtol=0, atol=1e-6
+            model(**lm_inputs(1)).logits, reference(**lm_inputs(1)).logits, rtol=0, atol=1e-6
         )
 
 
@@ -55,8 +48,8 @@ def test_phi3_prunes_its_fused_ffn_states_the_width_and_replays_its_plan(tmp_pat
     original = copy.deepcopy(model)
     result = prune_(
         model,
-        _inputs(0),
-        [_inputs(0), _inputs(1)],
+        lm_inputs(0),
+        [lm_inputs(0), lm_inputs(1)],
         causal_lm_loss,
         PruneConfig(method="oba", target=0.6, steps=2, global_ranking=False, hidden_size=False),
     )
@@ -64,6 +57,6 @@ def test_phi3_prunes_its_fused_ffn_states_the_width_and_replays_its_plan(tmp_pat
     widths = {f.width for f in fused_ffn_layers(model)}
     assert len(widths) == 1 and widths.pop() == result.config_updates["intermediate_size"] < 176
     assert result.plan.ffn_removals  # what the plan replays
-    rebuilt = apply_plan_(original, _inputs(0), Plan.from_json(result.plan.to_json()))
+    rebuilt = apply_plan_(original, lm_inputs(0), Plan.from_json(result.plan.to_json()))
     rebuilt.load_state_dict(model.state_dict())
-    assert_reloads_identically(model, tmp_path, _inputs(3), rebuilt.eval())
+    assert_reloads_identically(model, tmp_path, lm_inputs(3), rebuilt.eval())

@@ -32,6 +32,14 @@ class Family:
     slow: bool = False  # over 5 s
 
 
+def lm_inputs(seed: int) -> dict[str, Any]:
+    """Four rows of 12 token ids for a zoo causal LM, without a key/value cache (as jobs run
+    causal LMs): its concatenations are not part of the model's structure."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (4, 12), generator=generator)
+    return {"input_ids": ids, "use_cache": False}
+
+
 def _random_tensors(
     path: Path,
     ids: dict[str, int],
