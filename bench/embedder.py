@@ -32,18 +32,19 @@ Rows:
    FFN keeps the same fraction of its heads / neurons (heads rounded to whole heads), the
    lowest-scored units of each going first. The engine's `global_ranking=False` keeps BERT's
    heads (a config could not state the result), so the recipe is a bench-side allocation rule
-   (`allocation_rule`) in the engine's own pruning loop.
+   (`BenchRule`, registered with the engine's `register_allocation`) in its own pruning loop.
 4. `peers`: Torch-Pruning 1.6.1's `MagnitudeImportance`, `TaylorImportance` and
    `HessianImportance` (accumulation fixed, as in `bench/quality.py`) on the same units (whole
    heads, FFN neurons; the hidden size kept) by its own `BasePruner` with global ranking and one
    ratio for heads and channels, `--steps` re-scored steps. Its ratio counts channels, so it is
    searched until the achieved MACs land at or just under the target.
-5. `allocation`: allocation rules for the engine's global ranking, tried bench-side by replacing
-   `unit_scores_of` and the private `_select` of `worker.engine.structured` for the duration of
-   a run; the engine's files are untouched. Until commit 0c64f59 the engine divided each
-   group's *unit* scores by the group's largest unit score ("unit max"); it now divides channel
-   scores by the largest channel score before summing them into units ("channel max"), the rule
-   this section found. The old default is kept here as a bench-side rule.
+5. `allocation`: allocation rules for the engine's global ranking, tried bench-side: each is
+   registered with the engine's `register_allocation` under its label, which the run's
+   `PruneConfig.normalisation` names; the engine's files are untouched. Until commit 0c64f59
+   the engine divided each group's *unit* scores by the group's largest unit score ("unit
+   max"); it now divides channel scores by the largest channel score before summing them into
+   units ("channel max"), the rule this section found. The old default is kept here as a
+   bench-side rule.
    First, one scoring pass of the dense model shows what each kind of unit scores, costs and is
    valued at on the first step (`first_step_table`).
 
@@ -73,7 +74,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,10 +85,17 @@ from quality import FixedHessianImportance
 from torch import Tensor, nn
 
 from worker import datasets, losses, models
-from worker.engine import PruneConfig, architectures, measure, prune_, structured
-from worker.engine.config import Normalisation
+from worker.engine import ALLOCATIONS as ENGINE_ALLOCATIONS
+from worker.engine import PruneConfig, architectures, measure, prune_, register_allocation
+from worker.engine.allocation import (
+    Candidate,
+    floor_units,
+    max_normalised,
+    select_units,
+    take_until,
+)
 from worker.engine.cost import Cost
-from worker.engine.groups import ChannelGroup, channel_costs, channel_scores, unit_view
+from worker.engine.groups import ChannelGroup, channel_costs, unit_view
 
 ENGINE_METHODS = ("oba_full", "oba", "taylor", "magnitude")
 PEERS = ("tp_magnitude", "tp_taylor", "tp_hessian")
@@ -247,7 +255,7 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------------
-# Allocation rules (bench-side replacements of the engine's `unit_scores_of` / `_select`)
+# Allocation rules (bench-side, registered with the engine's `register_allocation`)
 
 
 @dataclass(frozen=True)
@@ -296,20 +304,39 @@ def _kind(group: ChannelGroup) -> str:
     return "head" if group.unit > 1 else "ffn"
 
 
-class _Scales:
-    """Per-group divisors, computed on the first round of each step (the step's fresh dict)."""
+class BenchRule:
+    """`rule` as an engine allocation: unit values once per step (`unit_scores`, per group),
+    candidates each removal round (`select`)."""
 
-    def __init__(self) -> None:
-        self.step_scores: dict[nn.Module, Tensor] | None = None
-        self.divisors: dict[nn.Module, float] = {}
+    def __init__(self, rule: Allocation) -> None:
+        self.rule = rule
+        self.divisors: dict[nn.Module, float] | None = None  # the step's, from its fresh scores
 
-    def get(
-        self, normaliser: str, groups: list[ChannelGroup], scores: dict[nn.Module, Tensor]
-    ) -> dict[nn.Module, float]:
-        if scores is not self.step_scores:
-            self.step_scores = scores
-            self.divisors = _divisors(normaliser, groups, scores)
-        return self.divisors
+    def unit_scores(self, group: ChannelGroup, channel_scores: Tensor) -> Tensor:
+        """Channel scores summed per unit: raw, but normalised as the engine does under
+        `channel_max`. Called for every group as a step starts, so its divisors are due."""
+        self.divisors = None
+        if self.rule.normaliser == "channel_max":
+            return max_normalised(group, channel_scores)
+        return unit_view(channel_scores, group)
+
+    def select(
+        self, groups: list[ChannelGroup], unit_scores: dict[nn.Module, Tensor], cost: Cost,
+        excess: float, initial_units: dict[nn.Module, int], config: PruneConfig,
+    ) -> list[Candidate]:  # fmt: skip
+        live = [g for g in groups if g.root in unit_scores]
+        if self.divisors is None:
+            self.divisors = _divisors(self.rule.normaliser, live, unit_scores)
+        return _select(
+            self.rule, self.divisors, live, unit_scores, cost, excess, initial_units, config
+        )
+
+
+def register_rules() -> None:
+    """Make every rule of `ALLOCATIONS` an engine allocation, named by its label."""
+    for label, rule in ALLOCATIONS.items():
+        adapter = BenchRule(rule)
+        register_allocation(label, adapter.select, unit_scores=adapter.unit_scores)
 
 
 def _divisors(
@@ -337,29 +364,29 @@ def _unit_candidates(
     initial_units: dict[nn.Module, int],
     config: PruneConfig,
     alpha: float,
-) -> list[structured._Candidate]:
+) -> list[Candidate]:
     """The group's removable units, lowest score first, each valued score / saving^alpha."""
     savings = unit_view(channel_costs(group, cost, config.target_metric), group)
     order = torch.argsort(scores, stable=True).tolist()
-    removable = group.units - structured._floor_units(group, initial_units, config)
+    removable = group.units - floor_units(group, initial_units, config)
     out = []
     for unit in order[: max(removable, 0)]:
         score, saving = float(scores[unit]), float(savings[unit])
         value = score / saving**alpha if alpha and saving > 0 else score
-        out.append(structured._Candidate(value, group, [unit], saving))
+        out.append(Candidate(value, group, [unit], saving))
     return out
 
 
 def _equal_fraction(
     groups: list[ChannelGroup],
-    candidates: dict[nn.Module, list[structured._Candidate]],
+    candidates: dict[nn.Module, list[Candidate]],
     excess: float,
     initial_units: dict[nn.Module, int],
-) -> list[structured._Candidate]:
+) -> list[Candidate]:
     """The smallest common removed fraction f (of initial units, whole units rounded) whose
     predicted saving covers `excess`; every group stops when one reaches its floor."""
     resolution = max(initial_units[g.root] for g in groups)
-    previous: list[structured._Candidate] = []
+    previous: list[Candidate] = []
     for step in range(1, resolution + 1):
         chosen = []
         for group in groups:
@@ -378,16 +405,15 @@ def _equal_fraction(
 
 def _select(
     rule: Allocation,
-    scales: _Scales,
-    groups: list[ChannelGroup],
+    divisors: dict[nn.Module, float],
+    live: list[ChannelGroup],
     unit_scores: dict[nn.Module, Tensor],
     cost: Cost,
     excess: float,
     initial_units: dict[nn.Module, int],
     config: PruneConfig,
-) -> list[structured._Candidate]:
-    live = [g for g in groups if g.root in unit_scores]
-    divisors = scales.get(rule.normaliser, live, unit_scores)
+) -> list[Candidate]:
+    """Normalise by `divisors`, value and choose as `rule` says among the `live` groups."""
     candidates = {
         g.root: _unit_candidates(
             g, unit_scores[g.root] / divisors[g.root], cost, initial_units, config, rule.alpha
@@ -407,42 +433,17 @@ def _select(
                 (c for g in live if _kind(g) == kind for c in candidates[g.root]),
                 key=lambda c: c.value,
             )
-            chosen += structured._take_until(ranked, excess * kind_total / sum(total.values()))
+            chosen += take_until(ranked, excess * kind_total / sum(total.values()))
         return chosen
     ranked = sorted((c for cs in candidates.values() for c in cs), key=lambda c: c.value)
-    return structured._take_until(ranked, excess)
+    return take_until(ranked, excess)
 
 
-@contextlib.contextmanager
-def allocation_rule(rule: Allocation | None) -> Iterator[None]:
-    """Within the block the engine ranks units by `rule` (None: the engine as it is).
-
-    Unit scores reach `_select` raw (per-channel sums, `_raw_unit_scores`) except under
-    `channel_max`, where the engine's own `unit_scores_of` normalises them; `_select`
-    normalises, values and chooses as `rule` says. Fails loudly if the functions move.
-    """
-    if rule is None:
-        yield
-        return
-    saved = structured.unit_scores_of, structured._select
-    if rule.normaliser != "channel_max":
-        structured.unit_scores_of = _raw_unit_scores
-    structured._select = functools.partial(_select, rule, _Scales())
-    try:
-        yield
-    finally:
-        structured.unit_scores_of, structured._select = saved
-
-
-def _raw_unit_scores(
-    group: ChannelGroup, by_param: dict[nn.Parameter, Tensor], config: PruneConfig
-) -> Tensor:
-    """The group's channel scores summed per unit, not normalised."""
-    return unit_view(channel_scores(group, by_param, config.method), group)
+FIRST_STEP = "first step, recorded"  # the allocation `first_step_table` registers
 
 
 class _FirstStep(Exception):
-    """Raised from `_select` to stop a run once the first step's scores are known."""
+    """Raised from an allocation rule to stop a run once the first step's scores are known."""
 
 
 def first_step_table(setup: Setup, steps: int, target: float) -> str:
@@ -456,33 +457,25 @@ def first_step_table(setup: Setup, steps: int, target: float) -> str:
     channel: dict[nn.Module, Tensor] = {}
     seen: dict[str, Any] = {}
 
-    def recording_scores(
-        group: ChannelGroup, by_param: dict[nn.Parameter, Tensor], config: PruneConfig
-    ) -> Tensor:
-        channel[group.root] = channel_scores(group, by_param, config.method)
-        return unit_view(channel[group.root], group)
+    def recording_scores(group: ChannelGroup, channel_scores: Tensor) -> Tensor:
+        channel[group.root] = channel_scores
+        return unit_view(channel_scores, group)
 
     def recording_select(
         groups: list[ChannelGroup], unit_scores: dict[nn.Module, Tensor], cost: Cost,
         excess: float, initial_units: dict[nn.Module, int], config: PruneConfig,
-    ) -> list[structured._Candidate]:  # fmt: skip
+    ) -> list[Candidate]:  # fmt: skip
         if config.method != "oba_full":  # `prune`'s reachability check, by magnitude
-            return saved[1](groups, unit_scores, cost, excess, initial_units, config)
+            return select_units(groups, unit_scores, cost, excess, initial_units, config)
         seen.update(groups=groups, cost=cost, excess=excess)
         raise _FirstStep
 
+    register_allocation(FIRST_STEP, recording_select, unit_scores=recording_scores)
     model = copy.deepcopy(setup.dense)
     loss = losses.make_loss("distill", model, setup.pooling)
-    saved = structured.unit_scores_of, structured._select
-    structured.unit_scores_of = recording_scores
-    structured._select = recording_select
-    try:
-        config = PruneConfig(method="oba_full", target=target, steps=steps)
+    config = PruneConfig(method="oba_full", target=target, steps=steps, normalisation=FIRST_STEP)
+    with contextlib.suppress(_FirstStep):
         prune_(model, setup.example, setup.calibration, loss, config)
-    except _FirstStep:
-        pass
-    finally:
-        structured.unit_scores_of, structured._select = saved
     groups: list[ChannelGroup] = seen["groups"]
     cost: Cost = seen["cost"]
     kinds = ("head", "ffn")
@@ -537,22 +530,17 @@ def first_step_table(setup: Setup, steps: int, target: float) -> str:
 
 
 def prune_engine(
-    setup: Setup,
-    method: str,
-    steps: int,
-    target: float,
-    rule: Allocation | None = None,
-    normalisation: Normalisation = "max",
+    setup: Setup, method: str, steps: int, target: float, allocation: str = "max"
 ) -> tuple[nn.Module, float]:
-    """A copy of the dense model pruned by the engine (heads + FFN neurons); wall seconds."""
+    """A copy of the dense model pruned by the engine (heads + FFN neurons) under `allocation`
+    (the engine's own, or a label of `ALLOCATIONS` once `register_rules` ran); wall seconds."""
     model = copy.deepcopy(setup.dense)
     loss = losses.make_loss("distill", model, setup.pooling)  # the teacher: the dense copy
     config = PruneConfig(
-        method=method, target_metric="macs", target=target, steps=steps, normalisation=normalisation
+        method=method, target_metric="macs", target=target, steps=steps, normalisation=allocation
     )
     started = time.perf_counter()
-    with allocation_rule(rule):
-        prune_(model, setup.example, setup.calibration, loss, config)
+    prune_(model, setup.example, setup.calibration, loss, config)
     return model.eval(), time.perf_counter() - started
 
 
@@ -832,10 +820,11 @@ class Settings:
     probes: int
     tolerance: float
     threads: int
-    normalisation: Normalisation = "max"
+    normalisation: str = "max"  # the engine's allocation for the engine rows
 
 
 def run(settings: Settings, work: Path) -> tuple[Setup, list[Row]]:
+    register_rules()
     setup = load_setup(work, settings.batches)
     print(
         f"dense: {setup.initial.macs / 1e6:.1f} M MACs on {setup.example['input_ids'].shape[1]} "
@@ -849,12 +838,14 @@ def run(settings: Settings, work: Path) -> tuple[Setup, list[Row]]:
     if "engine" in settings.sections:
         for method in settings.methods:
             model, seconds = prune_engine(
-                setup, method, settings.steps, settings.target, None, settings.normalisation
+                setup, method, settings.steps, settings.target, settings.normalisation
             )
             label = method if settings.normalisation == "max" else f"{method}, lamp"
             rows.append(evaluate(setup, "engine", label, model, seconds))
     if "recipe" in settings.sections:
-        model, seconds = prune_engine(setup, "oba_full", settings.steps, settings.target, RECIPE)
+        model, seconds = prune_engine(
+            setup, "oba_full", settings.steps, settings.target, RECIPE_LABEL
+        )
         rows.append(evaluate(setup, "recipe", RECIPE_ROW, model, seconds))
     if "peers" in settings.sections:
         initial = setup.initial.macs
@@ -881,8 +872,7 @@ def run(settings: Settings, work: Path) -> tuple[Setup, list[Row]]:
             if found:
                 rows.append(dataclasses.replace(found[0], section="allocation", label=label))
                 continue
-            rule = ALLOCATIONS[label]
-            model, seconds = prune_engine(setup, "oba_full", settings.steps, settings.target, rule)
+            model, seconds = prune_engine(setup, "oba_full", settings.steps, settings.target, label)
             rows.append(evaluate(setup, "allocation", label, model, seconds))
     return setup, rows
 
@@ -956,7 +946,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument("--tolerance", type=float, default=0.01, help="peers' MACs tolerance")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--normalisation", choices=get_args(Normalisation), default="max", help="engine rows"
+        "--normalisation", choices=ENGINE_ALLOCATIONS, default="max", help="engine rows"
     )
     parser.add_argument("--json", help="also write every row to this JSON file")
     parser.add_argument(

@@ -1,8 +1,9 @@
-"""Where structured pruning spends its budget: cost-aware ranking and the schedule of per-step
-targets, against outcomes worked out by hand.
+"""Where structured pruning spends its budget: cost-aware ranking, allocation rules of one's
+own, and the schedule of per-step targets, against outcomes worked out by hand.
 
 docs/engine.md: `cost_aware` ranks units by score per MAC they cost (lowest first); step i of n
-keeps target^(i/n) of the metric (`exponential`) or 1 − (1 − target)·i/n (`linear`).
+keeps target^(i/n) of the metric (`exponential`) or 1 − (1 − target)·i/n (`linear`);
+`register_allocation` makes a rule's name a `PruneConfig.normalisation`.
 """
 
 import pytest
@@ -11,8 +12,25 @@ from torch import Tensor, nn
 
 from tests.engine import models
 from tests.engine.fixed_scores import FIXED, use_fixed_scores
-from worker.engine import PruneConfig, prune_
+from worker.engine import (
+    ALLOCATIONS,
+    InvalidConfig,
+    PruneConfig,
+    allocation_names,
+    prune_,
+    register_allocation,
+)
+from worker.engine import allocation as allocation_module
+from worker.engine.allocation import (
+    Candidate,
+    floor_units,
+    max_normalised,
+    select_units,
+    take_until,
+)
 from worker.engine.config import Schedule
+from worker.engine.cost import Cost
+from worker.engine.groups import ChannelGroup, channel_costs, unit_view
 from worker.engine.unstructured import eligible_weights
 
 # Normalised channel scores of the two hidden layers: by score alone, the second's go first.
@@ -69,6 +87,82 @@ def test_cost_aware_ranking_removes_by_score_per_mac(
     second_kept = [i for i in range(8) if i not in second_removed]
     assert torch.equal(model[0].weight.detach(), first[first_kept])
     assert torch.equal(model[2].weight.detach(), second[second_kept][:, first_kept])
+
+
+def _second_layer_first(
+    groups: list[ChannelGroup],
+    unit_scores: dict[nn.Module, Tensor],
+    cost: Cost,
+    excess: float,
+    initial_units: dict[nn.Module, int],
+    config: PruneConfig,
+) -> list[Candidate]:
+    """An allocation rule of a user's own: the second hidden layer's units, lowest score first,
+    before any other group's, whatever they cost."""
+    ranked = []
+    for group in sorted(groups, key=lambda g: g.name != "2"):
+        savings = unit_view(channel_costs(group, cost, config.target_metric), group)
+        order = torch.argsort(unit_scores[group.root], stable=True).tolist()
+        removable = group.units - floor_units(group, initial_units, config)
+        for unit in order[:removable]:
+            value = float(unit_scores[group.root][unit])
+            ranked.append(Candidate(value, group, [unit], float(savings[unit])))
+    return take_until(ranked, excess)
+
+
+def _reversed(group: ChannelGroup, channel_scores: Tensor) -> Tensor:
+    """Unit values of a user's own: the best channels look the cheapest to lose."""
+    return -max_normalised(group, channel_scores)
+
+
+@pytest.mark.parametrize(
+    ("allocation", "first_removed", "second_removed"),
+    [
+        # the built-in rule, as in the cost-aware test above: channel 1 of the first layer
+        ("max", [1], []),
+        # the second layer first, lowest scores first, until 4 × 40 MACs cover the 134.4
+        ("second layer first", [], [1, 3, 2, 5]),
+        # negated values per MAC: the second layer's best channels (−1/10, −0.8/10, …) go
+        ("reversed", [], [0, 7, 6, 4]),
+    ],
+)
+def test_a_registered_allocation_decides_what_is_removed(
+    monkeypatch: pytest.MonkeyPatch,
+    allocation: str,
+    first_removed: list[int],
+    second_removed: list[int],
+) -> None:
+    monkeypatch.setattr(allocation_module, "_ALLOCATIONS", dict(allocation_module._ALLOCATIONS))
+    register_allocation("second layer first", _second_layer_first)
+    register_allocation("reversed", select_units, unit_scores=_reversed)
+    model = _funnel()
+    use_fixed_scores(monkeypatch, _funnel_scores(model))
+    first, second = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+
+    prune_(
+        model,
+        torch.randn(4, 32, dtype=torch.float64),
+        [],
+        models.cross_entropy,
+        PruneConfig(method=FIXED, target=0.9, steps=1, normalisation=allocation),
+    )
+
+    first_kept = [i for i in range(8) if i not in first_removed]
+    second_kept = [i for i in range(8) if i not in second_removed]
+    assert torch.equal(model[0].weight.detach(), first[first_kept])
+    assert torch.equal(model[2].weight.detach(), second[second_kept][:, first_kept])
+
+
+def test_an_allocation_is_a_registered_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocation_module, "_ALLOCATIONS", dict(allocation_module._ALLOCATIONS))
+    assert allocation_names() == ALLOCATIONS == ("max", "lamp")
+    with pytest.raises(InvalidConfig, match=r"'mine'.*'max', 'lamp'"):
+        PruneConfig(normalisation="mine")
+
+    register_allocation("mine", _second_layer_first)
+
+    assert allocation_names() == ("max", "lamp", "mine")
+    assert PruneConfig(normalisation="mine").normalisation == "mine"
 
 
 def _kept_fractions(schedule: Schedule, kept: float, steps: int) -> list[float]:

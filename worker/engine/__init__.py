@@ -3,6 +3,7 @@
 A pure library over `nn.Module`s: torch, torch-pruning and the standard library only.
 """
 
+from worker.engine.allocation import ALLOCATIONS, allocation_names, register_allocation
 from worker.engine.config import PruneConfig
 from worker.engine.cost import Cost, measure
 from worker.engine.errors import (
@@ -17,6 +18,7 @@ from worker.engine.results import PruneResult, StepRecord
 from worker.engine.scores import METHODS, parameter_scores
 
 __all__ = [
+    "ALLOCATIONS",
     "METHODS",
     "Cost",
     "EngineError",
@@ -27,9 +29,11 @@ __all__ = [
     "StepRecord",
     "TargetUnreachable",
     "UnsupportedModel",
+    "allocation_names",
     "measure",
     "parameter_scores",
     "prune",
     "prune_",
     "reachable_fraction",
+    "register_allocation",
 ]

@@ -6,13 +6,13 @@ from typing import Any, Literal, get_args
 
 from torch import nn
 
+from worker.engine.allocation import allocation_names
 from worker.engine.errors import InvalidConfig
 from worker.engine.scores import scoring_methods
 
 Granularity = Literal["channel", "layer", "unstructured", "2:4"]
 TargetMetric = Literal["macs", "params", "sparsity"]
 Schedule = Literal["exponential", "linear"]
-Normalisation = Literal["max", "lamp"]
 FinetuneFn = Callable[[nn.Module, int], None]
 
 
@@ -50,11 +50,12 @@ class PruneConfig:
     attention_heads: Mapping[str, int] = field(default_factory=dict, compare=False)
     # The three allocation safeguards (docs/benchmarks.md has their ablation):
     cost_aware: bool = True  # rank by score per MAC (or parameter) a channel costs
-    # How a group's channel scores are made comparable with other groups' before the global
-    # ranking: "max" divides by the group's largest; "lamp" divides each by the sum of the
-    # scores at least as large in its group (LAMP's layer-adaptive normaliser, Lee et al.
-    # 2021), which spreads removal more evenly and fine-tunes better at 2× (docs/benchmarks.md).
-    normalisation: Normalisation = "max"
+    # The allocation rule (`allocation`): how a group's channel scores are made comparable with
+    # other groups' before the ranking. "max" divides by the group's largest; "lamp" divides
+    # each by the sum of the scores at least as large in its group (LAMP's layer-adaptive
+    # normaliser, Lee et al. 2021), which spreads removal more evenly and fine-tunes better at
+    # 2× (docs/benchmarks.md); `register_allocation` adds others.
+    normalisation: str = "max"
     layer_floor: float = 0.1  # no group keeps fewer than this fraction of its initial width
     recalibrate_batchnorm: bool = True  # re-estimate BatchNorm statistics after each step
     per_layer_sparsity: bool = False  # unstructured: top-k per layer instead of global
@@ -68,6 +69,11 @@ class PruneConfig:
         if self.method not in scoring_methods():
             methods = scoring_methods()
             raise InvalidConfig(f"unknown method {self.method!r}; expected one of {methods}")
+        if self.normalisation not in allocation_names():
+            rules = allocation_names()
+            raise InvalidConfig(
+                f"unknown normalisation {self.normalisation!r}; expected one of {rules}"
+            )
         if self.granularity not in get_args(Granularity):
             raise InvalidConfig(f"unknown granularity {self.granularity!r}")
         if self.schedule not in get_args(Schedule):

@@ -2,15 +2,14 @@
 
 Each step re-scores the model, ranks the units of every coupled group and removes the cheapest
 ones until the step's target is met, measuring after each removal round so the final step lands
-within about one unit of the target. The schedule of per-step targets follows OBA: exponential
-(kept_i = target^(i/steps)) or linear.
+within about one unit of the target. Which units go in a round is the allocation rule's choice
+(`allocation`, named by `PruneConfig.normalisation`). The schedule of per-step targets follows
+OBA: exponential (kept_i = target^(i/steps)) or linear.
 """
 
-import bisect
-import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.engine import architectures
+from worker.engine.allocation import MIN_EXACT_STEPS, Candidate, registered_allocation
 from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import FinetuneFn, PruneConfig
 from worker.engine.cost import Cost, measure
@@ -47,15 +47,6 @@ from worker.engine.scores import LossFn, parameter_scores
 from worker.engine.width_multiplier import MultipliedWidths
 
 MAX_ROUNDS_PER_STEP = 25
-MIN_EXACT_STEPS = 8  # fewer would make each uniform step too coarse
-
-
-@dataclass
-class _Candidate:
-    value: float
-    group: ChannelGroup
-    units: list[int]
-    saving: float
 
 
 def prune_channels_(
@@ -147,6 +138,7 @@ def prune_channels_(
     outside = _Outside(kv_layers, fused, experts, head_dims)
     config_updates: dict[str, Any] = {}  # accumulated: each sync writes what changed since
 
+    select = registered_allocation(config.normalisation).rule
     end = config.target * initial if final_goal is None else final_goal
     for step in range(1, config.steps + 1):
         goal = config.step_target(step, initial, end)
@@ -166,14 +158,14 @@ def prune_channels_(
         for group in groups:
             initial_units.setdefault(group.root, group.units)
         removed = 0
-        chosen: list[_Candidate] = []
+        chosen: list[Candidate] = []
         for _ in range(MAX_ROUNDS_PER_STEP):
             current = current or _measure_after(model, example_inputs, chosen, names)
             excess = current.metric(config.target_metric) - goal
             if excess <= 0:
                 break
             if multiplied is None:
-                chosen = _select(groups, unit_scores, current, excess, initial_units, config)
+                chosen = select(groups, unit_scores, current, excess, initial_units, config)
             else:
                 multiplier = multiplied.fit(goal, config.target_metric)
                 widths = multiplied.widths(multiplier)
@@ -298,7 +290,7 @@ def _prune_hidden(model: nn.Module, example_inputs: Any, config: PruneConfig) ->
 
 
 def _measure_after(
-    model: nn.Module, example_inputs: Any, chosen: list[_Candidate], names: dict[nn.Module, str]
+    model: nn.Module, example_inputs: Any, chosen: list[Candidate], names: dict[nn.Module, str]
 ) -> Cost:
     """The model's cost after removing `chosen`, whose forward pass is also the check that the
     removal left a working model: it fails clearly when not, as when a model input feeds a
@@ -318,155 +310,10 @@ def _measure_after(
 def unit_scores_of(
     group: ChannelGroup, by_param: dict[nn.Parameter, Tensor], config: PruneConfig
 ) -> Tensor:
-    """Channel scores normalised within the group (`config.normalisation`), summed per unit.
-
-    Normalising per channel (not per unit) keeps units of different sizes comparable: a head of
-    head_dim channels competes with FFN neurons as the channels it holds. Normalising per unit
-    made every layer's best head worth as much as its best neuron while costing head_dim times
-    the MACs, and cost-aware ranking stripped heads to their floor (docs/benchmarks.md,
-    sentence embedder: held-out cosine 0.56 against 0.72 at half the MACs). For one-channel
-    units (CNNs, FFN neurons, the hidden size) both are the same.
-    """
-    per_channel = channel_scores(group, by_param, config.method)
-    if config.normalisation == "lamp":
-        return unit_view(_lamp(per_channel), group)
-    top = per_channel.max()
-    return unit_view(per_channel / top if top > 0 else per_channel, group)
-
-
-def _lamp(scores: Tensor) -> Tensor:
-    """Each score over the sum of the scores at least as large (the largest becomes 1)."""
-    order = torch.argsort(scores)
-    ranked = scores[order]
-    remaining = ranked.flip(0).cumsum(0).flip(0)
-    out = torch.empty_like(scores)
-    out[order] = torch.where(remaining > 0, ranked / remaining, ranked)
-    return out
-
-
-def _floor_units(
-    group: ChannelGroup, initial_units: dict[nn.Module, int], config: PruneConfig
-) -> int:
-    return max(1, math.ceil(config.layer_floor * initial_units[group.root]))
-
-
-def _chunks(group: ChannelGroup, order: list[int], config: PruneConfig) -> list[list[int]]:
-    """Units in removal order, chunked so the kept channel count stays a multiple of round_to."""
-    step = math.lcm(config.round_to or 1, group.multiple) if group.unit == 1 else 1
-    first = group.width % step
-    chunks = [order[:first]] if first else []
-    chunks += [order[i : i + step] for i in range(first, len(order), step)]
-    return chunks
-
-
-@dataclass
-class _Removable:
-    """One group's removable units in removal order, chunked so that kept widths stay
-    multiples (`_chunks`), as running totals: whole-step selection then needs no object per
-    unit (a Llama's FFN has thousands per layer)."""
-
-    group: ChannelGroup
-    chunks: list[list[int]]
-    values: Tensor  # each chunk's score, per unit of saving when ranking is cost-aware
-    taken: list[int]  # units removed once chunks[: i + 1] are
-    saved: list[float]  # predicted saving once chunks[: i + 1] are
-
-    def candidate(self, index: int) -> _Candidate:
-        saving = self.saved[index] - (self.saved[index - 1] if index else 0.0)
-        return _Candidate(float(self.values[index]), self.group, self.chunks[index], saving)
-
-    def first(self, count: int) -> list[_Candidate]:
-        return [self.candidate(i) for i in range(count)]
-
-
-def _removable(
-    group: ChannelGroup,
-    scores: Tensor,
-    cost: Cost,
-    initial_units: dict[nn.Module, int],
-    config: PruneConfig,
-) -> _Removable | None:
-    savings = unit_view(channel_costs(group, cost, config.target_metric), group)
-    order = torch.argsort(scores, stable=True)
-    removable = group.units - _floor_units(group, initial_units, config)
-    chunks = _chunks(group, order.tolist(), config)
-    taken = list(itertools.accumulate(len(chunk) for chunk in chunks))
-    count = bisect.bisect_right(taken, removable)
-    if not count:
-        return None
-    # Chunks are consecutive runs of `order`: their sums are differences of prefix sums.
-    ends = torch.tensor(taken[:count])
-    score_sums = _run_sums(scores[order].double(), ends)
-    saving_sums = _run_sums(savings[order].double(), ends)
-    values = score_sums
-    if config.cost_aware:
-        values = torch.where(saving_sums > 0, score_sums / saving_sums, score_sums)
-    saved = saving_sums.cumsum(0).tolist()
-    return _Removable(group, chunks[:count], values, taken[:count], saved)
-
-
-def _run_sums(values: Tensor, ends: Tensor) -> Tensor:
-    """Sums of values[0:ends[0]], values[ends[0]:ends[1]], …"""
-    prefix = torch.cat([values.new_zeros(1), values.cumsum(0)])
-    return prefix[ends] - prefix[torch.cat([ends.new_zeros(1), ends[:-1]])]
-
-
-def _select(
-    groups: list[ChannelGroup],
-    unit_scores: dict[nn.Module, Tensor],
-    cost: Cost,
-    excess: float,
-    initial_units: dict[nn.Module, int],
-    config: PruneConfig,
-) -> list[_Candidate]:
-    """Candidates to remove so the predicted saving covers `excess`.
-
-    Predicted savings add per-member costs, which overstates joint savings: the loop measures
-    and comes back for more rather than overshooting.
-    """
-    per_group = [
-        found
-        for g in groups
-        if g.root in unit_scores
-        if (found := _removable(g, unit_scores[g.root], cost, initial_units, config))
-    ]
-    if config.global_ranking:
-        return _take_until(_ranked(per_group), excess)
-    # Uniform widths: every group gives up the same fraction of its initial units, in exact
-    # steps of 1/gcd when the widths share a large enough divisor (a config then states the
-    # kept widths exactly, e.g. a stage and its 4× inner layer), else rounded steps.
-    initial = [initial_units[r.group.root] for r in per_group]
-    steps = math.gcd(*initial) if initial else 0
-    if steps < MIN_EXACT_STEPS:
-        steps = max(initial, default=0)
-
-    def at(depth: int) -> tuple[list[int], float, bool]:
-        """Chunks `depth` steps take from each group (chunks of a multiple never overshoot a
-        group's quota), their saving, and whether a group ran out first."""
-        counts: list[int] = []
-        saving = 0.0
-        for found in per_group:
-            quota = round(depth * initial_units[found.group.root] / steps)
-            count = bisect.bisect_right(found.taken, quota)
-            if count == len(found.taken) and found.taken[-1] < quota:
-                return counts, saving, True
-            counts.append(count)
-            saving += found.saved[count - 1] if count else 0.0
-        return counts, saving, False
-
-    # The first depth that saves enough or where a group reaches its floor (both only become
-    # true as depth grows): a bisection, not a scan, since a wide FFN has hundreds of depths.
-    def enough(depth: int) -> bool:
-        _, saving, exhausted = at(depth)
-        return exhausted or saving >= excess
-
-    depth = bisect.bisect_left(range(steps + 1), True, lo=1, key=enough)
-    if depth > steps:
-        return []
-    counts, _, exhausted = at(depth)
-    if exhausted:
-        counts = at(depth - 1)[0]
-    return [c for found, n in zip(per_group, counts, strict=True) for c in found.first(n)]
+    """The values the group's units are ranked by, as the config's allocation rule makes them
+    from the group's channel scores."""
+    scoring = registered_allocation(config.normalisation).unit_scores
+    return scoring(group, channel_scores(group, by_param, config.method))
 
 
 def _to_widths(
@@ -476,7 +323,7 @@ def _to_widths(
     names: dict[nn.Module, str],
     cost: Cost,
     config: PruneConfig,
-) -> list[_Candidate]:
+) -> list[Candidate]:
     """In each group, its lowest-scored channels beyond `widths` of its root (by module name):
     the widths a class builds at a smaller multiplier (`width_multiplier`)."""
     chosen = []
@@ -488,30 +335,8 @@ def _to_widths(
         units = torch.argsort(scores, stable=True)[:excess]
         saving = unit_view(channel_costs(group, cost, config.target_metric), group)[units]
         chosen.append(
-            _Candidate(float(scores[units].sum()), group, units.tolist(), float(saving.sum()))
+            Candidate(float(scores[units].sum()), group, units.tolist(), float(saving.sum()))
         )
-    return chosen
-
-
-def _ranked(per_group: list[_Removable]) -> Iterator[_Candidate]:
-    """Every group's chunks by value, lowest first (ties: group order, then chunk order), made
-    into candidates only as they are asked for."""
-    if not per_group:
-        return
-    values = torch.cat([found.values for found in per_group])
-    owner = torch.cat([torch.full((len(f.values),), i) for i, f in enumerate(per_group)])
-    index = torch.cat([torch.arange(len(found.values)) for found in per_group])
-    for position in torch.argsort(values, stable=True).tolist():
-        yield per_group[int(owner[position])].candidate(int(index[position]))
-
-
-def _take_until(ranked: Iterable[_Candidate], excess: float) -> list[_Candidate]:
-    chosen, saved = [], 0.0
-    for candidate in ranked:
-        if saved >= excess:
-            break
-        chosen.append(candidate)
-        saved += candidate.saving
     return chosen
 
 
@@ -557,7 +382,7 @@ class _Outside:
 
 def _remove_units(
     graph: Any,
-    chosen: list[_Candidate],
+    chosen: list[Candidate],
     unit_scores: dict[nn.Module, Tensor],
     outside: _Outside,
     names: dict[nn.Module, str],
