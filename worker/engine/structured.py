@@ -68,17 +68,114 @@ def prune_channels_(
 
     Returns one record per step and the plan that replays the pruning on the original model.
     """
+    structure, groups = _discover(model, example_inputs, config)
+    first = cost or measure(model, example_inputs)
+    # Uniform widths of a CNN whose config states one multiplier: the class's own widths
+    multiplied = None
+    if not config.global_ranking and architectures.states_width_multiplier(model):
+        multiplied = MultipliedWidths(model, first, config.layer_floor)
+    if guard is not None:  # the bound of uniform fractions says nothing of a class's rounding
+        guard(1.0 if multiplied else reachable_bound(groups, first, config))
+    inputs = (model, example_inputs, calibration, loss_fn, config, finetune)
+    run = _Run(*inputs, structure, groups, current=first, multiplied=multiplied)
+    initial = first.metric(config.target_metric)
+    end = config.target * initial if final_goal is None else final_goal
+    history: list[StepRecord] = []
+    for step in range(1, config.steps + 1):
+        record = run.step_(step, config.step_target(step, initial, end))
+        history.append(record)
+        if on_step is not None:
+            on_step(record)
+    structure.sync_()
+    return history, structure.plan()
+
+
+def _discover(
+    model: nn.Module, example_inputs: Any, config: PruneConfig
+) -> tuple["_Structure", list[ChannelGroup]]:
+    """What width pruning may remove in `model` under `config`, and its groups as the model
+    comes (all prunable, by definition)."""
     named = dict(model.named_modules())
     unknown = [name for name in config.ignored_layers if name not in named]
     if unknown:
         raise InvalidConfig(f"ignored layers not found in the model: {unknown}")
-    names = {module: name for name, module in named.items()}
     layers, frozen = architectures.attention_layers(model, config.attention_heads)
     heads_describable = (
         not architectures.is_transformer(model)
         or config.global_ranking
         or architectures.config_describes_head_size(model)
     )
+    outside = _outside_units(model)
+    frozen += list(outside.fused)  # their two halves are coupled here, not by Torch-Pruning
+    frozen += [p for h in outside.head_dims.values() for p in h.projections]  # one head size
+    if not (config.prune_heads and heads_describable):
+        frozen += [p for layer in layers for p in layer.projections]
+        layers = []
+        outside.kv_layers = {}
+    ignored = [named[n] for n in config.ignored_layers]
+    ignored += architectures.output_layers(model, example_inputs) + frozen
+    graph = build_graph(model, example_inputs)
+    describable = architectures.group_filter(model, _prune_hidden(model, example_inputs, config))
+    names = {module: name for name, module in named.items()}
+    structure = _Structure(
+        model,
+        graph,
+        names,
+        layers,
+        outside,
+        ignored,
+        architectures.head_dims(layers),
+        architectures.kept_multiple(model),
+    )
+    groups = structure.groups(describable)
+    structure.prunable_roots.update(g.root for g in groups)
+    return structure, groups
+
+
+@dataclass
+class _Outside:
+    """Units outside Torch-Pruning's graph, by root, and their removals for the plan."""
+
+    kv_layers: dict[nn.Module, GroupedAttention]
+    fused: dict[nn.Module, FusedFfn]
+    experts: dict[nn.Module, Experts]
+    head_dims: dict[nn.Module, HeadDims]  # by q projection
+    kv_removals: list[tuple[str, list[int]]] = field(default_factory=list)
+    ffn_removals: list[tuple[str, list[int]]] = field(default_factory=list)
+    expert_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
+    head_dim_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
+
+    def __contains__(self, root: nn.Module) -> bool:
+        units = (self.kv_layers, self.fused, self.experts, self.head_dims)
+        return any(root in outside for outside in units)
+
+    def remove_(self, root: nn.Module, units: list[int], names: dict[nn.Module, str]) -> None:
+        if root in self.kv_layers:
+            remove_kv_groups_(self.kv_layers[root], units)
+            self.kv_removals.append((names[self.kv_layers[root].owner], units))
+        elif root in self.fused:
+            self.fused[root].remove_(units)
+            self.ffn_removals.append((names[root], units))
+        elif root in self.experts:
+            self.expert_removals.append((names[root], self.experts[root].remove_(units)))
+        else:
+            heads = self.head_dims[root]
+            self.head_dim_removals.append((names[heads.owner], heads.remove_(units)))
+
+    def width(self, root: nn.Module, graph: Any) -> int:
+        """A root's output channels (an experts module's: each expert's width; a layer's
+        heads': their size)."""
+        if root in self.experts:
+            return self.experts[root].width
+        if root in self.head_dims:
+            return self.head_dims[root].head_dim
+        return int(graph.get_out_channels(root))
+
+
+def _outside_units(model: nn.Module) -> _Outside:
+    """The units the engine removes itself, outside Torch-Pruning's graph: key/value heads of
+    grouped-query attention, fused FFN neurons, experts' neurons, head dimensions (the last
+    two where the config states their width)."""
     kv_layers: dict[nn.Module, GroupedAttention] = {
         layer.k: layer for layer in grouped_attention_layers(model)
     }
@@ -89,129 +186,163 @@ def prune_channels_(
     head_dims: dict[nn.Module, HeadDims] = {
         h.owner.q: h for h in head_dim_layers(model) if architectures.states_head_dim(model)
     }
-    frozen += list(fused)  # their two halves are coupled here, not by Torch-Pruning
-    frozen += [p for h in head_dims.values() for p in h.projections]  # every head one size
-    if not (config.prune_heads and heads_describable):
-        frozen += [p for layer in layers for p in layer.projections]
-        layers = []
-        kv_layers = {}
-    ignored = [named[n] for n in config.ignored_layers]
-    ignored += architectures.output_layers(model, example_inputs) + frozen
-    graph = build_graph(model, example_inputs)
-    describable = architectures.group_filter(model, _prune_hidden(model, example_inputs, config))
-    prunable_roots: set[nn.Module] = set()
+    return _Outside(kv_layers, fused, experts, head_dims)
 
-    def allowed(group: ChannelGroup) -> bool:
-        # decided once on the unpruned model: widths and configs change as pruning goes on
-        return group.root in prunable_roots
 
-    head_sizes = architectures.head_dims(layers)
-    multiple_of = architectures.kept_multiple(model)
+@dataclass
+class _Structure:
+    """What width pruning may remove in a model, found once on the model as it comes, and what
+    it has written to the model's config so far."""
 
-    def all_groups(keep: Callable[[ChannelGroup], bool]) -> list[ChannelGroup]:
-        groups = collect_groups(graph, names, ignored, head_sizes, keep)
+    model: nn.Module
+    graph: Any  # Torch-Pruning's dependency graph, which records its own removals
+    names: dict[nn.Module, str]
+    layers: list[architectures.AttentionLayer]  # attention layers whose heads go whole
+    outside: _Outside
+    ignored: list[nn.Module]
+    head_sizes: dict[nn.Module, int]
+    multiple_of: Callable[[ChannelGroup], int]
+    prunable_roots: set[nn.Module] = field(default_factory=set)
+    config_updates: dict[str, Any] = field(default_factory=dict)  # each sync adds its changes
+
+    def groups(self, keep: Callable[[ChannelGroup], bool]) -> list[ChannelGroup]:
+        """Every group `keep` accepts, traced afresh."""
+        names, outside = self.names, self.outside
+        groups = collect_groups(self.graph, names, self.ignored, self.head_sizes, keep)
         for group in groups:
-            group.multiple = multiple_of(group)
-        kv = [kv_channel_group(layer, names[layer.owner]) for layer in kv_layers.values()]
-        ffn = [f.channel_group(names[up]) for up, f in fused.items()]
-        ffn += [e.channel_group(names[module]) for module, e in experts.items()]
-        ffn += [h.channel_group(names[h.owner]) for h in head_dims.values()]
+            group.multiple = self.multiple_of(group)
+        kv = [kv_channel_group(layer, names[layer.owner]) for layer in outside.kv_layers.values()]
+        ffn = [f.channel_group(names[up]) for up, f in outside.fused.items()]
+        ffn += [e.channel_group(names[module]) for module, e in outside.experts.items()]
+        ffn += [h.channel_group(names[h.owner]) for h in outside.head_dims.values()]
         return groups + [g for g in kv + ffn if g.width > g.unit and keep(g)]
 
-    # Groups change only when units go: those of the unpruned model (all prunable, by
-    # definition) serve the first step, and the last removal round's serve the next step.
-    groups = all_groups(describable)
-    prunable_roots.update(g.root for g in groups)
+    def prunable(self, group: ChannelGroup) -> bool:
+        # decided once on the unpruned model: widths and configs change as pruning goes on
+        return group.root in self.prunable_roots
+
+    def sync_(self) -> None:
+        """Write head counts and uniform widths into the model and its config."""
+        grouped = self.outside.kv_layers.values()
+        self.config_updates |= architectures.sync_structure(self.model, self.layers, grouped)
+
+    def widths(self) -> dict[str, int]:
+        """Each prunable root's output channels, by name."""
+        return {self.names[r]: self.outside.width(r, self.graph) for r in self.prunable_roots}
+
+    def plan(self) -> Plan:
+        """The removals so far, to replay on the original model."""
+        outside = self.outside
+        return Plan(
+            list(self.graph.pruning_history()),
+            {self.names[layer.owner]: layer.heads for layer in self.layers},
+            self.config_updates,
+            outside.kv_removals,
+            outside.ffn_removals,
+            outside.expert_removals,
+            head_dim_removals=outside.head_dim_removals,
+        )
+
+
+@dataclass
+class _Run:
+    """One width-pruning run: what it prunes with, and where it stands between rounds."""
+
+    model: nn.Module
+    example_inputs: Any
+    calibration: list[Any]
+    loss_fn: LossFn
+    config: PruneConfig
+    finetune: FinetuneFn | None
+    structure: _Structure
+    # Groups change only when units go: those of the unpruned model serve the first step, and
+    # the last removal round's serve the next step.
+    groups: list[ChannelGroup]
     # The model's cost as it is now, None after a removal until measured again. Recalibration
     # and fine-tuning change weights, not shapes: a step's last count is the next one's first.
-    first = cost or measure(model, example_inputs)
-    current: Cost | None = first
-    initial = first.metric(config.target_metric)
-    # Uniform widths of a CNN whose config states one multiplier: the class's own widths
-    multiplied = None
-    if not config.global_ranking and architectures.states_width_multiplier(model):
-        multiplied = MultipliedWidths(model, first, config.layer_floor)
-    if guard is not None:  # the bound of uniform fractions says nothing of a class's rounding
-        guard(1.0 if multiplied else reachable_bound(groups, first, config))
-    initial_units: dict[nn.Module, int] = {}
-    history: list[StepRecord] = []
-    outside = _Outside(kv_layers, fused, experts, head_dims)
-    config_updates: dict[str, Any] = {}  # accumulated: each sync writes what changed since
+    current: Cost | None
+    multiplied: MultipliedWidths | None  # the class's own widths (`width_multiplier`)
+    initial_units: dict[nn.Module, int] = field(default_factory=dict)
 
-    select = registered_allocation(config.normalisation).rule
-    end = config.target * initial if final_goal is None else final_goal
-    for step in range(1, config.steps + 1):
-        goal = config.step_target(step, initial, end)
+    def step_(self, step: int, goal: float) -> StepRecord:
+        """Score, remove units until the cost meets `goal`, recalibrate, fine-tune."""
         started = time.perf_counter()
         losses: list[float] = []
         scores = parameter_scores(
-            model,
-            calibration,
-            _recording(loss_fn, losses),
-            config.method,
-            seed=config.seed + step,
-            theta_shortcut=config.theta_shortcut,
+            self.model,
+            self.calibration,
+            _recording(self.loss_fn, losses),
+            self.config.method,
+            seed=self.config.seed + step,
+            theta_shortcut=self.config.theta_shortcut,
         )
-        by_param = {p: scores[n] for n, p in model.named_parameters() if n in scores}
+        by_param = {p: scores[n] for n, p in self.model.named_parameters() if n in scores}
         seconds_scoring = time.perf_counter() - started
-        unit_scores = {g.root: unit_scores_of(g, by_param, config) for g in groups}
-        for group in groups:
-            initial_units.setdefault(group.root, group.units)
-        removed = 0
-        chosen: list[Candidate] = []
-        for _ in range(MAX_ROUNDS_PER_STEP):
-            current = current or _measure_after(model, example_inputs, chosen, names)
-            excess = current.metric(config.target_metric) - goal
-            if excess <= 0:
-                break
-            if multiplied is None:
-                chosen = select(groups, unit_scores, current, excess, initial_units, config)
-            else:
-                multiplier = multiplied.fit(goal, config.target_metric)
-                widths = multiplied.widths(multiplier)
-                chosen = _to_widths(groups, unit_scores, widths, names, current, config)
-            if not chosen:
-                break
-            channels = _remove_units(graph, chosen, unit_scores, outside, names)
-            removed += sum(len(c) for c in channels.values())
-            current = None
-            config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
-            if multiplied is not None:
-                config_updates |= multiplied.write_(model, multiplier)
-            groups = _regrouped(groups, channels, outside, lambda: all_groups(allowed))
-        current = current or _measure_after(model, example_inputs, chosen, names)
+        unit_scores = {g.root: unit_scores_of(g, by_param, self.config) for g in self.groups}
+        for group in self.groups:
+            self.initial_units.setdefault(group.root, group.units)
+        removed, current = self._remove_to_(goal, unit_scores)
         recalibrating = time.perf_counter()
-        if config.recalibrate_batchnorm:
-            recalibrate_batchnorm_(model, calibration, loss_fn)
+        if self.config.recalibrate_batchnorm:
+            recalibrate_batchnorm_(self.model, self.calibration, self.loss_fn)
         recalibrating = time.perf_counter() - recalibrating
-        if finetune is not None:
-            finetune(model, step)
-        record = StepRecord(
+        if self.finetune is not None:
+            self.finetune(self.model, step)
+        return StepRecord(
             step,
             current.macs,
             current.params,
             seconds_scoring,
             time.perf_counter() - started - seconds_scoring - recalibrating,
             removed,
-            {names[root]: outside.width(root, graph) for root in prunable_roots},
+            self.structure.widths(),
             recalibrating,
             sum(losses) / len(losses) if losses else None,
         )
-        history.append(record)
-        if on_step is not None:
-            on_step(record)
-    config_updates |= architectures.sync_structure(model, layers, kv_layers.values())
-    heads = {names[layer.owner]: layer.heads for layer in layers}
-    removals = list(graph.pruning_history())
-    return history, Plan(
-        removals,
-        heads,
-        config_updates,
-        outside.kv_removals,
-        outside.ffn_removals,
-        outside.expert_removals,
-        head_dim_removals=outside.head_dim_removals,
-    )
+
+    def _measured(self, chosen: list[Candidate]) -> Cost:
+        return _measure_after(self.model, self.example_inputs, chosen, self.structure.names)
+
+    def _remove_to_(self, goal: float, unit_scores: dict[nn.Module, Tensor]) -> tuple[int, Cost]:
+        """Removal rounds until the measured cost meets `goal` or nothing more is chosen:
+        the channels removed and the cost after."""
+        structure, config = self.structure, self.config
+        rule = registered_allocation(config.normalisation).rule
+        removed = 0
+        chosen: list[Candidate] = []
+        for _ in range(MAX_ROUNDS_PER_STEP):
+            self.current = self.current or self._measured(chosen)
+            excess = self.current.metric(config.target_metric) - goal
+            if excess <= 0:
+                break
+            if self.multiplied is None:
+                chosen = rule(
+                    self.groups, unit_scores, self.current, excess, self.initial_units, config
+                )
+            else:
+                multiplier = self.multiplied.fit(goal, config.target_metric)
+                widths = self.multiplied.widths(multiplier)
+                chosen = _to_widths(
+                    self.groups, unit_scores, widths, structure.names, self.current, config
+                )
+            if not chosen:
+                break
+            channels = _remove_units(
+                structure.graph, chosen, unit_scores, structure.outside, structure.names
+            )
+            removed += sum(len(c) for c in channels.values())
+            self.current = None
+            structure.sync_()
+            if self.multiplied is not None:
+                structure.config_updates |= self.multiplied.write_(self.model, multiplier)
+            self.groups = _regrouped(
+                self.groups,
+                channels,
+                structure.outside,
+                lambda: structure.groups(structure.prunable),
+            )
+        self.current = self.current or self._measured(chosen)
+        return removed, self.current
 
 
 def reachable_bound(groups: list[ChannelGroup], cost: Cost, config: PruneConfig) -> float:
@@ -338,46 +469,6 @@ def _to_widths(
             Candidate(float(scores[units].sum()), group, units.tolist(), float(saving.sum()))
         )
     return chosen
-
-
-@dataclass
-class _Outside:
-    """Units outside Torch-Pruning's graph, by root, and their removals for the plan."""
-
-    kv_layers: dict[nn.Module, GroupedAttention]
-    fused: dict[nn.Module, FusedFfn]
-    experts: dict[nn.Module, Experts]
-    head_dims: dict[nn.Module, HeadDims]  # by q projection
-    kv_removals: list[tuple[str, list[int]]] = field(default_factory=list)
-    ffn_removals: list[tuple[str, list[int]]] = field(default_factory=list)
-    expert_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
-    head_dim_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
-
-    def __contains__(self, root: nn.Module) -> bool:
-        units = (self.kv_layers, self.fused, self.experts, self.head_dims)
-        return any(root in outside for outside in units)
-
-    def remove_(self, root: nn.Module, units: list[int], names: dict[nn.Module, str]) -> None:
-        if root in self.kv_layers:
-            remove_kv_groups_(self.kv_layers[root], units)
-            self.kv_removals.append((names[self.kv_layers[root].owner], units))
-        elif root in self.fused:
-            self.fused[root].remove_(units)
-            self.ffn_removals.append((names[root], units))
-        elif root in self.experts:
-            self.expert_removals.append((names[root], self.experts[root].remove_(units)))
-        else:
-            heads = self.head_dims[root]
-            self.head_dim_removals.append((names[heads.owner], heads.remove_(units)))
-
-    def width(self, root: nn.Module, graph: Any) -> int:
-        """A root's output channels (an experts module's: each expert's width; a layer's
-        heads': their size)."""
-        if root in self.experts:
-            return self.experts[root].width
-        if root in self.head_dims:
-            return self.head_dims[root].head_dim
-        return int(graph.get_out_channels(root))
 
 
 def _remove_units(
