@@ -797,8 +797,7 @@ def api_rows(setup: Setup, settings: Settings) -> list[Row]:
             library: Any = SentenceTransformer(str(folder), device="cpu")
             embeddings = encode(library)
             pruned: nn.Module = library[0].model
-            result = job.result or {}
-            if result.get("target_met") is False:
+            if job.result is not None and not job.result.target_met:
                 note = (note + "; " if note else "") + "job reports target_met false"
             rows.append(evaluate(setup, "api", method, pruned, seconds, embeddings, note))
     return rows

@@ -88,12 +88,12 @@ def measure_family(name: str, runs: int) -> tuple[str, ...]:
         inputs = {rows: {k: v[:rows] for k, v in data.items() if k != "labels"} for rows in BATCHES}
         before = {rows: _latency_ms(dense, inputs[rows], runs) for rows in BATCHES}
         after = {rows: _latency_ms(pruned, inputs[rows], runs) for rows in BATCHES}
-        diff = job.result["exports"]["hf"]["relative_diff"]
+        diff = job.result.exports["hf"].relative_diff
         return (
             name,
             f"{target:g}",
             f"{seconds:.2f}",
-            f"{job.result['seconds']['prune']:.2f}",
+            f"{job.result.seconds['prune']:.2f}",
             macs_reached(job),
             "0" if diff == 0 else f"{diff:.1e}",
             *(

@@ -24,6 +24,7 @@ sys.path.insert(0, str(_ROOT))
 
 from common import set_threads  # noqa: E402
 
+from service.jobs.results import JobResult, Member  # noqa: E402
 from service.jobs.schemas import JobSpec  # noqa: E402
 from worker.steps import JobFiles, execute  # noqa: E402
 
@@ -60,7 +61,7 @@ def spec(targets: list[float], steps: int) -> JobSpec:
     )
 
 
-def run(job: JobSpec, inputs: Path) -> tuple[float, dict[str, Any]]:
+def run(job: JobSpec, inputs: Path) -> tuple[float, JobResult]:
     with tempfile.TemporaryDirectory() as work:
         files = JobFiles(
             inputs / "model", "hf", inputs / "data.safetensors", "tensors", None, Path(work)
@@ -92,19 +93,19 @@ def main() -> None:
     print("| model | MACs kept | params kept | loss | accuracy | latency ms |")
     print("|---|---|---|---|---|---|")
     result = family[0][1]
-    for member in result["family"]:
-        print(_row(f"family: macs {member['target']['macs']:g}", member, result))
+    for member in result.members:
+        print(_row(f"family: macs {member.target['macs']:g}", member, result))
     alone = single[0][1]
-    print(_row("one target: macs 0.3", alone, alone))
+    print(_row("one target: macs 0.3", alone.members[0], alone))
 
 
-def _row(name: str, model: dict[str, Any], job: dict[str, Any]) -> str:
-    after = model["after_pruning"]
-    macs = model["macs_after"] / job["macs_before"]
-    params = model["params_after"] / job["params_before"]
+def _row(name: str, model: Member, job: JobResult) -> str:
+    after = model.after_pruning
+    macs = model.macs_after / job.macs_before
+    params = model.params_after / job.params_before
     return (
-        f"| {name} | {macs:.3f} | {params:.3f} | {after['loss']:.4f} "
-        f"| {after['accuracy']:.3f} | {after['latency_ms']:.3f} |"
+        f"| {name} | {macs:.3f} | {params:.3f} | {after.loss:.4f} "
+        f"| {after.accuracy or 0:.3f} | {after.latency_ms or 0:.3f} |"
     )
 
 

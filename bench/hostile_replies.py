@@ -148,6 +148,7 @@ def delivery_round(kind: str, size: int) -> dict[str, Any]:
 
 
 def mlflow_case(size: int) -> dict[str, Any]:
+    from service.jobs.results import JobResult, Metrics
     from service.jobs.schemas import JobSpec
     from worker import tracking
 
@@ -160,7 +161,25 @@ def mlflow_case(size: int) -> dict[str, Any]:
             "mlflow": {"tracking_uri": url, "experiment": "bench"},
         }
     )
-    result = {"macs_before": 2, "macs_after": 1, "params_before": 2, "params_after": 1}
+    result = JobResult(
+        before=Metrics(loss=1.0),
+        after_pruning=Metrics(loss=1.5),
+        after_finetune=None,
+        params_before=2,
+        params_after=1,
+        macs_before=2,
+        macs_after=1,
+        target_met=True,
+        sparsity=None,
+        example_inputs={},
+        config_updates={},
+        widths={},
+        steps=[],
+        evaluated_on="calibration",
+        micro_batch_rows=1,
+        exports={},
+        seconds={},
+    )
     try:
         before = reset_peak()
         started = time.perf_counter()

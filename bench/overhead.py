@@ -115,8 +115,8 @@ def run(name: str) -> tuple[dict[str, float], float]:
         store = LocalStore(Path(folder) / "store")
         for exported in exports:
             store_file(exported.path, store)
-        seconds = result["seconds"] | {"store": time.perf_counter() - started}
-    return seconds, result["steps"][0]["seconds_scoring"]
+        seconds = result.seconds | {"store": time.perf_counter() - started}
+    return seconds, result.steps[0].seconds_scoring
 
 
 def main() -> None:

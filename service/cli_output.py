@@ -18,6 +18,7 @@ from rich.table import Table
 from service.client import ApiError, JobFailed
 from service.errors import CodedError
 from service.formats import UnknownFormat
+from service.jobs.results import JobResult
 from service.jobs.schemas import Target
 from service.jobs.summary import reached, result_table
 
@@ -65,8 +66,8 @@ def show_job(job: BaseModel | dict[str, Any], as_json: bool) -> None:
     out = Console(width=shutil.get_terminal_size((160, 24)).columns)
     for line in lines:
         out.print(line, soft_wrap=True, markup=False, highlight=False)
-    result = data.get("result")
-    if result and spec.get("target"):
+    if data.get("result") and spec.get("target"):
+        result = JobResult.model_validate(data["result"])
         line = reached(result, Target.model_validate(spec["target"]))
         out.print(line, soft_wrap=True, markup=False, highlight=False)
         out.print(result_table(result))

@@ -15,7 +15,7 @@ from httpx_sse import connect_sse
 from service import formats
 from service.artifacts.schemas import ArtifactOut
 from service.datasets.schemas import DatasetOut, DatasetPage
-from service.jobs.schemas import JobOut, JobPage
+from service.jobs.schemas import JobOut, JobPage, JobReport
 from service.jobs.states import TERMINAL
 from service.models.schemas import ModelOut, ModelPage
 from service.models.states import ModelState
@@ -219,8 +219,8 @@ class Client:
     def delete_job(self, job_id: str) -> None:
         self._request("DELETE", f"/v1/jobs/{job_id}")
 
-    def report(self, job_id: str) -> dict[str, Any]:
-        return dict(self._request("GET", f"/v1/jobs/{job_id}/report").json())
+    def report(self, job_id: str) -> JobReport:
+        return JobReport.model_validate(self._request("GET", f"/v1/jobs/{job_id}/report").json())
 
     def deliveries(self, job_id: str) -> list[DeliveryOut]:
         body = self._request("GET", f"/v1/jobs/{job_id}/deliveries").json()

@@ -30,6 +30,7 @@ from service.datasets import repository as datasets_repository
 from service.db import get_sessionmaker
 from service.errors import CodedError
 from service.jobs import repository
+from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
 from service.jobs.states import JobState
 from service.models import repository as models_repository
@@ -154,15 +155,16 @@ class _Heartbeat:
         self._stop.set()
         self._thread.join()
 
-    def beat(self, progress: dict[str, Any] | None = None) -> None:
+    def beat(self, progress: Progress | None = None) -> None:
         """Renew the lease (and record `progress`); the state read back tells the steps whether
         to go on. Progress is advisory: a database that cannot take it is logged, not fatal."""
+        recorded = progress.model_dump(mode="json") if progress is not None else None
 
         def write() -> None:
             with get_sessionmaker()() as session:
-                self.state = repository.heartbeat(session, self.job_id, WORKER_ID, progress)
-                if progress is not None and self.state is not None:
-                    repository.add_event(session, self.job_id, "progress", progress)
+                self.state = repository.heartbeat(session, self.job_id, WORKER_ID, recorded)
+                if recorded is not None and self.state is not None:
+                    repository.add_event(session, self.job_id, "progress", recorded)
                 session.commit()
 
         try:
@@ -217,7 +219,7 @@ def run_job(job_id: str) -> None:
     log.info("job %s claimed by %s", job_id, WORKER_ID)
     with _Heartbeat(job_id, settings.heartbeat_seconds, settings.job_soft_time_limit) as heartbeat:
 
-        def report(progress: dict[str, Any]) -> None:
+        def report(progress: Progress) -> None:
             heartbeat.beat(progress)
             heartbeat.check()
 
@@ -290,13 +292,12 @@ def _claim(job_id: str) -> bool:
         return True
 
 
-def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> None:
+def _finish(job_id: str, result: JobResult, exports: list[Exported]) -> None:
     """Upload, then record artifacts and success in one transaction guarded by the lease."""
     store = get_store()
     started = time.perf_counter()
     stored = [(e, store_file(e.path, store)) for e in exports]
-    seconds = result.get("seconds", {}) | {"store": time.perf_counter() - started}
-    result = result | {"seconds": seconds}
+    result.seconds["store"] = time.perf_counter() - started
 
     def write() -> None:
         with get_sessionmaker()() as session:
@@ -307,9 +308,9 @@ def _finish(job_id: str, result: dict[str, Any], exports: list[Exported]) -> Non
                 job_id,
                 JobState.SUCCEEDED,
                 owner=WORKER_ID,
-                result=result,
+                result=result.model_dump(mode="json"),
                 finished_at=utcnow(),
-                progress={"stage": "done", "percent": 100},
+                progress=Progress(stage="done", percent=100).model_dump(mode="json"),
             ):
                 session.rollback()
                 raise LeaseLost(job_id)

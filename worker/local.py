@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from service import archives
 from service.errors import CodedError
+from service.jobs import results
 from service.jobs.schemas import JobSpec
 from service.jobs.summary import reached, result_table
 from service.settings import get_settings
@@ -54,11 +55,11 @@ def prune_local(
         ) as progress:
             bar = progress.add_task("loading", total=100)
 
-            def report(update: dict[str, Any]) -> None:
-                label = update["stage"]
-                if "step" in update:
-                    label = f"pruning step {update['step']}/{update['total']}"
-                progress.update(bar, completed=update.get("percent", 0), description=label)
+            def report(update: results.Progress) -> None:
+                label = update.stage or ""
+                if update.step is not None:
+                    label = f"pruning step {update.step}/{update.total}"
+                progress.update(bar, completed=update.percent or 0, description=label)
 
             try:
                 result, exports = execute(checked, files, _device(device), trusted, report)

@@ -13,6 +13,15 @@ from typing import Any, cast
 import torch
 
 from service.errors import CodedError
+from service.jobs.results import (
+    ExportChecks,
+    JobResult,
+    Latency,
+    Member,
+    Metrics,
+    Progress,
+    Step,
+)
 from service.jobs.schemas import JobSpec, Target
 from worker import (
     datasets,
@@ -54,7 +63,7 @@ class JobFiles:
     work: Path  # where exports are written
 
 
-Report = Callable[[dict[str, Any]], None]
+Report = Callable[[Progress], None]
 
 
 def execute(
@@ -65,14 +74,14 @@ def execute(
     report: Report,
     check: Callable[[], None] = lambda: None,
     memory_limit: int = 0,
-) -> tuple[dict[str, Any], list[export.Exported]]:
+) -> tuple[JobResult, list[export.Exported]]:
     """Run the job. `report` receives progress at every stage and may raise to stop it
     (cancellation); `check` is the cheap form, called between fine-tuning batches, and raises
     the same way (the lifecycle's reads the state its background heartbeat keeps).
     `memory_limit` caps the bytes the job may use (0: what the device has free)."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    report({"stage": "loading", "percent": 0})
+    report(Progress(stage="loading", percent=0))
     loaded = models.load(files.model_root, files.model_format, trusted=trusted)
     memory.check_fits(loaded.model, device, memory_limit)
     saved = precision.saved_dtype(loaded.model)  # what the outputs are written in
@@ -102,7 +111,7 @@ def execute(
         if held_out is not None
         else calibration
     )
-    report({"stage": "measuring", "percent": 0})
+    report(Progress(stage="measuring", percent=0))
     loss_fn = losses.make_loss(spec.loss, net, loaded.pooling)
     room = memory.free_bytes(device, memory_limit)
     if spec.calibration.max_memory is not None:
@@ -117,8 +126,8 @@ def execute(
     goals = spec.goals
     budget = steps_per_goal(spec.schedule.steps, [goal.value for goal in goals])
     family = spec.targets is not None
-    history: list[dict[str, Any]] = []
-    members: list[dict[str, Any]] = []
+    history: list[Step] = []
+    members: list[Member] = []
     exports: list[export.Exported] = []
     plan = Plan()
     original: dict[str, int] = {}
@@ -133,31 +142,31 @@ def execute(
     def on_step(record: StepRecord) -> None:
         # Each step's loss (mean over the calibration batches) is measured by the next step's
         # scoring pass, or at the end of the target; data-free steps take one batch's pass.
-        if history and history[-1]["loss"] is None:
-            history[-1]["loss"] = record.loss_before
+        if history and history[-1].loss is None:
+            history[-1].loss = record.loss_before
         loss = None
         if record.loss_before is None:
             with torch.no_grad():
                 loss = evaluation.evaluate(net, calibration[:1], loss_fn)["loss"]
         step = len(history) + 1  # counted across the family's targets
         history.append(
-            {
-                "step": step,
-                "macs": record.macs,
-                "params": record.params,
-                "loss": loss,
-                "seconds_scoring": round(record.seconds_scoring, 4),
-            }
+            Step(
+                step=step,
+                macs=record.macs,
+                params=record.params,
+                loss=loss,
+                seconds_scoring=round(record.seconds_scoring, 4),
+            )
         )
         report(
-            {
-                "stage": "pruning",
-                "step": step,
-                "total": sum(budget),
-                "percent": min(99.0, round(100 * step / sum(budget), 1)),
-                "macs": record.macs,
-                "params": record.params,
-            }
+            Progress(
+                stage="pruning",
+                step=step,
+                total=sum(budget),
+                percent=min(99.0, round(100 * step / sum(budget), 1)),
+                macs=record.macs,
+                params=record.params,
+            )
         )
 
     timing: dict[str, Any] | None = None
@@ -180,10 +189,10 @@ def execute(
             raise _unreachable(goal, reached, timing, spec.granularity)
         plan = plan.then(result.plan)
         after_pruning = _measure(net, eval_batches, loss_fn, example, seconds)
-        if history and history[-1]["loss"] is None:  # the target's last step
+        if history and history[-1].loss is None:  # the target's last step
             with torch.no_grad():
-                history[-1]["loss"] = (
-                    after_pruning["loss"]  # the same batches, whole
+                history[-1].loss = (
+                    after_pruning.loss  # the same batches, whole
                     if held_out is None
                     else evaluation.evaluate(net, calibration, loss_fn)["loss"]
                 )
@@ -206,49 +215,46 @@ def execute(
         seconds["export"] += time.perf_counter() - clock
         exports += made
         members.append(
-            {
-                "target": {goal.metric: goal.value},
-                "macs_after": result.macs,
-                "params_after": result.params,
-                "after_pruning": after_pruning,
-                "after_finetune": after_finetune,
-                "widths": result.history[-1].widths if result.history else {},
-                "target_met": met,
-                "exports": {e.format: e.checks for e in made},
-            }
+            Member(
+                target={goal.metric: goal.value},
+                macs_after=result.macs,
+                params_after=result.params,
+                after_pruning=after_pruning,
+                after_finetune=after_finetune,
+                widths=result.history[-1].widths if result.history else {},
+                target_met=met,
+                exports={e.format: ExportChecks.model_validate(e.checks) for e in made},
+            )
         )
     last = members[-1]
-    outcome = {
-        "before": before,
-        "after_pruning": last["after_pruning"],
-        "after_finetune": last["after_finetune"],
-        "params_before": original["params"],
-        "params_after": last["params_after"],
-        "macs_before": original["macs"],
-        "macs_after": last["macs_after"],
-        "target_met": all(member["target_met"] for member in members),
-        "sparsity": result.sparsity,
-        # MACs and latency refer to one row of this shape
-        "example_inputs": {
+    outcome = JobResult(
+        before=before,
+        after_pruning=last.after_pruning,
+        after_finetune=last.after_finetune,
+        params_before=original["params"],
+        params_after=last.params_after,
+        macs_before=original["macs"],
+        macs_after=last.macs_after,
+        target_met=all(member.target_met for member in members),
+        sparsity=result.sparsity,
+        example_inputs={
             k: list(v.shape) for k, v in example.items() if isinstance(v, torch.Tensor)
         },
-        "config_updates": plan.config_updates,
-        "widths": last["widths"],
-        # per pruning step: MACs, params and the loss on the calibration batches
-        "steps": history,
-        "evaluated_on": "held_out" if held_out is not None else "calibration",
-        # rows per scoring pass: fewer than batch_size when a batch would not fit in memory
-        "micro_batch_rows": min(pass_rows, size),
-        "exports": last["exports"],
-        "seconds": seconds,
-    }
-    if family:  # one entry per target, each with its own model files
-        outcome["family"] = members
-    if timing is not None:  # measured on this worker: before, after, noise, speed-up
-        outcome["latency"] = timing
+        config_updates=plan.config_updates,
+        widths=last.widths,
+        steps=history,
+        evaluated_on="held_out" if held_out is not None else "calibration",
+        micro_batch_rows=min(pass_rows, size),
+        exports=last.exports,
+        seconds=seconds,
+        family=members if family else None,  # one per target, each with its own model files
+        latency=Latency.model_validate(timing)
+        if timing
+        else None,  # measured on this worker: before, after, noise, speed-up
+    )
     if spec.mlflow is not None:
-        report({"stage": "tracking", "percent": 100})
-        outcome["mlflow"] = tracking.log_job(spec, outcome, exports)
+        report(Progress(stage="tracking", percent=100))
+        outcome.mlflow = tracking.log_job(spec, outcome, exports)
     return outcome, exports
 
 
@@ -351,13 +357,13 @@ def _finetune(
 ) -> None:
     assert spec.finetune is not None
     epochs = spec.finetune.epochs
-    report({"stage": "finetuning", "epoch": 0, "epochs": epochs, "percent": 0})
+    report(Progress(stage="finetuning", epoch=0, epochs=epochs, percent=0))
 
     def on_batch(epoch: int, batch: int) -> None:
         if batch == len(calibration) - 1:  # an epoch ended: say so (and see a cancel)
             done = epoch + 1
             percent = round(100 * done / epochs, 1)
-            report({"stage": "finetuning", "epoch": done, "epochs": epochs, "percent": percent})
+            report(Progress(stage="finetuning", epoch=done, epochs=epochs, percent=percent))
         else:
             check()
 
@@ -383,7 +389,7 @@ def _export(
     folder.mkdir(exist_ok=True)
     for done, fmt in enumerate(outputs):
         percent = round(100 * done / len(outputs), 1)
-        report({"stage": "exporting", "format": fmt, "percent": percent, "target": target})
+        report(Progress(stage="exporting", format=fmt, percent=percent, target=target))
         exported = export.export(fmt, net.cpu(), example, source, folder, plan)
         if target:
             suffix = "".join(exported.path.suffixes[-1:])
@@ -447,7 +453,7 @@ def _measure(
     example: dict[str, Any],
     seconds: dict[str, float],
     is_teacher: bool = False,
-) -> dict[str, float]:
+) -> Metrics:
     """Loss (and accuracy) on the evaluation batches and latency; its time adds to "measure".
     `is_teacher`: the model is still the distillation loss's teacher (nothing is pruned yet),
     so its loss is 0 by definition, and only accuracy, where labels are classes, takes a pass."""
@@ -456,6 +462,6 @@ def _measure(
         metrics = {"loss": 0.0}
     else:
         metrics = evaluation.evaluate(net, batches, loss_fn)
-    metrics["latency_ms"] = evaluation.latency_ms(net, example)
+    latency_ms = evaluation.latency_ms(net, example)
     seconds["measure"] = seconds.get("measure", 0.0) + time.perf_counter() - clock
-    return metrics
+    return Metrics(**metrics, latency_ms=latency_ms)

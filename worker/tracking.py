@@ -15,35 +15,35 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.jobs.results import JobResult, TrackingRun
 from service.jobs.schemas import JobSpec
 from service.settings import get_settings
 from worker.export import Exported
 from worker.mlflow_api import ArtifactsRefused, TrackingError, TrackingServer
 
-MEASURES = ("before", "after_pruning", "after_finetune")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
 
 
-def log_job(spec: JobSpec, result: dict[str, Any], exports: list[Exported]) -> dict[str, Any]:
-    """Log the job; `{"run_id", "experiment_id", "tracking_uri"}` (with `artifacts_error` when
-    the artifacts were refused), or `{"error": …}`."""
+def log_job(spec: JobSpec, result: JobResult, exports: list[Exported]) -> TrackingRun:
+    """Log the job: the run (with `artifacts_error` when the artifacts were refused), or the
+    `error` that kept it from being logged."""
     assert spec.mlflow is not None
     settings = get_settings()
     tracking_uri = spec.mlflow.tracking_uri
     server = TrackingServer(tracking_uri, settings.webhook_allow, settings.tracking_timeout_seconds)
-    logged: dict[str, Any] = {"tracking_uri": tracking_uri}
+    logged = TrackingRun(tracking_uri=tracking_uri)
     try:
         experiment_id = server.experiment_id(spec.mlflow.experiment)
         run = server.create_run(experiment_id, spec.mlflow.run_name, _now_ms())
-        logged |= {"run_id": run["run_id"], "experiment_id": experiment_id}
+        logged.run_id, logged.experiment_id = run["run_id"], experiment_id
         server.log_batch(run["run_id"], _metrics(result), _params(spec))
         try:
             _log_artifacts(server, str(run.get("artifact_uri", "")), spec, result, exports)
         except ArtifactsRefused as refused:
-            logged["artifacts_error"] = str(refused)
+            logged.artifacts_error = str(refused)
         server.finish(run["run_id"], _now_ms())
     except TrackingError as error:
-        return {"error": str(error)[:500], "tracking_uri": tracking_uri}
+        return TrackingRun(tracking_uri=tracking_uri, error=str(error)[:500])
     return logged
 
 
@@ -51,12 +51,16 @@ def _log_artifacts(
     server: TrackingServer,
     artifact_uri: str,
     spec: JobSpec,
-    result: dict[str, Any],
+    result: JobResult,
     exports: list[Exported],
 ) -> None:
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "report.json"
-        report.write_text(json.dumps({"spec": spec.model_dump(mode="json"), "result": result}))
+        report.write_text(
+            json.dumps(
+                {"spec": spec.model_dump(mode="json"), "result": result.model_dump(mode="json")}
+            )
+        )
         server.upload(artifact_uri, report)
     for exported in exports:
         server.upload(artifact_uri, exported.path, "model")
@@ -67,35 +71,40 @@ def _params(spec: JobSpec) -> list[dict[str, str]]:
     return [{"key": key, "value": str(value)[:MAX_PARAM_CHARS]} for key, value in flat]
 
 
-def _metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
+def _metrics(result: JobResult) -> list[dict[str, Any]]:
     now = _now_ms()
     metrics = [
         {"key": key, "value": float(value), "timestamp": now, "step": 0}
         for key, value in _final_metrics(result)
     ]
-    for row in result.get("steps", []):
+    for row in result.steps:
         metrics += [
-            {
-                "key": f"step_{name}",
-                "value": float(row[name]),
-                "timestamp": now,
-                "step": row["step"],
-            }
-            for name in ("macs", "params", "loss")
+            {"key": f"step_{name}", "value": float(value), "timestamp": now, "step": row.step}
+            for name, value in (("macs", row.macs), ("params", row.params), ("loss", row.loss))
+            if value is not None
         ]
     return metrics
 
 
-def _final_metrics(result: dict[str, Any]) -> list[tuple[str, float]]:
+def _final_metrics(result: JobResult) -> list[tuple[str, float]]:
+    measured = {
+        "before": result.before,
+        "after_pruning": result.after_pruning,
+        "after_finetune": result.after_finetune,
+    }
     found = [
-        (f"{measure}_{name}", value)
-        for measure in MEASURES
-        for name, value in (result.get(measure) or {}).items()
+        (f"{stage}_{name}", value)
+        for stage, metrics in measured.items()
+        if metrics is not None
+        for name, value in metrics.model_dump().items()
     ]
     found += [
-        (key, result[key]) for key in ("macs_before", "macs_after", "params_before", "params_after")
+        ("macs_before", result.macs_before),
+        ("macs_after", result.macs_after),
+        ("params_before", result.params_before),
+        ("params_after", result.params_after),
+        ("macs_kept", result.macs_after / max(result.macs_before, 1)),
     ]
-    found.append(("macs_kept", result["macs_after"] / max(result["macs_before"], 1)))
     return found
 
 

@@ -2,57 +2,25 @@
 scripts and no external assets, every value escaped."""
 
 from html import escape
-from typing import Any
+
+from service.jobs.results import JobResult, Metrics
+from service.jobs.schemas import JobReport
 
 BAR_WIDTH = 360
+METRICS = ("latency_ms", "loss", "accuracy")
 
 
-def render(report: dict[str, Any]) -> str:
-    result = report.get("result") or {}
+def render(report: JobReport) -> str:
     sections = [
-        f"<h1>Job {escape(str(report['job_id']))}</h1>",
-        f"<p>State: <b>{escape(str(report['state']))}</b></p>",
+        f"<h1>Job {escape(report.job_id)}</h1>",
+        f"<p>State: <b>{escape(report.state)}</b></p>",
     ]
-    if report.get("error"):
-        error = report["error"]
+    if report.error:
         sections.append(
-            f"<p>Error <code>{escape(str(error.get('code')))}</code>: "
-            f"{escape(str(error.get('message')))}</p>"
+            f"<p>Error <code>{escape(report.error.code)}</code>: {escape(report.error.message)}</p>"
         )
-    bars = [
-        (label, result.get(f"{key}_before"), result.get(f"{key}_after"))
-        for label, key in (("MACs", "macs"), ("Parameters", "params"))
-    ]
-    stages = [(s, result.get(s) or {}) for s in ("before", "after_pruning", "after_finetune")]
-    for metric in ("latency_ms", "loss", "accuracy"):
-        values = [m.get(metric) for _, m in stages]
-        if values[0] is not None:
-            bars.append((metric, values[0], values[2] if values[2] is not None else values[1]))
-    charts = [
-        _bar_chart(label, before, after)
-        for label, before, after in bars
-        if isinstance(before, (int, float)) and isinstance(after, (int, float))
-    ]
-    if charts:
-        sections.append("<h2>Before → after</h2>" + "".join(charts))
-    if result.get("family"):
-        sections.append(_family(result))
-    widths = result.get("widths") or {}
-    if widths:
-        rows = "".join(
-            f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>"
-            for k, v in sorted(widths.items())
-        )
-        sections.append(
-            f"<h2>Widths</h2><table><tr><th>layer</th><th>width</th></tr>{rows}</table>"
-        )
-    seconds = result.get("seconds") or {}
-    if seconds:
-        rows = "".join(
-            f"<tr><td>{escape(str(k))}</td><td>{float(v):.2f} s</td></tr>"
-            for k, v in seconds.items()
-        )
-        sections.append(f"<h2>Time per stage</h2><table>{rows}</table>")
+    if report.result:
+        sections += _result(report.result)
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>Apoptosis report</title>"
         "<style>body{font-family:sans-serif;max-width:760px;margin:2em auto}"
@@ -62,20 +30,51 @@ def render(report: dict[str, Any]) -> str:
     )
 
 
-def _family(result: dict[str, Any]) -> str:
-    """The trade-off of a family: size against quality and speed, one row and bar per target."""
-    members = result["family"]
-    names = [", ".join(f"{k} {v:g}" for k, v in m["target"].items()) for m in members]
-    measured = [m.get("after_finetune") or m.get("after_pruning") or {} for m in members]
-    columns = [
-        ("MACs kept", [m["macs_after"] / result["macs_before"] for m in members]),
-        ("params kept", [m["params_after"] / result["params_before"] for m in members]),
-        *(
-            (metric, [values.get(metric) for values in measured])
-            for metric in ("loss", "accuracy", "latency_ms")
-            if all(isinstance(values.get(metric), (int, float)) for values in measured)
-        ),
+def _result(result: JobResult) -> list[str]:
+    sections = []
+    bars: list[tuple[str, float | None, float | None]] = [
+        ("MACs", result.macs_before, result.macs_after),
+        ("Parameters", result.params_before, result.params_after),
     ]
+    last = result.after_finetune or result.after_pruning
+    bars += [(m, getattr(result.before, m), getattr(last, m)) for m in METRICS]
+    charts = [
+        _bar_chart(label, before, after)
+        for label, before, after in bars
+        if before is not None and after is not None
+    ]
+    if charts:
+        sections.append("<h2>Before → after</h2>" + "".join(charts))
+    if result.family:
+        sections.append(_family(result))
+    if result.widths:
+        rows = "".join(
+            f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in sorted(result.widths.items())
+        )
+        sections.append(
+            f"<h2>Widths</h2><table><tr><th>layer</th><th>width</th></tr>{rows}</table>"
+        )
+    if result.seconds:
+        rows = "".join(
+            f"<tr><td>{escape(k)}</td><td>{v:.2f} s</td></tr>" for k, v in result.seconds.items()
+        )
+        sections.append(f"<h2>Time per stage</h2><table>{rows}</table>")
+    return sections
+
+
+def _family(result: JobResult) -> str:
+    """The trade-off of a family: size against quality and speed, one row and bar per target."""
+    members = result.members
+    names = [", ".join(f"{k} {v:g}" for k, v in m.target.items()) for m in members]
+    measured: list[Metrics] = [m.after_finetune or m.after_pruning for m in members]
+    columns: list[tuple[str, list[float]]] = [
+        ("MACs kept", [m.macs_after / result.macs_before for m in members]),
+        ("params kept", [m.params_after / result.params_before for m in members]),
+    ]
+    for metric in ("loss", "accuracy", "latency_ms"):
+        values = [getattr(m, metric) for m in measured]
+        if all(value is not None for value in values):
+            columns.append((metric, values))
     head = "".join(f"<th>{escape(label)}</th>" for label, _ in columns)
     rows = "".join(
         f"<tr><td>{escape(name)}</td>"

@@ -16,7 +16,7 @@ from service.artifacts.schemas import ArtifactOut
 from service.auth import TenantDep
 from service.db import SessionsDep
 from service.jobs import report, repository, service
-from service.jobs.schemas import JobOut, JobPage, JobSpec
+from service.jobs.schemas import JobOut, JobPage, JobReport, JobSpec
 from service.jobs.states import STATES, TERMINAL
 from service.orm import Artifact, Job
 from service.pagination import MAX_LIMIT
@@ -106,7 +106,7 @@ def list_artifacts(job_id: str, tenant_id: TenantDep, sessions: SessionsDep) -> 
         return list(artifacts.of_job(session, _owned(session, tenant_id, job_id).id))
 
 
-@router.get("/{job_id}/report", responses=_REPORT)
+@router.get("/{job_id}/report", response_model=JobReport, responses=_REPORT)
 def job_report(
     job_id: str,
     tenant_id: TenantDep,
@@ -116,13 +116,15 @@ def job_report(
     """The job's metrics as JSON, or (`?format=html`) as a page with before/after charts."""
     with sessions() as session:
         job = _owned(session, tenant_id, job_id)
-    body = {
-        "job_id": job.id,
-        "state": job.state,
-        "spec": job.spec,
-        "result": job.result,
-        "error": job.error,
-    }
+    body = JobReport.model_validate(
+        {
+            "job_id": job.id,
+            "state": job.state,
+            "spec": job.spec,
+            "result": job.result,
+            "error": job.error,
+        }
+    )
     if format != "html":
         return body
     # The page holds user-named values (escaped): it runs no script and loads nothing.

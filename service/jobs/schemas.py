@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from service.jobs.results import JobResult, Progress
 from service.timestamps import UtcDatetime
 
 OutputFormat = Literal["hf", "safetensors", "onnx", "pt2", "torch_pickle"]
@@ -281,12 +282,22 @@ class JobOut(BaseModel):
     dataset_id: str | None
     spec: dict[str, Any]
     attempt: int
-    progress: dict[str, Any]
-    result: dict[str, Any] | None
+    progress: Progress
+    result: JobResult | None
     error: JobError | None
     created_at: UtcDatetime
     started_at: UtcDatetime | None
     finished_at: UtcDatetime | None
+
+
+class JobReport(BaseModel):
+    """`GET /v1/jobs/{id}/report` as JSON (the HTML page draws the same)."""
+
+    job_id: str
+    state: str
+    spec: dict[str, Any]
+    result: JobResult | None
+    error: JobError | None
 
 
 class JobPage(BaseModel):

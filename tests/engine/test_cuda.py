@@ -80,5 +80,5 @@ def test_a_bfloat16_job_runs_on_cuda_in_bfloat16_and_exports_bfloat16(tmp_path: 
         spec, JobFiles(folder, "hf", data, "tensors", None, tmp_path), CUDA, False, lambda _: None
     )
 
-    assert result["macs_after"] <= spec.target.value * result["macs_before"]
+    assert result.macs_after <= spec.target.value * result.macs_before
     assert exports[0].path.exists()

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from service.client import Client
+from service.jobs.results import JobResult
 from tests.integration.services import apoptosis, free_port, stop, wait_healthy
 from tests.worker import factories
 from tests.worker.family_zoo import FAMILIES
@@ -46,7 +47,7 @@ def trusted_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client
 
 def _run(
     client: Client, model: Path, model_format: str, data: Path, data_format: str, **spec: Any
-) -> tuple[dict[str, Any], dict[str, Path]]:
+) -> tuple[JobResult, dict[str, Path]]:
     """The finished job's result and its downloaded artifacts by format."""
     uploaded = client.wait_for_model(client.upload_model(model, model_format).id)
     assert uploaded.state == "ready", uploaded.rejection_reason
@@ -93,7 +94,7 @@ def test_jsonl_text_to_hf_safetensors_onnx_and_pt2(trusted_service: Client, tmp_
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
     # pt2 and ONNX take the dataset's columns positionally and return the pruned model's
     # logits: three rows of the row shape the job traced (the batch axis is dynamic)
-    length = result["example_inputs"]["input_ids"][1]
+    length = result.example_inputs["input_ids"][1]
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(4, len(factories.WORDS) + 4, (3, length), generator=generator)
     attention_mask = torch.ones(3, length, dtype=torch.long)
@@ -144,7 +145,7 @@ def test_a_pickled_model_in_trusted_mode_to_a_pickle(
     weights = model.bert.encoder.layer[0].intermediate.dense.weight
     assert 0.3 < float((weights == 0).float().mean()) < 0.7
     # the pt2 program is that pruned model: the same logits, on a batch of three rows
-    shape = result["example_inputs"]["input_ids"]
+    shape = result.example_inputs["input_ids"]
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(4, len(factories.WORDS) + 4, (3, *shape[1:]), generator=generator)
     program = torch.export.load(str(files["pt2"])).module()
@@ -176,13 +177,14 @@ def test_families_through_the_api_to_an_hf_output_that_reloads(
         target={"macs": 0.5},
     )
 
-    assert result["macs_after"] <= 0.5 * result["macs_before"]
-    assert result["exports"]["hf"]["relative_diff"] <= 1e-4
+    assert result.macs_after <= 0.5 * result.macs_before
+    relative_diff = result.exports["hf"].relative_diff
+    assert relative_diff is not None and relative_diff <= 1e-4
     with zipfile.ZipFile(files["hf"]) as bundle:
         bundle.extractall(tmp_path / "reloaded")
     config: Any = transformers.AutoConfig.from_pretrained(tmp_path / "reloaded")
     reloaded = getattr(transformers, config.architectures[0]).from_pretrained(tmp_path / "reloaded")
-    assert sum(p.numel() for p in reloaded.parameters()) == result["params_after"]
+    assert sum(p.numel() for p in reloaded.parameters()) == result.params_after
 
 
 def test_a_family_refused_with_hf_names_the_outputs_that_reach_it(

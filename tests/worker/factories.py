@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from service.jobs.results import JobResult
 from service.jobs.schemas import JobSpec
 from worker.steps import JobFiles, execute
 
@@ -256,7 +257,7 @@ def lm_tensors_file(path: Path, rows: int = 32) -> Path:
     return path
 
 
-def run_bert_job(tmp_path: Path, job: JobSpec) -> dict[str, Any]:
+def run_bert_job(tmp_path: Path, job: JobSpec) -> JobResult:
     """The pipeline's result for `job` on the small BERT and its tensors dataset, on the CPU;
     what it writes goes under `tmp_path / "work"`."""
     work = tmp_path / "work"

@@ -17,6 +17,7 @@ import torch
 import transformers
 from torch import nn
 
+from service.jobs.results import JobResult
 from tests.worker import factories
 from tests.worker.family_zoo import FAMILIES
 from worker.engine import TargetUnreachable
@@ -37,7 +38,7 @@ class FamilyJob:
     name: str
     model_class: str
     config: Any
-    result: dict[str, Any] | None
+    result: JobResult | None
     hf: Path | None
     refusal: Refusal | None
 
@@ -114,7 +115,7 @@ def macs_reached(job: FamilyJob) -> str:
     if job.refusal is not None:  # the first clause: the rest names other output formats
         return f"refused: {str(job.refusal).split(';')[0]}"
     assert job.result is not None
-    return f"{job.result['macs_after'] / job.result['macs_before']:.3f}"
+    return f"{job.result.macs_after / job.result.macs_before:.3f}"
 
 
 def row(job: FamilyJob) -> tuple[str, ...]:
@@ -122,11 +123,13 @@ def row(job: FamilyJob) -> tuple[str, ...]:
     head = (job.name, f"`{job.config.model_type}`", job.model_class)
     if job.result is None:
         return (*head, "—", macs_reached(job), "—")
+    reload_diff = job.result.exports["hf"].relative_diff
+    assert reload_diff is not None, "an hf output is checked against the pruned module"
     return (
         *head,
-        _moved(job.config, job.result["config_updates"]),
+        _moved(job.config, job.result.config_updates),
         macs_reached(job),
-        _bucket(job.result["exports"]["hf"]["relative_diff"]),
+        _bucket(reload_diff),
     )
 
 

@@ -45,17 +45,18 @@ def test_prunes_to_half_with_an_hf_output_that_reloads(tmp_path: Path, name: str
     assert job.result is not None
     result = job.result
 
-    assert result["macs_after"] <= 0.5 * result["macs_before"]
-    assert result["exports"]["hf"]["relative_diff"] <= 1e-4  # the job's own reload check
+    assert result.macs_after <= 0.5 * result.macs_before
+    reload_diff = result.exports["hf"].relative_diff  # the job's own reload check
+    assert reload_diff is not None and reload_diff <= 1e-4
     model = reload(job, tmp_path / "reloaded")
     inputs = {
         k: torch.zeros(
             shape, dtype=torch.float if k in ("pixel_values", "input_features") else torch.long
         )
-        for k, shape in result["example_inputs"].items()
+        for k, shape in result.example_inputs.items()
     }
     reloaded = measure(model, inputs)
-    assert (reloaded.macs, reloaded.params) == (result["macs_after"], result["params_after"])
+    assert (reloaded.macs, reloaded.params) == (result.macs_after, result.params_after)
     assert row(job) == documented().get(name), stale_message(f"the row for {name}")
 
 
@@ -87,8 +88,9 @@ def test_bart_prunes_to_what_it_can_reach_with_an_hf_output(tmp_path: Path) -> N
     result = run_job(tmp_path, "bart", FAMILIES["bart"].reaches).result
 
     assert result is not None
-    assert result["macs_after"] <= FAMILIES["bart"].reaches * result["macs_before"]
-    assert result["exports"]["hf"]["relative_diff"] <= 1e-4
+    assert result.macs_after <= FAMILIES["bart"].reaches * result.macs_before
+    reload_diff = result.exports["hf"].relative_diff
+    assert reload_diff is not None and reload_diff <= 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

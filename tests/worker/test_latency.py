@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from service.jobs.results import Latency
 from tests.worker import factories
 from worker import latency
 from worker.engine import measure
@@ -30,34 +31,36 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(latency, "time_forward", macs_clock)
 
 
-def _job(tmp_path: Path, target_ms: float, batch: int) -> dict[str, Any]:
+def _job(tmp_path: Path, target_ms: float, batch: int) -> Latency:
     spec = factories.spec(target={"latency_ms": target_ms, "batch": batch})
-    return factories.run_bert_job(tmp_path, spec)
+    result = factories.run_bert_job(tmp_path, spec)
+    assert result.latency is not None
+    assert result.seconds["score"] == pytest.approx(
+        sum(step.seconds_scoring for step in result.steps), abs=1e-3
+    )  # every round's scoring counts in the job's time
+    return result.latency
 
 
 def test_a_latency_target_prunes_until_the_measured_time_is_under_it(
     clock: None, tmp_path: Path
 ) -> None:
-    before = _job(tmp_path / "probe", 5e5, 4)["latency"]["before_ms"]  # already under: no round
+    before = _job(tmp_path / "probe", 5e5, 4).before_ms  # already under: no round
 
-    timing = _job(tmp_path, 0.6 * before, 4)["latency"]
+    timing = _job(tmp_path, 0.6 * before, 4)
 
-    assert timing["before_ms"] == pytest.approx(before)
-    assert timing["after_ms"] <= 0.6 * before and timing["batch"] == 4
-    assert timing["speedup"] == pytest.approx(before / timing["after_ms"])
-    assert timing["macs_ratio"] <= 0.6 and timing["rounds"]
-    assert [r["latency_ms"] for r in timing["rounds"]][-1] == timing["after_ms"]
+    assert timing.before_ms == pytest.approx(before)
+    assert timing.after_ms <= 0.6 * before and timing.batch == 4
+    assert timing.speedup == pytest.approx(before / timing.after_ms)
+    assert timing.macs_ratio <= 0.6 and timing.rounds
+    assert timing.rounds[-1].latency_ms == timing.after_ms
 
 
 def test_every_rounds_scoring_counts_in_the_jobs_time(clock: None, tmp_path: Path) -> None:
-    before = _job(tmp_path / "probe", 5e5, 4)["latency"]["before_ms"]
+    before = _job(tmp_path / "probe", 5e5, 4).before_ms
 
-    result = _job(tmp_path, 0.4 * before, 4)  # a round cuts at most half: two rounds or more
+    timing = _job(tmp_path, 0.4 * before, 4)  # a round cuts at most half: two rounds or more
 
-    assert len(result["latency"]["rounds"]) > 1
-    assert result["seconds"]["score"] == pytest.approx(
-        sum(step["seconds_scoring"] for step in result["steps"]), abs=1e-3
-    )
+    assert len(timing.rounds) > 1  # and `_job` checked the scoring time of each
 
 
 def test_a_latency_the_floors_cannot_reach_fails_with_the_fastest_time(

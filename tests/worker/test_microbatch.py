@@ -68,7 +68,7 @@ def test_a_job_with_little_memory_scores_in_micro_batches_and_one_with_none_fail
     files = JobFiles(model, "hf", data, "tensors", None, tmp_path)
     spec = factories.spec(calibration={"batches": 2, "batch_size": 16})
     result, _ = execute(spec, files, torch.device("cpu"), False, lambda _: None)
-    assert result["micro_batch_rows"] == 16  # plenty of memory: whole batches
+    assert result.micro_batch_rows == 16  # plenty of memory: whole batches
 
     # room for the parameter copies and a few rows' activations, not a whole batch
     net = transformers.AutoModelForSequenceClassification.from_pretrained(model).eval()
@@ -78,8 +78,8 @@ def test_a_job_with_little_memory_scores_in_micro_batches_and_one_with_none_fail
     tight = memory.scoring_bytes(net) + 4 * per_row
     small = factories.spec(calibration={"batches": 2, "batch_size": 16, "max_memory": tight})
     result, _ = execute(small, files, torch.device("cpu"), False, lambda _: None)
-    assert 1 <= result["micro_batch_rows"] < 16  # the estimate of a batch of zeros is near
-    assert result["macs_after"] <= small.target.value * result["macs_before"]
+    assert 1 <= result.micro_batch_rows < 16  # the estimate of a batch of zeros is near
+    assert result.macs_after <= small.target.value * result.macs_before
 
     none = factories.spec(calibration={"batches": 2, "batch_size": 16, "max_memory": 2**20})
     with pytest.raises(memory.OutOfMemory, match="scoring even one row"):

@@ -78,8 +78,8 @@ def test_a_bfloat16_upload_is_pruned_in_float32_and_exported_in_bfloat16(
     )
 
     assert pruned_in == [torch.float32]
-    assert result["macs_after"] <= spec.target.value * result["macs_before"]
-    assert result["after_finetune"] is not None
+    assert result.macs_after <= spec.target.value * result.macs_before
+    assert result.after_finetune is not None
     paths = {e.format: e.path for e in exports}
     with zipfile.ZipFile(paths["hf"]) as archive:
         archive.extractall(tmp_path / "hf")
@@ -122,6 +122,6 @@ def test_a_family_goes_on_from_unrounded_weights_after_exporting_a_member_in_bfl
         spec, JobFiles(folder, "hf", data, "tensors", None, tmp_path), CPU, False, lambda _: None
     )
 
-    assert len(result["family"]) == 2 and len(exports) == 2
+    assert len(result.family or []) == 2 and len(exports) == 2
     # the first target starts from the bfloat16 upload; the second from float32 fine-tuning
     assert beyond_bfloat16 == [False, True]

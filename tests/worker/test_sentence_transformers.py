@@ -98,8 +98,8 @@ def test_a_pruned_sentence_transformers_folder_loads_as_one(tmp_path: Path) -> N
         spec, JobFiles(folder, "hf", data, "jsonl", None, work), torch.device("cpu"), False, print
     )
 
-    assert result["macs_after"] <= spec.target.value * result["macs_before"]
-    assert result["before"]["loss"] == pytest.approx(0.0, abs=1e-5)
+    assert result.macs_after <= spec.target.value * result.macs_before
+    assert result.before.loss == pytest.approx(0.0, abs=1e-5)
     pruned = _unzip(exports[0].path, tmp_path / "pruned")
     assert (pruned / "1_Pooling" / "config.json").is_file()
     assert not (pruned / "onnx").exists()

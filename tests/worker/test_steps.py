@@ -14,6 +14,7 @@ import transformers
 from safetensors.torch import load_file
 
 from service.cli_api import build_spec
+from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
 from tests.worker import factories
 from worker import datasets, evaluation, models
@@ -33,9 +34,9 @@ def _run(
     *,
     trusted: bool = False,
     evaluation: Path | None = None,
-) -> tuple[dict[str, Any], dict[str, Path]]:
+) -> tuple[JobResult, dict[str, Path]]:
     work.mkdir(exist_ok=True)
-    progress: list[dict[str, Any]] = []
+    progress: list[Progress] = []
     result, exports = execute(
         spec,
         JobFiles(model, "hf", data, data_format, evaluation, work),
@@ -43,22 +44,22 @@ def _run(
         trusted,
         progress.append,
     )
-    assert [p["step"] for p in progress if p["stage"] == "pruning"] == [1, 2]
+    assert [p.step for p in progress if p.stage == "pruning"] == [1, 2]
     # every step's MACs, params and loss, in the result and in the progress it reported
-    steps = result["steps"]
-    assert [s["step"] for s in steps] == [1, 2]
-    assert steps[0]["macs"] > steps[1]["macs"] == result["macs_after"]
-    assert all(math.isfinite(s["loss"]) for s in steps)
-    assert all(s["seconds_scoring"] > 0 for s in steps)
+    steps = result.steps
+    assert [s.step for s in steps] == [1, 2]
+    assert steps[0].macs > steps[1].macs == result.macs_after
+    assert all(s.loss is not None and math.isfinite(s.loss) for s in steps)
+    assert all(s.seconds_scoring > 0 for s in steps)
     # where the time went: scoring and BatchNorm recalibration are parts of pruning
-    seconds = result["seconds"]
+    seconds = result.seconds
     assert 0 < seconds["score"] + seconds["recalibrate"] <= seconds["prune"]
-    pruning = [p for p in progress if p["stage"] == "pruning"]
-    assert [(p["macs"], p["params"]) for p in pruning] == [(s["macs"], s["params"]) for s in steps]
+    pruning = [p for p in progress if p.stage == "pruning"]
+    assert [(p.macs, p.params) for p in pruning] == [(s.macs, s.params) for s in steps]
     # each step's loss came from the next step's scoring pass; the last one's from the
     # after-pruning measurement on the same batches
-    if result["evaluated_on"] == "calibration":
-        assert steps[-1]["loss"] == result["after_pruning"]["loss"]
+    if result.evaluated_on == "calibration":
+        assert steps[-1].loss == result.after_pruning.loss
     return result, {e.format: e.path for e in exports}
 
 
@@ -80,19 +81,19 @@ def test_text_classification_from_jsonl_to_every_portable_format(tmp_path: Path)
 
     result, files = _run(spec, model, data, "jsonl", tmp_path / "work")
 
-    assert result["macs_after"] <= 0.5 * result["macs_before"]
-    assert result["evaluated_on"] == "held_out"
+    assert result.macs_after <= 0.5 * result.macs_before
+    assert result.evaluated_on == "held_out"
     for stage in ("before", "after_pruning", "after_finetune"):
-        assert set(result[stage]) == {"loss", "accuracy", "latency_ms"}
-    assert result["exports"]["onnx"]["max_abs_diff"] <= 1e-4
-    assert result["exports"]["pt2"]["max_abs_diff"] <= 1e-5
-    shape = result["example_inputs"]["input_ids"]
+        assert set(getattr(result, stage).model_dump()) == {"loss", "accuracy", "latency_ms"}
+    onnx, pt2 = result.exports["onnx"].max_abs_diff, result.exports["pt2"].max_abs_diff
+    assert onnx is not None and onnx <= 1e-4 and pt2 is not None and pt2 <= 1e-5
+    shape = result.example_inputs["input_ids"]
     tokens = {"input_ids": torch.full(shape, 4, dtype=torch.long)}
 
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(
         _unzip(files["hf"], tmp_path / "hf")
     ).eval()
-    assert measure(hf, tokens).macs == result["macs_after"]
+    assert measure(hf, tokens).macs == result.macs_after
     with torch.no_grad():
         expected = hf(**tokens).logits
 
@@ -127,7 +128,7 @@ def test_image_classification_from_an_imagefolder(tmp_path: Path) -> None:
 
     result, files = _run(factories.spec(), model, data, "imagefolder", tmp_path / "work")
 
-    assert result["macs_after"] <= 0.5 * result["macs_before"]
+    assert result.macs_after <= 0.5 * result.macs_before
     # Without an evaluation set, accuracy is over the calibration rows (2 batches of 16: all
     # 24 images): the original model's before, the exported pruned model's after pruning.
     original = transformers.AutoModelForImageClassification.from_pretrained(model).eval()
@@ -141,8 +142,8 @@ def test_image_classification_from_an_imagefolder(tmp_path: Path) -> None:
         return int((predicted == columns["labels"]).sum()) / len(predicted)
 
     assert 0.5 < accuracy(original) < 1  # neither constant predictions nor all right
-    assert result["before"]["accuracy"] == accuracy(original)
-    assert result["after_pruning"]["accuracy"] == accuracy(pruned)
+    assert result.before.accuracy == accuracy(original)
+    assert result.after_pruning.accuracy == accuracy(pruned)
 
 
 def _predict_a_third_as_class_0(folder: Path, pixel_values: torch.Tensor) -> None:
@@ -171,9 +172,9 @@ def test_tensors_with_a_separate_evaluation_set_and_a_distillation_loss(tmp_path
 
     result, _ = _run(spec, model, data, "tensors", tmp_path / "work", evaluation=held_out)
 
-    assert result["evaluated_on"] == "held_out"
-    assert result["params_after"] <= 0.8 * result["params_before"]
-    assert result["before"]["loss"] == pytest.approx(0.0, abs=1e-6)  # student = teacher
+    assert result.evaluated_on == "held_out"
+    assert result.params_after <= 0.8 * result.params_before
+    assert result.before.loss == pytest.approx(0.0, abs=1e-6)  # student = teacher
 
 
 def test_before_pruning_a_distilled_model_is_its_teacher_and_takes_no_pass(
@@ -192,8 +193,8 @@ def test_before_pruning_a_distilled_model_is_its_teacher_and_takes_no_pass(
 
     result, _ = _run(factories.spec(loss="distill"), model, data, "jsonl", tmp_path / "work")
 
-    assert result["before"]["loss"] == 0.0 and "accuracy" not in result["before"]
-    assert result["after_pruning"]["loss"] > 0
+    assert result.before.loss == 0.0 and result.before.accuracy is None
+    assert result.after_pruning.loss > 0
     assert len(evaluated) == 1  # after pruning only
 
 
@@ -212,8 +213,8 @@ def test_a_pickle_output_only_in_trusted_mode(tmp_path: Path) -> None:
 
     loaded = torch.load(files["torch_pickle"], weights_only=False)
     # the pruned model itself: its MACs, and the weights the safetensors export holds
-    tokens = {"input_ids": torch.full(result["example_inputs"]["input_ids"], 4)}
-    assert measure(loaded, tokens).macs == result["macs_after"]
+    tokens = {"input_ids": torch.full(result.example_inputs["input_ids"], 4)}
+    assert measure(loaded, tokens).macs == result.macs_after
     weights = load_file(str(_unzip(files["safetensors"], tmp_path / "st") / "model.safetensors"))
     state = loaded.state_dict()
     assert set(state) == set(weights)
@@ -226,7 +227,7 @@ def test_an_unreachable_target_fails_before_pruning_with_the_reachable_value(
 ) -> None:
     model = factories.bert_folder(tmp_path, intermediate=64)  # FFN 2× hidden: hf can't halve it
     data = factories.tensors_file(tmp_path / "data.safetensors")
-    progress: list[dict[str, Any]] = []
+    progress: list[Progress] = []
 
     with pytest.raises(EngineError) as raised:
         execute(
@@ -239,7 +240,7 @@ def test_an_unreachable_target_fails_before_pruning_with_the_reachable_value(
 
     assert raised.value.code == "target_unreachable"
     assert "keeps at least 0." in str(raised.value)
-    assert not [p for p in progress if p["stage"] == "pruning"]
+    assert not [p for p in progress if p.stage == "pruning"]
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
@@ -248,7 +249,7 @@ def test_a_loss_that_needs_labels_fails_early_on_data_without_them(
 ) -> None:
     model = factories.bert_folder(tmp_path)
     data = factories.jsonl_file(tmp_path / "texts.jsonl", labels=False)
-    progress: list[dict[str, Any]] = []
+    progress: list[Progress] = []
 
     with pytest.raises(JobFailed) as raised:
         execute(
@@ -261,7 +262,7 @@ def test_a_loss_that_needs_labels_fails_early_on_data_without_them(
 
     assert raised.value.code == "missing_labels"
     assert "'labels'" in str(raised.value) and "distill" in str(raised.value)
-    assert [p["stage"] for p in progress] == ["loading"]
+    assert [p.stage for p in progress] == ["loading"]
 
 
 class Stop(Exception):
@@ -274,9 +275,9 @@ def test_a_cancel_is_seen_at_every_stage(tmp_path: Path, stage: str) -> None:
     data = factories.tensors_file(tmp_path / "data.safetensors")
     seen: list[str] = []
 
-    def report(progress: dict[str, Any]) -> None:
-        seen.append(progress["stage"])
-        if progress["stage"] == stage:
+    def report(progress: Progress) -> None:
+        seen.append(str(progress.stage))
+        if progress.stage == stage:
             raise Stop
 
     with pytest.raises(Stop):
@@ -297,9 +298,9 @@ def test_a_cancel_is_seen_between_fine_tuning_batches(tmp_path: Path) -> None:
     epochs: list[int] = []
     checks = 0
 
-    def report(progress: dict[str, Any]) -> None:
-        if progress["stage"] == "finetuning":
-            epochs.append(progress["epoch"])
+    def report(progress: Progress) -> None:
+        if progress.stage == "finetuning":
+            epochs.append(progress.epoch or 0)
 
     def check() -> None:
         nonlocal checks
@@ -333,7 +334,7 @@ def test_a_family_of_targets_yields_one_model_set_per_target(tmp_path: Path) -> 
         schedule={"steps": 6},
         outputs=["hf", "safetensors"],
     )
-    progress: list[dict[str, Any]] = []
+    progress: list[Progress] = []
     work = tmp_path / "work"
     work.mkdir()
 
@@ -341,14 +342,14 @@ def test_a_family_of_targets_yields_one_model_set_per_target(tmp_path: Path) -> 
         spec, JobFiles(model, "hf", data, "tensors", None, work), CPU, False, progress.append
     )
 
-    family = result["family"]
-    assert [m["target"] for m in family] == [{"macs": 0.8}, {"macs": 0.6}, {"macs": 0.45}]
-    macs = [m["macs_after"] for m in family]
-    assert macs == sorted(macs, reverse=True) and macs[-1] == result["macs_after"]
+    family = result.family or []
+    assert [m.target for m in family] == [{"macs": 0.8}, {"macs": 0.6}, {"macs": 0.45}]
+    macs = [m.macs_after for m in family]
+    assert macs == sorted(macs, reverse=True) and macs[-1] == result.macs_after
     for member, goal in zip(family, (0.8, 0.6, 0.45), strict=True):
-        assert member["macs_after"] <= goal * result["macs_before"]
-    steps = [p["step"] for p in progress if p["stage"] == "pruning"]
-    assert steps == list(range(1, len(steps) + 1)) and len(result["steps"]) == len(steps)
+        assert member.macs_after <= goal * result.macs_before
+    steps = [p.step for p in progress if p.stage == "pruning"]
+    assert steps == list(range(1, len(steps) + 1)) and len(result.steps) == len(steps)
     names = sorted(e.path.name for e in exports)
     assert names == sorted(
         f"model-{fmt}.macs-{goal}.zip" for fmt in ("hf", "safetensors") for goal in (0.8, 0.6, 0.45)
@@ -362,15 +363,15 @@ def test_a_family_of_targets_yields_one_model_set_per_target(tmp_path: Path) -> 
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(
         _unzip(middle, tmp_path / "hf")
     ).eval()
-    tokens = {"input_ids": torch.full(result["example_inputs"]["input_ids"], 4, dtype=torch.long)}
-    assert measure(hf, tokens).macs == family[1]["macs_after"]
+    tokens = {"input_ids": torch.full(result.example_inputs["input_ids"], 4, dtype=torch.long)}
+    assert measure(hf, tokens).macs == family[1].macs_after
     last = next(e.path for e in exports if e.path.name == "model-safetensors.macs-0.45.zip")
     folder = _unzip(last, tmp_path / "st")
     original = transformers.AutoModelForSequenceClassification.from_pretrained(model).eval()
     plan = Plan.from_json(json.loads((folder / "pruning-plan.json").read_text()))
     rebuilt = apply_plan_(original, tokens, plan)
     rebuilt.load_state_dict(load_file(str(folder / "model.safetensors")))
-    assert measure(rebuilt, tokens).macs == result["macs_after"]
+    assert measure(rebuilt, tokens).macs == result.macs_after
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from torch import nn
 
 from service.db import get_sessionmaker
+from service.jobs.results import JobResult
 from service.jobs.schemas import JobError, Target
 from service.orm import Artifact, Job
 from tests.worker import factories
@@ -23,9 +24,7 @@ from worker.steps import JobFailed
 CPU = torch.device("cpu")
 
 
-def _execute(
-    tmp_path: Path, *, unchecked: dict[str, Any] | None = None, **spec: Any
-) -> dict[str, Any]:
+def _execute(tmp_path: Path, *, unchecked: dict[str, Any] | None = None, **spec: Any) -> JobResult:
     """Run a job of `spec`; `unchecked` fields are set past the spec's validation (a spec the
     API refuses at submit, to reach the job's own guard)."""
     # magnitude scores: what is measured against the target does not depend on the method
@@ -66,19 +65,20 @@ def test_a_job_under_its_target_reports_it_met(tmp_path: Path, change: dict[str,
 
     goal = factories.spec(**change).target
     if goal.metric == "sparsity":
-        assert result["sparsity"] >= goal.value
+        assert (result.sparsity or 0) >= goal.value
     else:
-        assert result[f"{goal.metric}_after"] <= goal.value * result[f"{goal.metric}_before"]
-    assert result["target_met"] is True
+        after = getattr(result, f"{goal.metric}_after")
+        assert after <= goal.value * getattr(result, f"{goal.metric}_before")
+    assert result.target_met is True
 
 
 def test_each_member_of_a_family_meets_its_own_target(tmp_path: Path) -> None:
     result = _execute(tmp_path, targets=[{"macs": 0.8}, {"macs": 0.55}])
 
-    for member, goal in zip(result["family"], (0.8, 0.55), strict=True):
-        assert member["macs_after"] <= goal * result["macs_before"]
-        assert member["target_met"] is True
-    assert result["target_met"] is True
+    for member, goal in zip(result.family or [], (0.8, 0.55), strict=True):
+        assert member.macs_after <= goal * result.macs_before
+        assert member.target_met is True
+    assert result.target_met is True
 
 
 def test_a_job_that_falls_short_fails_with_what_it_reached(

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.jobs.results import JobResult
 from service.settings import get_settings
 from tests.integration.services import free_port
 from tests.worker import factories
@@ -57,7 +58,7 @@ def loopback_allowed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
 
 
-def _prune(tmp_path: Path, tracking_uri: str, run_name: str) -> dict[str, object]:
+def _prune(tmp_path: Path, tracking_uri: str, run_name: str) -> JobResult:
     spec = factories.spec(
         outputs=["safetensors"],
         finetune={"epochs": 1},
@@ -72,10 +73,10 @@ def test_a_job_logs_params_metrics_report_and_model(
 ) -> None:
     result = _prune(tmp_path, tracking_server, "half the macs")
 
-    logged = result["mlflow"]
-    assert isinstance(logged, dict) and "run_id" in logged, logged
+    logged = result.mlflow
+    assert logged is not None and logged.run_id is not None, logged
     client = MlflowClient(tracking_server)
-    run = client.get_run(logged["run_id"])
+    run = client.get_run(logged.run_id)
     assert run.info.run_name == "half the macs" and run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "bert-pruning"
     assert run.data.params["target.macs"] == "0.5" and run.data.params["method"] == "oba"
@@ -96,16 +97,17 @@ def test_a_tracking_server_that_is_down_leaves_the_job_standing(
 ) -> None:
     result = _prune(tmp_path, f"http://127.0.0.1:{free_port()}", "nobody listens")
 
-    assert result["macs_after"]  # the pruning stands
-    logged = result["mlflow"]
-    assert isinstance(logged, dict) and "error" in logged and "run_id" not in logged
+    assert result.macs_after  # the pruning stands
+    logged = result.mlflow
+    assert logged is not None and logged.error and logged.run_id is None
 
 
 def test_a_private_tracking_server_is_refused_without_the_allow_list(tmp_path: Path) -> None:
     get_settings.cache_clear()
     result = _prune(tmp_path, "http://10.0.0.1:5000", "refused")
 
-    assert result["mlflow"] == {
+    assert result.mlflow is not None
+    assert result.mlflow.model_dump() == {
         "error": "mlflow.tracking_uri: the host '10.0.0.1' resolves to 10.0.0.1, a non-public "
         "address; the operator can allow it with APOPTOSIS_WEBHOOK_ALLOW",
         "tracking_uri": "http://10.0.0.1:5000",

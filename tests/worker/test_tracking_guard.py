@@ -11,21 +11,32 @@ from typing import Any
 
 import pytest
 
+from service.jobs.results import JobResult, Metrics, Step
 from service.settings import get_settings
 from tests.worker import factories
 from tests.worker.loopback import answer, body_of, serving
 from worker import tracking
 from worker.export import Exported
 
-RESULT: dict[str, Any] = {
-    "macs_before": 100,
-    "macs_after": 50,
-    "params_before": 10,
-    "params_after": 6,
-    "before": {"loss": 2.0},
-    "after_pruning": {"loss": 2.5},
-    "steps": [{"step": 1, "macs": 70, "params": 8, "loss": 2.2}],
-}
+RESULT = JobResult(
+    macs_before=100,
+    macs_after=50,
+    params_before=10,
+    params_after=6,
+    before=Metrics(loss=2.0),
+    after_pruning=Metrics(loss=2.5),
+    after_finetune=None,
+    target_met=True,
+    sparsity=None,
+    example_inputs={"input_ids": [1, 8]},
+    config_updates={},
+    widths={},
+    steps=[Step(step=1, macs=70, params=8, loss=2.2, seconds_scoring=0.1)],
+    evaluated_on="calibration",
+    micro_batch_rows=8,
+    exports={},
+    seconds={"prune": 1.0},
+)
 
 
 @pytest.fixture
@@ -36,8 +47,9 @@ def tenant_host_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _log(tracking_uri: str, exports: list[Exported] | None = None) -> dict[str, Any]:
+    """The run as the job's result records it (JSON: the fields it has)."""
     spec = factories.spec(mlflow={"tracking_uri": tracking_uri, "experiment": "e"})
-    return tracking.log_job(spec, RESULT, exports or [])
+    return tracking.log_job(spec, RESULT, exports or []).model_dump()
 
 
 def _fake_mlflow(artifact_uri: str, seen: list[tuple[str, str, bytes]]) -> Any:
@@ -128,4 +140,4 @@ def test_artifacts_go_through_the_servers_proxy(tenant_host_allowed: None, tmp_p
     puts = {path: body for method, path, body in seen if method == "PUT"}
     prefix = "/api/2.0/mlflow-artifacts/artifacts/1/run1/artifacts"
     assert puts[f"{prefix}/model/model.zip"] == b"weights"
-    assert json.loads(puts[f"{prefix}/report.json"])["result"] == RESULT
+    assert json.loads(puts[f"{prefix}/report.json"])["result"] == RESULT.model_dump(mode="json")

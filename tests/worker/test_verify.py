@@ -12,6 +12,7 @@ from sqlalchemy import select
 from torch import nn
 
 from service.db import get_sessionmaker
+from service.jobs.results import JobResult
 from service.orm import Artifact, Job
 from tests.worker import factories
 from tests.worker.stored import stored_bert, stored_job
@@ -22,7 +23,7 @@ from worker.verify import TOLERANCE, ExportMismatch, compare
 CPU = torch.device("cpu")
 
 
-def _execute(tmp_path: Path, **spec: Any) -> dict[str, Any]:
+def _execute(tmp_path: Path, **spec: Any) -> JobResult:
     return factories.run_bert_job(tmp_path, factories.spec(**spec))
 
 
@@ -43,9 +44,10 @@ def wrong_ffn_width(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_hf_output_records_how_it_reloaded(tmp_path: Path) -> None:
     result = _execute(tmp_path)
 
-    checks = result["exports"]["hf"]
-    assert checks["loaded_with"] == "BertForSequenceClassification"
-    assert 0 <= checks["relative_diff"] <= TOLERANCE and checks["max_abs_diff"] >= 0
+    checks = result.exports["hf"]
+    assert checks.loaded_with == "BertForSequenceClassification"
+    assert checks.relative_diff is not None and checks.max_abs_diff is not None
+    assert 0 <= checks.relative_diff <= TOLERANCE and checks.max_abs_diff >= 0
 
 
 def test_a_wrong_config_update_fails_the_job_naming_the_tensors(

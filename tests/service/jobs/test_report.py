@@ -16,6 +16,14 @@ RESULT = {
     "after_finetune": None,
     "widths": {"<script>alert(1)</script>": 8, "fc1": 16},
     "seconds": {"prune": 1.5},
+    "target_met": True,
+    "sparsity": None,
+    "example_inputs": {"x": [1, 16]},
+    "config_updates": {},
+    "steps": [{"step": 1, "macs": 500, "params": 120, "loss": 0.7, "seconds_scoring": 0.2}],
+    "evaluated_on": "calibration",
+    "micro_batch_rows": 8,
+    "exports": {},
 }
 
 
@@ -51,7 +59,12 @@ def test_an_unknown_report_format_is_422(client: TestClient, db: Session, alice:
 def test_a_familys_report_plots_its_trade_off(
     client: TestClient, db: Session, alice: Caller
 ) -> None:
-    member: dict[str, object] = {"after_finetune": None, "widths": {}, "exports": {}}
+    member: dict[str, object] = {
+        "after_finetune": None,
+        "widths": {},
+        "exports": {},
+        "target_met": True,
+    }
     family = [
         member | {"target": {"macs": 0.75}, "macs_after": 750, "params_after": 170,
                   "after_pruning": {"loss": 0.55, "accuracy": 0.88, "latency_ms": 3.1}},

@@ -1,0 +1,152 @@
+"""What a job reports on its way and at its end, typed: the worker builds these records, the
+API declares them (`JobOut`, so the OpenAPI document shows them), and the SDK, the CLI, the
+report and MLflow logging read them by attribute. Optional parts a job did not produce are left
+out of the JSON (`exclude_if`), so a result reads the same on the wire as it did untyped."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+def _unset(value: object) -> bool:
+    return value is None
+
+
+class Metrics(BaseModel):
+    """Measured on the evaluation batches (held out, or the calibration batches)."""
+
+    loss: float
+    # where the labels are classes the model's head predicts
+    accuracy: float | None = Field(default=None, exclude_if=_unset)
+    # one forward pass of the example batch on the worker (measured with the model)
+    latency_ms: float | None = Field(default=None, exclude_if=_unset)
+
+
+class Step(BaseModel):
+    """One pruning step: the sizes it left and the loss on the calibration batches."""
+
+    step: int  # counted across a family's targets
+    macs: int
+    params: int
+    loss: float | None  # measured by the next step's scoring pass (None while that is pending)
+    seconds_scoring: float
+
+
+class Difference(BaseModel):
+    max_abs_diff: float
+    relative_diff: float
+
+
+class ExportChecks(BaseModel):
+    """How an output was verified against the pruned module on the example batch."""
+
+    max_abs_diff: float | None = Field(default=None, exclude_if=_unset)
+    relative_diff: float | None = Field(default=None, exclude_if=_unset)
+    loaded_with: str | None = Field(default=None, exclude_if=_unset)  # hf: the class it loaded
+    # hf of a sentence-transformers folder: its outputs as loaded by that library, or why not
+    sentence_transformers: Difference | str | None = Field(default=None, exclude_if=_unset)
+    dynamic_batch: bool | None = Field(default=None, exclude_if=_unset)  # onnx, pt2
+
+
+class LatencyRound(BaseModel):
+    macs_kept: float
+    latency_ms: float
+
+
+class Latency(BaseModel):
+    """A latency target's timings on the worker that pruned: one forward pass of `batch` rows."""
+
+    target_ms: float
+    batch: int
+    before_ms: float
+    after_ms: float
+    noise_ms: float
+    speedup: float
+    macs_ratio: float
+    round_to: int | None  # widths rounded to a multiple where this device rewards it
+    rounds: list[LatencyRound]
+
+
+class TrackingRun(BaseModel):
+    """Where the job was logged in MLflow, or why it was not (`error`)."""
+
+    tracking_uri: str
+    run_id: str | None = Field(default=None, exclude_if=_unset)
+    experiment_id: str | None = Field(default=None, exclude_if=_unset)
+    artifacts_error: str | None = Field(default=None, exclude_if=_unset)
+    error: str | None = Field(default=None, exclude_if=_unset)
+
+
+class Member(BaseModel):
+    """One model a job made: a family's member at its target (a plain job has one)."""
+
+    target: dict[str, float]  # {"macs": 0.5}
+    macs_after: int
+    params_after: int
+    after_pruning: Metrics
+    after_finetune: Metrics | None
+    widths: dict[str, int]  # output channels per group root (depth: block count)
+    target_met: bool
+    exports: dict[str, ExportChecks]  # by format
+
+
+class JobResult(BaseModel):
+    """A succeeded job: before and after, how it got there, and what it wrote."""
+
+    before: Metrics
+    after_pruning: Metrics
+    after_finetune: Metrics | None
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    # every target reached (a job that misses one fails as `target_unreachable` instead)
+    target_met: bool
+    sparsity: float | None  # unstructured and 2:4: the fraction of eligible weights zeroed
+    # MACs and latency refer to one row of these shapes
+    example_inputs: dict[str, list[int]]
+    # what the `hf` output's config states differently (per-layer lists included)
+    config_updates: dict[str, Any]
+    widths: dict[str, int]
+    steps: list[Step]
+    evaluated_on: Literal["held_out", "calibration"]
+    # rows per scoring pass: fewer than batch_size when a batch would not fit in memory
+    micro_batch_rows: int
+    exports: dict[str, ExportChecks]
+    seconds: dict[str, float]  # per stage; "score" and "recalibrate" are parts of "prune"
+    family: list[Member] | None = Field(default=None, exclude_if=_unset)
+    latency: Latency | None = Field(default=None, exclude_if=_unset)
+    mlflow: TrackingRun | None = Field(default=None, exclude_if=_unset)
+
+    @property
+    def members(self) -> list[Member]:
+        """The models the job made: a family's members, or the one model."""
+        if self.family:
+            return self.family
+        return [
+            Member(
+                target={},
+                macs_after=self.macs_after,
+                params_after=self.params_after,
+                after_pruning=self.after_pruning,
+                after_finetune=self.after_finetune,
+                widths=self.widths,
+                target_met=self.target_met,
+                exports=self.exports,
+            )
+        ]
+
+
+class Progress(BaseModel):
+    """Where a running job is: its stage and how far through it (empty while queued)."""
+
+    stage: str | None = Field(default=None, exclude_if=_unset)
+    percent: float | None = Field(default=None, exclude_if=_unset)
+    step: int | None = Field(default=None, exclude_if=_unset)  # pruning: step of total
+    total: int | None = Field(default=None, exclude_if=_unset)
+    macs: int | None = Field(default=None, exclude_if=_unset)
+    params: int | None = Field(default=None, exclude_if=_unset)
+    epoch: int | None = Field(default=None, exclude_if=_unset)  # fine-tuning: epoch of epochs
+    epochs: int | None = Field(default=None, exclude_if=_unset)
+    format: str | None = Field(default=None, exclude_if=_unset)  # exporting: which output
+    target: dict[str, float] | None = Field(default=None, exclude_if=_unset)  # a member's
