@@ -16,9 +16,9 @@ WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY alembic ./alembic
 COPY service ./service
-# The project's own dependencies only (no extras: torch is in `worker`). Editable, so that
-# `apoptosis migrate` finds alembic.ini and alembic/ beside the service package.
-RUN pip install -e .
+# The server's packages only (torch is in `worker`). Editable, so that `apoptosis migrate`
+# finds alembic.ini and alembic/ beside the service package.
+RUN pip install -e ".[server]"
 
 USER apoptosis
 EXPOSE 8000

@@ -4,10 +4,11 @@ jobs: `cli_api.py`), or prune on this machine without one (prune)."""
 import fcntl
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, requires, version
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, NoReturn, cast
 
@@ -48,6 +49,32 @@ def _options(
     """Apoptosis: Hessian-based model pruning as a service."""
 
 
+def _needs(command: str, *extras: str) -> None:
+    """`pip install apoptosis` is the SDK and the client commands: a command that runs the
+    service says in one line which extras it needs, rather than failing deep in an import."""
+    if not all(_installed(extra) for extra in extras):
+        _fail(
+            f"apoptosis {command} needs the {' and the '.join(extras)}: "
+            f"pip install 'apoptosis[{','.join(extras)}]'"
+        )
+
+
+def _installed(extra: str) -> bool:
+    """Whether every package the extra lists is installed, read from this install's metadata:
+    pyproject.toml's list, not a copy of it."""
+    try:
+        requirements = requires("apoptosis") or []
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return True
+    for requirement in requirements:
+        if requirement.endswith(f'extra == "{extra}"'):
+            try:
+                version(re.split(r"[\[<>=!~;\s]", requirement, maxsplit=1)[0])
+            except PackageNotFoundError:
+                return False
+    return True
+
+
 def _use_home(home: Path | None) -> None:
     if home is not None:
         os.environ["APOPTOSIS_HOME"] = str(home)
@@ -59,6 +86,7 @@ def _use_home(home: Path | None) -> None:
 @app.command()
 def migrate() -> None:
     """Bring the database schema up to date."""
+    _needs("migrate", "server")
     from service import migrate as migrations
     from service.settings import get_settings
 
@@ -69,6 +97,7 @@ def migrate() -> None:
 @app.command()
 def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the HTTP API."""
+    _needs("api", "server")
     import uvicorn
 
     uvicorn.run(
@@ -84,6 +113,7 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
 @app.command()
 def worker(queues: str = "cpu,gpu", name: str = "worker@%h") -> None:
     """Run one worker process (one per GPU): Celery, solo pool, one job at a time."""
+    _needs("worker", "server", "worker")
     os.execvp(sys.executable, _worker_command(queues, name))
 
 
@@ -120,6 +150,7 @@ def up(
     home: Annotated[Path, typer.Option(help="where the embedded state lives")] = Path("var"),
 ) -> None:
     """Embedded service: migrate SQLite under HOME, start one worker and the API."""
+    _needs("up", "server", "worker")
     _use_home(home)
     from service import migrate as migrations
     from service.settings import get_settings
@@ -205,6 +236,11 @@ def _key_store() -> "sessionmaker[Session]":
     except OperationalError as error:
         _fail(f"cannot open the database at {url}: {str(error.orig).splitlines()[0]}")
     return get_sessionmaker()
+
+
+@keys_app.callback()
+def _keys() -> None:
+    _needs("keys", "server")  # before a command imports the database layer
 
 
 @keys_app.command("create")

@@ -62,7 +62,6 @@ def project_install(dockerfile: Path) -> tuple[int, list[str]]:
     """The index among RUN instructions of the one that installs this project, and the
     requirements that brings: the dependencies plus those of each extra it names."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    optional: dict[str, list[str]] = project["optional-dependencies"]
     pattern = re.compile(r'pip install (?:-e )?"?\.(?:\[([\w,-]+)\])?"?(?:\s|$)')
     ((index, extras),) = [
         (index, match[1] or "")
@@ -71,12 +70,25 @@ def project_install(dockerfile: Path) -> tuple[int, list[str]]:
     ]
     requirements = list(project["dependencies"])
     for extra in filter(None, extras.split(",")):
-        # pip only warns about an unknown extra; here it is a mistake.
-        assert extra in optional, (
-            f"{dockerfile.name} installs an extra that does not exist: {extra}"
-        )
-        requirements += optional[extra]
+        requirements += extra_requirements(project, extra, dockerfile.name)
     return index, requirements
+
+
+def extra_requirements(project: dict[str, Any], extra: str, installer: str) -> list[str]:
+    """What an extra brings, with the extras it names of this project itself (`worker`
+    includes `apoptosis[server]`) expanded, as pip resolves them."""
+    optional: dict[str, list[str]] = project["optional-dependencies"]
+    # pip only warns about an unknown extra; here it is a mistake.
+    assert extra in optional, f"{installer} installs an extra that does not exist: {extra}"
+    requirements = []
+    for requirement in optional[extra]:
+        own = re.fullmatch(rf"{project['name']}\[([\w,-]+)\]", requirement)
+        if own is None:
+            requirements.append(requirement)
+            continue
+        for named in own[1].split(","):
+            requirements += extra_requirements(project, named, installer)
+    return requirements
 
 
 def test_compose_file_is_valid() -> None:
@@ -131,6 +143,16 @@ def test_api_image_installs_no_torch() -> None:
     assert not [args for args in arguments(API_DOCKERFILE, "COPY") if "worker" in args]
     _, requirements = project_install(API_DOCKERFILE)
     assert not [r for r in requirements if "torch" in r.lower()]
+
+
+@pytest.mark.parametrize("dockerfile", [API_DOCKERFILE, WORKER_DOCKERFILE])
+def test_images_install_the_server(dockerfile: Path) -> None:
+    """The base install is the SDK and the CLI's client: both images run the server's code
+    (the worker keeps its jobs through the service's database, queue and store)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    server = extra_requirements(project, "server", "pyproject.toml")
+    _, requirements = project_install(dockerfile)
+    assert not set(server) - set(requirements)
 
 
 def test_api_image_serves_as_a_user_with_a_healthcheck() -> None:
