@@ -1,18 +1,19 @@
 """A job's steps, free of the database and the queue (tests call them directly):
-load → measure → prune (with progress) → measure → fine-tune → measure → export."""
+load → measure → prune (with progress) → measure → fine-tune → measure → export.
+
+`JobFiles` and `JobFailed` (worker/inputs.py) are part of this interface."""
 
 import copy
 import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
-from service.errors import CodedError
 from service.jobs.results import (
     ExportChecks,
     JobResult,
@@ -23,45 +24,18 @@ from service.jobs.results import (
     Step,
 )
 from service.jobs.schemas import JobSpec, Target
-from worker import (
-    datasets,
-    evaluation,
-    export,
-    finetune,
-    latency,
-    losses,
-    memory,
-    microbatch,
-    models,
-    precision,
-    tracking,
-)
+from worker import evaluation, export, finetune, latency, losses, precision, tracking
 from worker.engine import (
     PruneConfig,
     PruneResult,
     StepRecord,
     TargetUnreachable,
-    architectures,
     measure,
     prune_,
 )
 from worker.engine.config import TargetMetric
 from worker.engine.plan import Plan
-
-
-class JobFailed(CodedError):
-    """A job that cannot go on for a reason its user can fix (`target_unreachable`, …)."""
-
-
-@dataclass(frozen=True)
-class JobFiles:
-    model_root: Path  # the extracted model upload (or the pickle file)
-    model_format: str
-    data: Path
-    data_format: str
-    evaluation: Path | None  # a separate evaluation dataset, same format as `data`
-    work: Path  # where exports are written
-
+from worker.inputs import Inputs, JobFailed, JobFiles, load_inputs
 
 Report = Callable[[Progress], None]
 
@@ -79,77 +53,119 @@ def execute(
     (cancellation); `check` is the cheap form, called between fine-tuning batches, and raises
     the same way (the lifecycle's reads the state its background heartbeat keeps).
     `memory_limit` caps the bytes the job may use (0: what the device has free)."""
-    seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    report(Progress(stage="loading", percent=0))
-    loaded = models.load(files.model_root, files.model_format, trusted=trusted)
-    memory.check_fits(loaded.model, device, memory_limit)
-    saved = precision.saved_dtype(loaded.model)  # what the outputs are written in
-    working = precision.compute_dtype(saved, device)
-    net = loaded.model.to(device=device, dtype=working)
-    if "hf" in spec.outputs:
-        _check_hf_output(net, spec.granularity)
-    preprocess = spec.preprocess.model_dump() if spec.preprocess else None
-    columns = datasets.load(files.data, files.data_format, loaded, preprocess)
-    held_out = None
-    if files.evaluation is not None:
-        held_out = datasets.load(files.evaluation, files.data_format, loaded, preprocess)
-    elif spec.evaluation is not None and spec.evaluation.fraction:
-        columns, held_out = datasets.split(columns, spec.evaluation.fraction)
-    size = spec.calibration.batch_size
-    calibration = datasets.batches(columns, spec.calibration.batches, size, device, working)
-    if not calibration:
-        raise JobFailed("empty_dataset", "the dataset has no rows")
-    if spec.loss in losses.NEED_LABELS and "labels" not in columns:
-        raise JobFailed(
-            "missing_labels",
-            f"loss {spec.loss!r} needs a 'labels' array in the dataset; add one, or use "
-            "loss 'distill', which needs none",
-        )
-    eval_batches = (
-        datasets.batches(held_out, 10_000, size, device, working)
-        if held_out is not None
-        else calibration
-    )
-    report(Progress(stage="measuring", percent=0))
-    loss_fn = losses.make_loss(spec.loss, net, loaded.pooling)
-    room = memory.free_bytes(device, memory_limit)
-    if spec.calibration.max_memory is not None:
-        room = min(room, spec.calibration.max_memory)
-    pass_rows = microbatch.rows_per_pass(net, loss_fn, calibration[0], room)
-    calibration = microbatch.split(calibration, pass_rows)
-    example = models.example_inputs(loaded, batch=calibration[0], device=device)
-    seconds["load"] = time.perf_counter() - clock
+    inputs = load_inputs(spec, files, device, trusted, memory_limit, report)
+    run = _Run(spec, files, device, inputs, report, check)
+    run.seconds["load"] = time.perf_counter() - clock
+    # the distillation loss's teacher is the model itself until pruning starts
+    before = run.measure(is_teacher=spec.loss == "distill")
+    for goal, steps in zip(spec.goals, run.budget, strict=True):
+        run.members.append(run.reach(goal, steps))
+    result = run.result(before)
+    if spec.mlflow is not None:
+        report(Progress(stage="tracking", percent=100))
+        result.mlflow = tracking.log_job(spec, result, run.exports)
+    return result, run.exports
 
-    distilled = spec.loss == "distill"
-    before = _measure(net, eval_batches, loss_fn, example, seconds, is_teacher=distilled)
-    goals = spec.goals
-    budget = steps_per_goal(spec.schedule.steps, [goal.value for goal in goals])
-    family = spec.targets is not None
-    history: list[Step] = []
-    members: list[Member] = []
-    exports: list[export.Exported] = []
-    plan = Plan()
-    original: dict[str, int] = {}
+
+@dataclass
+class _Run:
+    """A job between its stages: the model as pruned so far and what each stage recorded."""
+
+    spec: JobSpec
+    files: JobFiles
+    device: torch.device
+    inputs: Inputs
+    report: Report
+    check: Callable[[], None]
+    steps: list[Step] = field(default_factory=list)  # counted across a family's targets
+    members: list[Member] = field(default_factory=list)
+    exports: list[export.Exported] = field(default_factory=list)
+    plan: Plan = field(default_factory=Plan)
+    original: dict[str, int] = field(default_factory=dict)  # MACs and params before pruning
+    timing: dict[str, Any] | None = None  # a latency target's measurements
+    sparsity: float | None = None
     # where the time goes: "score" and "recalibrate" (BatchNorm statistics) are parts of "prune"
-    seconds |= {"prune": 0.0, "score": 0.0, "recalibrate": 0.0, "finetune": 0.0, "export": 0.0}
-    # the exporters trace the model on the CPU, in the dtype it is written in
-    cpu_example = {
-        k: precision.cast(v.cpu(), saved) if isinstance(v, torch.Tensor) else v
-        for k, v in example.items()
-    }
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("prune", "score", "recalibrate", "finetune", "export"), 0.0
+        )
+    )
 
-    def on_step(record: StepRecord) -> None:
-        # Each step's loss (mean over the calibration batches) is measured by the next step's
-        # scoring pass, or at the end of the target; data-free steps take one batch's pass.
-        if history and history[-1].loss is None:
-            history[-1].loss = record.loss_before
+    @property
+    def budget(self) -> list[int]:
+        return steps_per_goal(self.spec.schedule.steps, [goal.value for goal in self.spec.goals])
+
+    def reach(self, goal: Target, steps: int) -> Member:
+        """Prune to `goal` (refused if missed), measure, fine-tune, export: one member."""
+        result = self.prune(goal, steps)
+        after_pruning = self.measure()
+        self.close_last_step(after_pruning)
+        after_finetune = None
+        if self.spec.finetune is not None:
+            clock = time.perf_counter()
+            with precision.master_weights(self.inputs.net, self.device):
+                _finetune(self.spec, self.inputs, result.masks, self.report, self.check)
+            self.seconds["finetune"] += time.perf_counter() - clock
+            after_finetune = self.measure()
+        made = self.export(goal)
+        return Member(
+            target={goal.metric: goal.value},
+            macs_after=result.macs,
+            params_after=result.params,
+            after_pruning=after_pruning,
+            after_finetune=after_finetune,
+            widths=result.history[-1].widths if result.history else {},
+            target_met=True,  # prune() refused the job otherwise
+            exports={e.format: ExportChecks.model_validate(e.checks) for e in made},
+        )
+
+    def prune(self, goal: Target, steps: int) -> PruneResult:
+        """The model pruned to `goal` in `steps` steps; `target_unreachable` if it missed."""
+        net, inputs = self.inputs.net, self.inputs
+        clock = time.perf_counter()
+        if goal.metric == "latency_ms":
+            result, self.timing = _prune_to_latency(
+                self.spec, net, inputs.example, inputs.calibration, inputs.loss_fn, self.on_step
+            )
+        else:
+            kept = _kept(self.original, net, inputs.example, goal.metric) if self.original else 1
+            # A target the last one already passed still prunes a little: each member is smaller.
+            config = prune_config(self.spec, target=min(goal.value / kept, 0.99), steps=steps)
+            result = prune_(
+                net,
+                inputs.example,
+                inputs.calibration,
+                inputs.loss_fn,
+                config,
+                on_step=self.on_step,
+            )
+        self.seconds["prune"] += time.perf_counter() - clock
+        self.seconds["score"] += sum(record.seconds_scoring for record in result.history)
+        self.seconds["recalibrate"] += sum(r.seconds_recalibrating for r in result.history)
+        self.original = self.original or {
+            "macs": result.initial_macs,
+            "params": result.initial_params,
+        }
+        reached = _reached(goal.metric, result, self.original, self.timing)
+        if not _target_met(goal, reached, result):  # never a success that missed its target
+            raise _unreachable(goal, reached, self.timing, self.spec.granularity)
+        self.plan = self.plan.then(result.plan)
+        self.sparsity = result.sparsity
+        return result
+
+    def on_step(self, record: StepRecord) -> None:
+        """Record a pruning step and report it. Each step's loss (mean over the calibration
+        batches) is measured by the next step's scoring pass, or at the end of the target;
+        data-free steps take one batch's pass."""
+        if self.steps and self.steps[-1].loss is None:
+            self.steps[-1].loss = record.loss_before
         loss = None
         if record.loss_before is None:
             with torch.no_grad():
-                loss = evaluation.evaluate(net, calibration[:1], loss_fn)["loss"]
-        step = len(history) + 1  # counted across the family's targets
-        history.append(
+                loss = self.evaluate(self.inputs.calibration[:1])
+        step, total = len(self.steps) + 1, sum(self.budget)
+        self.steps.append(
             Step(
                 step=step,
                 macs=record.macs,
@@ -158,104 +174,99 @@ def execute(
                 seconds_scoring=round(record.seconds_scoring, 4),
             )
         )
-        report(
+        percent = min(99.0, round(100 * step / total, 1))
+        self.report(
             Progress(
                 stage="pruning",
                 step=step,
-                total=sum(budget),
-                percent=min(99.0, round(100 * step / sum(budget), 1)),
+                total=total,
+                percent=percent,
                 macs=record.macs,
                 params=record.params,
             )
         )
 
-    timing: dict[str, Any] | None = None
-    for goal, steps in zip(goals, budget, strict=True):
-        clock = time.perf_counter()
-        if goal.metric == "latency_ms":
-            result, timing = _prune_to_latency(spec, net, example, calibration, loss_fn, on_step)
-        else:
-            kept = _kept(original, net, example, goal.metric) if original else 1.0
-            # A target the last one already passed still prunes a little: each member is smaller.
-            config = prune_config(spec, target=min(goal.value / kept, 0.99), steps=steps)
-            result = prune_(net, example, calibration, loss_fn, config, on_step=on_step)
-        seconds["prune"] += time.perf_counter() - clock
-        seconds["score"] += sum(record.seconds_scoring for record in result.history)
-        seconds["recalibrate"] += sum(r.seconds_recalibrating for r in result.history)
-        original = original or {"macs": result.initial_macs, "params": result.initial_params}
-        reached = _reached(goal.metric, result, original, timing)
-        met = _target_met(goal, reached, result)
-        if not met:  # never a success (or an export) that missed its target
-            raise _unreachable(goal, reached, timing, spec.granularity)
-        plan = plan.then(result.plan)
-        after_pruning = _measure(net, eval_batches, loss_fn, example, seconds)
-        if history and history[-1].loss is None:  # the target's last step
+    def close_last_step(self, after_pruning: Metrics) -> None:
+        """The target's last step has no next scoring pass: its loss is measured here."""
+        if self.steps and self.steps[-1].loss is None:
             with torch.no_grad():
-                history[-1].loss = (
+                self.steps[-1].loss = (
                     after_pruning.loss  # the same batches, whole
-                    if held_out is None
-                    else evaluation.evaluate(net, calibration, loss_fn)["loss"]
+                    if not self.inputs.held_out
+                    else self.evaluate(self.inputs.calibration)
                 )
-        after_finetune = None
-        if spec.finetune is not None:
-            clock = time.perf_counter()
-            with precision.master_weights(net, device):
-                _finetune(spec, net, calibration, loss_fn, result.masks, report, check)
-            seconds["finetune"] += time.perf_counter() - clock
-            after_finetune = _measure(net, eval_batches, loss_fn, example, seconds)
+
+    def evaluate(self, batches: list[dict[str, Any]]) -> float:
+        return evaluation.evaluate(self.inputs.net, batches, self.inputs.loss_fn)["loss"]
+
+    def measure(self, is_teacher: bool = False) -> Metrics:
+        """Loss (and accuracy) on the evaluation batches and latency; its time adds to
+        "measure". `is_teacher`: the model is still the distillation loss's teacher (nothing
+        is pruned yet), so its loss is 0 by definition, and only accuracy, where labels are
+        classes, takes a pass."""
         clock = time.perf_counter()
-        label = {goal.metric: goal.value} if family else None
-        # Written in the dtype the upload was saved in; a copy when that differs, so that the
-        # next target of a family goes on from unrounded weights.
-        exporting = net if saved == working else copy.deepcopy(net).to(dtype=saved)
+        net, batches = self.inputs.net, self.inputs.evaluation
+        if is_teacher and not any(evaluation.class_labels(b) is not None for b in batches):
+            metrics = {"loss": 0.0}
+        else:
+            metrics = evaluation.evaluate(net, batches, self.inputs.loss_fn)
+        latency_ms = evaluation.latency_ms(net, self.inputs.example)
+        self.seconds["measure"] = self.seconds.get("measure", 0.0) + time.perf_counter() - clock
+        return Metrics(**metrics, latency_ms=latency_ms)
+
+    def export(self, goal: Target) -> list[export.Exported]:
+        """Every output of the model as it is now, in the dtype the upload was saved in (a
+        copy when that differs, so that a family's next target goes on from unrounded
+        weights); a family's member's files are named by its target."""
+        clock = time.perf_counter()
+        inputs = self.inputs
+        label = {goal.metric: goal.value} if self.spec.targets is not None else None
+        net = inputs.net
+        exporting = net if inputs.saved == inputs.working else copy.deepcopy(net).to(inputs.saved)
         made = _export(
-            spec.outputs, exporting, cpu_example, loaded.directory, files.work, plan, label, report
+            self.spec.outputs,
+            exporting,
+            inputs.cpu_example(),
+            inputs.loaded.directory,
+            self.files.work,
+            self.plan,
+            label,
+            self.report,
         )
-        net.to(device)  # the exporters work on the CPU; the next target prunes on the device
-        seconds["export"] += time.perf_counter() - clock
-        exports += made
-        members.append(
-            Member(
-                target={goal.metric: goal.value},
-                macs_after=result.macs,
-                params_after=result.params,
-                after_pruning=after_pruning,
-                after_finetune=after_finetune,
-                widths=result.history[-1].widths if result.history else {},
-                target_met=met,
-                exports={e.format: ExportChecks.model_validate(e.checks) for e in made},
-            )
+        net.to(self.device)  # the exporters work on the CPU; the next target prunes on the device
+        self.seconds["export"] += time.perf_counter() - clock
+        self.exports += made
+        return made
+
+    def result(self, before: Metrics) -> JobResult:
+        last = self.members[-1]
+        return JobResult(
+            before=before,
+            after_pruning=last.after_pruning,
+            after_finetune=last.after_finetune,
+            params_before=self.original["params"],
+            params_after=last.params_after,
+            macs_before=self.original["macs"],
+            macs_after=last.macs_after,
+            target_met=all(member.target_met for member in self.members),
+            sparsity=self.sparsity,
+            example_inputs={
+                k: list(v.shape)
+                for k, v in self.inputs.example.items()
+                if isinstance(v, torch.Tensor)
+            },
+            config_updates=self.plan.config_updates,
+            widths=last.widths,
+            steps=self.steps,
+            evaluated_on="held_out" if self.inputs.held_out else "calibration",
+            micro_batch_rows=self.inputs.micro_batch_rows,
+            exports=last.exports,
+            seconds=self.seconds,
+            # one per target, each with its own model files
+            family=self.members if self.spec.targets is not None else None,
+            # measured on this worker: before, after, noise, speed-up
+            latency=Latency.model_validate(self.timing) if self.timing else None,
         )
-    last = members[-1]
-    outcome = JobResult(
-        before=before,
-        after_pruning=last.after_pruning,
-        after_finetune=last.after_finetune,
-        params_before=original["params"],
-        params_after=last.params_after,
-        macs_before=original["macs"],
-        macs_after=last.macs_after,
-        target_met=all(member.target_met for member in members),
-        sparsity=result.sparsity,
-        example_inputs={
-            k: list(v.shape) for k, v in example.items() if isinstance(v, torch.Tensor)
-        },
-        config_updates=plan.config_updates,
-        widths=last.widths,
-        steps=history,
-        evaluated_on="held_out" if held_out is not None else "calibration",
-        micro_batch_rows=min(pass_rows, size),
-        exports=last.exports,
-        seconds=seconds,
-        family=members if family else None,  # one per target, each with its own model files
-        latency=Latency.model_validate(timing)
-        if timing
-        else None,  # measured on this worker: before, after, noise, speed-up
-    )
-    if spec.mlflow is not None:
-        report(Progress(stage="tracking", percent=100))
-        outcome.mlflow = tracking.log_job(spec, outcome, exports)
-    return outcome, exports
 
 
 def _prune_to_latency(
@@ -347,15 +358,10 @@ def _kept(original: dict[str, int], net: torch.nn.Module, example: Any, metric: 
 
 
 def _finetune(
-    spec: JobSpec,
-    net: torch.nn.Module,
-    calibration: list[dict[str, Any]],
-    loss_fn: losses.LossFn,
-    masks: Any,
-    report: Report,
-    check: Callable[[], None],
+    spec: JobSpec, inputs: Inputs, masks: Any, report: Report, check: Callable[[], None]
 ) -> None:
     assert spec.finetune is not None
+    calibration = inputs.calibration
     epochs = spec.finetune.epochs
     report(Progress(stage="finetuning", epoch=0, epochs=epochs, percent=0))
 
@@ -368,7 +374,13 @@ def _finetune(
             check()
 
     finetune.finetune_(
-        net, calibration, loss_fn, epochs, spec.finetune.lr, masks=masks, on_batch=on_batch
+        inputs.net,
+        calibration,
+        inputs.loss_fn,
+        epochs,
+        spec.finetune.lr,
+        masks=masks,
+        on_batch=on_batch,
     )
 
 
@@ -424,44 +436,3 @@ def prune_config(
         depth_share=spec.depth_share,
         normalisation=spec.normalisation,
     )
-
-
-def _check_hf_output(net: torch.nn.Module, granularity: str) -> None:
-    """Fail before pruning when a Hugging Face config could not describe the result."""
-    if not hasattr(net, "save_pretrained"):
-        raise JobFailed(
-            "invalid_output",
-            "the hf output needs a Hugging Face model; choose safetensors, onnx or pt2",
-        )
-    describable = (
-        architectures.is_transformer(net)
-        or architectures.describes_stage_widths(net)
-        or architectures.states_width_multiplier(net)
-    )
-    if granularity == "channel" and not describable:
-        raise JobFailed(
-            "invalid_output",
-            f"the config of {type(net).__name__} cannot describe "
-            "pruned channels; choose safetensors, onnx or pt2 (or unstructured)",
-        )
-
-
-def _measure(
-    net: torch.nn.Module,
-    batches: list[dict[str, Any]],
-    loss_fn: losses.LossFn,
-    example: dict[str, Any],
-    seconds: dict[str, float],
-    is_teacher: bool = False,
-) -> Metrics:
-    """Loss (and accuracy) on the evaluation batches and latency; its time adds to "measure".
-    `is_teacher`: the model is still the distillation loss's teacher (nothing is pruned yet),
-    so its loss is 0 by definition, and only accuracy, where labels are classes, takes a pass."""
-    clock = time.perf_counter()
-    if is_teacher and not any(evaluation.class_labels(batch) is not None for batch in batches):
-        metrics = {"loss": 0.0}
-    else:
-        metrics = evaluation.evaluate(net, batches, loss_fn)
-    latency_ms = evaluation.latency_ms(net, example)
-    seconds["measure"] = seconds.get("measure", 0.0) + time.perf_counter() - clock
-    return Metrics(**metrics, latency_ms=latency_ms)

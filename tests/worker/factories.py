@@ -272,3 +272,30 @@ def run_bert_job(tmp_path: Path, job: JobSpec) -> JobResult:
     )
     result, _ = execute(job, files, torch.device("cpu"), False, lambda _: None)
     return result
+
+
+def job_result(**fields: Any) -> JobResult:
+    """A small succeeded job's result (MACs halved, one step, no outputs), `fields` changed."""
+    measured = {"loss": 2.0}
+    return JobResult.model_validate(
+        {
+            "before": measured,
+            "after_pruning": measured | {"loss": 2.5},
+            "after_finetune": None,
+            "params_before": 10,
+            "params_after": 6,
+            "macs_before": 100,
+            "macs_after": 50,
+            "target_met": True,
+            "sparsity": None,
+            "example_inputs": {"input_ids": [1, 8]},
+            "config_updates": {},
+            "widths": {},
+            "steps": [{"step": 1, "macs": 50, "params": 6, "loss": 2.5, "seconds_scoring": 0.1}],
+            "evaluated_on": "calibration",
+            "micro_batch_rows": 8,
+            "exports": {},
+            "seconds": {"prune": 1.0},
+        }
+        | fields
+    )

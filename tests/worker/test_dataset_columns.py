@@ -41,7 +41,7 @@ def _refusal(
             JobFiles(model, model_format, data, "tensors", evaluation, data.parent),
             CPU,
             True,  # trusted: the plain module below is a pickle
-            lambda progress: stages.append(progress["stage"]),
+            lambda progress: stages.append(str(progress.stage)),
         )
     return raised.value, stages
 

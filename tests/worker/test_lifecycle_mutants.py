@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from service.db import get_sessionmaker
 from service.jobs import repository as jobs
+from service.jobs.results import Progress
 from service.jobs.states import JobState
 from service.orm import Artifact, Job
 from service.settings import get_settings
@@ -29,7 +30,7 @@ from worker.export import Exported
 from worker.steps import JobFailed, JobFiles
 
 Steps = Callable[..., tuple[dict[str, Any], list[Exported]]]
-Act = Callable[[str, JobFiles, Callable[[dict[str, Any]], None]], Any]
+Act = Callable[[str, JobFiles, Callable[[Progress], None]], Any]
 
 
 def _job(tenant: str, root: Path) -> str:
@@ -72,19 +73,19 @@ def _exports(files: JobFiles) -> list[Exported]:
     return [Exported("safetensors", path)]
 
 
-def _fail(job_id: str, files: JobFiles, report: Callable[[dict[str, Any]], None]) -> Any:
+def _fail(job_id: str, files: JobFiles, report: Callable[[Progress], None]) -> Any:
     raise JobFailed("target_unreachable", "the steps failed")
 
 
-def _cancel(job_id: str, files: JobFiles, report: Callable[[dict[str, Any]], None]) -> Any:
+def _cancel(job_id: str, files: JobFiles, report: Callable[[Progress], None]) -> Any:
     with get_sessionmaker()() as session:  # as the API's cancel does
         assert jobs.transition(session, job_id, JobState.CANCELLING)
         session.commit()
-    report({"stage": "prune", "percent": 10})  # the next heartbeat sees it
+    report(Progress(stage="pruning", percent=10))  # the next heartbeat sees it
 
 
-def _succeed(job_id: str, files: JobFiles, report: Callable[[dict[str, Any]], None]) -> Any:
-    return {"seconds": {"load": 1.5, "prune": 2.5}}, _exports(files)
+def _succeed(job_id: str, files: JobFiles, report: Callable[[Progress], None]) -> Any:
+    return factories.job_result(seconds={"load": 1.5, "prune": 2.5}), _exports(files)
 
 
 @pytest.mark.parametrize(

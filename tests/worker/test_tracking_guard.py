@@ -11,31 +11,14 @@ from typing import Any
 
 import pytest
 
-from service.jobs.results import JobResult, Metrics, Step
 from service.settings import get_settings
 from tests.worker import factories
 from tests.worker.loopback import answer, body_of, serving
 from worker import tracking
 from worker.export import Exported
 
-RESULT = JobResult(
-    macs_before=100,
-    macs_after=50,
-    params_before=10,
-    params_after=6,
-    before=Metrics(loss=2.0),
-    after_pruning=Metrics(loss=2.5),
-    after_finetune=None,
-    target_met=True,
-    sparsity=None,
-    example_inputs={"input_ids": [1, 8]},
-    config_updates={},
-    widths={},
-    steps=[Step(step=1, macs=70, params=8, loss=2.2, seconds_scoring=0.1)],
-    evaluated_on="calibration",
-    micro_batch_rows=8,
-    exports={},
-    seconds={"prune": 1.0},
+RESULT = factories.job_result(
+    steps=[{"step": 1, "macs": 70, "params": 8, "loss": 2.2, "seconds_scoring": 0.1}]
 )
 
 
