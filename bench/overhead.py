@@ -11,8 +11,9 @@ all-MiniLM-L6-v2 (sentences, distillation loss). Each job runs the worker's own 
 
 The question the table answers: does everything that is not scoring (or fine-tuning) cost at
 most one scoring pass (the first step's scores: the dense model on the calibration batches)?
-BatchNorm recalibration after each step is part of the method (docs/benchmarks.md: worth 35-77
-points right after pruning); it has its own column, and the last column counts it as overhead.
+BatchNorm recalibration after each step is part of the method (docs/benchmarks/quality.md:
+worth 35-77 points right after pruning); it has its own column, and the last column counts it as
+overhead.
 Each model runs one warm-up job first, as a worker process does before its second job, then
 `--repeats` jobs; the table has each stage's median. The heap is frozen as the worker freezes
 it (`worker/heap.py`): at start and after the first job.

@@ -289,9 +289,9 @@ VARIANTS = ("default", "abs_elements", "mean_norm", "abs_elements+mean_norm")
 def channel_score_variant(variant: str) -> Iterator[None]:
     """Temporarily change how the engine turns element scores into a ranked channel score.
 
-    Experimental, for the "what we tried" part of docs/benchmarks.md; it patches two private
-    engine functions, so it fails loudly if they move. `abs_elements` sums |element score| over
-    a channel (as Torch-Pruning's Taylor does) instead of |signed sum| (as OBA does);
+    Experimental, for the "what was tried" part of docs/benchmarks/quality.md; it patches two
+    private engine functions, so it fails loudly if they move. `abs_elements` sums |element
+    score| over a channel (as Torch-Pruning's Taylor does) instead of |signed sum| (as OBA does);
     `mean_norm` divides each group's channel scores by their mean (Torch-Pruning's default
     normaliser) instead of their max (LAMP's normaliser is the engine's own switch:
     `--try normalisation="lamp"`). Neither changes which channel ranks first within a group;

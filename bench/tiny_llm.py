@@ -43,9 +43,9 @@ Rows:
 Every pruned model is saved with `save_pretrained` and reloaded with `from_pretrained`; the
 `reloads` column says whether that round trip gives the same logits.
 
-Needs `apt-get install jargon-text` (or `--corpus FILE`). docs/benchmarks.md has the results.
-Run `python bench/tiny_llm.py --help`; `--quick` is a shorter smoke run (fewer calibration
-batches and held-out windows, 5 fine-tune steps) of every row.
+Needs `apt-get install jargon-text` (or `--corpus FILE`). docs/benchmarks/tiny-llm.md has the
+results. Run `python bench/tiny_llm.py --help`; `--quick` is a shorter smoke run (fewer
+calibration batches and held-out windows, 5 fine-tune steps) of every row.
 """
 
 from __future__ import annotations
