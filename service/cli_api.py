@@ -15,6 +15,7 @@ from service.cli_output import emit, fail, show_job, stderr, table
 from service.client import Client, JobFailed
 from service.jobs.schemas import JobOut, JobSpec
 from service.jobs.states import JobState
+from service.jobs.vocabulary import allocations, methods
 
 models_app = typer.Typer(help="Upload, list, show and delete models.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Upload, list, show and delete datasets.", no_args_is_help=True)
@@ -177,7 +178,7 @@ SpecFile = Annotated[
     Path | None,
     Opt("--spec", exists=True, dir_okay=False, help="a JSON job spec; options override its fields"),
 ]
-Method = Annotated[str | None, Opt(help="oba | oba_full | taylor | obd | magnitude | random")]
+Method = Annotated[str | None, Opt(help=" | ".join(methods()))]
 Granularity = Annotated[str | None, Opt(help="channel | layer | unstructured | 2:4")]
 HiddenSize = Annotated[
     bool | None, Opt(help="prune a transformer's hidden size (default: where its config says)")
@@ -186,7 +187,12 @@ DepthShare = Annotated[
     float | None, Opt(help="channel: share of the reduction taken by whole blocks first")
 ]
 Normalisation = Annotated[
-    str | None, Opt(help="max (default) | lamp: removal spread more evenly, for fine-tuning")
+    str | None,
+    Opt(
+        help=" | ".join(allocations())
+        + ": how removal is spread over layers (max, the default; lamp spreads it more evenly, "
+        "for fine-tuning)"
+    ),
 ]
 TargetOpt = Annotated[
     str | None, Opt(help="macs=0.5 | params=0.5 | sparsity=0.5 | latency_ms=5,batch=32")

@@ -36,6 +36,7 @@ from worker.engine import (
 from worker.engine.config import TargetMetric
 from worker.engine.plan import Plan
 from worker.inputs import Inputs, JobFailed, JobFiles, load_inputs
+from worker.plugins import register_plugins
 
 Report = Callable[[Progress], None]
 
@@ -53,6 +54,7 @@ def execute(
     (cancellation); `check` is the cheap form, called between fine-tuning batches, and raises
     the same way (the lifecycle's reads the state its background heartbeat keeps).
     `memory_limit` caps the bytes the job may use (0: what the device has free)."""
+    register_plugins()  # the scorer or allocation rule a spec names may be a plugin's
     clock = time.perf_counter()
     inputs = load_inputs(spec, files, device, trusted, memory_limit, report)
     run = _Run(spec, files, device, inputs, report, check)

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from service.jobs.results import JobResult, Progress
+from service.jobs.vocabulary import allocations, methods
 from service.timestamps import UtcDatetime
 
 OutputFormat = Literal["hf", "safetensors", "onnx", "pt2", "torch_pickle"]
@@ -156,7 +157,8 @@ class JobSpec(SpecPart):
     spec_version: Literal[1] = 1
     model_id: str
     dataset_id: str
-    method: Literal["oba", "oba_full", "taylor", "obd", "magnitude", "random"] = "oba"
+    # the scorer: a built-in or a plugin's (service/jobs/vocabulary.py)
+    method: str = Field(default="oba", json_schema_extra=lambda s: _names(s, methods()))
     granularity: Literal["channel", "layer", "unstructured", "2:4"] = "channel"
     # transformers: prune the hidden size too (null: where the config can state it)
     hidden_size: bool | None = None
@@ -164,7 +166,8 @@ class JobSpec(SpecPart):
     depth_share: float = Field(default=0.0, ge=0, le=1)
     # how channel scores compare across layers: "max" (OBA's) or "lamp" (spreads removal more
     # evenly; fine-tunes better at 2×, docs/benchmarks.md)
-    normalisation: Literal["max", "lamp"] = "max"
+    # (the allocation rule: a built-in or a plugin's)
+    normalisation: str = Field(default="max", json_schema_extra=lambda s: _names(s, allocations()))
     target: Target = Field(default_factory=lambda: Target(macs=0.5))
     # A family of models from one run: the model at each target, in order (one metric, each
     # smaller than the last); `target` is then the last of them.
@@ -189,6 +192,16 @@ class JobSpec(SpecPart):
         if isinstance(data, dict) and data.get("targets") and "target" not in data:
             return {**data, "target": data["targets"][-1]}
         return data
+
+    @field_validator("method")
+    @classmethod
+    def _a_known_method(cls, method: str) -> str:
+        return _known(method, methods(), "scoring method")
+
+    @field_validator("normalisation")
+    @classmethod
+    def _a_known_allocation(cls, name: str) -> str:
+        return _known(name, allocations(), "allocation rule")
 
     @property
     def uniform_widths(self) -> bool:
@@ -257,6 +270,21 @@ class JobSpec(SpecPart):
     @classmethod
     def _each_output_once(cls, outputs: list[OutputFormat]) -> list[OutputFormat]:
         return list(dict.fromkeys(outputs))
+
+
+def _names(schema: dict[str, Any], names: tuple[str, ...]) -> None:
+    """The names a field accepts, in the OpenAPI document (those installed when it was built)."""
+    schema["enum"] = list(names)
+
+
+def _known(name: str, names: tuple[str, ...], what: str) -> str:
+    if name not in names:
+        raise PydanticCustomError(
+            "unknown_name",
+            "unknown {what} '{name}'; expected one of {names}",
+            {"what": what, "name": name, "names": ", ".join(names)},
+        )
+    return name
 
 
 def _unset(value: object) -> bool:

@@ -264,11 +264,13 @@ function uploadView() {
 }
 
 async function newJobView() {
-  const [models, datasets] = await Promise.all([json("/v1/models?limit=200"), json("/v1/datasets?limit=200")]);
+  const [models, datasets, openapi] = await Promise.all([json("/v1/models?limit=200"), json("/v1/datasets?limit=200"), json("/openapi.json")]);
+  // the scorers this service knows, plugins' included: the API document lists them
+  const methods = openapi.components.schemas.JobSpec.properties.method.enum;
   const options = (rows) => rows.map((r) => el("option", { value: r.id }, `${r.name} (${r.id.slice(0, 8)})`));
   const model = el("select", { required: true }, options(models.items.filter((m) => m.state === "ready")));
   const dataset = el("select", { required: true }, options(datasets.items));
-  const method = el("select", {}, ["oba", "oba_full", "taylor", "obd", "magnitude", "random"].map((m) => el("option", { value: m }, m)));
+  const method = el("select", {}, methods.map((m) => el("option", { value: m }, m)));
   const metric = el("select", {}, ["macs", "params", "sparsity"].map((m) => el("option", { value: m }, m)));
   const value = el("input", { type: "number", min: 0.01, max: 0.99, step: 0.01, value: 0.5, required: true });
   const granularity = el("select", {}, ["channel", "layer", "unstructured", "2:4"].map((g) => el("option", { value: g }, g)));
