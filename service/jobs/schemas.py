@@ -165,7 +165,7 @@ class JobSpec(SpecPart):
     # channel granularity: share (in log space) of the reduction taken by whole blocks first
     depth_share: float = Field(default=0.0, ge=0, le=1)
     # how channel scores compare across layers: "max" (OBA's) or "lamp" (spreads removal more
-    # evenly; fine-tunes better at 2×, docs/benchmarks.md)
+    # evenly; fine-tunes better at 2×, docs/decisions/0007-lamp-normaliser-as-an-option.md)
     # (the allocation rule: a built-in or a plugin's)
     normalisation: str = Field(default="max", json_schema_extra=lambda s: _names(s, allocations()))
     target: Target = Field(default_factory=lambda: Target(macs=0.5))

@@ -82,9 +82,9 @@ def max_normalised(group: ChannelGroup, channel_scores: Tensor) -> Tensor:
     Normalising per channel (not per unit) keeps units of different sizes comparable: a head of
     head_dim channels competes with FFN neurons as the channels it holds. Normalising per unit
     made every layer's best head worth as much as its best neuron while costing head_dim times
-    the MACs, and cost-aware ranking stripped heads to their floor (docs/benchmarks.md,
-    sentence embedder: held-out cosine 0.56 against 0.72 at half the MACs). For one-channel
-    units (CNNs, FFN neurons, the hidden size) both are the same.
+    the MACs, and cost-aware ranking stripped heads to their floor (sentence embedder: held-out
+    cosine 0.56 against 0.72 at half the MACs; docs/decisions/0006-channel-max-normaliser.md).
+    For one-channel units (CNNs, FFN neurons, the hidden size) both are the same.
     """
     top = channel_scores.max()
     return unit_view(channel_scores / top if top > 0 else channel_scores, group)

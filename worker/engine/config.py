@@ -48,13 +48,13 @@ class PruneConfig:
     # Hand-written attention: projection module name -> number of heads. Hugging Face attention
     # layers are recognised without it.
     attention_heads: Mapping[str, int] = field(default_factory=dict, compare=False)
-    # The three allocation safeguards (docs/benchmarks.md has their ablation):
+    # The three allocation safeguards (docs/decisions/0004-allocation-safeguards-on-by-default.md):
     cost_aware: bool = True  # rank by score per MAC (or parameter) a channel costs
     # The allocation rule (`allocation`): how a group's channel scores are made comparable with
     # other groups' before the ranking. "max" divides by the group's largest; "lamp" divides
     # each by the sum of the scores at least as large in its group (LAMP's layer-adaptive
     # normaliser, Lee et al. 2021), which spreads removal more evenly and fine-tunes better at
-    # 2× (docs/benchmarks.md); `register_allocation` adds others.
+    # 2× (docs/decisions/0007-lamp-normaliser-as-an-option.md); `register_allocation` adds others.
     normalisation: str = "max"
     layer_floor: float = 0.1  # no group keeps fewer than this fraction of its initial width
     recalibrate_batchnorm: bool = True  # re-estimate BatchNorm statistics after each step

@@ -1,7 +1,8 @@
 """Per-parameter importance scores.
 
 Every method shares one signature and returns, per named parameter, a tensor of the parameter's
-shape: the mean over calibration batches of a per-batch score, accumulated in float64.
+shape: the mean over calibration batches of a per-batch score, summed in float32 (float64 for
+float64 parameters) and returned in float64 (docs/decisions/0002-score-precision.md).
 
 | method      | score           | quantity                                                 |
 |-------------|-----------------|----------------------------------------------------------|
