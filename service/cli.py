@@ -17,6 +17,7 @@ import typer
 from service import cli_api as remote
 from service import formats
 from service.cli_output import debug_requested, run_safely
+from service.cli_spec import SpecOptions, build_spec, with_spec_options
 from service.supervisor import WorkerSupervisor
 
 if TYPE_CHECKING:  # the commands import the database layer only when they run
@@ -311,9 +312,11 @@ def _one_active_key(session: "Session", prefix: str) -> "ApiKey":
 
 
 @app.command()
+@with_spec_options
 def prune(
     model: Annotated[Path, typer.Argument(exists=True, help="model folder or archive")],
     data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="calibration data")],
+    options: SpecOptions,
     output: Annotated[Path, typer.Option(help="where the pruned model goes")] = Path("pruned"),
     format: Annotated[
         str | None, typer.Option(help="hf | torch_pickle (default: from the file)")
@@ -321,56 +324,12 @@ def prune(
     data_format: Annotated[
         str | None, typer.Option(help="tensors | jsonl | imagefolder (default: from the file)")
     ] = None,
-    spec_file: remote.SpecFile = None,
-    target: remote.TargetOpt = "macs=0.5",
-    targets: remote.TargetsOpt = None,
-    method: remote.Method = None,
-    granularity: remote.Granularity = None,
-    hidden_size: remote.HiddenSize = None,
-    depth_share: remote.DepthShare = None,
-    normalisation: remote.Normalisation = None,
-    steps: remote.Steps = None,
-    schedule_kind: remote.ScheduleKind = None,
-    loss: remote.Loss = None,
-    batches: remote.Batches = None,
-    batch_size: remote.BatchSize = None,
-    max_memory: remote.MaxMemory = None,
-    finetune_epochs: remote.Epochs = None,
-    finetune_lr: remote.LearningRate = None,
-    eval_fraction: remote.EvalFraction = None,
-    image_size: remote.ImageSize = None,
-    mean: remote.Mean = None,
-    std: remote.Std = None,
-    outputs: remote.Outputs = None,
     device: str = "auto",
     trusted: Annotated[bool, typer.Option(help="allow pickled models (runs their code)")] = False,
 ) -> None:
     """Prune a model on this machine, without a server: the job's steps in-process."""
     model_format = format or ("hf" if model.is_dir() else formats.model_format(model))
-    spec = remote.build_spec(
-        {"model_id": "local", "dataset_id": "local"},
-        spec_file,
-        method=method,
-        granularity=granularity,
-        hidden_size=hidden_size,
-        depth_share=depth_share,
-        normalisation=normalisation,
-        target=None if targets else target,
-        targets=targets,
-        steps=steps,
-        schedule_kind=schedule_kind,
-        loss=loss,
-        batches=batches,
-        batch_size=batch_size,
-        max_memory=max_memory,
-        finetune_epochs=finetune_epochs,
-        finetune_lr=finetune_lr,
-        eval_fraction=eval_fraction,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        outputs=outputs,
-    )
+    spec = build_spec({"model_id": "local", "dataset_id": "local"}, options)
     prune_local = _local_pruner()
     data_kind = data_format or formats.dataset_format(data)
     prune_local(model, model_format, data, data_kind, spec, output, trusted=trusted, device=device)

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel, ByteSize, TypeAdapter, ValidationError
+from pydantic import BaseModel
 from rich.progress import Progress
 
 from service.cli_output import emit, fail, show_job, stderr, table
+from service.cli_spec import SpecOptions, build_spec, with_spec_options
 from service.client import Client, JobFailed
-from service.jobs.schemas import JobOut, JobSpec
+from service.jobs.schemas import JobOut
 from service.jobs.states import JobState
-from service.jobs.vocabulary import allocations, methods
 
 models_app = typer.Typer(help="Upload, list, show and delete models.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Upload, list, show and delete datasets.", no_args_is_help=True)
@@ -174,197 +174,20 @@ def upload_dataset(
 # --- job specs ----------------------------------------------------------------------------------
 
 Opt = typer.Option
-SpecFile = Annotated[
-    Path | None,
-    Opt("--spec", exists=True, dir_okay=False, help="a JSON job spec; options override its fields"),
-]
-Method = Annotated[str | None, Opt(help=" | ".join(methods()))]
-Granularity = Annotated[str | None, Opt(help="channel | layer | unstructured | 2:4")]
-HiddenSize = Annotated[
-    bool | None, Opt(help="prune a transformer's hidden size (default: where its config says)")
-]
-DepthShare = Annotated[
-    float | None, Opt(help="channel: share of the reduction taken by whole blocks first")
-]
-Normalisation = Annotated[
-    str | None,
-    Opt(
-        help=" | ".join(allocations())
-        + ": how removal is spread over layers (max, the default; lamp spreads it more evenly, "
-        "for fine-tuning)"
-    ),
-]
-TargetOpt = Annotated[
-    str | None, Opt(help="macs=0.5 | params=0.5 | sparsity=0.5 | latency_ms=5,batch=32")
-]
-TargetsOpt = Annotated[
-    str | None, Opt(help="a family from one run: macs=0.75,0.5,0.3 (one model set each)")
-]
-Steps = Annotated[int | None, Opt(help="pruning steps")]
-ScheduleKind = Annotated[str | None, Opt(help="exponential | linear")]
-Loss = Annotated[str | None, Opt(help="cross_entropy | mse | distill | causal_lm")]
-Batches = Annotated[int | None, Opt(help="calibration batches per step")]
-BatchSize = Annotated[int | None, Opt(help="calibration rows per batch")]
-MaxMemory = Annotated[
-    str | None,
-    Opt(
-        metavar="SIZE",
-        help="memory one scoring pass may use: 512MiB, 2GiB (2GB is 2·10⁹) or bytes; larger "
-        "batches go in micro-batches",
-    ),
-]
-Epochs = Annotated[int | None, Opt("--finetune-epochs", help="fine-tune after pruning")]
-LearningRate = Annotated[float | None, Opt("--finetune-lr", help="fine-tuning learning rate")]
-EvalFraction = Annotated[
-    float | None, Opt("--eval-fraction", help="evaluate on this last fraction of the rows")
-]
 EvalDataset = Annotated[str | None, Opt("--eval-dataset", help="evaluate on this dataset")]
-ImageSize = Annotated[int | None, Opt("--image-size", help="images: resize to this side")]
-Mean = Annotated[str | None, Opt(help="images: per-channel mean, comma-separated")]
-Std = Annotated[str | None, Opt(help="images: per-channel std, comma-separated")]
-Outputs = Annotated[str | None, Opt(help="comma-separated: hf,safetensors,onnx,pt2,torch_pickle")]
 NotifyUrl = Annotated[str | None, Opt(help="POST signed notifications of state changes here")]
-
-
-def build_spec(
-    base: dict[str, Any],
-    spec_file: Path | None,
-    *,
-    method: str | None = None,
-    granularity: str | None = None,
-    hidden_size: bool | None = None,
-    depth_share: float | None = None,
-    normalisation: str | None = None,
-    target: str | None = None,
-    targets: str | None = None,
-    steps: int | None = None,
-    schedule_kind: str | None = None,
-    loss: str | None = None,
-    batches: int | None = None,
-    batch_size: int | None = None,
-    max_memory: str | int | None = None,
-    finetune_epochs: int | None = None,
-    finetune_lr: float | None = None,
-    eval_fraction: float | None = None,
-    eval_dataset: str | None = None,
-    image_size: int | None = None,
-    mean: str | None = None,
-    std: str | None = None,
-    outputs: str | None = None,
-    notify_url: str | None = None,
-) -> dict[str, Any]:
-    """A job spec from `--spec` (if any) and the options given, checked as the API checks it."""
-    spec: dict[str, Any] = json.loads(spec_file.read_text()) if spec_file else {}
-    spec |= base
-    flat = {
-        "method": method,
-        "granularity": granularity,
-        "hidden_size": hidden_size,
-        "depth_share": depth_share,
-        "normalisation": normalisation,
-        "loss": loss,
-        "notify_url": notify_url,
-        "outputs": outputs.split(",") if outputs else None,
-    }
-    spec |= {key: value for key, value in flat.items() if value is not None}
-    if target:
-        spec["target"] = _target(target)
-    if targets:
-        metric, _, values = targets.partition("=")
-        example = "macs=0.75,0.5,0.3"
-        spec["targets"] = [{metric: _number(v, "--targets", example)} for v in values.split(",")]
-        spec.pop("target", None)  # the last of the family
-    _merge(spec, "schedule", steps=steps, kind=schedule_kind)
-    memory = None if max_memory is None else _size(max_memory, "--max-memory")
-    _merge(spec, "calibration", batches=batches, batch_size=batch_size, max_memory=memory)
-    _merge(spec, "finetune", epochs=finetune_epochs, lr=finetune_lr)
-    _merge(spec, "evaluation", fraction=eval_fraction, dataset_id=eval_dataset)
-    _merge(
-        spec, "preprocess", size=image_size, mean=_floats(mean, "--mean"), std=_floats(std, "--std")
-    )
-    try:
-        JobSpec.model_validate(spec)
-    except ValidationError as error:
-        problem = error.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"]) or "spec"
-        fail(f"invalid job spec: {where}: {problem['msg']}")
-    return spec
-
-
-def _target(text: str) -> dict[str, float | int]:
-    """`macs=0.5`, or a latency and the rows it is timed at: `latency_ms=5,batch=32`."""
-    example = "macs=0.5 or latency_ms=5,batch=32"
-    target: dict[str, float | int] = {}
-    for part in text.split(","):
-        key, equals, value = (piece.strip() for piece in part.partition("="))
-        if not equals or not key:
-            fail(
-                f"--target wants name=value, as in {example}; got {text!r} (several "
-                "targets, a family: --targets macs=0.75,0.5,0.3)"
-            )
-        if key in target:
-            fail(f"--target names {key} twice; got {text!r}")
-        number = _number(value, "--target", example)
-        target[key] = int(number) if key == "batch" and number.is_integer() else number
-    return target
-
-
-def _merge(spec: dict[str, Any], part: str, **values: Any) -> None:
-    given = {key: value for key, value in values.items() if value is not None}
-    if given:
-        spec[part] = (spec.get(part) or {}) | given
-
-
-def _number(text: str, option: str, example: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        fail(f"{option} wants a number, as in {example}; got {text!r}")
-
-
-def _size(text: str | int, option: str) -> int:
-    """Bytes from 2GiB, 512MB, 1.5 GiB or a plain count (pydantic's ByteSize reads them)."""
-    try:
-        return int(TypeAdapter(ByteSize).validate_python(text))
-    except ValidationError:
-        fail(f"{option} wants a size, as in 512MiB or 2GiB; got {text!r}")
-
-
-def _floats(text: str | None, option: str) -> list[float] | None:
-    if text is None:
-        return None
-    return [_number(part, option, "0.5,0.5,0.5") for part in text.split(",")]
 
 
 # --- jobs ---------------------------------------------------------------------------------------
 
 
 @jobs_app.command("submit")
+@with_spec_options
 def submit(
     model: Annotated[str, typer.Argument(help="model id")],
     dataset: Annotated[str, typer.Argument(help="dataset id")],
-    spec_file: SpecFile = None,
-    method: Method = None,
-    granularity: Granularity = None,
-    hidden_size: HiddenSize = None,
-    depth_share: DepthShare = None,
-    normalisation: Normalisation = None,
-    target: TargetOpt = None,
-    targets: TargetsOpt = None,
-    steps: Steps = None,
-    schedule_kind: ScheduleKind = None,
-    loss: Loss = None,
-    batches: Batches = None,
-    batch_size: BatchSize = None,
-    max_memory: MaxMemory = None,
-    finetune_epochs: Epochs = None,
-    finetune_lr: LearningRate = None,
-    eval_fraction: EvalFraction = None,
+    options: SpecOptions,
     eval_dataset: EvalDataset = None,
-    image_size: ImageSize = None,
-    mean: Mean = None,
-    std: Std = None,
-    outputs: Outputs = None,
     notify_url: NotifyUrl = None,
     idempotency_key: str | None = None,
     wait: Annotated[bool, typer.Option(help="follow the job until it ends")] = False,
@@ -373,32 +196,8 @@ def submit(
     api_key: KeyOption = "",
 ) -> None:
     """Submit a pruning job; with --wait, follow it and exit 1 if it does not succeed."""
-    spec = build_spec(
-        {"model_id": model, "dataset_id": dataset},
-        spec_file,
-        method=method,
-        granularity=granularity,
-        hidden_size=hidden_size,
-        depth_share=depth_share,
-        normalisation=normalisation,
-        target=target,
-        targets=targets,
-        steps=steps,
-        schedule_kind=schedule_kind,
-        loss=loss,
-        batches=batches,
-        batch_size=batch_size,
-        max_memory=max_memory,
-        finetune_epochs=finetune_epochs,
-        finetune_lr=finetune_lr,
-        eval_fraction=eval_fraction,
-        eval_dataset=eval_dataset,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        outputs=outputs,
-        notify_url=notify_url,
-    )
+    base = {"model_id": model, "dataset_id": dataset}
+    spec = build_spec(base, options, eval_dataset=eval_dataset, notify_url=notify_url)
     with client(url, api_key) as api:
         job = api.submit_job(spec, idempotency_key)
         if wait:

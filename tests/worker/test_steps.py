@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from service.cli_api import build_spec
+from service.cli_spec import SpecOptions, build_spec
 from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
 from tests.worker import factories
@@ -408,7 +408,7 @@ def test_exported_weights_are_stored_and_configs_deflated(tmp_path: Path) -> Non
 
 def test_spec_switches_reach_the_engine_configuration() -> None:
     spec = build_spec(
-        {"model_id": "m", "dataset_id": "d"}, None, normalisation="lamp", max_memory=2**30
+        {"model_id": "m", "dataset_id": "d"}, SpecOptions(normalisation="lamp", max_memory="1GiB")
     )
     checked = JobSpec.model_validate(spec)
     assert checked.calibration.max_memory == 2**30
@@ -420,11 +420,12 @@ def test_spec_switches_reach_the_engine_configuration() -> None:
     ("given", "bytes_"), [("2GiB", 2 * 2**30), ("1.5 MiB", 3 * 2**19), ("512MB", 512 * 10**6)]
 )
 def test_max_memory_takes_sizes_people_write(given: str, bytes_: int) -> None:
-    spec = build_spec({"model_id": "m", "dataset_id": "d"}, None, max_memory=given)
+    spec = build_spec({"model_id": "m", "dataset_id": "d"}, SpecOptions(max_memory=given))
     assert spec["calibration"]["max_memory"] == bytes_
 
 
 def test_a_latency_target_and_its_batch_from_the_command_line() -> None:
-    spec = build_spec({"model_id": "m", "dataset_id": "d"}, None, target="latency_ms=5, batch=32")
+    given = SpecOptions(target="latency_ms=5, batch=32")
+    spec = build_spec({"model_id": "m", "dataset_id": "d"}, given)
     assert spec["target"] == {"latency_ms": 5.0, "batch": 32}
     assert JobSpec.model_validate(spec).target.batch == 32
