@@ -699,7 +699,7 @@ def embedded_service(home: Path, threads: int) -> Iterator[Any]:
     }
     log = home / "up.log"
     home.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-c", "from service.cli import main; main()", "up"]
+    command = [sys.executable, "-c", "from service.cli.main import main; main()", "up"]
     with log.open("ab") as out:
         process = subprocess.Popen(
             [*command, "--port", str(port), "--home", str(home / "var")],

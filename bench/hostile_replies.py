@@ -211,7 +211,7 @@ def main() -> None:
     home = tempfile.mkdtemp(prefix="hostile-replies-")
     os.environ["APOPTOSIS_HOME"] = home
     os.environ["APOPTOSIS_WEBHOOK_ALLOW"] = '["127.0.0.1"]'
-    from service import migrate
+    from service.cli import migrate
     from service.settings import get_settings
 
     migrate.upgrade(get_settings().resolved_database_url())

@@ -95,7 +95,7 @@ ONE_THREAD_ENV = {"APOPTOSIS_WORKER_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 def apoptosis(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """`apoptosis ARGS` as a child process with one torch thread, `env` over the test's own."""
-    command = [sys.executable, "-c", "from service.cli import main; main()", *args]
+    command = [sys.executable, "-c", "from service.cli.main import main; main()", *args]
     with log.open("ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
             command,

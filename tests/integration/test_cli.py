@@ -25,7 +25,7 @@ class Cli:
     def run(
         self, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-c", "from service.cli import main; main()", *args]
+        command = [sys.executable, "-c", "from service.cli.main import main; main()", *args]
         return subprocess.run(
             command,
             env={**os.environ, **self.env, **(env or {})},

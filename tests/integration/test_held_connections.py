@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy.orm import Session
 
 from service.auth import create_tenant
+from service.cli.migrate import upgrade
 from service.db import make_engine
 from service.jobs import repository
-from service.migrate import upgrade
 from service.orm import Dataset, Job, Model
 from tests.integration.services import (
     apoptosis,

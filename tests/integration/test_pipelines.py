@@ -54,7 +54,7 @@ def test_the_pipeline_prunes_and_the_receiver_verifies_its_notifications(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     secret = subprocess.run(
-        [sys.executable, "-c", "from service.cli import main; main()", "webhooks", "secret"],
+        [sys.executable, "-c", "from service.cli.main import main; main()", "webhooks", "secret"],
         env={**os.environ, **deployment.env},
         capture_output=True,
         text=True,

@@ -8,10 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from service import cli
 from service import db as service_db
 from service.app import create_app
-from service.migrate import upgrade
+from service.cli import main as cli
+from service.cli.migrate import upgrade
 from service.settings import get_settings
 
 

@@ -10,8 +10,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, text
 
+from service.cli.migrate import alembic_config, upgrade
 from service.db import make_engine
-from service.migrate import alembic_config, upgrade
 from service.orm import Base
 
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)

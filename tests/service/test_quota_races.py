@@ -18,9 +18,9 @@ from sqlalchemy import func, select
 
 from service import queue
 from service.app import create_app
+from service.cli.migrate import upgrade
 from service.db import get_sessionmaker
 from service.jobs.states import JobState
-from service.migrate import upgrade
 from service.orm import Job
 from service.settings import Settings
 from service.store import ArtifactStore

@@ -8,7 +8,7 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from service.cli import app
+from service.cli.main import app
 from tests.worker import factories
 from tests.worker.family_zoo import FAMILIES
 

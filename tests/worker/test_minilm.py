@@ -12,7 +12,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from typer.testing import CliRunner
 
-from service.cli import app
+from service.cli.main import app
 from tests.worker import factories
 from worker import datasets, losses, models
 from worker.engine import measure

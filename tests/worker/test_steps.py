@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from service.cli_spec import SpecOptions, build_spec
+from service.cli.spec import SpecOptions, build_spec
 from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
 from tests.worker import factories

@@ -11,8 +11,8 @@ import typer
 from pydantic import BaseModel
 from rich.progress import Progress
 
-from service.cli_output import emit, fail, show_job, stderr, table
-from service.cli_spec import SpecOptions, build_spec, with_spec_options
+from service.cli.output import emit, fail, show_job, stderr, table
+from service.cli.spec import SpecOptions, build_spec, with_spec_options
 from service.client import Client, JobFailed
 from service.jobs.schemas import JobOut
 from service.jobs.states import JobState

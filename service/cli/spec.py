@@ -13,7 +13,7 @@ from typing import Annotated, Any, get_type_hints
 import typer
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from service.cli_output import fail
+from service.cli.output import fail
 from service.jobs.schemas import JobSpec
 from service.jobs.vocabulary import allocations, methods
 

@@ -14,11 +14,11 @@ from typing import IO, TYPE_CHECKING, Annotated, NoReturn, cast
 
 import typer
 
-from service import cli_api as remote
 from service import formats
-from service.cli_output import debug_requested, run_safely
-from service.cli_spec import SpecOptions, build_spec, with_spec_options
-from service.supervisor import WorkerSupervisor
+from service.cli import remote
+from service.cli.output import debug_requested, run_safely
+from service.cli.spec import SpecOptions, build_spec, with_spec_options
+from service.cli.supervisor import WorkerSupervisor
 
 if TYPE_CHECKING:  # the commands import the database layer only when they run
     from sqlalchemy.orm import Session, sessionmaker
@@ -88,7 +88,7 @@ def _use_home(home: Path | None) -> None:
 def migrate() -> None:
     """Bring the database schema up to date."""
     _needs("migrate", "server")
-    from service import migrate as migrations
+    from service.cli import migrate as migrations
     from service.settings import get_settings
 
     migrations.upgrade(get_settings().resolved_database_url())
@@ -153,7 +153,7 @@ def up(
     """Embedded service: migrate SQLite under HOME, start one worker and the API."""
     _needs("up", "server", "worker")
     _use_home(home)
-    from service import migrate as migrations
+    from service.cli import migrate as migrations
     from service.settings import get_settings
 
     settings = get_settings()
@@ -227,7 +227,7 @@ def _key_store() -> "sessionmaker[Session]":
     `migrate` ever has, and then meet no tables. A database they cannot reach is one line."""
     from sqlalchemy.exc import OperationalError
 
-    from service import migrate as migrations
+    from service.cli import migrate as migrations
     from service.db import get_sessionmaker
     from service.settings import get_settings
 
@@ -337,8 +337,8 @@ def prune(
 
 def _local_pruner() -> Callable[..., None]:
     """The job's steps in-process (worker.local), found through the `apoptosis.local` entry point
-    (pyproject.toml): the service never imports worker code, and `import service.cli` stays free
-    of torch (import-linter and a test check both)."""
+    (pyproject.toml): the service never imports worker code, and `import service.cli.main` stays
+    free of torch (import-linter and a test check both)."""
     try:
         return cast(Callable[..., None], entry_points(group="apoptosis.local")["prune"].load())
     except ImportError as error:

@@ -1,0 +1,2 @@
+"""`apoptosis`: the server and worker commands, keys, a local prune, and the API's client
+commands."""
