@@ -14,11 +14,11 @@ from typing import IO, TYPE_CHECKING, Annotated, NoReturn, cast
 
 import typer
 
-from service import formats
 from service.cli import remote
 from service.cli.output import debug_requested, run_safely
 from service.cli.spec import SpecOptions, build_spec, with_spec_options
 from service.cli.supervisor import WorkerSupervisor
+from service.client import formats
 
 if TYPE_CHECKING:  # the commands import the database layer only when they run
     from sqlalchemy.orm import Session, sessionmaker

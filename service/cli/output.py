@@ -15,9 +15,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from service.client import ApiError, JobFailed
+from service.client import ApiError, JobFailed, UnknownFormat
 from service.errors import CodedError
-from service.formats import UnknownFormat
 from service.jobs.results import JobResult
 from service.jobs.schemas import Target
 from service.jobs.summary import reached, result_table

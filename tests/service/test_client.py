@@ -8,9 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service import client as sdk
-from service import formats
-from service.client import ApiError, Client
+from service.client import ApiError, Client, formats, sdk
 
 JOB = {
     "id": "j1",

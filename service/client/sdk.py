@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 from httpx_sse import connect_sse
 
-from service import formats
 from service.artifacts.schemas import ArtifactOut
+from service.client import formats
 from service.datasets.schemas import DatasetOut, DatasetPage
 from service.jobs.schemas import JobOut, JobPage, JobReport
 from service.jobs.states import TERMINAL
