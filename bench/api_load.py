@@ -3,7 +3,8 @@
 The API runs as it does embedded (uvicorn, one process, SQLite, local store, filesystem broker)
 in a subprocess on a free loopback port, against a fresh database migrated by Alembic in a
 temporary folder. The tenant, its key, a ready model, a dataset and a job are written directly
-through `service.auth` and the ORM. Nothing leaves 127.0.0.1; the folder is removed at the end.
+through `service.tenants.auth` and the ORM. Nothing leaves 127.0.0.1; the folder is removed at the
+end.
 
 1. Read latency: `--concurrency` clients, each with one keep-alive connection, issue
    `GET /v1/jobs/{id}` until `--requests` have completed or `--seconds` have passed; each
@@ -56,11 +57,11 @@ if str(ROOT) not in sys.path:
 
 from sqlalchemy.orm import Session  # noqa: E402
 
-from service.auth import create_tenant  # noqa: E402
 from service.cli.migrate import upgrade  # noqa: E402
 from service.db import make_engine  # noqa: E402
 from service.jobs import repository  # noqa: E402
 from service.orm import Dataset, Job, Model  # noqa: E402
+from service.tenants.auth import create_tenant  # noqa: E402
 
 MIB = 1024 * 1024
 LATENCY_TARGET_MS = 50.0
@@ -125,7 +126,7 @@ def start_server(folder: Path, max_upload_bytes: int) -> Fixture:
     }
     server = subprocess.Popen(
         [
-            *(sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory"),
+            *(sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory"),
             *("--host", "127.0.0.1", "--port", str(port)),
             *("--log-level", "warning", "--no-access-log"),
         ],

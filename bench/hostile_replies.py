@@ -97,11 +97,11 @@ def start_peer(kind: str, size: int) -> tuple[multiprocessing.Process, str]:
 
 def job_with_notifications(url: str) -> str:
     """A job naming `url`, queued then cancelled: two notifications in the outbox."""
-    from service.auth import create_tenant
     from service.db import get_sessionmaker
     from service.jobs import repository as jobs
     from service.jobs.states import JobState
     from service.orm import Dataset, Job, Model, utcnow
+    from service.tenants.auth import create_tenant
     from service.webhooks import secret
 
     with get_sessionmaker()() as session:

@@ -6,12 +6,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.auth import TenantDep
 from service.db import SessionsDep
 from service.orm import Artifact
 from service.problems import ProblemError, found, responses
 from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
+from service.tenants.auth import TenantDep
 
 router = APIRouter(
     prefix="/v1/artifacts", tags=["artifacts"], responses=responses(401, 404, 422, 503)

@@ -102,7 +102,7 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     uvicorn.run(
-        "service.app:create_app",
+        "service.api.app:create_app",
         factory=True,
         host=host,
         port=port,
@@ -191,9 +191,9 @@ def _hold_home(home: Path) -> IO[bytes]:
 def _local_key() -> str:
     """The embedded tenant's key: APOPTOSIS_API_KEY if set, else one kept in HOME/api-key. A
     revoked key file gets a new key for the same tenant; a revoked APOPTOSIS_API_KEY stops."""
-    from service.auth import create_key, create_tenant, hash_key
     from service.db import get_sessionmaker
     from service.settings import get_settings
+    from service.tenants.auth import create_key, create_tenant, hash_key
     from service.tenants.repository import key_record
 
     settings = get_settings()
@@ -247,7 +247,7 @@ def _keys() -> None:
 @keys_app.command("create")
 def create_key(tenant: Annotated[str, typer.Option(help="name of the new tenant")]) -> None:
     """Create a tenant and print its API key (shown once)."""
-    from service.auth import create_tenant
+    from service.tenants.auth import create_tenant
 
     with _key_store()() as session:
         _, key = create_tenant(session, tenant)
@@ -289,7 +289,7 @@ def revoke_key(prefix: Annotated[str, typer.Argument(help="the key's prefix (key
 @keys_app.command("rotate")
 def rotate_key(prefix: Annotated[str, typer.Argument(help="the key's prefix (keys list)")]) -> None:
     """Print a new key for the same tenant (shown once) and revoke the old one."""
-    from service.auth import create_key
+    from service.tenants.auth import create_key
     from service.tenants.repository import revoke
 
     with _key_store()() as session:

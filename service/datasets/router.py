@@ -5,7 +5,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import TenantDep
 from service.datasets import service
 from service.datasets.schemas import DATASET_FORMATS, DatasetOut, DatasetPage
 from service.db import SessionsDep
@@ -14,6 +13,7 @@ from service.pagination import MAX_LIMIT
 from service.problems import found, responses
 from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
+from service.tenants.auth import TenantDep
 from service.uploads import service as uploads
 from service.uploads.multipart import openapi_form
 

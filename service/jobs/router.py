@@ -13,7 +13,6 @@ from starlette.concurrency import run_in_threadpool
 
 from service.artifacts import repository as artifacts
 from service.artifacts.schemas import ArtifactOut
-from service.auth import TenantDep
 from service.db import SessionsDep
 from service.jobs import report, repository, service
 from service.jobs.schemas import JobOut, JobPage, JobReport, JobSpec
@@ -22,6 +21,7 @@ from service.orm import Artifact, Job
 from service.pagination import MAX_LIMIT
 from service.problems import ProblemError, found, responses
 from service.tenants import repository as tenants
+from service.tenants.auth import TenantDep
 
 router = APIRouter(
     prefix="/v1/jobs", tags=["jobs"], responses=responses(400, 401, 404, 409, 413, 422, 429, 503)

@@ -2,11 +2,11 @@
 
 from fastapi import APIRouter
 
-from service.auth import TenantDep
 from service.db import SessionsDep
 from service.orm import Job, WebhookDelivery
 from service.problems import found, responses
 from service.tenants import repository as tenants
+from service.tenants.auth import TenantDep
 from service.webhooks import repository, secret
 from service.webhooks.schemas import DeliveryOut, WebhookSecret
 

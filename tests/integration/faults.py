@@ -28,13 +28,13 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from service.auth import create_tenant
+from service.api.health import CHECK_SECONDS
 from service.cli.migrate import upgrade
 from service.client import Client
 from service.db import make_engine
-from service.health import CHECK_SECONDS
 from service.jobs.states import TERMINAL
 from service.orm import Artifact, Job, JobEvent, Model, utcnow
+from service.tenants.auth import create_tenant
 from service.workers import repository as workers
 from tests.integration.services import apoptosis, free_port, stop, until, wait_healthy
 

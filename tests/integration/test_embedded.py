@@ -40,7 +40,7 @@ def test_embedded_service_prunes_an_uploaded_bert(embedded: Client, tmp_path: Pa
 
 def test_api_process_never_imports_torch() -> None:
     code = (
-        "import sys, service.app, service.cli.main, service.client\n"
+        "import sys, service.api.app, service.cli.main, service.client\n"
         "service.app.create_app()\n"
         "print(','.join(m for m in ('torch', 'worker', 'transformers') if m in sys.modules))"
     )

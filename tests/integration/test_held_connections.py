@@ -17,11 +17,11 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session
 
-from service.auth import create_tenant
 from service.cli.migrate import upgrade
 from service.db import make_engine
 from service.jobs import repository
 from service.orm import Dataset, Job, Model
+from service.tenants.auth import create_tenant
 from tests.integration.services import (
     apoptosis,
     free_port,

@@ -42,8 +42,8 @@ def distributed(tmp_path: Path) -> Iterator[Client]:
             wait_healthy(url, api, tmp_path / "api.log")
             from sqlalchemy.orm import Session
 
-            from service.auth import create_tenant
             from service.db import make_engine
+            from service.tenants.auth import create_tenant
 
             engine = make_engine(database_url)
             with Session(engine) as session:

@@ -61,7 +61,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     deployment = Deployment(Client(f"http://127.0.0.1:{port}", ""), env, tmp_path, [])
     try:
         wait_healthy(f"http://127.0.0.1:{port}", api, tmp_path / "api.log")
-        from service.auth import create_tenant
+        from service.tenants.auth import create_tenant
 
         engine = make_engine(f"sqlite:///{tmp_path / 'home' / 'apoptosis.db'}")
         with Session(engine) as session:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import db as service_db
 from service import queue
 from service import store as service_store
-from service.app import create_app
+from service.api.app import create_app
 from service.cli.migrate import upgrade
 from service.settings import Settings, get_settings
 from service.store import ArtifactStore, store_from_url

@@ -11,11 +11,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.auth import create_tenant
 from service.blobs import repository as blobs
 from service.jobs.states import JobState
 from service.orm import Artifact, Dataset, Job, Model
 from service.store import ArtifactStore
+from service.tenants.auth import create_tenant
 
 
 def safetensors_bytes(data: bytes, *, lie: int = 0) -> bytes:

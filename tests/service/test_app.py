@@ -54,7 +54,7 @@ def test_an_unexpected_error_is_counted_as_a_500(failing_client: TestClient, ali
 def test_the_api_and_cli_import_neither_torch_nor_the_worker() -> None:
     # A fresh interpreter: this test process may have imported torch for other tests.
     program = (
-        "import sys, service.app, service.cli.main\n"
+        "import sys, service.api.app, service.cli.main\n"
         "heavy = {'torch', 'torch_pruning', 'transformers', 'worker'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )

@@ -25,7 +25,7 @@ from schemathesis.checks import (
 from sqlalchemy.orm import Session
 
 from service import queue
-from service.app import create_app
+from service.api.app import create_app
 from service.jobs import repository as jobs
 from service.outbound import guard
 from service.store import ArtifactStore

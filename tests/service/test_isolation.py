@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from service.app import create_app
+from service.api.app import create_app
 from service.jobs import repository
 from service.store import ArtifactStore
 from tests.service.factories import Caller, make_artifact, make_job

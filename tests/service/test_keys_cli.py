@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from service import db as service_db
-from service.app import create_app
+from service.api.app import create_app
 from service.cli import main as cli
 from service.cli.migrate import upgrade
 from service.settings import get_settings

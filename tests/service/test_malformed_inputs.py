@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from service.app import create_app
+from service.api.app import create_app
 from service.store import ArtifactStore
 from tests.service.factories import (
     Caller,

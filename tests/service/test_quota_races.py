@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from service import queue
-from service.app import create_app
+from service.api.app import create_app
 from service.cli.migrate import upgrade
 from service.db import get_sessionmaker
 from service.jobs.states import JobState

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from service.auth import create_tenant
 from service.cli import migrate
 from service.db import get_engine, get_sessionmaker
 from service.settings import get_settings
 from service.store import get_store
+from service.tenants.auth import create_tenant
 
 
 @pytest.fixture

@@ -14,13 +14,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import queue
-from service.app import create_app
-from service.auth import create_key
+from service.api.app import create_app
 from service.broker import RUN_JOB, VALIDATE_MODEL
 from service.db import get_sessionmaker
 from service.jobs import repository as jobs
 from service.orm import Job, Model
 from service.settings import get_settings
+from service.tenants.auth import create_key
 from tests.worker import factories
 from worker import lifecycle
 

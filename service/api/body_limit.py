@@ -37,7 +37,8 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         if scope["path"].startswith(KEYED_PREFIX) and not _has_bearer_key(scope):
-            # The same answer as the key dependency's (`service.auth`), without reading the body.
+            # The same answer as the key dependency's (`service.tenants.auth`), without reading
+            # the body.
             unauthenticated = ProblemError(
                 401, "unauthenticated", "send 'Authorization: Bearer <api key>'"
             )

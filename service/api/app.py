@@ -8,10 +8,11 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service import health, metrics, problems
+from service import problems
+from service.api import health, metrics
+from service.api.body_limit import BodyLimitMiddleware
+from service.api.dashboard import router as dashboard
 from service.artifacts.router import router as artifacts_router
-from service.body_limit import BodyLimitMiddleware
-from service.dashboard import router as dashboard
 from service.datasets.router import router as datasets_router
 from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
