@@ -2,9 +2,9 @@
 
 from alembic import context
 
-from service.db import make_engine
-from service.orm import Base
-from service.settings import get_settings
+from service.core.db import make_engine
+from service.core.orm import Base
+from service.core.settings import get_settings
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url()

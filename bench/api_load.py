@@ -58,9 +58,9 @@ if str(ROOT) not in sys.path:
 from sqlalchemy.orm import Session  # noqa: E402
 
 from service.cli.migrate import upgrade  # noqa: E402
-from service.db import make_engine  # noqa: E402
+from service.core.db import make_engine  # noqa: E402
+from service.core.orm import Dataset, Job, Model  # noqa: E402
 from service.jobs import repository  # noqa: E402
-from service.orm import Dataset, Job, Model  # noqa: E402
 from service.tenants.auth import create_tenant  # noqa: E402
 
 MIB = 1024 * 1024

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 from api_load import Fixture, start_server, stop_server  # noqa: E402
 
-from service.settings import Settings  # noqa: E402
+from service.core.settings import Settings  # noqa: E402
 
 MIB = 1024 * 1024
 TARGET_MIB = 100.0

@@ -97,10 +97,10 @@ def start_peer(kind: str, size: int) -> tuple[multiprocessing.Process, str]:
 
 def job_with_notifications(url: str) -> str:
     """A job naming `url`, queued then cancelled: two notifications in the outbox."""
-    from service.db import get_sessionmaker
+    from service.core.db import get_sessionmaker
+    from service.core.orm import Dataset, Job, Model, utcnow
     from service.jobs import repository as jobs
     from service.jobs.states import JobState
-    from service.orm import Dataset, Job, Model, utcnow
     from service.tenants.auth import create_tenant
     from service.webhooks import secret
 
@@ -122,7 +122,7 @@ def job_with_notifications(url: str) -> str:
 
 
 def last_errors(job_id: str) -> list[int]:
-    from service.db import get_sessionmaker
+    from service.core.db import get_sessionmaker
     from service.webhooks import repository
 
     with get_sessionmaker()() as session:
@@ -131,7 +131,7 @@ def last_errors(job_id: str) -> list[int]:
 
 def delivery_round(kind: str, size: int) -> dict[str, Any]:
     """One delivery round of a job's two notifications to a `kind` peer."""
-    from service.settings import get_settings
+    from service.core.settings import get_settings
     from worker import webhooks
 
     process, url = start_peer(kind, size)
@@ -192,7 +192,7 @@ def mlflow_case(size: int) -> dict[str, Any]:
 
 
 def trickle_case() -> dict[str, Any]:
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     os.environ["APOPTOSIS_WEBHOOK_TIMEOUT_SECONDS"] = "2"
     get_settings.cache_clear()
@@ -212,7 +212,7 @@ def main() -> None:
     os.environ["APOPTOSIS_HOME"] = home
     os.environ["APOPTOSIS_WEBHOOK_ALLOW"] = '["127.0.0.1"]'
     from service.cli import migrate
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     migrate.upgrade(get_settings().resolved_database_url())
     # imported before the first case, so that no case counts the imports' memory

@@ -43,9 +43,9 @@ from common import set_threads  # noqa: E402
 from embedder_sentences import CALIBRATION  # noqa: E402
 from scoring_cost import resnet20  # noqa: E402
 
+from service.core.store import store_file  # noqa: E402
+from service.core.store.local import LocalStore  # noqa: E402
 from service.jobs.schemas import JobSpec  # noqa: E402
-from service.store import store_file  # noqa: E402
-from service.store.local import LocalStore  # noqa: E402
 from worker import heap  # noqa: E402
 from worker.steps import JobFiles, execute  # noqa: E402
 

@@ -77,7 +77,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_jobs(*args.child)))
         return
-    from service.settings import Settings
+    from service.core.settings import Settings
     from worker.threads import cores, threads_for
 
     everything = cores()

@@ -64,9 +64,9 @@ from sqlalchemy import Engine, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from service.client import ApiError, Client  # noqa: E402
-from service.db import make_engine  # noqa: E402
+from service.core.db import make_engine  # noqa: E402
+from service.core.orm import Artifact, Job, JobEvent, WorkerHeartbeat  # noqa: E402
 from service.jobs.states import TERMINAL, JobState  # noqa: E402
-from service.orm import Artifact, Job, JobEvent, WorkerHeartbeat  # noqa: E402
 from service.tenants.auth import create_tenant  # noqa: E402
 from tests.integration.services import (  # noqa: E402
     POSTGRES_START,

@@ -1,4 +1,4 @@
-"""Regenerate service/transformers_architectures.txt: the model classes of the pinned
+"""Regenerate service/core/transformers_architectures.txt: the model classes of the pinned
 transformers release that the API accepts in config.json (the API image has no transformers).
 
     .venv/bin/python scripts/refresh_architectures.py
@@ -6,7 +6,7 @@ transformers release that the API accepts in config.json (the API image has no t
 
 from pathlib import Path
 
-LIST = Path(__file__).resolve().parents[1] / "service" / "transformers_architectures.txt"
+LIST = Path(__file__).resolve().parents[1] / "service" / "core" / "transformers_architectures.txt"
 
 
 def model_classes() -> list[str]:

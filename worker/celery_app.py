@@ -9,9 +9,9 @@ from celery.signals import worker_ready, worker_shutdown
 from celery.worker.request import Request
 from kombu.transport import virtual
 
-from service.broker import RUN_JOB, VALIDATE_MODEL, celery_config
-from service.db import get_sessionmaker
-from service.settings import get_settings
+from service.core.broker import RUN_JOB, VALIDATE_MODEL, celery_config
+from service.core.db import get_sessionmaker
+from service.core.settings import get_settings
 from service.workers import repository as workers
 
 log = logging.getLogger("apoptosis.worker")

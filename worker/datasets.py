@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service import archives
-from service.errors import CodedError
+from service.core import archives
+from service.core.errors import CodedError
 from worker import precision
 from worker.models import LoadedModel, forward_inputs
 

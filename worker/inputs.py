@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from service.errors import CodedError
+from service.core.errors import CodedError
 from service.jobs.results import Progress
 from service.jobs.schemas import JobSpec
 from worker import datasets, losses, memory, microbatch, models, precision

@@ -22,22 +22,22 @@ import torch
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
-from service import archives
 from service.artifacts import repository as artifacts_repository
 from service.blobs import repository as blobs
 from service.blobs import service as retention
+from service.core import archives
+from service.core.db import get_sessionmaker
+from service.core.errors import CodedError
+from service.core.orm import Artifact, Model, utcnow
+from service.core.settings import Settings, get_settings
+from service.core.store import StoreFull, StoreUnavailable, get_store, store_file
 from service.datasets import repository as datasets_repository
-from service.db import get_sessionmaker
-from service.errors import CodedError
 from service.jobs import repository
 from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
 from service.jobs.states import JobState
 from service.models import repository as models_repository
 from service.models.states import ModelState
-from service.orm import Artifact, Model, utcnow
-from service.settings import Settings, get_settings
-from service.store import StoreFull, StoreUnavailable, get_store, store_file
 from service.workers import repository as workers_repository
 from worker import datasets, memory, models
 from worker.engine import (

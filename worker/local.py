@@ -10,12 +10,12 @@ import transformers
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from service import archives
-from service.errors import CodedError
+from service.core import archives
+from service.core.errors import CodedError
+from service.core.settings import get_settings
 from service.jobs import results
 from service.jobs.schemas import JobSpec
 from service.jobs.summary import reached, result_table
-from service.settings import get_settings
 from worker import precision
 from worker.engine import EngineError
 from worker.export import Exported

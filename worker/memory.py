@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.nn.parameter import is_lazy
 
-from service.errors import CodedError
+from service.core.errors import CodedError
 
 SCORING_COPIES = 4
 GIB = 1024**3

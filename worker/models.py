@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.errors import CodedError
+from service.core.errors import CodedError
 from worker.engine.families import family_of
 
 

@@ -7,10 +7,10 @@ from datetime import timedelta
 
 from service.artifacts import repository as artifacts
 from service.blobs import service as blobs
-from service.db import get_sessionmaker
-from service.orm import utcnow
-from service.settings import Settings
-from service.store import get_store
+from service.core.db import get_sessionmaker
+from service.core.orm import utcnow
+from service.core.settings import Settings
+from service.core.store import get_store
 
 log = logging.getLogger("apoptosis.worker")
 

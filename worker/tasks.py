@@ -1,6 +1,6 @@
 """Thin Celery tasks: each takes an id and hands it to the lifecycle (worker/lifecycle.py)."""
 
-from service.broker import RUN_JOB, VALIDATE_MODEL
+from service.core.broker import RUN_JOB, VALIDATE_MODEL
 from worker import heap, lifecycle
 from worker.celery_app import app
 

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 log = logging.getLogger("apoptosis.worker")
 

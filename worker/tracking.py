@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.core.settings import get_settings
 from service.jobs.results import JobResult, TrackingRun
 from service.jobs.schemas import JobSpec
-from service.settings import get_settings
 from worker.export import Exported
 from worker.mlflow_api import ArtifactsRefused, TrackingError, TrackingServer
 

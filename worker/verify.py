@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from service.errors import CodedError
+from service.core.errors import CodedError
 from worker import precision
 from worker.models import ModelRejected, architecture_class, sentence_modules
 

@@ -19,10 +19,10 @@ from datetime import timedelta
 
 from standardwebhooks import Webhook
 
-from service.db import get_sessionmaker
-from service.orm import WebhookDelivery, utcnow
+from service.core.db import get_sessionmaker
+from service.core.orm import WebhookDelivery, utcnow
+from service.core.settings import Settings
 from service.outbound import client, guard
-from service.settings import Settings
 from service.webhooks import repository
 
 log = logging.getLogger("apoptosis.worker")

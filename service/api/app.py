@@ -8,16 +8,16 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service import problems
 from service.api import health, metrics
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.dashboard import router as dashboard
 from service.artifacts.router import router as artifacts_router
+from service.core import problems
+from service.core.settings import get_settings
+from service.core.store import ArtifactStore
 from service.datasets.router import router as datasets_router
 from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
-from service.settings import get_settings
-from service.store import ArtifactStore
 from service.uploads.multipart import sweep_spool
 from service.webhooks.router import router as webhooks_router
 

@@ -16,8 +16,8 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.problems import ProblemError, problem_response
-from service.settings import get_settings
+from service.core.problems import ProblemError, problem_response
+from service.core.settings import get_settings
 from service.uploads.multipart import FORM_ALLOWANCE, upload_too_large
 
 MAX_JSON_BYTES = 1024 * 1024  # a job spec is a few hundred bytes

@@ -12,11 +12,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import queue
-from service.db import SessionsDep, get_engine, ping
-from service.orm import utcnow
-from service.settings import get_settings
-from service.store import ArtifactStore, get_store
+from service.core import queue
+from service.core.db import SessionsDep, get_engine, ping
+from service.core.orm import utcnow
+from service.core.settings import get_settings
+from service.core.store import ArtifactStore, get_store
 from service.workers import repository as workers
 
 router = APIRouter(tags=["health"])

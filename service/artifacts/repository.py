@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from service.orm import Artifact, Job
+from service.core.orm import Artifact, Job
 
 
 def add(session: Session, artifact: Artifact) -> None:

@@ -6,10 +6,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
-from service.db import SessionsDep
-from service.orm import Artifact
-from service.problems import ProblemError, found, responses
-from service.store.dependency import StoreDep
+from service.core.db import SessionsDep
+from service.core.orm import Artifact
+from service.core.problems import ProblemError, found, responses
+from service.core.store.dependency import StoreDep
 from service.tenants import repository as tenants
 from service.tenants.auth import TenantDep
 

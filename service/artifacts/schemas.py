@@ -2,7 +2,7 @@
 
 from pydantic import BaseModel, ConfigDict
 
-from service.timestamps import UtcDatetime
+from service.core.timestamps import UtcDatetime
 
 
 class ArtifactOut(BaseModel):

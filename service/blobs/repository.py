@@ -10,8 +10,8 @@ from sqlalchemy import ColumnElement, and_, delete, exists, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.orm import Artifact, Blob, Dataset, Model, utcnow
-from service.store import StoredBlob
+from service.core.orm import Artifact, Blob, Dataset, Model, utcnow
+from service.core.store import StoredBlob
 
 REFERRERS = (Model, Dataset, Artifact)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.blobs import repository
-from service.orm import utcnow
-from service.store import ArtifactStore, StoredBlob, store_file
+from service.core.orm import utcnow
+from service.core.store import ArtifactStore, StoredBlob, store_file
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from service.client import formats
 if TYPE_CHECKING:  # the commands import the database layer only when they run
     from sqlalchemy.orm import Session, sessionmaker
 
-    from service.orm import ApiKey
+    from service.core.orm import ApiKey
 
 app = typer.Typer(
     help="Apoptosis: Hessian-based model pruning as a service.",
@@ -79,7 +79,7 @@ def _installed(extra: str) -> bool:
 def _use_home(home: Path | None) -> None:
     if home is not None:
         os.environ["APOPTOSIS_HOME"] = str(home)
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     get_settings.cache_clear()
 
@@ -89,7 +89,7 @@ def migrate() -> None:
     """Bring the database schema up to date."""
     _needs("migrate", "server")
     from service.cli import migrate as migrations
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     migrations.upgrade(get_settings().resolved_database_url())
     typer.echo("database is up to date")
@@ -154,7 +154,7 @@ def up(
     _needs("up", "server", "worker")
     _use_home(home)
     from service.cli import migrate as migrations
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -191,8 +191,8 @@ def _hold_home(home: Path) -> IO[bytes]:
 def _local_key() -> str:
     """The embedded tenant's key: APOPTOSIS_API_KEY if set, else one kept in HOME/api-key. A
     revoked key file gets a new key for the same tenant; a revoked APOPTOSIS_API_KEY stops."""
-    from service.db import get_sessionmaker
-    from service.settings import get_settings
+    from service.core.db import get_sessionmaker
+    from service.core.settings import get_settings
     from service.tenants.auth import create_key, create_tenant, hash_key
     from service.tenants.repository import key_record
 
@@ -228,8 +228,8 @@ def _key_store() -> "sessionmaker[Session]":
     from sqlalchemy.exc import OperationalError
 
     from service.cli import migrate as migrations
-    from service.db import get_sessionmaker
-    from service.settings import get_settings
+    from service.core.db import get_sessionmaker
+    from service.core.settings import get_settings
 
     url = get_settings().resolved_database_url()
     try:

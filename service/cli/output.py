@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from service.client import ApiError, JobFailed, UnknownFormat
-from service.errors import CodedError
+from service.core.errors import CodedError
 from service.jobs.results import JobResult
 from service.jobs.schemas import Target
 from service.jobs.summary import reached, result_table

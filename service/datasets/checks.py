@@ -5,8 +5,8 @@ import json
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from service import archives
-from service.errors import CodedError
+from service.core import archives
+from service.core.errors import CodedError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 

@@ -2,7 +2,7 @@
 
 from sqlalchemy.orm import Session
 
-from service.orm import Dataset
+from service.core.orm import Dataset
 
 
 def add(session: Session, dataset: Dataset) -> None:

@@ -2,7 +2,7 @@
 
 from pydantic import BaseModel
 
-from service.timestamps import UtcDatetime
+from service.core.timestamps import UtcDatetime
 
 DATASET_FORMATS: tuple[str, ...] = ("tensors", "jsonl", "imagefolder")
 

@@ -2,10 +2,10 @@
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.core.orm import Dataset
+from service.core.problems import ProblemError
+from service.core.store import ArtifactStore
 from service.datasets import checks, repository
-from service.orm import Dataset
-from service.problems import ProblemError
-from service.store import ArtifactStore
 from service.uploads import service as uploads
 from service.uploads.multipart import Upload
 

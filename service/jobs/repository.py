@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from service.core.orm import Job, JobEvent, utcnow
 from service.jobs.states import ALLOWED_FROM, LEASED, TERMINAL, JobState
-from service.orm import Job, JobEvent, utcnow
 from service.webhooks import outbox
 
 

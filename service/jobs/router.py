@@ -13,13 +13,13 @@ from starlette.concurrency import run_in_threadpool
 
 from service.artifacts import repository as artifacts
 from service.artifacts.schemas import ArtifactOut
-from service.db import SessionsDep
+from service.core.db import SessionsDep
+from service.core.orm import Artifact, Job
+from service.core.pagination import MAX_LIMIT
+from service.core.problems import ProblemError, found, responses
 from service.jobs import report, repository, service
 from service.jobs.schemas import JobOut, JobPage, JobReport, JobSpec
 from service.jobs.states import STATES, TERMINAL
-from service.orm import Artifact, Job
-from service.pagination import MAX_LIMIT
-from service.problems import ProblemError, found, responses
 from service.tenants import repository as tenants
 from service.tenants.auth import TenantDep
 

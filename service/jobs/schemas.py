@@ -6,9 +6,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from service.core.timestamps import UtcDatetime
 from service.jobs.results import JobResult, Progress
 from service.jobs.vocabulary import allocations, methods
-from service.timestamps import UtcDatetime
 
 OutputFormat = Literal["hf", "safetensors", "onnx", "pt2", "torch_pickle"]
 

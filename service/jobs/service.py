@@ -6,15 +6,15 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import queue
+from service.core import queue
+from service.core.orm import Dataset, Job, Model, utcnow
+from service.core.problems import ProblemError, found
+from service.core.settings import get_settings
 from service.jobs import repository
 from service.jobs.schemas import JobSpec
 from service.jobs.states import TERMINAL, JobState
 from service.models.states import ModelState
-from service.orm import Dataset, Job, Model, utcnow
 from service.outbound import guard
-from service.problems import ProblemError, found
-from service.settings import get_settings
 from service.tenants import repository as tenants
 from service.tenants.repository import Owned
 from service.webhooks import secret

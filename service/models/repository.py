@@ -6,8 +6,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from service.core.orm import Model
 from service.models.states import ModelState
-from service.orm import Model
 
 
 def add(session: Session, model: Model) -> None:

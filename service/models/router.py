@@ -5,13 +5,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.db import SessionsDep
+from service.core.db import SessionsDep
+from service.core.orm import Model
+from service.core.pagination import MAX_LIMIT
+from service.core.problems import found, responses
+from service.core.store.dependency import StoreDep
 from service.models import service
 from service.models.schemas import MODEL_FORMATS, ModelOut, ModelPage
-from service.orm import Model
-from service.pagination import MAX_LIMIT
-from service.problems import found, responses
-from service.store.dependency import StoreDep
 from service.tenants import repository as tenants
 from service.tenants.auth import TenantDep
 from service.uploads import service as uploads

@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from service.timestamps import UtcDatetime
+from service.core.timestamps import UtcDatetime
 
 ModelFormat = Literal["hf", "torch_pickle"]
 MODEL_FORMATS: tuple[str, ...] = ("hf", "torch_pickle")

@@ -4,12 +4,12 @@ import logging
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import archives, queue
+from service.core import archives, queue
+from service.core.orm import Model
+from service.core.problems import ProblemError
+from service.core.settings import get_settings
+from service.core.store import ArtifactStore
 from service.models import repository
-from service.orm import Model
-from service.problems import ProblemError
-from service.settings import get_settings
-from service.store import ArtifactStore
 from service.uploads import service as uploads
 from service.uploads.multipart import Upload
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from service.errors import CodedError
+from service.core.errors import CodedError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -8,9 +8,9 @@ from fastapi import Depends, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.db import SessionsDep
-from service.orm import Tenant
-from service.problems import ProblemError
+from service.core.db import SessionsDep
+from service.core.orm import Tenant
+from service.core.problems import ProblemError
 from service.tenants import repository
 
 KEY_PREFIX = "apo_"

@@ -10,8 +10,8 @@ from sqlalchemy import ColumnElement, func, select, union_all, update
 from sqlalchemy import delete as delete_where
 from sqlalchemy.orm import Session
 
-from service.orm import ApiKey, Artifact, Dataset, Job, Model, Tenant, UploadAdmission, utcnow
-from service.pagination import decode_cursor, encode_cursor
+from service.core.orm import ApiKey, Artifact, Dataset, Job, Model, Tenant, UploadAdmission, utcnow
+from service.core.pagination import decode_cursor, encode_cursor
 
 Owned = TypeVar("Owned", Model, Dataset, Job, Artifact)
 

@@ -18,7 +18,7 @@ from python_multipart.multipart import (
     parse_options_header,
 )
 
-from service.problems import ProblemError
+from service.core.problems import ProblemError
 
 MAX_FIELDS = 8  # parts besides the file; only 'format' and 'name' mean anything
 MAX_FIELDS_BYTES = 64 * 1024  # their values, all together

@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.orm import utcnow
-from service.problems import ProblemError
-from service.settings import Settings, get_settings
+from service.core.orm import utcnow
+from service.core.problems import ProblemError
+from service.core.settings import Settings, get_settings
 from service.tenants import repository as tenants
 
 RATE_WINDOW = timedelta(minutes=1)

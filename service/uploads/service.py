@@ -13,11 +13,11 @@ from starlette.concurrency import run_in_threadpool
 
 from service.blobs import repository as blobs
 from service.blobs import service as retention
+from service.core.orm import Dataset, Model
+from service.core.problems import ProblemError
+from service.core.settings import get_settings
+from service.core.store import ArtifactStore, store_file
 from service.jobs import repository as jobs
-from service.orm import Dataset, Model
-from service.problems import ProblemError
-from service.settings import get_settings
-from service.store import ArtifactStore, store_file
 from service.tenants import repository as tenants
 from service.uploads import quota
 from service.uploads.multipart import Upload, receive_upload

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.orm import Job, WebhookDelivery, utcnow
+from service.core.orm import Job, WebhookDelivery, utcnow
 from service.webhooks import repository
 
 PAYLOAD_FIELDS = ("id", "state", "model_id", "dataset_id", "attempt", "error")

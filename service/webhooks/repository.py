@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service.orm import Job, Tenant, WebhookDelivery
+from service.core.orm import Job, Tenant, WebhookDelivery
 
 
 def job(session: Session, job_id: str) -> Job | None:

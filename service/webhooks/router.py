@@ -2,9 +2,9 @@
 
 from fastapi import APIRouter
 
-from service.db import SessionsDep
-from service.orm import Job, WebhookDelivery
-from service.problems import found, responses
+from service.core.db import SessionsDep
+from service.core.orm import Job, WebhookDelivery
+from service.core.problems import found, responses
 from service.tenants import repository as tenants
 from service.tenants.auth import TenantDep
 from service.webhooks import repository, secret

@@ -4,7 +4,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from service.timestamps import UtcDatetime
+from service.core.timestamps import UtcDatetime
 
 
 class DeliveryOut(BaseModel):

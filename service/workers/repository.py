@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from service.orm import WorkerHeartbeat, utcnow
+from service.core.orm import WorkerHeartbeat, utcnow
 
 
 def beat(session: Session, name: str, queues: str) -> None:

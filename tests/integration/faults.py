@@ -31,9 +31,9 @@ from sqlalchemy.orm import Session
 from service.api.health import CHECK_SECONDS
 from service.cli.migrate import upgrade
 from service.client import Client
-from service.db import make_engine
+from service.core.db import make_engine
+from service.core.orm import Artifact, Job, JobEvent, Model, utcnow
 from service.jobs.states import TERMINAL
-from service.orm import Artifact, Job, JobEvent, Model, utcnow
 from service.tenants.auth import create_tenant
 from service.workers import repository as workers
 from tests.integration.services import apoptosis, free_port, stop, until, wait_healthy

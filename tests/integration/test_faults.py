@@ -25,8 +25,8 @@ import httpx
 import pytest
 
 from service.client import Client
+from service.core.orm import Job
 from service.jobs.states import JobState
-from service.orm import Job
 from tests.integration.faults import (
     AWS_ENV,
     FINETUNING_SPEC,

@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy.orm import Session
 
 from service.cli.migrate import upgrade
-from service.db import make_engine
+from service.core.db import make_engine
+from service.core.orm import Dataset, Job, Model
 from service.jobs import repository
-from service.orm import Dataset, Job, Model
 from service.tenants.auth import create_tenant
 from tests.integration.services import (
     apoptosis,

@@ -42,7 +42,7 @@ def distributed(tmp_path: Path) -> Iterator[Client]:
             wait_healthy(url, api, tmp_path / "api.log")
             from sqlalchemy.orm import Session
 
-            from service.db import make_engine
+            from service.core.db import make_engine
             from service.tenants.auth import create_tenant
 
             engine = make_engine(database_url)

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.client import Client
-from service.db import make_engine
-from service.orm import Artifact, Job
+from service.core.db import make_engine
+from service.core.orm import Artifact, Job
 from tests.integration.services import apoptosis, bert_upload, free_port, stop, wait_healthy
 
 

@@ -17,13 +17,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import db as service_db
-from service import queue
-from service import store as service_store
 from service.api.app import create_app
 from service.cli.migrate import upgrade
-from service.settings import Settings, get_settings
-from service.store import ArtifactStore, store_from_url
+from service.core import db as service_db
+from service.core import queue
+from service.core import store as service_store
+from service.core.settings import Settings, get_settings
+from service.core.store import ArtifactStore, store_from_url
 from tests.service.factories import Caller, make_tenant
 from tests.service.support import MAX_UPLOAD_BYTES, QueueRecorder
 

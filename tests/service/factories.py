@@ -12,9 +12,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.blobs import repository as blobs
+from service.core.orm import Artifact, Dataset, Job, Model
+from service.core.store import ArtifactStore
 from service.jobs.states import JobState
-from service.orm import Artifact, Dataset, Job, Model
-from service.store import ArtifactStore
 from service.tenants.auth import create_tenant
 
 

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Connection, select
 
-from service.orm import Dataset, Job, Model
-from service.settings import Settings
+from service.core.orm import Dataset, Job, Model
+from service.core.settings import Settings
 from tests.service.factories import Caller
 
 # Starlette's TestClient answers with httpx2's or httpx's Response, by what is installed.

@@ -6,7 +6,7 @@ from typing import Any
 
 import transformers
 
-from service.archives import TRANSFORMERS_RELEASE, known_architectures
+from service.core.archives import TRANSFORMERS_RELEASE, known_architectures
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "refresh_architectures.py"
 

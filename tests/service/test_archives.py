@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.archives import UnsafeArchive, extract
+from service.core.archives import UnsafeArchive, extract
 
 
 def _zip(path: Path, entries: dict[str, bytes], *, link: str | None = None) -> Path:

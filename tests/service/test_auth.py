@@ -7,8 +7,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Connection, select, text, update
 from sqlalchemy.orm import Session
 
-from service.orm import ApiKey, Dataset, Job, Model
-from service.store import ArtifactStore
+from service.core.orm import ApiKey, Dataset, Job, Model
+from service.core.store import ArtifactStore
 from service.tenants.auth import hash_key
 from tests.service.factories import SPEC, Caller, make_artifact, make_dataset, make_job, make_model
 from tests.service.support import problem

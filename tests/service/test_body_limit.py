@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.body_limit import KEYED_PREFIX, MAX_JSON_BYTES, BodyLimitMiddleware
-from service.problems import ProblemError
-from service.settings import Settings
+from service.core.problems import ProblemError
+from service.core.settings import Settings
 from service.tenants.auth import current_tenant
 from service.uploads.multipart import FORM_ALLOWANCE
 from tests.service.factories import Caller, hf_archive

@@ -24,11 +24,11 @@ from schemathesis.checks import (
 )
 from sqlalchemy.orm import Session
 
-from service import queue
 from service.api.app import create_app
+from service.core import queue
+from service.core.store import ArtifactStore
 from service.jobs import repository as jobs
 from service.outbound import guard
-from service.store import ArtifactStore
 from service.workers import repository as workers
 from tests.service.factories import (
     Caller,

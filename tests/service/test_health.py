@@ -7,9 +7,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from service import queue
-from service.orm import WorkerHeartbeat, utcnow
-from service.store import ArtifactStore, StoreError
+from service.core import queue
+from service.core.orm import WorkerHeartbeat, utcnow
+from service.core.store import ArtifactStore, StoreError
 from service.workers import repository as workers
 from tests.service.factories import Caller
 from tests.service.support import problem, requests_counted
@@ -73,8 +73,8 @@ def test_readyz_is_503_when_no_worker_beat_recently(
 def test_readyz_is_503_when_the_database_is_unreachable(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, broker_up: None
 ) -> None:
-    from service import db
-    from service.settings import get_settings
+    from service.core import db
+    from service.core.settings import get_settings
 
     monkeypatch.setenv("APOPTOSIS_DATABASE_URL", "sqlite:////nonexistent/folder/apoptosis.db")
     for cached in (get_settings, db.get_engine):

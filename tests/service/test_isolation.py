@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from service.api.app import create_app
+from service.core.store import ArtifactStore
 from service.jobs import repository
-from service.store import ArtifactStore
 from tests.service.factories import Caller, make_artifact, make_job
 from tests.service.support import problem
 

@@ -8,11 +8,11 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from service import db as service_db
 from service.api.app import create_app
 from service.cli import main as cli
 from service.cli.migrate import upgrade
-from service.settings import get_settings
+from service.core import db as service_db
+from service.core.settings import get_settings
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from service.api.app import create_app
-from service.store import ArtifactStore
+from service.core.store import ArtifactStore
 from tests.service.factories import (
     Caller,
     hf_archive,

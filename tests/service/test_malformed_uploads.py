@@ -8,7 +8,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.settings import Settings
+from service.core.settings import Settings
 from service.uploads.multipart import MAX_FIELDS, MAX_FIELDS_BYTES
 from tests.service.factories import Caller, hf_archive
 from tests.service.streamed import Pulled, post

@@ -11,8 +11,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, text
 
 from service.cli.migrate import alembic_config, upgrade
-from service.db import make_engine
-from service.orm import Base
+from service.core.db import make_engine
+from service.core.orm import Base
 
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
 

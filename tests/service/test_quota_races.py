@@ -16,14 +16,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from service import queue
 from service.api.app import create_app
 from service.cli.migrate import upgrade
-from service.db import get_sessionmaker
+from service.core import queue
+from service.core.db import get_sessionmaker
+from service.core.orm import Job
+from service.core.settings import Settings
+from service.core.store import ArtifactStore
 from service.jobs.states import JobState
-from service.orm import Job
-from service.settings import Settings
-from service.store import ArtifactStore
 from tests.service.factories import Caller, make_dataset, make_model, make_tenant
 from tests.service.models.test_upload import WEIGHTS
 from tests.service.models.test_upload import upload as upload_model

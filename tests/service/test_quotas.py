@@ -8,8 +8,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.orm import UploadAdmission
-from service.settings import Settings, get_settings
+from service.core.orm import UploadAdmission
+from service.core.settings import Settings, get_settings
 from service.uploads import quota
 from tests.service.datasets.test_datasets import TENSORS
 from tests.service.datasets.test_datasets import upload as upload_dataset

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.artifacts import repository as artifacts
 from service.blobs import service as retention
-from service.orm import Blob, Dataset, Job, Model
-from service.settings import Settings
-from service.store import ArtifactStore
+from service.core.orm import Blob, Dataset, Job, Model
+from service.core.settings import Settings
+from service.core.store import ArtifactStore
 from tests.service.datasets.test_datasets import TENSORS
 from tests.service.datasets.test_datasets import upload as upload_dataset
 from tests.service.factories import Caller, make_artifact, make_job

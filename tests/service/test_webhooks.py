@@ -7,8 +7,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from service.core.settings import get_settings
 from service.outbound import guard
-from service.settings import get_settings
 from tests.service.factories import Caller, make_dataset, make_model
 from tests.service.support import QueueRecorder, problem
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from service.cli import migrate
-from service.db import get_engine, get_sessionmaker
-from service.settings import get_settings
-from service.store import get_store
+from service.core.db import get_engine, get_sessionmaker
+from service.core.settings import get_settings
+from service.core.store import get_store
 from service.tenants.auth import create_tenant
 
 

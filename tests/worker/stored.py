@@ -4,9 +4,9 @@ blobs in the store, their rows and a queued job in the database (the `tenant` fi
 from pathlib import Path
 from typing import Any
 
-from service.db import get_sessionmaker
-from service.orm import Dataset, Job, Model
-from service.store import store_file
+from service.core.db import get_sessionmaker
+from service.core.orm import Dataset, Job, Model
+from service.core.store import store_file
 from tests.worker import factories
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from service.broker import RUN_JOB
-from service.settings import get_settings
+from service.core.broker import RUN_JOB
+from service.core.settings import get_settings
 
 
 @pytest.fixture

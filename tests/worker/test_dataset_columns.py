@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from service.db import get_sessionmaker
-from service.orm import Dataset, Job, Model
-from service.store import store_file
+from service.core.db import get_sessionmaker
+from service.core.orm import Dataset, Job, Model
+from service.core.store import store_file
 from tests.worker import factories, family_zoo
 from worker import datasets, lifecycle, models
 from worker.steps import JobFiles, execute

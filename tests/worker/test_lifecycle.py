@@ -9,10 +9,10 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from service.db import get_sessionmaker
-from service.orm import Artifact, Blob, Job, Model, WorkerHeartbeat
-from service.settings import get_settings
-from service.store import get_store
+from service.core.db import get_sessionmaker
+from service.core.orm import Artifact, Blob, Job, Model, WorkerHeartbeat
+from service.core.settings import get_settings
+from service.core.store import get_store
 from service.workers import repository as workers
 from tests.worker import factories
 from tests.worker.stored import stored_bert, stored_job, stored_model

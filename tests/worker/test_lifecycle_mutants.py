@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from service.db import get_sessionmaker
+from service.core.db import get_sessionmaker
+from service.core.orm import Artifact, Job
+from service.core.settings import get_settings
+from service.core.store import ArtifactStore, StoredBlob, get_store, store_file
 from service.jobs import repository as jobs
 from service.jobs.results import Progress
 from service.jobs.states import JobState
-from service.orm import Artifact, Job
-from service.settings import get_settings
-from service.store import ArtifactStore, StoredBlob, get_store, store_file
 from tests.worker import factories
 from tests.worker.stored import stored_bert, stored_job
 from worker import lifecycle

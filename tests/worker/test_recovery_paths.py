@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service import queue
 from service.api.app import create_app
-from service.broker import RUN_JOB, VALIDATE_MODEL
-from service.db import get_sessionmaker
+from service.core import queue
+from service.core.broker import RUN_JOB, VALIDATE_MODEL
+from service.core.db import get_sessionmaker
+from service.core.orm import Job, Model
+from service.core.settings import get_settings
 from service.jobs import repository as jobs
-from service.orm import Job, Model
-from service.settings import get_settings
 from service.tenants.auth import create_key
 from tests.worker import factories
 from worker import lifecycle

@@ -11,10 +11,10 @@ import torch
 from sqlalchemy import select
 from torch import nn
 
-from service.db import get_sessionmaker
+from service.core.db import get_sessionmaker
+from service.core.orm import Artifact, Job
 from service.jobs.results import JobResult
 from service.jobs.schemas import JobError, Target
-from service.orm import Artifact, Job
 from tests.worker import factories
 from tests.worker.stored import stored_bert, stored_job
 from worker import lifecycle, steps

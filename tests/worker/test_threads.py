@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from service.settings import Settings
+from service.core.settings import Settings
 from worker import threads
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.core.settings import get_settings
 from service.jobs.results import JobResult
-from service.settings import get_settings
 from tests.integration.services import free_port
 from tests.worker import factories
 

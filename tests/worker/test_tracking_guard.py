@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from service.settings import get_settings
+from service.core.settings import get_settings
 from tests.worker import factories
 from tests.worker.loopback import answer, body_of, serving
 from worker import tracking

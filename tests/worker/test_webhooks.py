@@ -11,12 +11,12 @@ import pytest
 from sqlalchemy import update
 from standardwebhooks import Webhook
 
-from service.db import get_sessionmaker
+from service.core.db import get_sessionmaker
+from service.core.orm import Dataset, Job, Model, WebhookDelivery, utcnow
+from service.core.settings import get_settings
 from service.jobs import repository as jobs
 from service.jobs.states import JobState
-from service.orm import Dataset, Job, Model, WebhookDelivery, utcnow
 from service.outbound import guard
-from service.settings import get_settings
 from service.tenants.auth import create_tenant
 from service.webhooks import repository, secret
 from tests.worker.loopback import Flood, Trickle, answer, serving

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from service.store import ArtifactStore
+from service.core.store import ArtifactStore
 from tests.service.factories import Caller, make_artifact, make_job
 from tests.service.support import latin1_get, problem
 

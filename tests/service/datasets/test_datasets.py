@@ -8,9 +8,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.orm import Dataset
-from service.settings import Settings
-from service.store import ArtifactStore
+from service.core.orm import Dataset
+from service.core.settings import Settings
+from service.core.store import ArtifactStore
 from tests.service.factories import Caller, make_dataset, make_job, safetensors_bytes
 from tests.service.support import (
     MAX_UPLOAD_BYTES,

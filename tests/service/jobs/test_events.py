@@ -10,10 +10,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.core.orm import JobEvent
 from service.jobs import repository
 from service.jobs import router as jobs_router
 from service.jobs.states import JobState
-from service.orm import JobEvent
 from tests.service.factories import Caller, make_job
 from tests.service.support import latin1_get
 

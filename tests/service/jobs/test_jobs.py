@@ -7,8 +7,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.core.orm import Job, JobEvent
 from service.jobs.states import STATES, TERMINAL, JobState
-from service.orm import Job, JobEvent
 from tests.service.factories import Caller, make_job, make_model
 from tests.service.support import Response, newest_first, problem, walk
 

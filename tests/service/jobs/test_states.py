@@ -7,9 +7,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.core.orm import Job, JobEvent, utcnow
 from service.jobs import repository
 from service.jobs.states import STATES, TERMINAL, JobState
-from service.orm import Job, JobEvent, utcnow
 from tests.service.factories import WORKER, Caller, make_job
 
 # Written out from DESIGN §3 rather than read from states.py, so that the table is checked.

@@ -9,11 +9,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import flag_modified
 
-from service import queue
+from service.core import queue
+from service.core.orm import Job, JobEvent, Model
+from service.core.settings import get_settings
 from service.jobs import repository
 from service.jobs.states import JobState
-from service.orm import Job, JobEvent, Model
-from service.settings import get_settings
 from tests.service.factories import Caller, make_dataset, make_job, make_model
 from tests.service.support import QueueRecorder, problem
 
@@ -56,7 +56,7 @@ def test_jobs_go_to_the_configured_queue(
     alice: Caller,
     spec: dict[str, Any],
 ) -> None:
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     monkeypatch.setenv("APOPTOSIS_JOB_QUEUE", "gpu")
     get_settings.cache_clear()

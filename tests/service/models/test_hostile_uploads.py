@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.service.factories import Caller, hf_archive, safetensors_bytes
 from tests.service.support import leftover_files, problem
 

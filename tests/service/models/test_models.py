@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from service.orm import Model
+from service.core.orm import Model
 from tests.service.factories import Caller, make_job, make_model
 from tests.service.support import newest_first, problem, walk
 

@@ -8,10 +8,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service import queue
-from service.orm import Model
-from service.settings import Settings, get_settings
-from service.store import ArtifactStore, StoreFull, StoreUnavailable
+from service.core import queue
+from service.core.orm import Model
+from service.core.settings import Settings, get_settings
+from service.core.store import ArtifactStore, StoreFull, StoreUnavailable
 from tests.service.factories import Caller, hf_archive, hf_archive_of_size
 from tests.service.support import MAX_UPLOAD_BYTES, QueueRecorder, Response, leftover_files, problem
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from service.store import (
+from service.core.store import (
     ArtifactStore,
     BlobNotFound,
     InvalidKey,

@@ -9,8 +9,8 @@ import boto3  # type: ignore[import-untyped]
 import pytest
 from moto.server import ThreadedMotoServer
 
-from service.store import UploadTooLarge, store_from_url
-from service.store.s3 import PART_SIZE, S3Client, S3Store
+from service.core.store import UploadTooLarge, store_from_url
+from service.core.store.s3 import PART_SIZE, S3Client, S3Store
 from tests.service.store.test_local import Contents, StoreContract, chunked, payload
 
 MEBIBYTE = 1 << 20

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from service.store.base import (
+from service.core.store.base import (
     ArtifactStore,
     BlobNotFound,
     StoredBlob,

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.settings import get_settings
+from service.core.settings import get_settings
 
 
 def make_engine(url: str) -> Engine:

@@ -19,7 +19,7 @@ from functools import lru_cache, partial
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from service.errors import CodedError
+from service.core.errors import CodedError
 
 MAX_FILES = 2_000
 MAX_TOTAL_BYTES = 20 * 1024**3

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.store import ArtifactStore, get_store
+from service.core.store import ArtifactStore, get_store
 
 
 async def artifact_store(request: Request) -> ArtifactStore:

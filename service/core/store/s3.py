@@ -16,7 +16,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from service.store.base import (
+from service.core.store.base import (
     ArtifactStore,
     BlobNotFound,
     StoredBlob,

@@ -9,8 +9,8 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from service.settings import get_settings
-from service.store.base import (
+from service.core.settings import get_settings
+from service.core.store.base import (
     ArtifactStore,
     BlobNotFound,
     InvalidKey,
@@ -20,7 +20,7 @@ from service.store.base import (
     StoreUnavailable,
     UploadTooLarge,
 )
-from service.store.local import LocalStore
+from service.core.store.local import LocalStore
 
 __all__ = [
     "ArtifactStore",
@@ -57,7 +57,7 @@ def store_from_url(url: str) -> ArtifactStore:
             raise ValueError(
                 f"store URL {url!r}: use s3://bucket with optional ?endpoint_url=…&region=…"
             )
-        from service.store.s3 import S3Store
+        from service.core.store.s3 import S3Store
 
         return S3Store(
             parts.netloc, endpoint_url=options.get("endpoint_url"), region=options.get("region")

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from service.store.base import StoreFull, StoreUnavailable
+from service.core.store.base import StoreFull, StoreUnavailable
 
 log = logging.getLogger("apoptosis.api")
 PROBLEM_JSON = "application/problem+json"

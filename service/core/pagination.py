@@ -4,7 +4,7 @@ import base64
 import json
 from datetime import datetime
 
-from service.problems import ProblemError
+from service.core.problems import ProblemError
 
 MAX_LIMIT = 200
 

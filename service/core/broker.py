@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 VALIDATE_MODEL = "apoptosis.validate_model"
 RUN_JOB = "apoptosis.run_job"

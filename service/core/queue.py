@@ -4,8 +4,8 @@ from functools import lru_cache
 
 from celery import Celery
 
-from service.broker import RUN_JOB, VALIDATE_MODEL, celery_config
-from service.settings import get_settings
+from service.core.broker import RUN_JOB, VALIDATE_MODEL, celery_config
+from service.core.settings import get_settings
 
 # A request that sends a task answers within seconds even when the broker hangs (each try
 # waits at most the broker's socket timeout): one retry covers a connection the broker dropped.
