@@ -25,9 +25,9 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from worker import threads  # noqa: E402
 from worker.engine import measure  # noqa: E402
 from worker.engine.batchnorm import recalibrate_batchnorm_  # noqa: E402
+from worker.runtime import threads  # noqa: E402
 
 DATASETS = ("digits", "mnist1d")
 Batch = tuple[Tensor, Tensor]
@@ -51,8 +51,8 @@ class Dataset:
 
 
 def set_threads(count: int) -> None:
-    """Pin torch to `count` CPU threads, as a worker does (`worker/threads.py`): the machine is
-    small and shared with other jobs."""
+    """Pin torch to `count` CPU threads, as a worker does (`worker/runtime/threads.py`): the
+    machine is small and shared with other jobs."""
     threads.use(count)
     with contextlib.suppress(RuntimeError):  # already set once in this process
         torch.set_num_interop_threads(1)

@@ -84,7 +84,6 @@ from embedder_sentences import CALIBRATION, HELD_OUT, PARAPHRASE_PAIRS
 from quality import FixedHessianImportance
 from torch import Tensor, nn
 
-from worker import datasets, losses, models
 from worker.engine import ALLOCATIONS as ENGINE_ALLOCATIONS
 from worker.engine import PruneConfig, architectures, measure, prune_, register_allocation
 from worker.engine.allocation import (
@@ -96,6 +95,7 @@ from worker.engine.allocation import (
 )
 from worker.engine.cost import Cost
 from worker.engine.groups import ChannelGroup, channel_costs, unit_view
+from worker.pipeline import datasets, losses, models
 
 ENGINE_METHODS = ("oba_full", "oba", "taylor", "magnitude")
 PEERS = ("tp_magnitude", "tp_taylor", "tp_hessian")

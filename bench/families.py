@@ -10,8 +10,8 @@ move, or it reaches 0.99 or more) gets no timings.
 - job s: wall time of the whole job (load, calibration, pruning, export, reload check; the
   second job where the first was refused, the first where that was all); prune s: its pruning
   phase (`result["seconds"]["prune"]`).
-- latency: `worker/latency.py`'s timer, the median of `--runs` forward passes (eval mode, no
-  autograd) after 5 untimed ones, of the dense model and of the `hf` output reloaded with its
+- latency: `worker/pipeline/latency.py`'s timer, the median of `--runs` forward passes (eval mode,
+  no autograd) after 5 untimed ones, of the dense model and of the `hf` output reloaded with its
   class, on the first 1 and the first 32 rows of the family's data.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py --threads 2 --runs 20
@@ -42,7 +42,7 @@ from common import markdown_table, set_threads  # noqa: E402
 from tests.worker.family_jobs import TARGET, FamilyJob, macs_reached, reload, run_job  # noqa: E402
 from tests.worker.family_zoo import FAMILIES  # noqa: E402
 from worker.engine import TargetUnreachable  # noqa: E402
-from worker.latency import time_forward  # noqa: E402
+from worker.pipeline.latency import time_forward  # noqa: E402
 
 BATCHES = (1, 32)
 HEADERS = (

@@ -26,7 +26,7 @@ from common import set_threads  # noqa: E402
 
 from service.jobs.results import JobResult, Member  # noqa: E402
 from service.jobs.schemas import JobSpec  # noqa: E402
-from worker.steps import JobFiles, execute  # noqa: E402
+from worker.pipeline.steps import JobFiles, execute  # noqa: E402
 
 TARGETS = [0.75, 0.5, 0.3]
 

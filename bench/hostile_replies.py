@@ -132,7 +132,7 @@ def last_errors(job_id: str) -> list[int]:
 def delivery_round(kind: str, size: int) -> dict[str, Any]:
     """One delivery round of a job's two notifications to a `kind` peer."""
     from service.core.settings import get_settings
-    from worker import webhooks
+    from worker.chores import webhooks
 
     process, url = start_peer(kind, size)
     try:
@@ -150,7 +150,7 @@ def delivery_round(kind: str, size: int) -> dict[str, Any]:
 def mlflow_case(size: int) -> dict[str, Any]:
     from service.jobs.results import JobResult, Metrics
     from service.jobs.schemas import JobSpec
-    from worker import tracking
+    from worker.pipeline import tracking
 
     process, url = start_peer("mlflow", size)
     spec = JobSpec.model_validate(
@@ -216,8 +216,6 @@ def main() -> None:
 
     migrate.upgrade(get_settings().resolved_database_url())
     # imported before the first case, so that no case counts the imports' memory
-    import worker.tracking
-    import worker.webhooks  # noqa: F401
 
     cases = {
         f"webhook receiver answers 500 + {args.mib} MiB": lambda: delivery_round(

@@ -22,8 +22,8 @@ sys.path.insert(0, str(_ROOT))
 from common import set_threads  # noqa: E402
 
 from service.jobs.schemas import JobSpec  # noqa: E402
-from worker import latency  # noqa: E402
-from worker.steps import JobFiles, execute  # noqa: E402
+from worker.pipeline import latency  # noqa: E402
+from worker.pipeline.steps import JobFiles, execute  # noqa: E402
 
 LENGTH = 64
 

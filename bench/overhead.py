@@ -16,7 +16,7 @@ worth 35-77 points right after pruning); it has its own column, and the last col
 overhead.
 Each model runs one warm-up job first, as a worker process does before its second job, then
 `--repeats` jobs; the table has each stage's median. The heap is frozen as the worker freezes
-it (`worker/heap.py`): at start and after the first job.
+it (`worker/runtime/heap.py`): at start and after the first job.
 
     .venv/bin/python bench/overhead.py --threads 2
 """
@@ -46,8 +46,8 @@ from scoring_cost import resnet20  # noqa: E402
 from service.core.store import store_file  # noqa: E402
 from service.core.store.local import LocalStore  # noqa: E402
 from service.jobs.schemas import JobSpec  # noqa: E402
-from worker import heap  # noqa: E402
-from worker.steps import JobFiles, execute  # noqa: E402
+from worker.pipeline.steps import JobFiles, execute  # noqa: E402
+from worker.runtime import heap  # noqa: E402
 
 STEPS = 5
 

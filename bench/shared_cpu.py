@@ -1,6 +1,6 @@
 """A small job on a shared machine: the quickstart's BERT job (5 pruning steps, `hf` output)
 timed alone, then in each of 5 worker-like processes running at once, with torch's default
-thread pool (every process takes every core) and with the pool `worker/threads.py` sizes
+thread pool (every process takes every core) and with the pool `worker/runtime/threads.py` sizes
 (the cores ÷ the workers on the host).
 
     .venv/bin/python bench/shared_cpu.py --processes 5 --jobs 3
@@ -28,7 +28,7 @@ def run_jobs(jobs: int, threads: int) -> list[float]:
     import torch
 
     from service.jobs.schemas import JobSpec
-    from worker.steps import JobFiles, execute
+    from worker.pipeline.steps import JobFiles, execute
 
     torch.set_num_threads(threads)
     found = importlib.util.spec_from_file_location(
@@ -78,7 +78,7 @@ def main() -> None:
         print(json.dumps(run_jobs(*args.child)))
         return
     from service.core.settings import Settings
-    from worker.threads import cores, threads_for
+    from worker.runtime.threads import cores, threads_for
 
     everything = cores()
     sized = threads_for(Settings(workers_per_host=args.processes))

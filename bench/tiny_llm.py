@@ -85,7 +85,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from worker.engine import InvalidConfig, PruneConfig, prune_
-from worker.losses import causal_lm, distillation
+from worker.pipeline.losses import causal_lm, distillation
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "var" / "bench" / "tiny_llm"

@@ -118,11 +118,11 @@ def worker(queues: str = "cpu,gpu", name: str = "worker@%h") -> None:
     os.execvp(sys.executable, _worker_command(queues, name))
 
 
-# `python -m celery -A worker.celery_app` imports `worker` from the current directory first
-# (`-m` and Celery's app lookup both put it on sys.path): run from a project with its own
+# `python -m celery -A worker.runtime.celery_app` imports `worker` from the current directory
+# first (`-m` and Celery's app lookup both put it on sys.path): run from a project with its own
 # worker.py, the worker stopped with "'worker' is not a package". `-P` keeps the directory off
 # sys.path, and the app, imported before Celery looks for it, is ours.
-_CELERY = "import worker.celery_app; from celery.__main__ import main; main()"
+_CELERY = "import worker.runtime.celery_app; from celery.__main__ import main; main()"
 
 
 def _worker_command(queues: str, name: str) -> list[str]:
@@ -132,7 +132,7 @@ def _worker_command(queues: str, name: str) -> list[str]:
         "-c",
         _CELERY,
         "-A",
-        "worker.celery_app",
+        "worker.runtime.celery_app",
         "worker",
         "--pool=solo",
         "--concurrency=1",
@@ -336,9 +336,9 @@ def prune(
 
 
 def _local_pruner() -> Callable[..., None]:
-    """The job's steps in-process (worker.local), found through the `apoptosis.local` entry point
-    (pyproject.toml): the service never imports worker code, and `import service.cli.main` stays
-    free of torch (import-linter and a test check both)."""
+    """The job's steps in-process (worker.pipeline.local), found through the `apoptosis.local`
+    entry point (pyproject.toml): the service never imports worker code, and
+    `import service.cli.main` stays free of torch (import-linter and a test check both)."""
     try:
         return cast(Callable[..., None], entry_points(group="apoptosis.local")["prune"].load())
     except ImportError as error:

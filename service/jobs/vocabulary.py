@@ -4,8 +4,8 @@
 The engine owns what they do (`register_scorer`, `register_allocation`). A plugin package adds
 one with one line of its own metadata, an entry point in the `apoptosis.scorers` or
 `apoptosis.allocations` group (`my_scorer = "my_package.scores:my_scorer"`): the worker loads
-and registers it (`worker/plugins.py`), while the API and the CLI read only its name, so they
-import neither torch nor the plugin. A test holds the built-ins equal to the engine's own
+and registers it (`worker/pipeline/plugins.py`), while the API and the CLI read only its name, so
+they import neither torch nor the plugin. A test holds the built-ins equal to the engine's own
 registrations (tests/worker/test_plugins.py).
 """
 

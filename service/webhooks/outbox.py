@@ -1,6 +1,6 @@
 """The outbox: a job's state change writes its notification in the change's own transaction,
 so a notification is never lost to a crash between the change and the send, nor sent for a
-change that rolled back. Workers send them (`worker/webhooks.py`)."""
+change that rolled back. Workers send them (`worker/chores/webhooks.py`)."""
 
 from typing import Any
 

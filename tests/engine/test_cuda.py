@@ -12,7 +12,7 @@ from tests.engine import models
 from tests.worker import factories
 from worker.engine import parameter_scores
 from worker.engine.hvp import plain_theta_hvp, theta_hvp
-from worker.steps import JobFiles, execute
+from worker.pipeline.steps import JobFiles, execute
 
 pytestmark = [
     pytest.mark.gpu,

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from service.jobs.results import JobResult
 from service.jobs.schemas import JobSpec
-from worker.steps import JobFiles, execute
+from worker.pipeline.steps import JobFiles, execute
 
 WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "a", "plot", "acting"]
 

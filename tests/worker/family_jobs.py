@@ -21,7 +21,7 @@ from service.jobs.results import JobResult
 from tests.worker import factories
 from tests.worker.family_zoo import FAMILIES
 from worker.engine import TargetUnreachable
-from worker.steps import JobFailed, JobFiles, execute
+from worker.pipeline.steps import JobFailed, JobFiles, execute
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "families.md"
 COMMAND = "HF_HUB_OFFLINE=1 .venv/bin/python -m tests.worker.family_jobs --write docs/families.md"

@@ -10,9 +10,9 @@ import transformers
 from torch import nn
 
 from tests.worker import factories
-from worker import export
 from worker.engine import measure
-from worker.steps import JobFailed, JobFiles, execute
+from worker.pipeline import export
+from worker.pipeline.steps import JobFailed, JobFiles, execute
 
 DATA = {
     "text": factories.tensors_file,

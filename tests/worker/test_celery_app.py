@@ -27,8 +27,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_an_unanswered_ack_or_reject_frees_the_prefetch_slot(
     home: None, verb: str, write: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.celery_app import app
-    from worker.tasks import run_job
+    from worker.runtime.celery_app import app
+    from worker.runtime.tasks import run_job
 
     with Connection("memory://") as connection:
         queue = connection.SimpleQueue("cpu")

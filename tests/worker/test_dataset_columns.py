@@ -14,8 +14,9 @@ from service.core.db import get_sessionmaker
 from service.core.orm import Dataset, Job, Model
 from service.core.store import store_file
 from tests.worker import factories, family_zoo
-from worker import datasets, lifecycle, models
-from worker.steps import JobFiles, execute
+from worker.pipeline import datasets, models
+from worker.pipeline.steps import JobFiles, execute
+from worker.runtime import lifecycle
 
 CPU = torch.device("cpu")
 ROWS = 8

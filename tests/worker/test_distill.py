@@ -12,8 +12,8 @@ from sentence_transformers import SentenceTransformer
 from torch import nn
 
 from tests.worker import factories
-from worker import losses, models
 from worker.engine import parameter_scores
+from worker.pipeline import losses, models
 
 
 def _bert() -> transformers.BertModel:

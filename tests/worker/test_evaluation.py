@@ -7,7 +7,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from worker import evaluation
+from worker.pipeline import evaluation
 
 
 def config(**extra: Any) -> transformers.BertConfig:
@@ -58,8 +58,8 @@ def test_a_classifier_reports_accuracy() -> None:
 
 
 class _Clock:
-    """`time` as `worker.evaluation` sees it: it moves only while a `_Clocked` model runs, so
-    what the budget counts is the passes' time, not the machine's load."""
+    """`time` as `worker.pipeline.evaluation` sees it: it moves only while a `_Clocked` model
+    runs, so what the budget counts is the passes' time, not the machine's load."""
 
     def __init__(self) -> None:
         self.seconds = 0.0

@@ -12,10 +12,10 @@ import torch
 
 from tests.worker.family_jobs import documented, reload, row, run_job, stale_message
 from tests.worker.family_zoo import FAMILIES
-from worker import models
 from worker.engine import TargetUnreachable, measure
 from worker.engine.cost import run_forward
 from worker.engine.families import FAMILIES as DESCRIBED
+from worker.pipeline import models
 
 PRUNED = sorted(n for n, f in FAMILIES.items() if f.reaches <= 0.5)
 REFUSED = sorted(n for n, f in FAMILIES.items() if f.reaches > 0.5)

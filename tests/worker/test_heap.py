@@ -3,7 +3,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker import heap
+from worker.runtime import heap
 
 
 @pytest.fixture()

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from tests.worker import factories
-from worker import datasets, models
-from worker.models import LoadedModel
+from worker.pipeline import datasets, models
+from worker.pipeline.models import LoadedModel
 
 # written to the archive in this order, which is not the sorted one: apple, mango, zebra
 COLOURS = {"zebra": (200, 40, 90), "apple": (30, 180, 60), "mango": (250, 160, 10)}

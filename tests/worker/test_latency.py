@@ -13,10 +13,10 @@ from torch import nn
 
 from service.jobs.results import Latency
 from tests.worker import factories
-from worker import latency
 from worker.engine import measure
-from worker.latency import Timing
-from worker.steps import JobFailed
+from worker.pipeline import latency
+from worker.pipeline.latency import Timing
+from worker.pipeline.steps import JobFailed
 
 CPU = torch.device("cpu")
 

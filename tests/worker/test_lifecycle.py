@@ -16,7 +16,9 @@ from service.core.store import get_store
 from service.workers import repository as workers
 from tests.worker import factories
 from tests.worker.stored import stored_bert, stored_job, stored_model
-from worker import lifecycle, retention, steps
+from worker.chores import retention
+from worker.pipeline import steps
+from worker.runtime import lifecycle
 
 
 def test_validation_records_params_and_macs(tenant: str, tmp_path: Path) -> None:

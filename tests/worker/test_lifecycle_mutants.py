@@ -1,5 +1,5 @@
 """What a job's claim, finish, end and the reaper write, in cases a mutation run of
-`worker/lifecycle.py` found untested (issue 20, build item 7): the lease guards every final
+`worker/runtime/lifecycle.py` found untested (issue 20, build item 7): the lease guards every final
 write, a job's end is timed, its result keeps every stage's seconds, and a job the reaper
 returns to the queue is sent once per period.
 
@@ -25,9 +25,9 @@ from service.jobs.results import Progress
 from service.jobs.states import JobState
 from tests.worker import factories
 from tests.worker.stored import stored_bert, stored_job
-from worker import lifecycle
-from worker.export import Exported
-from worker.steps import JobFailed, JobFiles
+from worker.pipeline.export import Exported
+from worker.pipeline.steps import JobFailed, JobFiles
+from worker.runtime import lifecycle
 
 Steps = Callable[..., tuple[dict[str, Any], list[Exported]]]
 Act = Callable[[str, JobFiles, Callable[[Progress], None]], Any]

@@ -10,9 +10,9 @@ import transformers
 from torch import Tensor, nn
 
 from tests.worker import factories
-from worker import losses, memory, microbatch
 from worker.engine import parameter_scores
-from worker.steps import JobFiles, execute
+from worker.pipeline import losses, memory, microbatch
+from worker.pipeline.steps import JobFiles, execute
 
 
 def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

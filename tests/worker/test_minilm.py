@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from service.cli.main import app
 from tests.worker import factories
-from worker import datasets, losses, models
 from worker.engine import measure
+from worker.pipeline import datasets, losses, models
 
 SENTENCES = [
     "A man is playing a guitar on the street.",

@@ -10,8 +10,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from tests.worker import factories
-from worker import models
-from worker.models import ModelRejected
+from worker.pipeline import models
+from worker.pipeline.models import ModelRejected
 
 
 def _refuse_allocation(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,9 +12,9 @@ from pydantic import ValidationError
 from service.jobs import vocabulary
 from service.jobs.schemas import JobSpec
 from tests.worker import factories
-from worker import plugins
 from worker.engine import ALLOCATIONS, METHODS, InvalidConfig, allocation, scores
-from worker.steps import prune_config
+from worker.pipeline import plugins
+from worker.pipeline.steps import prune_config
 
 PLUGIN = """
 CALLS = []

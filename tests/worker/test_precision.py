@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tests.worker import factories
-from worker import precision, steps
 from worker.engine import prune_
-from worker.steps import JobFiles, execute
+from worker.pipeline import precision, steps
+from worker.pipeline.steps import JobFiles, execute
 
 CPU = torch.device("cpu")
 

@@ -22,7 +22,7 @@ from service.core.settings import get_settings
 from service.jobs import repository as jobs
 from service.tenants.auth import create_key
 from tests.worker import factories
-from worker import lifecycle
+from worker.runtime import lifecycle
 
 
 @dataclass
@@ -93,7 +93,7 @@ def reaper_round(monkeypatch: pytest.MonkeyPatch) -> list[Sent]:
     """One round of the worker's reaper (`reap_once`), its sends recorded instead of brokered."""
     # Imported here: the Celery app reads the settings when first imported, so under this test's
     # home (the `tenant` fixture's), not the working directory.
-    from worker.celery_app import app, reap_once
+    from worker.runtime.celery_app import app, reap_once
 
     sent: list[Sent] = []
 
@@ -107,7 +107,7 @@ def reaper_round(monkeypatch: pytest.MonkeyPatch) -> list[Sent]:
 
 def deliver(sent: list[Sent]) -> None:
     """Run each sent task's body in this process, as a worker that received it would."""
-    from worker import tasks
+    from worker.runtime import tasks
 
     for message in sent:
         tasks.app.tasks[message.task](*message.args)

@@ -12,8 +12,8 @@ import transformers
 from sentence_transformers import SentenceTransformer
 
 from tests.worker import factories
-from worker import export, losses, models
-from worker.steps import JobFiles, execute
+from worker.pipeline import export, losses, models
+from worker.pipeline.steps import JobFiles, execute
 
 
 def _unzip(archive: Path, into: Path) -> Path:

@@ -17,10 +17,10 @@ from service.cli.spec import SpecOptions, build_spec
 from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
 from tests.worker import factories
-from worker import datasets, evaluation, models
 from worker.engine import EngineError, measure
 from worker.engine.plan import Plan, apply_plan_
-from worker.steps import JobFailed, JobFiles, execute, prune_config, steps_per_goal
+from worker.pipeline import datasets, evaluation, models
+from worker.pipeline.steps import JobFailed, JobFiles, execute, prune_config, steps_per_goal
 
 CPU = torch.device("cpu")
 

@@ -17,9 +17,10 @@ from service.jobs.results import JobResult
 from service.jobs.schemas import JobError, Target
 from tests.worker import factories
 from tests.worker.stored import stored_bert, stored_job
-from worker import lifecycle, steps
 from worker.engine import PruneConfig, PruneResult, TargetUnreachable, prune_
-from worker.steps import JobFailed
+from worker.pipeline import steps
+from worker.pipeline.steps import JobFailed
+from worker.runtime import lifecycle
 
 CPU = torch.device("cpu")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from service.core.settings import Settings
-from worker import threads
+from worker.runtime import threads
 
 
 @pytest.mark.parametrize(

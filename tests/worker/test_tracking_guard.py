@@ -14,8 +14,8 @@ import pytest
 from service.core.settings import get_settings
 from tests.worker import factories
 from tests.worker.loopback import answer, body_of, serving
-from worker import tracking
-from worker.export import Exported
+from worker.pipeline import tracking
+from worker.pipeline.export import Exported
 
 RESULT = factories.job_result(
     steps=[{"step": 1, "macs": 70, "params": 8, "loss": 2.2, "seconds_scoring": 0.1}]

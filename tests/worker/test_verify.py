@@ -16,9 +16,9 @@ from service.core.orm import Artifact, Job
 from service.jobs.results import JobResult
 from tests.worker import factories
 from tests.worker.stored import stored_bert, stored_job
-from worker import lifecycle
 from worker.engine import architectures
-from worker.verify import TOLERANCE, ExportMismatch, compare
+from worker.pipeline.verify import TOLERANCE, ExportMismatch, compare
+from worker.runtime import lifecycle
 
 CPU = torch.device("cpu")
 

@@ -20,7 +20,7 @@ from service.outbound import guard
 from service.tenants.auth import create_tenant
 from service.webhooks import repository, secret
 from tests.worker.loopback import Flood, Trickle, answer, serving
-from worker import webhooks
+from worker.chores import webhooks
 
 
 class Receiver(ThreadingHTTPServer):

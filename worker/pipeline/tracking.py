@@ -4,9 +4,9 @@ One run per job: the spec as params (flattened: `target.macs`), the before / aft
 after fine-tuning metrics, MACs, params and loss per pruning step (as the metric's steps), the
 report (JSON) and the exported model files as artifacts. The job's result records the run, or
 why it could not be logged: a tracking server that is down does not undo a pruning that
-succeeded. Every call goes through the guarded outbound client (`worker.mlflow_api`); artifacts
-go only through the server's artifact proxy, and where the server names another place the run
-is logged without them and the result says why (`artifacts_error`).
+succeeded. Every call goes through the guarded outbound client (`worker.pipeline.mlflow_api`);
+artifacts go only through the server's artifact proxy, and where the server names another place
+the run is logged without them and the result says why (`artifacts_error`).
 """
 
 import json
@@ -18,8 +18,8 @@ from typing import Any
 from service.core.settings import get_settings
 from service.jobs.results import JobResult, TrackingRun
 from service.jobs.schemas import JobSpec
-from worker.export import Exported
-from worker.mlflow_api import ArtifactsRefused, TrackingError, TrackingServer
+from worker.pipeline.export import Exported
+from worker.pipeline.mlflow_api import ArtifactsRefused, TrackingError, TrackingServer
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
 

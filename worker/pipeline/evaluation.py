@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.engine.cost import run_forward
-from worker.losses import LossFn, model_inputs
+from worker.pipeline.losses import LossFn, model_inputs
 
 
 @torch.no_grad()
@@ -65,7 +65,7 @@ def latency_ms(
     allocates and picks kernels), in milliseconds: up to `repeats` timed runs (odd: the median
     is one of them), fewer (five at least) once `budget_s` is spent, as timeit's autorange
     bounds its loops, so a model of 100 ms a pass costs half a second here, not two. Latency
-    targets time with their own, stricter loop (`worker.latency`)."""
+    targets time with their own, stricter loop (`worker.pipeline.latency`)."""
     model.eval()
     for _ in range(warmup):
         run_forward(model, inputs)

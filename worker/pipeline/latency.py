@@ -22,7 +22,7 @@ from torch import nn
 from worker.engine import PruneConfig, PruneResult, StepRecord, TargetUnreachable, measure, prune_
 from worker.engine.cost import run_forward
 from worker.engine.plan import Plan
-from worker.losses import LossFn
+from worker.pipeline.losses import LossFn
 
 MAX_ROUNDS = 30
 SMALLEST_CUT, LARGEST_CUT = 0.95, 0.5  # MACs kept per round, at most and at least

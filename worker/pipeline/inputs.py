@@ -12,8 +12,8 @@ import torch
 from service.core.errors import CodedError
 from service.jobs.results import Progress
 from service.jobs.schemas import JobSpec
-from worker import datasets, losses, memory, microbatch, models, precision
 from worker.engine import architectures
+from worker.pipeline import datasets, losses, memory, microbatch, models, precision
 
 Batch = dict[str, Any]
 

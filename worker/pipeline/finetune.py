@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.engine.unstructured import apply_masks_
-from worker.losses import LossFn
+from worker.pipeline.losses import LossFn
 
 
 def finetune_(

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from service.core import archives
 from service.core.errors import CodedError
-from worker import precision
-from worker.models import LoadedModel, forward_inputs
+from worker.pipeline import precision
+from worker.pipeline.models import LoadedModel, forward_inputs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MAX_TEXT_LENGTH = 512

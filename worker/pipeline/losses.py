@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worker.models import Pooling
+from worker.pipeline.models import Pooling
 
 LossFn = Callable[[nn.Module, dict[str, Any]], Tensor]
 NEED_LABELS = ("cross_entropy", "mse")  # the losses that read a 'labels' column

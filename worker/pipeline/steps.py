@@ -1,7 +1,7 @@
 """A job's steps, free of the database and the queue (tests call them directly):
 load → measure → prune (with progress) → measure → fine-tune → measure → export.
 
-`JobFiles` and `JobFailed` (worker/inputs.py) are part of this interface."""
+`JobFiles` and `JobFailed` (worker/pipeline/inputs.py) are part of this interface."""
 
 import copy
 import itertools
@@ -24,7 +24,6 @@ from service.jobs.results import (
     Step,
 )
 from service.jobs.schemas import JobSpec, Target
-from worker import evaluation, export, finetune, latency, losses, precision, tracking
 from worker.engine import (
     PruneConfig,
     PruneResult,
@@ -35,8 +34,9 @@ from worker.engine import (
 )
 from worker.engine.config import TargetMetric
 from worker.engine.plan import Plan
-from worker.inputs import Inputs, JobFailed, JobFiles, load_inputs
-from worker.plugins import register_plugins
+from worker.pipeline import evaluation, export, finetune, latency, losses, precision, tracking
+from worker.pipeline.inputs import Inputs, JobFailed, JobFiles, load_inputs
+from worker.pipeline.plugins import register_plugins
 
 Report = Callable[[Progress], None]
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from worker import memory
 from worker.engine.modes import eval_mode
-from worker.losses import LossFn
+from worker.pipeline import memory
+from worker.pipeline.losses import LossFn
 
 # Scoring's peak working memory (less one copy of the weights) over the rows' saved tensors,
 # measured on bench/scoring_cost.py's models at batch 32: ResNet-18 2.26, ResNet-20 2.11, the

@@ -1,5 +1,5 @@
 """The lifecycles behind the tasks, free of Celery: a model's validation, and a job's claim,
-lease, heartbeat and finish (the steps in between are worker/steps.py), and the reaper.
+lease, heartbeat and finish (the steps in between are worker/pipeline/steps.py), and the reaper.
 
 A job: claim (queued → running, the lease taken) → the steps, with heartbeats that carry progress
 and see a cancel → publish artifacts and finish in one transaction guarded by the lease. The
@@ -39,7 +39,6 @@ from service.jobs.states import JobState
 from service.models import repository as models_repository
 from service.models.states import ModelState
 from service.workers import repository as workers_repository
-from worker import datasets, memory, models
 from worker.engine import (
     EngineError,
     PruneConfig,
@@ -47,9 +46,10 @@ from worker.engine import (
     measure,
     reachable_fraction,
 )
-from worker.export import Exported
-from worker.steps import JobFailed, JobFiles, execute
-from worker.verify import ExportMismatch
+from worker.pipeline import datasets, memory, models
+from worker.pipeline.export import Exported
+from worker.pipeline.steps import JobFailed, JobFiles, execute
+from worker.pipeline.verify import ExportMismatch
 
 log = logging.getLogger("apoptosis.worker")
 T = TypeVar("T")

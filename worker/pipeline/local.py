@@ -16,10 +16,10 @@ from service.core.settings import get_settings
 from service.jobs import results
 from service.jobs.schemas import JobSpec
 from service.jobs.summary import reached, result_table
-from worker import precision
 from worker.engine import EngineError
-from worker.export import Exported
-from worker.steps import JobFiles, execute
+from worker.pipeline import precision
+from worker.pipeline.export import Exported
+from worker.pipeline.steps import JobFiles, execute
 
 USER_ERRORS = (CodedError, EngineError)  # every error with a code the user can act on
 

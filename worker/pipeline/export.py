@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from worker.engine.plan import Plan
-from worker.models import sentence_modules, sentence_pooling
-from worker.verify import compare, verify_hf
+from worker.pipeline.models import sentence_modules, sentence_pooling
+from worker.pipeline.verify import compare, verify_hf
 
 MAX_EXPORT_BATCH = 4096
 # onnxruntime and torch.export's graphs fuse and reorder float operations: rounding differs by

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from service.core.errors import CodedError
-from worker import precision
-from worker.models import ModelRejected, architecture_class, sentence_modules
+from worker.pipeline import precision
+from worker.pipeline.models import ModelRejected, architecture_class, sentence_modules
 
 TOLERANCE = 1e-4  # relative: the same weights and code in the same dtype differ by rounding only
 NAMED = 3  # tensors named in a message

@@ -52,13 +52,13 @@ class JobTask(Task):
     Request = SlotFreeingRequest
 
 
-app = Celery("apoptosis", include=["worker.tasks"], task_cls=JobTask)
+app = Celery("apoptosis", include=["worker.runtime.tasks"], task_cls=JobTask)
 app.conf.update(celery_config(get_settings()))
 _stop_reaper = threading.Event()
 
 
 def reap_once() -> None:
-    from worker.lifecycle import reap
+    from worker.runtime.lifecycle import reap
 
     jobs, models = reap(get_settings())
     for job_id in jobs:
@@ -80,7 +80,7 @@ def _reaper_loop() -> None:
 
 def beat_once(queues: str) -> None:
     """Tell /readyz this worker is alive (worker_heartbeat)."""
-    from worker.lifecycle import WORKER_ID
+    from worker.runtime.lifecycle import WORKER_ID
 
     with get_sessionmaker()() as session:
         workers.beat(session, WORKER_ID, queues)
@@ -96,7 +96,7 @@ def _heartbeat_loop(queues: str) -> None:
 
 
 def _retention_loop() -> None:
-    from worker.retention import sweep_once
+    from worker.chores.retention import sweep_once
 
     while not _stop_reaper.wait(get_settings().sweep_seconds):
         try:
@@ -106,14 +106,15 @@ def _retention_loop() -> None:
 
 
 def _webhook_loop() -> None:
-    from worker.webhooks import serve
+    from worker.chores.webhooks import serve
 
     serve(get_settings(), _stop_reaper)
 
 
 @worker_ready.connect
 def _start_reaper(sender: object = None, **_: object) -> None:
-    from worker import heap, precision, threads
+    from worker.pipeline import precision
+    from worker.runtime import heap, threads
 
     threads.configure(get_settings())
     precision.allow_tf32(get_settings().allow_tf32)
@@ -134,7 +135,7 @@ def _start_reaper(sender: object = None, **_: object) -> None:
 @worker_shutdown.connect
 def _stop(**_: object) -> None:
     _stop_reaper.set()
-    from worker.lifecycle import WORKER_ID
+    from worker.runtime.lifecycle import WORKER_ID
 
     with get_sessionmaker()() as session:
         workers.forget(session, WORKER_ID)

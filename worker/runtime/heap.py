@@ -18,7 +18,7 @@ _after_first_job = [False]
 
 def freeze_imports() -> int:
     """Import what jobs run and freeze every object alive now; returns how many are frozen."""
-    import worker.steps  # noqa: F401 (the engine, torch, transformers, Torch-Pruning)
+    import worker.pipeline.steps  # noqa: F401 (the engine, torch, transformers, Torch-Pruning)
 
     return _freeze()
 

@@ -1,8 +1,8 @@
-"""Thin Celery tasks: each takes an id and hands it to the lifecycle (worker/lifecycle.py)."""
+"""Thin Celery tasks: each takes an id and hands it to the lifecycle (`lifecycle.py`)."""
 
 from service.core.broker import RUN_JOB, VALIDATE_MODEL
-from worker import heap, lifecycle
-from worker.celery_app import app
+from worker.runtime import heap, lifecycle
+from worker.runtime.celery_app import app
 
 
 @app.task(name=VALIDATE_MODEL)
