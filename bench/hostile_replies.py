@@ -6,9 +6,9 @@ side runs in this process against a migrated SQLite database in a temporary fold
 peer's address allowed. Peak resident set size is VmHWM from /proc/self/status, reset before
 each case (`echo 5 > /proc/self/clear_refs`); growth = that peak − VmRSS just before the case.
 
-1. `webhook`: a job's two notifications delivered (`worker.webhooks.deliver_due`) to a receiver
-   that answers 500 with a `--mib` body.
-2. `mlflow`: a finished job logged (`worker.tracking.log_job`) to a tracking server that
+1. `webhook`: a job's two notifications delivered (`worker.chores.webhooks.deliver_due`) to a
+   receiver that answers 500 with a `--mib` body.
+2. `mlflow`: a finished job logged (`worker.pipeline.tracking.log_job`) to a tracking server that
    answers every call 200 with a `--mib` JSON body.
 3. `trickle`: a receiver that sends a byte every 0.5 s; the seconds one delivery round took
    with `APOPTOSIS_WEBHOOK_TIMEOUT_SECONDS=2`.

@@ -1,7 +1,7 @@
 """Where a job's time goes, for three models: the quickstart's BERT (trained, offline), a
 ResNet-20 (CIFAR shapes, a trusted pickle: the worker loads plain modules that way) and the real
 all-MiniLM-L6-v2 (sentences, distillation loss). Each job runs the worker's own steps
-(`worker.steps.execute`) on the CPU; the stages are the job result's `seconds`:
+(`worker.pipeline.steps.execute`) on the CPU; the stages are the job result's `seconds`:
 
 - load: reading the model and data, building batches; measure: loss, accuracy and latency
   before and after; score: importance scores (Hessian-vector products); prune − score: the

@@ -113,7 +113,7 @@ class WorkerProcess:
 
     @property
     def lease_owner(self) -> str:
-        """The worker's id in the database (worker.lifecycle.WORKER_ID): host and pid; the
+        """The worker's id in the database (worker.runtime.lifecycle.WORKER_ID): host and pid; the
         worker command execs Celery, so the pid is the one we started."""
         return f"{socket.gethostname()}:{self.process.pid}"
 

@@ -16,15 +16,14 @@ fine-tune (KL to the unpruned model's next-byte distribution, `Distill`). Perple
 on `EVAL_WINDOWS` fixed windows of the held-out text.
 
 Rows:
-- ours: `worker.engine.prune` with the causal-LM cross-entropy (`worker.losses.causal_lm`) on the
-  calibration batches, methods `oba`, `oba_full`, `taylor`, `magnitude`, on three axes: width
+- ours: `worker.engine.prune` with the causal-LM cross-entropy (`worker.pipeline.losses.causal_lm`)
+  on the calibration batches, methods `oba`, `oba_full`, `taylor`, `magnitude`, on three axes: width
   (`granularity="channel"`: FFN neurons, whole KV groups, hidden size), depth
   (`granularity="layer"`: whole decoder blocks) and both (`granularity="channel"`,
-  `depth_share=0.5`, `--depth-share`). Uniform widths (`global_ranking=False`: what a Llama
-  config can state), and optionally global ranking (`--global-rows`). The target is set on the
-  engine's `params` metric (all parameters) so that the non-embedding parameters land at ≤ 50%;
-  where pruning the hidden size also shrinks the embeddings, reruns ask for less than the
-  previous run kept.
+  `depth_share=0.5`, `--depth-share`). Uniform widths (`global_ranking=False`: what a Llama config
+  can state), and optionally global ranking (`--global-rows`). The target is set on the engine's
+  `params` metric (all parameters) so that the non-embedding parameters land at ≤ 50%; where pruning
+  the hidden size also shrinks the embeddings, reruns ask for less than the previous run kept.
 - Torch-Pruning 1.6.1: `MagnitudeImportance`, `TaylorImportance` and `HessianImportance` (with its
   accumulation bug fixed, `FixedHessianImportance`) run by `tp.pruner.BasePruner` as its own
   Llama example does (local, i.e. uniform, ratio; one shot) on FFN neurons and the hidden size:
@@ -308,7 +307,8 @@ def distill_finetune(
     student.train()
     for _ in range(settings.steps):
         tokens = random_windows(corpus.train, settings.batch, SEQ, generator)
-        # worker.losses.distillation averages over rows: (batch·tokens) next-byte distributions
+        # worker.pipeline.losses.distillation averages over rows: (batch·tokens) next-byte
+        # distributions
         loss = loss_fn(student, batch_of(tokens))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,6 +1,6 @@
 """A job's result as people read it: what it reached against its target, and before / after in
 one table (a family: a column per member). `apoptosis prune` prints it, and so do `jobs show`,
-`jobs report` and `jobs submit --wait` (`service.cli_output.show_job`)."""
+`jobs report` and `jobs submit --wait` (`service.cli.output.show_job`)."""
 
 from rich.table import Table
 

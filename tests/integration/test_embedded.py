@@ -41,7 +41,7 @@ def test_embedded_service_prunes_an_uploaded_bert(embedded: Client, tmp_path: Pa
 def test_api_process_never_imports_torch() -> None:
     code = (
         "import sys, service.api.app, service.cli.main, service.client\n"
-        "service.app.create_app()\n"
+        "service.api.app.create_app()\n"
         "print(','.join(m for m in ('torch', 'worker', 'transformers') if m in sys.modules))"
     )
     import subprocess

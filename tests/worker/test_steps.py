@@ -1,4 +1,5 @@
-"""Whole jobs through worker.steps.execute: every data format and output format, metrics."""
+"""Whole jobs through worker.pipeline.steps.execute: every data format and output format,
+metrics."""
 
 import json
 import math
