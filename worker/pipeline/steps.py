@@ -100,7 +100,7 @@ class _Run:
 
     def reach(self, goal: Target, steps: int) -> Member:
         """Prune to `goal` (refused if missed), measure, fine-tune, export: one member."""
-        result = self.prune(goal, steps)
+        result, met = self.prune(goal, steps)
         after_pruning = self.measure()
         self.close_last_step(after_pruning)
         after_finetune = None
@@ -118,12 +118,13 @@ class _Run:
             after_pruning=after_pruning,
             after_finetune=after_finetune,
             widths=result.history[-1].widths if result.history else {},
-            target_met=True,  # prune() refused the job otherwise
+            target_met=met,
             exports={e.format: ExportChecks.model_validate(e.checks) for e in made},
         )
 
-    def prune(self, goal: Target, steps: int) -> PruneResult:
-        """The model pruned to `goal` in `steps` steps; `target_unreachable` if it missed."""
+    def prune(self, goal: Target, steps: int) -> tuple[PruneResult, bool]:
+        """The model pruned to `goal` in `steps` steps, and whether it met it as measured (a
+        miss fails the job as `target_unreachable` here: only True comes back)."""
         net, inputs = self.inputs.net, self.inputs
         clock = time.perf_counter()
         if goal.metric == "latency_ms":
@@ -150,11 +151,12 @@ class _Run:
             "params": result.initial_params,
         }
         reached = _reached(goal.metric, result, self.original, self.timing)
-        if not _target_met(goal, reached, result):  # never a success that missed its target
+        met = _target_met(goal, reached, result)
+        if not met:  # never a success (or an export) that missed its target
             raise _unreachable(goal, reached, self.timing, self.spec.granularity)
         self.plan = self.plan.then(result.plan)
         self.sparsity = result.sparsity
-        return result
+        return result, met
 
     def on_step(self, record: StepRecord) -> None:
         """Record a pruning step and report it. Each step's loss (mean over the calibration
