@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import copy
 import functools
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,7 +59,17 @@ from common import (
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from worker.engine import METHODS, PruneConfig, prune_
+from worker.engine import (
+    METHODS,
+    PruneConfig,
+    prune_,
+    register_allocation,
+    register_scorer,
+    registered_scorer,
+)
+from worker.engine.allocation import select_units
+from worker.engine.groups import ChannelGroup, unit_view
+from worker.engine.scores import needs_data
 
 PEERS = ("tp_magnitude", "tp_taylor", "tp_hessian", "tp_lamp")
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -280,49 +289,49 @@ def match_macs(
 
 
 # --------------------------------------------------------------------------------------------
-# Experimental variants of the engine's channel score (bench-side patches, engine untouched)
+# Experimental variants of the engine's channel score, through the engine's registries
 
 VARIANTS = ("default", "abs_elements", "mean_norm", "abs_elements+mean_norm")
+# Methods whose channel sums `abs_elements` changes: magnitude has its own (the L2 norm) and
+# random's scores are never negative.
+ABS_METHODS = tuple(m for m in METHODS if m not in ("magnitude", "random"))
 
 
-@contextlib.contextmanager
-def channel_score_variant(variant: str) -> Iterator[None]:
-    """Temporarily change how the engine turns element scores into a ranked channel score.
+def mean_normalised(group: ChannelGroup, channel_scores: Tensor) -> Tensor:
+    """Channel scores over the group's mean (Torch-Pruning's default normaliser), summed per
+    unit: the engine's `max_normalised` with the mean in place of the max."""
+    mean = channel_scores.mean()
+    return unit_view(channel_scores / mean if mean > 0 else channel_scores, group)
 
-    Experimental, for the "what was tried" part of docs/benchmarks/quality.md; it patches two
-    private engine functions, so it fails loudly if they move. `abs_elements` sums |element
-    score| over a channel (as Torch-Pruning's Taylor does) instead of |signed sum| (as OBA does);
-    `mean_norm` divides each group's channel scores by their mean (Torch-Pruning's default
-    normaliser) instead of their max (LAMP's normaliser is the engine's own switch:
+
+def register_variants() -> None:
+    """Make the variants' methods (`oba_abs`, …) and allocation (`mean_norm`) known to the engine.
+
+    Experimental, for the "what was tried" part of docs/benchmarks/quality.md. `abs_elements`
+    sums |element score| over a channel (as Torch-Pruning's Taylor does) instead of |signed sum|
+    (as OBA does): each built-in method again, registered with `reduction="abs"`. `mean_norm`
+    divides each group's channel scores by their mean (Torch-Pruning's default normaliser)
+    instead of their max (LAMP's normaliser is the engine's own switch:
     `--try normalisation="lamp"`). Neither changes which channel ranks first within a group;
     both change how groups compare in the global ranking.
     """
-    from worker.engine import groups, structured
+    for method in ABS_METHODS:
+        register_scorer(
+            f"{method}_abs",
+            registered_scorer(method),
+            needs_data=needs_data(method),
+            reduction="abs",
+        )
+    register_allocation("mean_norm", select_units, unit_scores=mean_normalised)
 
-    patches: list[tuple[Any, str, Any]] = []
-    if "abs_elements" in variant:
-        original_reduce = groups._reduce
 
-        def reduce_abs(rows: Tensor, method: str) -> Tensor:
-            return original_reduce(rows if method == "magnitude" else rows.abs(), method)
-
-        patches.append((groups, "_reduce", reduce_abs))
-    if "mean_norm" in variant:
-
-        def unit_scores_of(group: Any, by_param: Any, config: Any) -> Tensor:
-            per_channel = groups.channel_scores(group, by_param, config.method)
-            mean = per_channel.mean()
-            return groups.unit_view(per_channel / mean if mean > 0 else per_channel, group)
-
-        patches.append((structured, "unit_scores_of", unit_scores_of))
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-    try:
-        for module, name, value in patches:
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+def variant_config(variant: str, method: str, switches: dict[str, Any]) -> dict[str, Any]:
+    """PruneConfig's method and switches for `method` under `variant` (registered by
+    `register_variants`); a row's own switches win over the variant's normalisation."""
+    if "abs_elements" in variant and method in ABS_METHODS:
+        method = f"{method}_abs"
+    normalisation = {"normalisation": "mean_norm"} if "mean_norm" in variant else {}
+    return {"method": method, **normalisation, **switches}
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,17 +396,15 @@ def run_setting(
     def ours(label: str, method: str, **switches: Any) -> None:
         model = copy.deepcopy(dense)
         config = PruneConfig(
-            method=method,
             target_metric="macs",
             target=target,
             steps=settings.steps,
             schedule=settings.schedule,  # type: ignore[arg-type]
             seed=seed,
-            **switches,
+            **variant_config(settings.variant, method, switches),
         )
         started = time.perf_counter()
-        with channel_score_variant(settings.variant):
-            prune_(model, data.example, batches, cross_entropy, config)
+        prune_(model, data.example, batches, cross_entropy, config)
         seconds = time.perf_counter() - started
         rows.append(_evaluate(label, model, data, target, seed, initial, acc_dense, seconds))
 
@@ -440,6 +447,7 @@ def train_dense(data: Dataset, seed: int, scale: float) -> nn.Module:
 
 
 def run(settings: Settings) -> list[Row]:
+    register_variants()
     rows: list[Row] = []
     for name in settings.datasets:
         data = load_dataset(name)

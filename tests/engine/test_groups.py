@@ -2,12 +2,15 @@
 
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
+from worker.engine import scores as scores_module
 from worker.engine.config import PruneConfig
 from worker.engine.graph import build_graph
 from worker.engine.groups import ChannelGroup, channel_scores, collect_groups
+from worker.engine.scores import register_scorer, registered_scorer
 from worker.engine.structured import unit_scores_of
 
 
@@ -34,6 +37,28 @@ def test_signed_channel_sums_are_averaged_over_linear_members() -> None:
     torch.testing.assert_close(
         result, torch.tensor([(1.5 + 4) / 2, (3 + 6) / 2], dtype=torch.float64)
     )
+
+
+def test_a_scorer_registered_with_abs_reduction_sums_absolute_element_scores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Channel 0's element scores cancel (signed sum 0.5, absolute sum 6.5); channel 1's do not
+    (3 either way): the signed reduction ranks channel 0 lower, the absolute one higher."""
+    monkeypatch.setattr(scores_module, "_SCORERS", dict(scores_module._SCORERS))
+    register_scorer("oba_abs", registered_scorer("oba"), reduction="abs")
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
+    group = _only_group(model, torch.randn(1, 2), [model[2]])
+    scores: dict[Any, torch.Tensor] = {
+        model[0].weight: torch.tensor([[3.5, -3.0], [1.0, 2.0]], dtype=torch.float64),
+        model[2].weight: torch.zeros(1, 2, dtype=torch.float64),
+    }
+
+    signed = channel_scores(group, scores, "oba")
+    absolute = channel_scores(group, scores, "oba_abs")
+
+    torch.testing.assert_close(signed, torch.tensor([0.5 / 2, 3 / 2], dtype=torch.float64))
+    torch.testing.assert_close(absolute, torch.tensor([6.5 / 2, 3 / 2], dtype=torch.float64))
+    assert signed.argmin() == 0 and absolute.argmin() == 1
 
 
 def test_batchnorm_members_are_excluded_and_magnitude_is_l2() -> None:

@@ -15,7 +15,7 @@ from worker.engine.errors import (
 )
 from worker.engine.prune import prune, prune_, reachable_fraction
 from worker.engine.results import PruneResult, StepRecord
-from worker.engine.scores import METHODS, parameter_scores, register_scorer
+from worker.engine.scores import METHODS, parameter_scores, register_scorer, registered_scorer
 
 __all__ = [
     "ALLOCATIONS",
@@ -37,4 +37,5 @@ __all__ = [
     "reachable_fraction",
     "register_allocation",
     "register_scorer",
+    "registered_scorer",
 ]

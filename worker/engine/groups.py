@@ -6,9 +6,11 @@ one group per attention layer whose unit is a whole head (`head_dim` channels).
 
 Group score, following OBA (Sun et al., ICLR 2025): per member, the signed sum of element scores
 over each channel (bias included), absolute value, averaged over the Conv/Linear members (norm
-layers excluded). `structured.unit_scores_of` then divides by the group's largest channel score
-and sums per unit. Scores arrive already averaged over batches; the sum over a channel commutes
-with that mean, so this equals "signed sum per batch, mean over batches, absolute value".
+layers excluded). The allocation's unit scoring (`allocation.py`) then normalises them within
+the group and sums per unit. Scores arrive already averaged over batches; the sum over a channel
+commutes with that mean, so this equals "signed sum per batch, mean over batches, absolute
+value". A scorer registered with `reduction="abs"` sums |element score| instead (of the mean
+over batches: not the same as summing per batch).
 """
 
 from collections.abc import Callable, Mapping
@@ -20,6 +22,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from worker.engine.cost import Cost
+from worker.engine.scores import reduction
 
 
 @dataclass
@@ -172,7 +175,8 @@ def channel_scores(
 ) -> Tensor:
     """|signed channel sum| per root channel, averaged over Conv/Linear members (float64).
 
-    `magnitude` uses the L2 norm of the channel's weights instead of a signed sum.
+    `magnitude` uses the L2 norm of the channel's weights instead of a signed sum; a scorer
+    registered with `reduction="abs"`, the sum of |element score|.
     """
     if group.scores is not None:
         return group.scores(element_scores, method)
@@ -209,7 +213,11 @@ def _per_channel(score: Tensor, axis: int, module: nn.Module, is_out: bool, meth
 
 
 def _reduce(rows: Tensor, method: str) -> Tensor:
-    return (rows**2).sum(1) if method == "magnitude" else rows.sum(1)
+    """(C, rest) -> (C,): squares for magnitude (its L2 norm), else as the method's scorer was
+    registered to reduce (`scores.Reduction`)."""
+    if method == "magnitude":
+        return (rows**2).sum(1)
+    return rows.abs().sum(1) if reduction(method) == "abs" else rows.sum(1)
 
 
 def channel_costs(group: ChannelGroup, cost: Cost, metric: str) -> Tensor:

@@ -42,6 +42,10 @@ from worker.engine.modes import eval_mode
 Method = Literal["oba", "oba_full", "taylor", "obd", "magnitude", "random"]
 METHODS: tuple[str, ...] = get_args(Method)  # the built-in methods
 LossFn = Callable[[nn.Module, Any], Tensor]
+# How a channel's element scores become one (`groups.channel_scores`): `signed` sums them, so
+# that opposite contributions cancel (OBA); `abs` sums their absolute values (Torch-Pruning's
+# Taylor). `magnitude` is reduced by its L2 norm either way.
+Reduction = Literal["signed", "abs"]
 
 
 class Scorer(Protocol):
@@ -63,6 +67,7 @@ class Scorer(Protocol):
 class _Registered:
     scorer: Scorer
     needs_data: bool
+    reduction: Reduction
 
 
 _SCORERS: dict[str, _Registered] = {}
@@ -71,9 +76,12 @@ _SCORERS: dict[str, _Registered] = {}
 WIDE = (torch.float32, torch.float64)  # dtypes scores are summed in as they are
 
 
-def register_scorer(name: str, scorer: Scorer, *, needs_data: bool = True) -> None:
-    """Make `name` a scoring method. `needs_data=False`: the scorer reads no batch (one call)."""
-    _SCORERS[name] = _Registered(scorer, needs_data)
+def register_scorer(
+    name: str, scorer: Scorer, *, needs_data: bool = True, reduction: Reduction = "signed"
+) -> None:
+    """Make `name` a scoring method. `needs_data=False`: the scorer reads no batch (one call);
+    `reduction`: how structured pruning sums its element scores over a channel (`Reduction`)."""
+    _SCORERS[name] = _Registered(scorer, needs_data, reduction)
 
 
 def scoring_methods() -> tuple[str, ...]:
@@ -83,6 +91,15 @@ def scoring_methods() -> tuple[str, ...]:
 
 def needs_data(method: str) -> bool:
     return _SCORERS[method].needs_data
+
+
+def reduction(method: str) -> Reduction:
+    return _SCORERS[method].reduction
+
+
+def registered_scorer(method: str) -> Scorer:
+    """The scorer registered as `method`: to register it again under other options."""
+    return _SCORERS[method].scorer
 
 
 def parameter_scores(
