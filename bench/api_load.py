@@ -25,7 +25,7 @@ end.
    /proc/<pid>/status) is sampled every 20 ms. Growth = peak during the upload − before it.
    Target: growth < 64 MiB. The response's sha256 and size are checked against the stream.
 
-Run `python bench/api_load.py --help`. Prints a markdown table.
+Run `python -m bench.api_load --help`. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -49,19 +49,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from sqlalchemy.orm import Session
 
-# `python bench/api_load.py` puts bench/ (not the repository root) on sys.path.
+from service.cli.migrate import upgrade
+from service.core.db import make_engine
+from service.core.orm import Dataset, Job, Model
+from service.jobs import repository
+from service.tenants.auth import create_tenant
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from sqlalchemy.orm import Session  # noqa: E402
-
-from service.cli.migrate import upgrade  # noqa: E402
-from service.core.db import make_engine  # noqa: E402
-from service.core.orm import Dataset, Job, Model  # noqa: E402
-from service.jobs import repository  # noqa: E402
-from service.tenants.auth import create_tenant  # noqa: E402
 
 MIB = 1024 * 1024
 LATENCY_TARGET_MS = 50.0

@@ -10,24 +10,17 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# `python bench/quality.py` puts bench/ (not the repository root) on sys.path.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from worker.engine import measure  # noqa: E402
-from worker.engine.batchnorm import recalibrate_batchnorm_  # noqa: E402
-from worker.runtime import threads  # noqa: E402
+from worker.engine import measure
+from worker.engine.batchnorm import recalibrate_batchnorm_
+from worker.runtime import threads
 
 DATASETS = ("digits", "mnist1d")
 Batch = tuple[Tensor, Tensor]

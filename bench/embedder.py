@@ -52,7 +52,7 @@ With `distill` the loss and its gradient are zero at the start (student = teache
 `oba`, Torch-Pruning's Taylor and Hessian see all-zero scores on the first step and prune
 arbitrarily there; `oba_full` (which keeps the loss curvature) and magnitude do not.
 
-Run `python bench/embedder.py --help`; `--quick` is a short smoke run.
+Run `python -m bench.embedder --help`; `--quick` is a short smoke run.
 """
 
 from __future__ import annotations
@@ -79,11 +79,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from common import markdown_table, set_threads
-from embedder_sentences import CALIBRATION, HELD_OUT, PARAPHRASE_PAIRS
-from quality import FixedHessianImportance
 from torch import Tensor, nn
 
+from bench.common import markdown_table, set_threads
+from bench.embedder_sentences import CALIBRATION, HELD_OUT, PARAPHRASE_PAIRS
+from bench.peers import PEER_MAX_PRUNING_RATIO, FixedHessianImportance, peer_importance
 from worker.engine import ALLOCATIONS as ENGINE_ALLOCATIONS
 from worker.engine import PruneConfig, architectures, measure, prune_, register_allocation
 from worker.engine.allocation import (
@@ -101,7 +101,6 @@ ENGINE_METHODS = ("oba_full", "oba", "taylor", "magnitude")
 PEERS = ("tp_magnitude", "tp_taylor", "tp_hessian")
 SECTIONS = ("api", "engine", "recipe", "peers", "allocation")
 BATCH_SIZE = 16
-PEER_MAX_PRUNING_RATIO = 0.9  # Torch-Pruning's closest equivalent of the engine's 10% floor
 
 
 @dataclass
@@ -561,14 +560,6 @@ class _Embedder(nn.Module):
         return losses.sentence_embedding(hidden, inputs.get("attention_mask"), self.pooling)
 
 
-def _peer_importance(name: str) -> tp.importance.Importance:
-    return {
-        "tp_magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
-        "tp_taylor": tp.importance.TaylorImportance,
-        "tp_hessian": FixedHessianImportance,
-    }[name]()
-
-
 def _prepare_peer_scores(
     name: str,
     importance: tp.importance.Importance,
@@ -602,7 +593,7 @@ def prune_peer(setup: Setup, name: str, ratio: float, steps: int) -> nn.Module:
     loss = losses.make_loss("distill", bert, setup.pooling)
     wrapper = _Embedder(bert, setup.pooling)
     attention = [layer.attention.self for layer in bert.encoder.layer]  # type: ignore[union-attr]
-    importance = _peer_importance(name)
+    importance = peer_importance(name)
     pruner = tp.pruner.BasePruner(
         wrapper,
         {k: v for k, v in setup.example.items() if isinstance(v, Tensor)},

@@ -14,7 +14,7 @@ move, or it reaches 0.99 or more) gets no timings.
   no autograd) after 5 untimed ones, of the dense model and of the `hf` output reloaded with its
   class, on the first 1 and the first 32 rows of the family's data.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py --threads 2 --runs 20
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.families --threads 2 --runs 20
 """
 
 from __future__ import annotations
@@ -34,15 +34,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
-
-from common import markdown_table, set_threads  # noqa: E402
-
-from tests.worker.family_jobs import TARGET, FamilyJob, macs_reached, reload, run_job  # noqa: E402
-from tests.worker.family_zoo import FAMILIES  # noqa: E402
-from worker.engine import TargetUnreachable  # noqa: E402
-from worker.pipeline.latency import time_forward  # noqa: E402
+from bench.common import markdown_table, set_threads
+from tests.worker.family_jobs import TARGET, FamilyJob, macs_reached, reload, run_job
+from tests.worker.family_zoo import FAMILIES
+from worker.engine import TargetUnreachable
+from worker.pipeline.latency import time_forward
 
 BATCHES = (1, 32)
 HEADERS = (

@@ -3,7 +3,7 @@ numbers. The model is the quickstart's BERT (examples/make_quickstart.py: traine
 pruned to 0.3 of its MACs in one job, and through 0.75, 0.5 and 0.3 in another, on the CPU,
 with the same total steps; each run is timed `--repeats` times (median).
 
-    .venv/bin/python bench/family.py --threads 2 --repeats 3
+    .venv/bin/python -m bench.family --threads 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,14 +18,12 @@ from typing import Any
 
 import torch
 
+from bench.common import set_threads
+from service.jobs.results import JobResult, Member
+from service.jobs.schemas import JobSpec
+from worker.pipeline.steps import JobFiles, execute
+
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
-
-from common import set_threads  # noqa: E402
-
-from service.jobs.results import JobResult, Member  # noqa: E402
-from service.jobs.schemas import JobSpec  # noqa: E402
-from worker.pipeline.steps import JobFiles, execute  # noqa: E402
 
 TARGETS = [0.75, 0.5, 0.3]
 

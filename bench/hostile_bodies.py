@@ -15,7 +15,7 @@ Linux ≥ 4.0); growth = that peak − VmRSS just before the case.
 
 Target: growth < 100 MiB in every case. Prints markdown tables; run with the API's venv:
 
-    .venv/bin/python bench/hostile_bodies.py
+    .venv/bin/python -m bench.hostile_bodies
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import re
 import select
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,14 +34,8 @@ from pathlib import Path
 
 import httpx
 
-# `python bench/hostile_bodies.py` puts bench/ (not the repository root) on sys.path.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from api_load import Fixture, start_server, stop_server  # noqa: E402
-
-from service.core.settings import Settings  # noqa: E402
+from bench.api_load import Fixture, start_server, stop_server
+from service.core.settings import Settings
 
 MIB = 1024 * 1024
 TARGET_MIB = 100.0

@@ -15,7 +15,7 @@ each case (`echo 5 > /proc/self/clear_refs`); growth = that peak − VmRSS just 
 
 Target: growth < 300 MiB. Run with the worker's venv:
 
-    .venv/bin/python bench/hostile_replies.py --mib 200
+    .venv/bin/python -m bench.hostile_replies --mib 200
 """
 
 from __future__ import annotations
@@ -23,16 +23,11 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MIB = 1024 * 1024
 TARGET_MIB = 300.0

@@ -20,7 +20,7 @@ MACs ratio = pruned / dense MACs of one sample; latency ratio = pruned / dense m
 Small models at batch 1 are dominated by per-operator overhead, not arithmetic, so their latency
 ratio stays well above their MACs ratio; batch 32 shows the arithmetic.
 
-Run `python bench/latency.py --help`.
+Run `python -m bench.latency --help`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
-from common import (
+from torch import Tensor, nn
+
+from bench.common import (
     DATASETS,
     build_model,
     calibration_batches,
@@ -48,8 +50,6 @@ from common import (
     set_threads,
     train_epochs,
 )
-from torch import Tensor, nn
-
 from worker.engine import PruneConfig, measure, prune_
 
 Inputs = dict[str, Tensor] | Tensor

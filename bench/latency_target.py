@@ -2,13 +2,12 @@
 under a target set to `--fraction` of its measured dense time, and report what the job
 measured (before, after, noise, speed-up beside the MACs ratio, the rounds).
 
-    .venv/bin/python bench/latency_target.py --threads 2 --batch 32 --fraction 0.6
+    .venv/bin/python -m bench.latency_target --threads 2 --batch 32 --fraction 0.6
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,14 +15,10 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
-
-from common import set_threads  # noqa: E402
-
-from service.jobs.schemas import JobSpec  # noqa: E402
-from worker.pipeline import latency  # noqa: E402
-from worker.pipeline.steps import JobFiles, execute  # noqa: E402
+from bench.common import set_threads
+from service.jobs.schemas import JobSpec
+from worker.pipeline import latency
+from worker.pipeline.steps import JobFiles, execute
 
 LENGTH = 64
 

@@ -18,7 +18,7 @@ Each model runs one warm-up job first, as a worker process does before its secon
 `--repeats` jobs; the table has each stage's median. The heap is frozen as the worker freezes
 it (`worker/runtime/heap.py`): at start and after the first job.
 
-    .venv/bin/python bench/overhead.py --threads 2
+    .venv/bin/python -m bench.overhead --threads 2
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,18 +35,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from bench.common import set_threads
+from bench.embedder_sentences import CALIBRATION
+from bench.scoring_cost import resnet20
+from service.core.store import store_file
+from service.core.store.local import LocalStore
+from service.jobs.schemas import JobSpec
+from worker.pipeline.steps import JobFiles, execute
+from worker.runtime import heap
+
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
-
-from common import set_threads  # noqa: E402
-from embedder_sentences import CALIBRATION  # noqa: E402
-from scoring_cost import resnet20  # noqa: E402
-
-from service.core.store import store_file  # noqa: E402
-from service.core.store.local import LocalStore  # noqa: E402
-from service.jobs.schemas import JobSpec  # noqa: E402
-from worker.pipeline.steps import JobFiles, execute  # noqa: E402
-from worker.runtime import heap  # noqa: E402
 
 STEPS = 5
 

@@ -13,24 +13,18 @@ scores to channel scores as the engine does (|signed sum over the output channel
 On the CPU only bfloat16 is measured (float16 convolutions have no CPU backward kernel); on CUDA
 both, with TF32 off for the float32 reference.
 
-    .venv/bin/python bench/precision.py                  # CPU
-    .venv/bin/python bench/precision.py --device cuda    # GPU, when there is one
+    .venv/bin/python -m bench.precision                  # CPU
+    .venv/bin/python -m bench.precision --device cuda    # GPU, when there is one
 """
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from scoring_cost import ViT, resnet20
-
+from bench.scoring_cost import ViT, resnet20
 from worker.engine import parameter_scores
 
 MODELS = {"ResNet-20": resnet20, "ViT": ViT}

@@ -20,7 +20,7 @@ at the same achieved MACs. Every criterion scores on the same calibration batche
 
 An ablation turns `oba`'s three allocation switches off one at a time.
 
-Run `python bench/quality.py --help`; `--quick` is a seconds-long smoke run.
+Run `python -m bench.quality --help`; `--quick` is a seconds-long smoke run.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from common import (
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from bench.common import (
     DATASETS,
     Batch,
     Dataset,
@@ -56,9 +59,7 @@ from common import (
     set_threads,
     train_epochs,
 )
-from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
-
+from bench.peers import PEER_MAX_PRUNING_RATIO, FixedHessianImportance, peer_importance
 from worker.engine import (
     METHODS,
     PruneConfig,
@@ -79,9 +80,6 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 # Dense training: epochs and peak learning rate (cosine decay), per dataset.
 TRAINING = {"digits": (15, 3e-3), "mnist1d": (20, 3e-3)}
-# The peers' per-layer floor: Torch-Pruning's `max_pruning_ratio` stops shrinking a layer once it
-# is under (1 - ratio) of its initial width, the closest it has to the engine's `layer_floor`.
-PEER_MAX_PRUNING_RATIO = 0.9
 
 
 @dataclass
@@ -101,34 +99,6 @@ class Row:
 
 # --------------------------------------------------------------------------------------------
 # Torch-Pruning peers
-
-
-class FixedHessianImportance(tp.importance.HessianImportance):
-    """Torch-Pruning's OBD criterion with its gradient accumulation fixed.
-
-    In 1.6.1 `accumulate_grad` checks `name not in self._accu_grad` but stores under the
-    parameter, so the check is always true and every call overwrites the sum: only the last
-    sample's squared gradient survives. Here the dictionaries are keyed by parameter throughout.
-    `accumulate_squared` adds a batch of per-sample gradients at once (computed with
-    `torch.func.vmap`, the same numbers as one backward per sample, about 7× faster on CPU).
-    """
-
-    def accumulate_grad(self, model: nn.Module) -> None:
-        for param in model.parameters():
-            if param.grad is not None:
-                self._add(param, param.grad.detach().pow(2), 1)
-
-    def accumulate_squared(self, per_sample: dict[nn.Parameter, Tensor]) -> None:
-        for param, grads in per_sample.items():
-            self._add(param, grads.pow(2).sum(0), grads.shape[0])
-
-    def _add(self, param: nn.Parameter, squared: Tensor, count: int) -> None:
-        if param in self._accu_grad:
-            self._accu_grad[param] += squared
-            self._counter[param] += count
-        else:
-            self._accu_grad[param] = squared.clone()
-            self._counter[param] = count
 
 
 def per_sample_gradients(model: nn.Module, batch: Batch) -> dict[nn.Parameter, Tensor]:
@@ -176,15 +146,6 @@ def check_hessian_fix(model: nn.Module, batch: Batch) -> tuple[float, float]:
     return error(original), error(fixed)
 
 
-def _peer_importance(name: str) -> tp.importance.Importance:
-    return {
-        "tp_magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
-        "tp_taylor": tp.importance.TaylorImportance,
-        "tp_hessian": FixedHessianImportance,
-        "tp_lamp": lambda: tp.importance.LAMPImportance(p=2),
-    }[name]()
-
-
 def _prepare_peer_scores(
     name: str, importance: tp.importance.Importance, model: nn.Module, batches: list[Batch]
 ) -> None:
@@ -219,7 +180,7 @@ def prune_peer(
     statistics recalibrated on `batches` after each step, as the engine does.
     """
     model = copy.deepcopy(dense)
-    importance = _peer_importance(name)
+    importance = peer_importance(name)
     pruner = tp.pruner.BasePruner(
         model,
         example,

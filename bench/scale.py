@@ -6,7 +6,7 @@ GQA attention (4 key/value heads for 16 query heads), as in current LLMs.
 Each measurement runs in a fresh process (peak RSS is per process); the model is built the
 same way in each, so the figures differ only by the work measured.
 
-    .venv/bin/python bench/scale.py --threads 2
+    .venv/bin/python -m bench.scale --threads 2
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 import transformers
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from worker.engine.scores import parameter_scores
 
@@ -134,7 +132,15 @@ def main() -> None:
         return
     results = {}
     for name in WORK:
-        command = [sys.executable, __file__, "--threads", str(args.threads), "--measure", name]
+        command = [
+            sys.executable,
+            "-m",
+            "bench.scale",
+            "--threads",
+            str(args.threads),
+            "--measure",
+            name,
+        ]
         command += ["--device", args.device, "--dtype", args.dtype]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[name] = json.loads(output.strip().splitlines()[-1])

@@ -22,7 +22,7 @@ MALLOC_MMAP_THRESHOLD_=65536, so that every tensor above 64 KiB is mmap-ed and u
 and RSS follows the live tensors (glibc's default threshold adapts upwards and then keeps freed
 blocks resident); a peak shorter than the sampling interval could be missed.
 
-    python bench/scoring_cost.py --repeats 5 --threads 2
+    python -m bench.scoring_cost --repeats 5 --threads 2
 """
 
 import argparse
@@ -242,7 +242,7 @@ def peak_memory(model_name: str, name: str, batch_size: int, device: str = "cpu"
 
 
 def peak_memory_in_subprocess(model_name: str, name: str, args: argparse.Namespace) -> int:
-    command = [sys.executable, __file__, "--memory-of", model_name, name]
+    command = [sys.executable, "-m", "bench.scoring_cost", "--memory-of", model_name, name]
     command += ["--threads", str(args.threads), "--batch-size", str(args.batch_size)]
     command += ["--device", args.device]
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -3,7 +3,7 @@ timed alone, then in each of 5 worker-like processes running at once, with torch
 thread pool (every process takes every core) and with the pool `worker/runtime/threads.py` sizes
 (the cores ÷ the workers on the host).
 
-    .venv/bin/python bench/shared_cpu.py --processes 5 --jobs 3
+    .venv/bin/python -m bench.shared_cpu --processes 5 --jobs 3
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
 
 
 def run_jobs(jobs: int, threads: int) -> list[float]:
@@ -57,7 +56,7 @@ def run_jobs(jobs: int, threads: int) -> list[float]:
 
 
 def concurrently(processes: int, jobs: int, threads: int) -> list[float]:
-    command = [sys.executable, __file__, "--child", str(jobs), str(threads)]
+    command = [sys.executable, "-m", "bench.shared_cpu", "--child", str(jobs), str(threads)]
     children = [
         subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)
     ]

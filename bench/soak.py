@@ -23,9 +23,9 @@ each worker (and the peak summed RSS of each worker with its descendants), sampl
 Run (the full soak: 200 jobs, 20 clients, 2 workers; a few minutes on 2 CPUs, as a warm worker
 runs one of these jobs in ~0.2 s; `--steps 20` makes each job longer):
 
-    .venv/bin/python bench/soak.py
+    .venv/bin/python -m bench.soak
 
-A short check: `.venv/bin/python bench/soak.py --jobs 20 --clients 4`. Prints a markdown table;
+A short check: `.venv/bin/python -m bench.soak --jobs 20 --clients 4`. Prints a markdown table;
 exits 1 if any check failed (the working folder with every log is then kept and named).
 """
 
@@ -54,21 +54,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
-# `python bench/soak.py` puts bench/ (not the repository root) on sys.path.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from sqlalchemy import Engine, select  # noqa: E402
-from sqlalchemy.orm import Session  # noqa: E402
-
-from service.client import ApiError, Client  # noqa: E402
-from service.core.db import make_engine  # noqa: E402
-from service.core.orm import Artifact, Job, JobEvent, WorkerHeartbeat  # noqa: E402
-from service.jobs.states import TERMINAL, JobState  # noqa: E402
-from service.tenants.auth import create_tenant  # noqa: E402
-from tests.integration.services import (  # noqa: E402
+from service.client import ApiError, Client
+from service.core.db import make_engine
+from service.core.orm import Artifact, Job, JobEvent, WorkerHeartbeat
+from service.jobs.states import TERMINAL, JobState
+from service.tenants.auth import create_tenant
+from tests.integration.services import (
     POSTGRES_START,
     apoptosis,
     bert_upload,

@@ -43,7 +43,7 @@ Every pruned model is saved with `save_pretrained` and reloaded with `from_pretr
 `reloads` column says whether that round trip gives the same logits.
 
 Needs `apt-get install jargon-text` (or `--corpus FILE`). docs/benchmarks/tiny-llm.md has the
-results. Run `python bench/tiny_llm.py --help`; `--quick` is a shorter smoke run (fewer
+results. Run `python -m bench.tiny_llm --help`; `--quick` is a shorter smoke run (fewer
 calibration batches and held-out windows, 5 fine-tune steps) of every row.
 """
 
@@ -71,8 +71,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from common import markdown_table, set_threads  # (puts the repository on sys.path)
-from text_corpus import (
+from torch import Tensor, nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bench.common import markdown_table, set_threads
+from bench.peers import FixedHessianImportance, peer_importance
+from bench.text_corpus import (
     JARGON_FILE,
     VOCAB_SIZE,
     Corpus,
@@ -80,9 +84,6 @@ from text_corpus import (
     load_corpus,
     random_windows,
 )
-from torch import Tensor, nn
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from worker.engine import InvalidConfig, PruneConfig, prune_
 from worker.pipeline.losses import causal_lm, distillation
 
@@ -561,34 +562,6 @@ def minitron_prune(
 TP_CRITERIA = ("magnitude", "taylor", "hessian")
 
 
-class FixedHessianImportance(tp.importance.HessianImportance):
-    """Torch-Pruning's OBD criterion with its gradient accumulation fixed.
-
-    In 1.6.1 `accumulate_grad` checks `name not in self._accu_grad` but stores under the
-    parameter, so every call overwrites the sum and only the last sample survives. Here both
-    dictionaries are keyed by parameter."""
-
-    def accumulate_grad(self, model: nn.Module) -> None:
-        for param in model.parameters():
-            if param.grad is None:
-                continue
-            squared = param.grad.detach().pow(2)
-            if param in self._accu_grad:
-                self._accu_grad[param] += squared
-                self._counter[param] += 1
-            else:
-                self._accu_grad[param] = squared.clone()
-                self._counter[param] = 1
-
-
-def _tp_importance(criterion: str) -> tp.importance.Importance:
-    if criterion == "magnitude":
-        return tp.importance.MagnitudeImportance(p=2)
-    if criterion == "taylor":
-        return tp.importance.TaylorImportance()
-    return FixedHessianImportance()
-
-
 def _tp_gradients(
     criterion: str,
     importance: tp.importance.Importance,
@@ -629,7 +602,7 @@ def tp_prune(
     for layer in model.model.layers:
         attn = layer.self_attn
         ignored += [attn.q_proj, attn.k_proj, attn.v_proj]
-    importance = _tp_importance(criterion)
+    importance = peer_importance(f"tp_{criterion}")
     pruner = tp.pruner.BasePruner(
         model,
         batch_of(batches[0]["input_ids"][:1]),
