@@ -90,10 +90,27 @@ class Member(BaseModel):
     exports: dict[str, ExportChecks]  # by format
 
 
+class Candidate(BaseModel):
+    """One allocation a job's search tried: pruned from the loaded model to the target, given
+    the search's short recovery, judged by the loss on the held-out batches."""
+
+    normalisation: str
+    schedule: str  # exponential | linear
+    widths: dict[str, int]  # as `JobResult.widths`
+    macs: int
+    params: int
+    loss_after_pruning: float
+    loss_after_recovery: float
+    chosen: bool
+    # the chosen one's: why it won, in one line
+    why: str | None = Field(default=None, exclude_if=_unset)
+
+
 class JobResult(BaseModel):
     """A succeeded job: before and after, how it got there, and what it wrote."""
 
     before: Metrics
+    # after a search (`candidates`), the chosen candidate after its short recovery
     after_pruning: Metrics
     after_finetune: Metrics | None
     params_before: int
@@ -117,6 +134,8 @@ class JobResult(BaseModel):
     family: list[Member] | None = Field(default=None, exclude_if=_unset)
     latency: Latency | None = Field(default=None, exclude_if=_unset)
     mlflow: TrackingRun | None = Field(default=None, exclude_if=_unset)
+    # a search's candidates in the order tried, the job's own allocation first
+    candidates: list[Candidate] | None = Field(default=None, exclude_if=_unset)
 
     @property
     def members(self) -> list[Member]:
@@ -150,3 +169,6 @@ class Progress(BaseModel):
     epochs: int | None = Field(default=None, exclude_if=_unset)
     format: str | None = Field(default=None, exclude_if=_unset)  # exporting: which output
     target: dict[str, float] | None = Field(default=None, exclude_if=_unset)  # a member's
+    # searching: candidate of candidates
+    candidate: int | None = Field(default=None, exclude_if=_unset)
+    candidates: int | None = Field(default=None, exclude_if=_unset)

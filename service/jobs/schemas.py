@@ -21,6 +21,7 @@ def _default_outputs() -> list[OutputFormat]:
 # fine-tuning rows × epochs. A CPU worker scores ~1,000 rows of a small BERT a second.
 MAX_SCORED_ROWS = 2_000_000  # calibration batches × batch size × steps
 MAX_FINETUNE_ROWS = 5_000_000  # calibration batches × batch size × epochs
+MAX_RECOVERY_ROWS = 8192  # rows of each candidate's short recovery in a search
 
 
 class SpecPart(BaseModel):
@@ -92,6 +93,16 @@ class Calibration(SpecPart):
 class Finetune(SpecPart):
     epochs: int = Field(default=1, ge=0, le=100)
     lr: float = Field(default=1e-3, gt=0, le=1)
+
+
+class Search(SpecPart):
+    """Choose the allocation by how it recovers: prune `candidates` ways (the spec's own
+    normalisation and schedule first), give each the same short recovery of `recovery_rows`
+    calibration rows, keep the one with the lowest held-out loss (docs/formats.md). One
+    candidate is a job as it always was."""
+
+    candidates: int = Field(default=1, ge=1, le=4)
+    recovery_rows: int = Field(default=256, ge=1, le=MAX_RECOVERY_ROWS)
 
 
 class Evaluation(SpecPart):
@@ -177,6 +188,8 @@ class JobSpec(SpecPart):
     loss: Literal["cross_entropy", "mse", "distill", "causal_lm"] = "cross_entropy"
     finetune: Finetune | None = None
     evaluation: Evaluation | None = None
+    # candidate allocations judged after a short recovery (one: no search, as before)
+    search: Search = Field(default_factory=Search)
     preprocess: Preprocess | None = None
     # each format once: a repeated format is one export
     outputs: list[OutputFormat] = Field(
@@ -237,6 +250,27 @@ class JobSpec(SpecPart):
         if self.granularity != "channel" or self.depth_share or self.targets is not None:
             raise ValueError(
                 "a latency_ms target needs channel granularity, one target and no depth_share"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _a_search_is_judged_on_held_out_rows(self) -> "JobSpec":
+        if self.search.candidates == 1:
+            return self
+        # what a search does not try yet (docs/formats.md): one line each
+        if self.targets is not None:
+            raise ValueError("search.candidates > 1 is not built for targets (a family) yet")
+        if self.target.metric == "latency_ms":
+            raise ValueError("search.candidates > 1 is not built for a latency_ms target yet")
+        if self.granularity != "channel":
+            raise ValueError(
+                f"search.candidates > 1 needs channel granularity ({self.granularity} is not "
+                "built yet)"
+            )
+        if self.evaluation is None:
+            raise ValueError(
+                "search.candidates > 1 judges candidates on rows calibration never saw: set "
+                "evaluation.fraction (e.g. 0.2) or evaluation.dataset_id"
             )
         return self
 

@@ -15,6 +15,7 @@ from typing import Any, cast
 import torch
 
 from service.jobs.results import (
+    Candidate,
     ExportChecks,
     JobResult,
     Latency,
@@ -34,7 +35,16 @@ from worker.engine import (
 )
 from worker.engine.config import TargetMetric
 from worker.engine.plan import Plan
-from worker.pipeline import evaluation, export, finetune, latency, losses, precision, tracking
+from worker.pipeline import (
+    evaluation,
+    export,
+    finetune,
+    latency,
+    losses,
+    precision,
+    search,
+    tracking,
+)
 from worker.pipeline.inputs import Inputs, JobFailed, JobFiles, load_inputs
 from worker.pipeline.plugins import register_plugins
 
@@ -87,6 +97,7 @@ class _Run:
     original: dict[str, int] = field(default_factory=dict)  # MACs and params before pruning
     timing: dict[str, Any] | None = None  # a latency target's measurements
     sparsity: float | None = None
+    candidates: list[Candidate] | None = None  # a search's
     # where the time goes: "score" and "recalibrate" (BatchNorm statistics) are parts of "prune"
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
@@ -100,7 +111,8 @@ class _Run:
 
     def reach(self, goal: Target, steps: int) -> Member:
         """Prune to `goal` (refused if missed), measure, fine-tune, export: one member."""
-        result, met = self.prune(goal, steps)
+        searching = self.spec.search.candidates > 1
+        result, met = self.search(goal, steps) if searching else self.prune(goal, steps)
         after_pruning = self.measure()
         self.close_last_step(after_pruning)
         after_finetune = None
@@ -156,6 +168,45 @@ class _Run:
             raise _unreachable(goal, reached, self.timing, self.spec.granularity)
         self.plan = self.plan.then(result.plan)
         self.sparsity = result.sparsity
+        return result, met
+
+    def search(self, goal: Target, steps: int) -> tuple[PruneResult, bool]:
+        """Prune a copy of the model per candidate allocation as `prune` does, and go on with
+        the one that recovers best (worker/pipeline/search.py): its model, steps and plan
+        become the job's. Every candidate's pruning counts in "prune"; the recoveries and
+        held-out measurements in "search"."""
+        clock = time.perf_counter()
+        pruning = self.seconds["prune"]
+
+        def prune(
+            variant: JobSpec, net: torch.nn.Module, report: Report
+        ) -> tuple[tuple[_Run, PruneResult, bool], PruneResult, float]:
+            candidate = _Run(
+                variant,
+                self.files,
+                self.device,
+                replace(self.inputs, net=net),
+                report,
+                self.check,
+                plan=self.plan,
+                original=dict(self.original),
+                seconds=self.seconds,  # adds its pruning's time to the job's
+            )
+            result, met = candidate.prune(goal, steps)
+            after = Metrics(loss=candidate.evaluate(self.inputs.evaluation))
+            candidate.close_last_step(after)
+            return (candidate, result, met), result, after.loss
+
+        pruned, net, self.candidates = search.choose(
+            self.spec, self.inputs, self.device, prune, self.report, self.check
+        )
+        chosen, result, met = pruned
+        self.inputs.net = net
+        self.inputs.loaded = replace(self.inputs.loaded, model=net)  # the original can go
+        self.steps, self.plan, self.original = chosen.steps, chosen.plan, chosen.original
+        self.sparsity = chosen.sparsity
+        searched = time.perf_counter() - clock - (self.seconds["prune"] - pruning)
+        self.seconds["search"] = self.seconds.get("search", 0.0) + searched
         return result, met
 
     def on_step(self, record: StepRecord) -> None:
@@ -270,6 +321,7 @@ class _Run:
             family=self.members if self.spec.targets is not None else None,
             # measured on this worker: before, after, noise, speed-up
             latency=Latency.model_validate(self.timing) if self.timing else None,
+            candidates=self.candidates,
         )
 
 

@@ -435,3 +435,107 @@ def test_a_json_body_over_the_cap_is_413_before_it_is_parsed(
     problem(declared, 413, "body_too_large")
     problem(streamed, 413, "body_too_large")
     assert job_count(db) == 0
+
+
+SEARCH = {"search": {"candidates": 2}}
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({}, "set evaluation.fraction (e.g. 0.2) or evaluation.dataset_id"),
+        (
+            {"targets": [{"macs": 0.7}, {"macs": 0.5}], "evaluation": {"fraction": 0.2}},
+            "not built for targets (a family) yet",
+        ),
+        (
+            {"target": {"latency_ms": 5.0}, "evaluation": {"fraction": 0.2}},
+            "not built for a latency_ms target yet",
+        ),
+        (
+            {"granularity": "layer", "evaluation": {"fraction": 0.2}},
+            "needs channel granularity (layer is not built yet)",
+        ),
+        (
+            {
+                "granularity": "unstructured",
+                "target": {"sparsity": 0.5},
+                "evaluation": {"fraction": 0.2},
+            },
+            "needs channel granularity (unstructured is not built yet)",
+        ),
+    ],
+    ids=["no held-out rows", "family", "latency", "layer", "unstructured"],
+)
+def test_a_search_it_cannot_judge_or_has_not_built_is_422_in_one_line(
+    client: TestClient,
+    db: Session,
+    alice: Caller,
+    spec: dict[str, Any],
+    change: dict[str, Any],
+    says: str,
+) -> None:
+    body = spec | SEARCH | change
+    if "targets" in change:
+        del body["target"]
+
+    response = client.post("/v1/jobs", json=body, headers=alice.headers)
+
+    (error,) = problem(response, 422, "invalid_request")["errors"]
+    assert says in error["msg"] and "\n" not in error["msg"]
+    assert job_count(db) == 0
+
+
+@pytest.mark.parametrize(
+    "search",
+    [
+        {"candidates": 0},
+        {"candidates": 5},
+        {"recovery_rows": 0},
+        {"recovery_rows": 9000},
+        {"rows": 5},
+    ],
+)
+def test_a_search_out_of_bounds_is_422(
+    client: TestClient, alice: Caller, spec: dict[str, Any], search: dict[str, int]
+) -> None:
+    change = {"search": search, "evaluation": {"fraction": 0.2}}
+    problem(
+        client.post("/v1/jobs", json=spec | change, headers=alice.headers), 422, "invalid_request"
+    )
+
+
+@pytest.mark.parametrize(
+    ("search", "evaluation"),
+    [
+        ({"candidates": 4, "recovery_rows": 512}, "fraction"),
+        ({"candidates": 2}, "dataset"),
+        ({"candidates": 1}, None),
+    ],
+)
+def test_a_search_with_held_out_rows_is_accepted(
+    client: TestClient,
+    db: Session,
+    alice: Caller,
+    spec: dict[str, Any],
+    search: dict[str, int],
+    evaluation: str | None,
+) -> None:
+    held_out = {
+        "fraction": {"fraction": 0.2},
+        "dataset": {"dataset_id": make_dataset(db, alice.tenant_id).id},
+        None: None,
+    }[evaluation]
+    body = spec | {"search": search, "evaluation": held_out}
+
+    response = client.post("/v1/jobs", json=body, headers=alice.headers)
+
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["search"] == {"recovery_rows": 256} | search
+
+
+def test_a_spec_without_a_search_tries_one_candidate(
+    client: TestClient, alice: Caller, spec: dict[str, Any]
+) -> None:
+    response = client.post("/v1/jobs", json=spec, headers=alice.headers)
+    assert response.json()["spec"]["search"] == {"candidates": 1, "recovery_rows": 256}

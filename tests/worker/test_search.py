@@ -1,0 +1,235 @@
+"""A job's search over candidate allocations (issue 23): one candidate is today's job; more
+prune, recover and judge each on held-out rows, and the job goes on with the best."""
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from service.jobs.results import JobResult, Progress
+from service.jobs.schemas import JobSpec
+from tests.worker import factories
+from worker.engine import PruneResult
+from worker.pipeline import models, search
+from worker.pipeline.inputs import Inputs
+from worker.pipeline.steps import JobFiles, execute
+
+CPU = torch.device("cpu")
+FFN = "bert.encoder.layer.{}.intermediate.dense"
+SURE = torch.tensor([20.0, -20.0])
+
+
+def _job(tmp_path: Path, **overrides: Any) -> JobSpec:
+    """A small BERT job with per-layer widths (safetensors: max and lamp allocate differently),
+    one pruning step and a held-out quarter."""
+    return factories.spec(
+        outputs=["safetensors"],
+        schedule={"steps": 1},
+        evaluation={"fraction": 0.25},
+        **overrides,
+    )
+
+
+def _run(
+    tmp_path: Path, spec: JobSpec
+) -> tuple[JobResult, dict[str, torch.Tensor], list[Progress]]:
+    """The job's result, its exported weights and its progress."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    files = JobFiles(
+        factories.bert_folder(tmp_path),
+        "hf",
+        factories.tensors_file(tmp_path / "data.safetensors", rows=64),
+        "tensors",
+        None,
+        work,
+    )
+    progress: list[Progress] = []
+    result, exports = execute(spec, files, CPU, False, progress.append)
+    (exported,) = (e.path for e in exports if e.format == "safetensors")
+    with zipfile.ZipFile(exported) as bundle:
+        bundle.extractall(tmp_path / "exported")
+    return result, load_file(str(tmp_path / "exported" / "model.safetensors")), progress
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobResult, dict[str, torch.Tensor]]:
+    """The job without `search` in its spec."""
+    tmp_path = tmp_path_factory.mktemp("plain")
+    result, weights, _ = _run(tmp_path, _job(tmp_path))
+    return result, weights
+
+
+@pytest.fixture(scope="module")
+def searched(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[JobResult, dict[str, torch.Tensor], list[Progress]]:
+    """The same job trying three candidates."""
+    tmp_path = tmp_path_factory.mktemp("searched")
+    return _run(tmp_path, _job(tmp_path, search={"candidates": 3, "recovery_rows": 40}))
+
+
+def test_one_candidate_is_the_job_as_before(
+    tmp_path: Path, plain: tuple[JobResult, dict[str, torch.Tensor]]
+) -> None:
+    result, weights, progress = _run(tmp_path, _job(tmp_path, search={"candidates": 1}))
+
+    assert result.candidates is None and "candidates" not in result.model_dump()
+    assert "search" not in result.seconds
+    assert not any(p.stage == "searching" for p in progress)
+    assert result.widths == plain[0].widths
+    assert result.after_pruning.loss == plain[0].after_pruning.loss
+    assert weights.keys() == plain[1].keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, plain[1][name]), name
+
+
+def test_candidates_are_listed_and_the_best_after_recovery_goes_on(
+    searched: tuple[JobResult, dict[str, torch.Tensor], list[Progress]],
+    plain: tuple[JobResult, dict[str, torch.Tensor]],
+) -> None:
+    result, weights, _ = searched
+    candidates = result.candidates
+    assert candidates is not None
+    assert [(c.normalisation, c.schedule) for c in candidates] == [
+        ("max", "exponential"),
+        ("lamp", "linear"),
+        ("lamp", "exponential"),
+    ]
+    # the job's own candidate is pruned exactly as a job without a search prunes
+    assert candidates[0].widths == plain[0].widths
+    assert candidates[0].loss_after_pruning == plain[0].after_pruning.loss
+    # each was recovered: the same rows move each of them
+    assert all(c.loss_after_recovery != c.loss_after_pruning for c in candidates)
+    (chosen,) = [c for c in candidates if c.chosen]
+    assert chosen.loss_after_recovery == min(c.loss_after_recovery for c in candidates)
+    assert chosen.why and chosen.why.startswith("lowest held-out loss after 40 rows of recovery")
+    assert all(c.why is None for c in candidates if not c.chosen)
+    # the job went on with the chosen model: its widths, sizes and measurement, its files
+    assert result.widths == chosen.widths
+    assert (result.macs_after, result.params_after) == (chosen.macs, chosen.params)
+    assert result.after_pruning.loss == chosen.loss_after_recovery
+    for layer in (0, 1):
+        assert weights[f"{FFN.format(layer)}.weight"].shape[0] == chosen.widths[FFN.format(layer)]
+    assert result.seconds["search"] > 0
+    assert "candidates" in result.model_dump(mode="json")
+
+
+def test_the_search_reports_each_candidate(
+    searched: tuple[JobResult, dict[str, torch.Tensor], list[Progress]],
+) -> None:
+    progress = [p for p in searched[2] if p.stage == "searching"]
+    assert {p.candidates for p in progress} == {3}
+    assert sorted({p.candidate for p in progress if p.candidate}) == [1, 2, 3]
+    percents = [p.percent or 0 for p in progress]
+    assert percents == sorted(percents) and percents[-1] == 100
+    # pruning steps inside a candidate come through as the search's, with their sizes
+    assert any(p.macs for p in progress)
+
+
+def test_a_candidate_that_recovers_worse_loses_to_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's own allocation is made to recover badly (its classifier sure of one class
+    after its recovery): the other candidate replaces it in everything the job reports and
+    writes."""
+    recover = search.recover_
+    calls: list[nn.Module] = []
+
+    def spoiled_first(net: nn.Module, *args: Any) -> None:
+        recover(net, *args)
+        if not calls:
+            with torch.no_grad():
+                net.get_submodule("classifier").bias.copy_(SURE)
+        calls.append(net)
+
+    monkeypatch.setattr(search, "recover_", spoiled_first)
+    result, weights, _ = _run(tmp_path, _job(tmp_path, search={"candidates": 2}))
+
+    own, other = result.candidates or []
+    assert len(calls) == 2 and not own.chosen and other.chosen
+    assert own.loss_after_recovery > other.loss_after_recovery
+    assert own.widths != other.widths  # lamp allocates the FFNs otherwise than max
+    assert result.widths == other.widths
+    assert result.after_pruning.loss == other.loss_after_recovery
+    assert not torch.equal(weights["classifier.bias"], SURE)
+    for layer in (0, 1):
+        assert weights[f"{FFN.format(layer)}.weight"].shape[0] == other.widths[FFN.format(layer)]
+
+
+def test_candidates_start_with_the_jobs_own_allocation() -> None:
+    def tried(**overrides: Any) -> list[tuple[str, str]]:
+        spec = factories.spec(evaluation={"fraction": 0.2}, **overrides)
+        return [(v.normalisation, v.schedule.kind) for v in search.variants(spec)]
+
+    assert tried(search={"candidates": 1}) == [("max", "exponential")]
+    assert tried(normalisation="lamp", search={"candidates": 4}) == [
+        ("lamp", "exponential"),
+        ("lamp", "linear"),
+        ("max", "linear"),
+        ("max", "exponential"),
+    ]
+    spec = factories.spec(evaluation={"fraction": 0.2}, search={"candidates": 2})
+    assert all(v.method == spec.method and v.target == spec.target for v in search.variants(spec))
+
+
+def test_recovery_takes_the_first_rows_again_from_the_start_when_short() -> None:
+    calibration = [{"input_ids": torch.arange(6).view(3, 2) + 10 * i} for i in range(2)]
+
+    batches = search.recovery_batches(calibration, 8)
+
+    rows = torch.cat([b["input_ids"] for b in batches])
+    assert rows.shape == (8, 2)
+    assert torch.equal(rows[6:], calibration[0]["input_ids"][:2])
+    assert [b["input_ids"].shape[0] for b in search.recovery_batches(calibration, 2)] == [2]
+
+
+def test_a_tie_goes_to_the_earlier_candidate_and_a_loss_that_is_not_finite_never_wins() -> None:
+    """`choose` on a linear model its pruning leaves alone (each candidate the same model) but
+    for the candidates whose loss a test sets."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 2)
+    rows = {"x": torch.randn(8, 4), "labels": torch.randint(0, 2, (8,))}
+
+    def loss_fn(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(batch["x"]), batch["labels"])
+
+    inputs = Inputs(
+        models.LoadedModel(net, None, "vision"),
+        net,
+        torch.float32,
+        torch.float32,
+        [rows],
+        [rows],
+        True,
+        loss_fn,
+        {"x": rows["x"][:1]},
+        8,
+    )
+
+    def chosen(spoiled: dict[int, float]) -> tuple[int, list[bool]]:
+        tried: list[nn.Module] = []
+
+        def prune(variant: JobSpec, copy: nn.Module, report: Any) -> tuple[int, Any, float]:
+            if len(tried) in spoiled:
+                with torch.no_grad():
+                    copy.bias.fill_(spoiled[len(tried)])
+            tried.append(copy)
+            result = PruneResult(copy, 10, 10, 10, 10, [])
+            return len(tried) - 1, result, 0.0
+
+        spec = factories.spec(evaluation={"fraction": 0.2}, search={"candidates": 3})
+        index, model, records = search.choose(
+            spec, inputs, CPU, prune, lambda _: None, lambda: None
+        )
+        assert model is tried[index]
+        return index, [r.chosen for r in records]
+
+    assert chosen({}) == (0, [True, False, False])  # three equal candidates
+    assert chosen({0: float("nan")}) == (1, [False, True, False])
+    assert chosen({0: float("inf"), 1: float("nan")}) == (2, [False, False, True])

@@ -1,0 +1,194 @@
+"""Choosing a job's allocation by how it recovers (issue 23): no one allocation rule wins
+everywhere once the model is fine-tuned (docs/decisions/0007-lamp-normaliser-as-an-option.md),
+so a job with `search.candidates` > 1 prunes a copy of the loaded model per candidate, gives
+each the same short recovery on calibration rows, judges each by its loss on held-out rows,
+and goes on with the lowest.
+
+The candidates are the spec's own normalisation and schedule, then the others in the order
+the quality benchmarks favour after fine-tuning (`PREFERENCE`). Recovery is AdamW with the
+job's loss and learning rate (`finetune.lr`, else `DEFAULT_RECOVERY_LR`) over the first
+`search.recovery_rows` calibration rows, the same rows in the same order, under the same seed,
+for every candidate."""
+
+import copy
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from service.jobs.results import Candidate, Progress
+from service.jobs.schemas import Finetune, JobSpec
+from worker.engine import PruneResult
+from worker.pipeline import evaluation, finetune, precision
+from worker.pipeline.inputs import Batch, Inputs
+from worker.pipeline.losses import LossFn
+
+Report = Callable[[Progress], None]
+Pruned = TypeVar("Pruned")  # what the caller's pruning gives back, carried to the winner
+
+# (normalisation, schedule): lamp + linear led six of eight fine-tuned cells of the CNN sweep
+PREFERENCE = (
+    ("lamp", "linear"),
+    ("lamp", "exponential"),
+    ("max", "linear"),
+    ("max", "exponential"),
+)
+DEFAULT_RECOVERY_LR = Finetune().lr
+RECOVERY_SEED = 0  # every candidate's dropout draws the same masks
+
+
+def variants(spec: JobSpec) -> list[JobSpec]:
+    """The spec once per candidate, in the order tried: its own allocation first."""
+    own = (spec.normalisation, spec.schedule.kind)
+    pairs = [own, *(pair for pair in PREFERENCE if pair != own)][: spec.search.candidates]
+    return [
+        spec.model_copy(
+            update={
+                "normalisation": normalisation,
+                "schedule": spec.schedule.model_copy(update={"kind": kind}),
+            }
+        )
+        for normalisation, kind in pairs
+    ]
+
+
+def choose(
+    spec: JobSpec,
+    inputs: Inputs,
+    device: torch.device,
+    prune: Callable[[JobSpec, nn.Module, Report], tuple[Pruned, PruneResult, float]],
+    report: Report,
+    check: Callable[[], None],
+) -> tuple[Pruned, nn.Module, list[Candidate]]:
+    """The candidate that recovers best: what `prune` gave back for it, its model (pruned and
+    recovered) and every candidate's record. `prune(variant, net, report)` prunes `net` in
+    place as the job prunes under the variant's allocation and returns its loss on the
+    held-out batches right after. The models that lose are dropped as soon as they do."""
+    tried = variants(spec)
+    rows = spec.search.recovery_rows
+    recovery = recovery_batches(inputs.calibration, rows)
+    lr = spec.finetune.lr if spec.finetune is not None else DEFAULT_RECOVERY_LR
+    records: list[Candidate] = []
+    best: tuple[Pruned, nn.Module] | None = None
+    winner = 0  # best's index in `records`
+    for index, variant in enumerate(tried):
+        relabelled = _searching(report, index, len(tried))
+        relabelled(Progress(percent=0))
+        net = copy.deepcopy(inputs.net)
+        pruned, result, after_pruning = prune(variant, net, relabelled)
+        relabelled(Progress(percent=100))
+        recover_(net, recovery, inputs.loss_fn, lr, result.masks, device, check)
+        after_recovery = evaluation.evaluate(net, inputs.evaluation, inputs.loss_fn)["loss"]
+        records.append(
+            Candidate(
+                normalisation=variant.normalisation,
+                schedule=variant.schedule.kind,
+                widths=result.history[-1].widths if result.history else {},
+                macs=result.macs,
+                params=result.params,
+                loss_after_pruning=after_pruning,
+                loss_after_recovery=after_recovery,
+                chosen=False,
+            )
+        )
+        leading = records[winner].loss_after_recovery
+        if best is None or _judged(after_recovery) < _judged(leading):  # ties: the earlier
+            best, winner = (pruned, net), index
+        del net, pruned, result  # a loser's model goes now, not at the next copy
+    assert best is not None
+    records[winner].chosen = True
+    records[winner].why = _why(records, winner, rows)
+    return best[0], best[1], records
+
+
+def recovery_batches(calibration: list[Batch], rows: int) -> list[Batch]:
+    """The first `rows` calibration rows, in batches as they come (again from the first batch
+    when there are fewer rows; the last batch cut to fit)."""
+    batches: list[Batch] = []
+    for batch in itertools.cycle(calibration):
+        size = _rows(batch)
+        if size >= rows:
+            batches.append({k: _first(v, rows) for k, v in batch.items()})
+            return batches
+        batches.append(batch)
+        rows -= size
+    raise AssertionError("unreachable: calibration is never empty")
+
+
+def recover_(
+    net: nn.Module,
+    batches: list[Batch],
+    loss_fn: LossFn,
+    lr: float,
+    masks: dict[str, Tensor],
+    device: torch.device,
+    check: Callable[[], None],
+) -> None:
+    """One pass of AdamW over `batches`, masks kept, under a fixed seed (the caller's random
+    state is left as it was)."""
+    forked = [device] if device.type == "cuda" else []
+    with precision.master_weights(net, device), torch.random.fork_rng(devices=forked):
+        torch.manual_seed(RECOVERY_SEED)
+        finetune.finetune_(
+            net, batches, loss_fn, 1, lr, masks=masks, on_batch=lambda epoch, batch: check()
+        )
+
+
+def _searching(report: Report, index: int, count: int) -> Report:
+    """Progress of one candidate as the search's: its pruning steps and its end, with the
+    candidate's number and the percent of the whole search."""
+
+    def relabelled(progress: Progress) -> None:
+        share = (index + (progress.percent or 0) / 100) / count
+        report(
+            progress.model_copy(
+                update={
+                    "stage": "searching",
+                    "candidate": index + 1,
+                    "candidates": count,
+                    "percent": round(100 * share, 1),
+                }
+            )
+        )
+
+    return relabelled
+
+
+def _why(records: list[Candidate], winner: int, rows: int) -> str:
+    losses = [r.loss_after_recovery for r in records]
+    digits = _digits(losses)
+    chosen = records[winner]
+    others = ", ".join(
+        f"{r.loss_after_recovery:.{digits}g} ({r.normalisation} + {r.schedule})"
+        for i, r in enumerate(records)
+        if i != winner
+    )
+    return (
+        f"lowest held-out loss after {rows} rows of recovery: "
+        f"{chosen.loss_after_recovery:.{digits}g} ({chosen.normalisation} + {chosen.schedule}) "
+        f"against {others}"
+    )
+
+
+def _digits(losses: list[float]) -> int:
+    """Significant digits enough to tell the losses apart (4 to 8): equal ones stay equal."""
+    distinct = len(set(losses))
+    return next(
+        (d for d in range(4, 9) if len({f"{loss:.{d}g}" for loss in losses}) == distinct), 8
+    )
+
+
+def _judged(loss: float) -> float:
+    """A loss that is not finite never wins."""
+    return loss if math.isfinite(loss) else math.inf
+
+
+def _rows(batch: Batch) -> int:
+    return next(v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim())
+
+
+def _first(value: Any, rows: int) -> Any:
+    return value[:rows] if isinstance(value, Tensor) and value.dim() else value
