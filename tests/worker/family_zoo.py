@@ -350,7 +350,6 @@ FAMILIES: dict[str, Family] = {
         _seq2seq(T.BartConfig, T.BartForConditionalGeneration, max_position_embeddings=32),
         LM,
         "distill",
-        reaches=0.55,
         method="oba_full",
         slow=True,
     ),
@@ -371,7 +370,6 @@ FAMILIES: dict[str, Family] = {
         _seq2seq(T.MBartConfig, T.MBartForConditionalGeneration, max_position_embeddings=32),
         LM,
         "distill",
-        reaches=0.55,
     ),
     "t5": Family(_t5(gated=False), _seq2seq_tensors_file, "distill"),
     "whisper": Family(
@@ -386,7 +384,6 @@ FAMILIES: dict[str, Family] = {
         ),
         _speech_tensors_file,
         "distill",
-        reaches=0.55,
     ),
     # vision
     "dinov2": Family(

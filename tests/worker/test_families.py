@@ -83,16 +83,6 @@ def test_is_refused_at_half_before_pruning_saying_what_it_can_reach(
     assert row(job) == documented().get(name), stale_message(f"the row for {name}")
 
 
-@pytest.mark.slow
-def test_bart_prunes_to_what_it_can_reach_with_an_hf_output(tmp_path: Path) -> None:
-    result = run_job(tmp_path, "bart", FAMILIES["bart"].reaches).result
-
-    assert result is not None
-    assert result.macs_after <= FAMILIES["bart"].reaches * result.macs_before
-    reload_diff = result.exports["hf"].relative_diff
-    assert reload_diff is not None and reload_diff <= 1e-4
-
-
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_validates_as_an_upload_with_inputs_of_its_own(tmp_path: Path, name: str) -> None:
     """Validation runs the model on example inputs before any data is seen: T5's and Whisper's

@@ -127,15 +127,19 @@ def hidden_size_problem(model: nn.Module, example_inputs: Any) -> str | None:
     with the attribute changed.
     """
     config: Any = getattr(model, "config", None)
-    if not family_of(config).hidden:
+    family = family_of(config)
+    if not family.hidden:
         return "its routed experts read the hidden size outside the dependency graph"
-    if not is_transformer(model) or not config_describes_head_size(model):
+    describes = config_describes_head_size(model) or family.hidden_with_head_size
+    if not is_transformer(model) or not describes:
         return "its config derives the head size from hidden_size"
     if not isinstance(getattr(config, "hidden_size", None), int):
         return "its config states no hidden_size"
     embeddings = input_embeddings(model)
     if getattr(embeddings, "scalar_embed_scale", None) is not None:
         return "its embeddings are scaled by a function of hidden_size (Gemma)"
+    if any(_scales_embeddings(m) for m in model.modules()):
+        return "its embeddings are scaled by √hidden_size (scale_embedding)"
     with torch.no_grad():
         reference = next(_tensors(run_forward(model, example_inputs)))
         config.hidden_size += 1
@@ -148,6 +152,13 @@ def hidden_size_problem(model: nn.Module, example_inputs: Any) -> str | None:
     if not torch.equal(reference, changed):
         return "its forward pass reads config.hidden_size"
     return None
+
+
+def _scales_embeddings(module: nn.Module) -> bool:
+    """BART's and Marian's `embed_scale`: √d_model with `scale_embedding`, which the class
+    computes from the config on reload."""
+    scale = getattr(module, "embed_scale", None)
+    return isinstance(scale, float) and scale != 1.0
 
 
 def hidden_size_multiple(model: nn.Module) -> int:
@@ -191,7 +202,9 @@ def group_filter(model: nn.Module, hidden_size: bool) -> Callable[[ChannelGroup]
     ffn = ffn_layers(model)
     outside = {e.module for e in expert_layers(model)} if states_expert_width(model) else set()
     if states_head_dim(model):
-        outside |= {h.owner.q for h in head_dim_layers(model)}
+        outside |= {h.projections[0] for h in head_dim_layers(model)}
+    if hidden_size and family_of(getattr(model, "config", None)).hidden_with_head_size:
+        outside |= {h.projections[3] for h in head_dim_layers(model)}  # `derived_hidden`
 
     def allowed(group: ChannelGroup) -> bool:
         if is_residual_stream(group):

@@ -60,6 +60,12 @@ class Family:
     # The config field stating every head's size where heads stay but their size can move
     # alone (T5's `d_kv`; `head_dims`); None: head sizes stay.
     head_dim: str | None = None
+    # The hidden size moves with every head's size, heads kept, so that hidden = heads × head
+    # size stays what the class derives (`derived_hidden`; with uniform widths only)
+    hidden_with_head_size: bool = False
+    # Layers (by the end of their module names) whose output width the class builds as the
+    # hidden size, inside a block (Whisper's first convolution): they lose as many channels
+    hidden_wide: tuple[str, ...] = ()
     width_multiplier: str | None = None
     stated_widths: tuple[tuple[str, str], ...] = ()
 
@@ -69,13 +75,18 @@ DEFAULT = Family(
     up_projections=("up_proj", "c_fc", "fc1", "intermediate.dense"),
 )
 
-# Encoder-decoders whose stacks each state their own width (Marian, Whisper; BART, mBART)
+# Encoder-decoders whose stacks each state their own width (Marian, Whisper; BART, mBART);
+# `d_model` moves with the size of every head
 _SEQ2SEQ = Family(
     (FfnWidth("encoder_ffn_dim", "encoder"), FfnWidth("decoder_ffn_dim", "decoder")),
     ("fc1",),
     head_size="derived",
+    hidden_with_head_size=True,
 )
 _BART = replace(_SEQ2SEQ, shifts_decoder_inputs=True)
+# Marian's sinusoidal positions are not saved but computed from d_model on reload: pruned
+# columns would be others, so its hidden size stays
+_MARIAN = replace(_SEQ2SEQ, hidden_with_head_size=False)
 # GPT-J and CodeGen: `n_inner`, read by `fc_in`
 _GPTJ = Family((FfnWidth("n_inner"),), ("mlp.fc_in",), head_size="derived")
 # `d_kv` states the head size apart from `d_model`: heads are kept (each stack's first layer
@@ -115,7 +126,7 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": Family(
         (FfnWidth("intermediate_size"),), ("mlp.dense_h_to_4h",), head_size="derived"
     ),
-    "marian": _SEQ2SEQ,
+    "marian": _MARIAN,
     "mixtral": _ROUTED,
     "mt5": _T5,
     "mbart": _BART,
@@ -143,7 +154,7 @@ FAMILIES: dict[str, Family] = {
     "swin": Family((FfnWidth("mlp_ratio", ratio=True),), ("mlp.fc1",), head_size="derived"),
     "t5": _T5,
     "umt5": _T5,
-    "whisper": _SEQ2SEQ,
+    "whisper": replace(_SEQ2SEQ, hidden_wide=("encoder.conv1",)),
 }
 
 

@@ -89,24 +89,33 @@ def collect_groups(
     root_types = [nn.modules.conv._ConvNd, nn.Linear, *_custom_types(graph)]
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=root_types):
-        root = group[0].dep.target.module
-        members = []
-        unit = 1
-        for item in group:
-            module = item.dep.target.module
-            if not isinstance(module, nn.Module):
-                continue
-            is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
-            if is_out and module in head_dims:
-                unit = max(unit, head_dims[module])
-            members.append((module, is_out, list(item.idxs), list(item.root_idxs)))
-        width = graph.get_out_channels(root)
-        candidate = ChannelGroup(
-            names.get(root, type(root).__name__), root, group[0].dep.handler, width, unit, members
-        )
-        if width > candidate.unit and allowed(candidate):
+        candidate = channel_group(graph, group, names, head_dims)
+        if candidate.width > candidate.unit and allowed(candidate):
             groups.append(candidate)
     return groups
+
+
+def channel_group(
+    graph: tp.DependencyGraph,
+    group: Any,
+    names: dict[nn.Module, str],
+    head_dims: dict[nn.Module, int],
+) -> ChannelGroup:
+    """One of Torch-Pruning's groups as a `ChannelGroup` (attention: a head-sized unit)."""
+    root = group[0].dep.target.module
+    members = []
+    unit = 1
+    for item in group:
+        module = item.dep.target.module
+        if not isinstance(module, nn.Module):
+            continue
+        is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        if is_out and module in head_dims:
+            unit = max(unit, head_dims[module])
+        members.append((module, is_out, list(item.idxs), list(item.root_idxs)))
+    width = graph.get_out_channels(root)
+    name = names.get(root, type(root).__name__)
+    return ChannelGroup(name, root, group[0].dep.handler, width, unit, members)
 
 
 def shrink_groups(

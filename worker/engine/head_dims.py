@@ -10,8 +10,14 @@ dimension of *every* head (OBA channel scores, ranked within each head), so remo
 leaves each head its d − k best dimensions: one size, which the config states. Torch-Pruning
 cannot keep the heads equal, so these layers stay out of its graph (as `experts` do) and the
 plan records each head's removed dimensions (`head_dim_removals`).
+
+BART-style attention (`ScaledHeadDims`: BART, mBART, Marian, Whisper) derives its head size
+from the hidden size, so its heads shrink only with it (`derived_hidden`), and it scales the
+logits by head_size^-0.5: the change of scale is folded into the query projection, so the
+module computes the same function once its head size says the new one.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -44,7 +50,7 @@ class HeadDims:
     def channel_group(self, name: str) -> ChannelGroup:
         """Root channel r: the r-th ranked dimension of every head (scored by `rank_`)."""
         return ChannelGroup(
-            name, self.owner.q, None, self.head_dim, 1, [], 1, self.rank_, self.costs
+            name, self.projections[0], None, self.head_dim, 1, [], 1, self.rank_, self.costs
         )
 
     def rank_(self, element_scores: dict[nn.Parameter, Tensor], method: str) -> Tensor:
@@ -88,20 +94,66 @@ class HeadDims:
         for projection in (q, k, v):
             keep_channels_(projection, 0, kept)
         keep_channels_(o, 1, kept)
-        self.owner.key_value_proj_dim = d - len(removed[0])
-        self.owner.inner_dim = self.heads * self.owner.key_value_proj_dim
+        self.resize_(d - len(removed[0]))
+
+    def resize_(self, head_dim: int) -> None:
+        """Write the new head size into the module's attributes."""
+        self.owner.key_value_proj_dim = head_dim
+        self.owner.inner_dim = self.heads * head_dim
+
+
+@dataclass(eq=False)
+class ScaledHeadDims(HeadDims):
+    """BART-style attention: q_proj, k_proj, v_proj, out_proj, `num_heads`, `head_dim`,
+    `embed_dim` and `scaling` = head_dim^-0.5."""
+
+    @property
+    def heads(self) -> int:
+        return int(self.owner.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.owner.head_dim)
+
+    @property
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        owner = self.owner
+        return owner.q_proj, owner.k_proj, owner.v_proj, owner.out_proj
+
+    def resize_(self, head_dim: int) -> None:
+        """Logits are scaling · q·k with scaling = head_dim^-0.5, which the class computes
+        from the new size on reload: q scaled by old / new scaling = √(new / old) keeps them."""
+        owner, q = self.owner, self.owner.q_proj
+        factor = math.sqrt(head_dim / self.head_dim)
+        with torch.no_grad():
+            q.weight.mul_(factor)
+            if q.bias is not None:
+                q.bias.mul_(factor)
+        owner.head_dim = head_dim
+        owner.embed_dim = self.heads * head_dim
+        owner.scaling = head_dim**-0.5
 
 
 def head_dim_layers(model: nn.Module) -> list[HeadDims]:
-    """Attention modules whose heads' size can move alone (T5's: q, k, v, o projections,
-    `n_heads` and `key_value_proj_dim`)."""
-    found = []
+    """Attention modules where every head has the same removable dimensions: T5's (q, k, v,
+    o projections, `n_heads` and `key_value_proj_dim`) and BART's (`ScaledHeadDims`)."""
+    found: list[HeadDims] = []
     for module in model.modules():
-        if all(isinstance(getattr(module, n, None), nn.Linear) for n in "qkvo") and all(
-            isinstance(getattr(module, n, None), int) for n in ("n_heads", "key_value_proj_dim")
+        if _has(module, nn.Linear, "q", "k", "v", "o") and _has(
+            module, int, "n_heads", "key_value_proj_dim"
         ):
             found.append(HeadDims(module))
+        elif (
+            _has(module, nn.Linear, "q_proj", "k_proj", "v_proj", "out_proj")
+            and _has(module, int, "num_heads", "head_dim", "embed_dim")
+            and _has(module, float, "scaling")
+        ):
+            found.append(ScaledHeadDims(module))
     return found
+
+
+def _has(module: nn.Module, kind: type, *names: str) -> bool:
+    return all(isinstance(getattr(module, n, None), kind) for n in names)
 
 
 def _per_channel(scores: Tensor, method: str) -> Tensor:

@@ -21,8 +21,10 @@ from worker.engine.allocation import MIN_EXACT_STEPS, Candidate, registered_allo
 from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import FinetuneFn, PruneConfig
 from worker.engine.cost import Cost, measure
+from worker.engine.derived_hidden import DerivedHidden, derived_hidden
 from worker.engine.errors import InvalidConfig, UnsupportedModel
 from worker.engine.experts import Experts, expert_layers
+from worker.engine.families import family_of
 from worker.engine.fused_ffn import FusedFfn, fused_ffn_layers
 from worker.engine.graph import build_graph
 from worker.engine.groups import (
@@ -115,8 +117,15 @@ def _discover(
     ignored = [named[n] for n in config.ignored_layers]
     ignored += architectures.output_layers(model, example_inputs) + frozen
     graph = build_graph(model, example_inputs)
-    describable = architectures.group_filter(model, _prune_hidden(model, example_inputs, config))
     names = {module: name for name, module in named.items()}
+    hidden = _prune_hidden(model, example_inputs, config)
+    if hidden and family_of(getattr(model, "config", None)).hidden_with_head_size:
+        derived = derived_hidden(model, graph, names)
+        hidden = derived is not None
+        if derived is not None:  # no group of Torch-Pruning's holds the streams: they go
+            outside.hidden = {derived.streams[0]: derived}  # with every head's size
+            ignored += [a.projections[3] for a in derived.attentions]
+    describable = architectures.group_filter(model, hidden)
     structure = _Structure(
         model,
         graph,
@@ -140,13 +149,15 @@ class _Outside:
     fused: dict[nn.Module, FusedFfn]
     experts: dict[nn.Module, Experts]
     head_dims: dict[nn.Module, HeadDims]  # by q projection
+    # the hidden size with every head's size, by its first stream's root (`derived_hidden`)
+    hidden: dict[nn.Module, DerivedHidden] = field(default_factory=dict)
     kv_removals: list[tuple[str, list[int]]] = field(default_factory=list)
     ffn_removals: list[tuple[str, list[int]]] = field(default_factory=list)
     expert_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
     head_dim_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
 
     def __contains__(self, root: nn.Module) -> bool:
-        units = (self.kv_layers, self.fused, self.experts, self.head_dims)
+        units = (self.kv_layers, self.fused, self.experts, self.head_dims, self.hidden)
         return any(root in outside for outside in units)
 
     def remove_(self, root: nn.Module, units: list[int], names: dict[nn.Module, str]) -> None:
@@ -158,6 +169,9 @@ class _Outside:
             self.ffn_removals.append((names[root], units))
         elif root in self.experts:
             self.expert_removals.append((names[root], self.experts[root].remove_(units)))
+        elif root in self.hidden:
+            for attention, removed in self.hidden[root].remove_(units):
+                self.head_dim_removals.append((names[attention.owner], removed))
         else:
             heads = self.head_dims[root]
             self.head_dim_removals.append((names[heads.owner], heads.remove_(units)))
@@ -169,6 +183,8 @@ class _Outside:
             return self.experts[root].width
         if root in self.head_dims:
             return self.head_dims[root].head_dim
+        if root in self.hidden:
+            return self.hidden[root].width
         return int(graph.get_out_channels(root))
 
 
@@ -184,7 +200,7 @@ def _outside_units(model: nn.Module) -> _Outside:
         e.module: e for e in expert_layers(model) if architectures.states_expert_width(model)
     }
     head_dims: dict[nn.Module, HeadDims] = {
-        h.owner.q: h for h in head_dim_layers(model) if architectures.states_head_dim(model)
+        h.projections[0]: h for h in head_dim_layers(model) if architectures.states_head_dim(model)
     }
     return _Outside(kv_layers, fused, experts, head_dims)
 
@@ -215,6 +231,7 @@ class _Structure:
         ffn = [f.channel_group(names[up]) for up, f in outside.fused.items()]
         ffn += [e.channel_group(names[module]) for module, e in outside.experts.items()]
         ffn += [h.channel_group(names[h.owner]) for h in outside.head_dims.values()]
+        ffn += [h.channel_group(names[root]) for root, h in outside.hidden.items()]
         return groups + [g for g in kv + ffn if g.width > g.unit and keep(g)]
 
     def prunable(self, group: ChannelGroup) -> bool:
@@ -413,6 +430,13 @@ def _recording(loss_fn: LossFn, losses: list[float]) -> LossFn:
 
 def _prune_hidden(model: nn.Module, example_inputs: Any, config: PruneConfig) -> bool:
     if not architectures.is_transformer(model) or config.hidden_size is False:
+        return False
+    if config.global_ranking and family_of(getattr(model, "config", None)).hidden_with_head_size:
+        if config.hidden_size:
+            raise InvalidConfig(
+                f"cannot prune the hidden size of {type(model).__name__} with global ranking: "
+                "its heads go whole there, so their size and the hidden size stay"
+            )
         return False
     problem = architectures.hidden_size_problem(model, example_inputs)
     if config.hidden_size and problem is not None:
