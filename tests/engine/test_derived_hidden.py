@@ -4,6 +4,7 @@ attention, whose logits' new scale is folded into the query, so the config state
 `from_pretrained` rebuilds the pruned model."""
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from tests.worker.family_zoo import FAMILIES, VOCAB
 from worker.engine import PruneConfig, prune_
 from worker.engine.architectures import hidden_size_problem
 from worker.engine.head_dims import ScaledHeadDims, head_dim_layers
+from worker.engine.plan import Plan, apply_plan_
 
 
 def _batch(name: str, seed: int) -> dict[str, Any]:
@@ -72,7 +74,9 @@ def test_removing_a_dimension_folds_the_new_logit_scale_into_the_query() -> None
 @pytest.mark.parametrize("name", ["bart", "whisper"])
 def test_prunes_d_model_with_every_head_and_reloads(tmp_path: Path, name: str) -> None:
     """Whisper's first convolution is d_model wide too, and its encoder positions are a weight
-    the traced graph does not see; BART's `shared` embedding is outside the forward pass."""
+    the traced graph does not see; BART's `shared` embedding is outside the forward pass. Both
+    the `hf` folder and the plan replayed on the original (the `safetensors` output) rebuild
+    the pruned model."""
     model = _model(name)
     result = prune_(
         model,
@@ -90,6 +94,11 @@ def test_prunes_d_model_with_every_head_and_reloads(tmp_path: Path, name: str) -
     with torch.no_grad():
         expected = model(**_batch(name, 3)).logits
         torch.testing.assert_close(reloaded(**_batch(name, 3)).logits, expected, rtol=0, atol=1e-5)
+    plan = Plan.from_json(json.loads(json.dumps(result.plan.to_json())))
+    rebuilt = apply_plan_(_model(name), _batch(name, 0), plan)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**_batch(name, 3)).logits, expected, rtol=0, atol=1e-5)
 
 
 def test_embeddings_scaled_by_the_root_of_d_model_keep_it() -> None:

@@ -89,17 +89,23 @@ class DerivedHidden:
             keep = torch.ones(len(scores), dtype=torch.bool)
             keep[lowest] = False
             self.wide[layer] = scores[keep]
-        gone = set(channels)
-        kept = [c for c in range(self.width) if c not in gone]
         for embedding in self.untraced:
-            index = torch.tensor(kept, dtype=torch.long, device=embedding.weight.device)
-            weight = embedding.weight
-            embedding.weight = nn.Parameter(
-                weight.data.index_select(1, index).clone(), requires_grad=weight.requires_grad
-            )
-            embedding.embedding_dim = len(kept)
+            remove_embedding_channels_(embedding, channels)
         self.width -= len(channels)
         return [(a, a.remove_(list(range(len(channels) // a.heads)))) for a in self.attentions]
+
+
+def remove_embedding_channels_(embedding: nn.Embedding, channels: list[int]) -> None:
+    """Drop `channels` (columns) of `embedding`'s vectors: one outside the traced graph, which
+    the plan records by name (`Plan.embedding_removals`)."""
+    gone = set(channels)
+    kept = [c for c in range(embedding.embedding_dim) if c not in gone]
+    index = torch.tensor(kept, dtype=torch.long, device=embedding.weight.device)
+    weight = embedding.weight
+    embedding.weight = nn.Parameter(
+        weight.data.index_select(1, index).clone(), requires_grad=weight.requires_grad
+    )
+    embedding.embedding_dim = len(kept)
 
 
 def derived_hidden(

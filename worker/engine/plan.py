@@ -14,6 +14,7 @@ from torch import nn
 
 from worker.engine.architectures import set_head_count
 from worker.engine.blocks import remove_blocks_
+from worker.engine.derived_hidden import remove_embedding_channels_
 from worker.engine.errors import InvalidConfig
 from worker.engine.experts import expert_layers
 from worker.engine.fused_ffn import fused_ffn_layers
@@ -40,6 +41,9 @@ class Plan:
     blocks_removed: list[int] = field(default_factory=list)
     # every head's size (T5's d_kv): (attention module name, each head's dimensions removed)
     head_dim_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
+    # embeddings outside the traced graph that lose the hidden size's channels (BART's `shared`,
+    # Whisper's encoder positions: `derived_hidden`): (embedding name, columns removed), in order
+    embedding_removals: list[tuple[str, list[int]]] = field(default_factory=list)
 
     def then(self, later: "Plan") -> "Plan":
         """This plan followed by `later`, a plan made on the model this one leaves: one plan
@@ -50,6 +54,7 @@ class Plan:
             or self.ffn_removals
             or self.expert_removals
             or self.head_dim_removals
+            or self.embedding_removals
         )
         if later.blocks_removed and (widths or self.blocks_removed):
             raise InvalidConfig("a plan that removes blocks cannot follow another")
@@ -63,6 +68,7 @@ class Plan:
             later.block_container or self.block_container,
             self.blocks_removed + later.blocks_removed,
             self.head_dim_removals + later.head_dim_removals,
+            self.embedding_removals + later.embedding_removals,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -75,9 +81,9 @@ class Plan:
         history = [
             (str(name), bool(out), [int(i) for i in idxs]) for name, out, idxs in data["history"]
         ]
-        kv_removals, ffn_removals = (
+        kv_removals, ffn_removals, embedding_removals = (
             [(str(name), [int(u) for u in units]) for name, units in data.get(key, [])]
-            for key in ("kv_removals", "ffn_removals")
+            for key in ("kv_removals", "ffn_removals", "embedding_removals")
         )
         expert_removals, head_dim_removals = (
             [
@@ -96,6 +102,7 @@ class Plan:
             str(data.get("block_container", "")),
             [int(i) for i in data.get("blocks_removed", [])],
             head_dim_removals,
+            embedding_removals,
         )
 
 
@@ -120,6 +127,8 @@ def apply_plan_(model: nn.Module, example_inputs: Any, plan: Plan) -> nn.Module:
     head_sizes = {names[h.owner]: h for h in head_dim_layers(model)}
     for name, removed in plan.head_dim_removals:
         head_sizes[name].remove_dims_(removed)
+    for name, channels in plan.embedding_removals:
+        remove_embedding_channels_(modules[name], channels)
     for name, heads in plan.heads.items():
         owner: Any = modules[name]
         head_dim = getattr(owner, "attention_head_size", None) or getattr(owner, "head_dim", None)

@@ -155,6 +155,7 @@ class _Outside:
     ffn_removals: list[tuple[str, list[int]]] = field(default_factory=list)
     expert_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
     head_dim_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
+    embedding_removals: list[tuple[str, list[int]]] = field(default_factory=list)
 
     def __contains__(self, root: nn.Module) -> bool:
         units = (self.kv_layers, self.fused, self.experts, self.head_dims, self.hidden)
@@ -172,6 +173,7 @@ class _Outside:
         elif root in self.hidden:
             for attention, removed in self.hidden[root].remove_(units):
                 self.head_dim_removals.append((names[attention.owner], removed))
+            self.embedding_removals += [(names[e], units) for e in self.hidden[root].untraced]
         else:
             heads = self.head_dims[root]
             self.head_dim_removals.append((names[heads.owner], heads.remove_(units)))
@@ -258,6 +260,7 @@ class _Structure:
             outside.ffn_removals,
             outside.expert_removals,
             head_dim_removals=outside.head_dim_removals,
+            embedding_removals=outside.embedding_removals,
         )
 
 
