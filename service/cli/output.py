@@ -19,7 +19,7 @@ from service.client import ApiError, JobFailed, UnknownFormat
 from service.core.errors import CodedError
 from service.jobs.results import JobResult
 from service.jobs.schemas import Target
-from service.jobs.summary import reached, result_table
+from service.jobs.summary import print_candidates, reached, result_table
 
 # Errors a user can act on: each becomes one line on stderr and exit status 2 (1 for a job
 # that ended other than succeeded).
@@ -70,6 +70,7 @@ def show_job(job: BaseModel | dict[str, Any], as_json: bool) -> None:
         line = reached(result, Target.model_validate(spec["target"]))
         out.print(line, soft_wrap=True, markup=False, highlight=False)
         out.print(result_table(result))
+        print_candidates(out, result)
 
 
 def _target_words(spec: dict[str, Any]) -> str:

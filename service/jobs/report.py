@@ -47,6 +47,8 @@ def _result(result: JobResult) -> list[str]:
         sections.append("<h2>Before → after</h2>" + "".join(charts))
     if result.family:
         sections.append(_family(result))
+    if result.candidates and len(result.candidates) > 1:
+        sections.append(_candidates(result))
     if result.widths:
         rows = "".join(
             f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in sorted(result.widths.items())
@@ -86,6 +88,31 @@ def _family(result: JobResult) -> str:
     return (
         "<h2>The family: size against quality and speed</h2>"
         f"<table><tr><th>target</th>{head}</tr>{rows}</table>{charts}"
+    )
+
+
+def _candidates(result: JobResult) -> str:
+    """A search's candidates in the order tried, and why the chosen one won."""
+    candidates = result.candidates or []
+    rows = "".join(
+        f"<tr><td>{escape(c.normalisation)} + {escape(c.schedule)}</td>"
+        f"<td>{c.macs / result.macs_before:.4f}</td><td>{c.params / result.params_before:.4f}</td>"
+        f"<td>{c.loss_after_pruning:.4g}</td><td>{c.loss_after_recovery:.4g}</td>"
+        f"<td>{'chosen' if c.chosen else ''}</td></tr>"
+        for c in candidates
+    )
+    why = "".join(f"<p>{escape(c.why)}</p>" for c in candidates if c.chosen and c.why)
+    widths = "".join(
+        f"<tr><td>{escape(c.normalisation)} + {escape(c.schedule)}</td><td>"
+        + escape(", ".join(f"{k} {v}" for k, v in sorted(c.widths.items())))
+        + "</td></tr>"
+        for c in candidates
+    )
+    return (
+        "<h2>Candidates: loss on the held-out rows after pruning and after a short recovery</h2>"
+        "<table><tr><th>allocation</th><th>MACs kept</th><th>params kept</th>"
+        f"<th>after pruning</th><th>after recovery</th><th></th></tr>{rows}</table>{why}"
+        f"<h3>Their widths</h3><table>{widths}</table>"
     )
 
 

@@ -1,7 +1,9 @@
-"""A job's result as people read it: what it reached against its target, and before / after in
-one table (a family: a column per member). `apoptosis prune` prints it, and so do `jobs show`,
-`jobs report` and `jobs submit --wait` (`service.cli.output.show_job`)."""
+"""A job's result as people read it: what it reached against its target, before / after in
+one table (a family: a column per member), and a search's candidates. `apoptosis prune` prints
+them, and so do `jobs show`, `jobs report` and `jobs submit --wait`
+(`service.cli.output.show_job`)."""
 
+from rich.console import Console
 from rich.table import Table
 
 from service.jobs.results import JobResult, Member
@@ -36,6 +38,37 @@ def result_table(result: JobResult) -> Table:
             values = (f"{metrics[key]:.4g}" if key in metrics else "" for _, _, metrics in columns)
             table.add_row(key, f"{before[key]:.4g}", *values)
     return table
+
+
+def candidates_table(result: JobResult) -> Table | None:
+    """A search's candidates, one row each in the order tried, the chosen one marked; None for
+    a job that tried one."""
+    candidates = result.candidates or []
+    if len(candidates) < 2:
+        return None
+    table = Table(title="candidates (loss on the held-out rows)")
+    for header in ("allocation", "MACs kept", "after pruning", "after recovery", "chosen"):
+        table.add_column(header, justify="left" if header == "allocation" else "right")
+    for c in candidates:
+        table.add_row(
+            f"{c.normalisation} + {c.schedule}",
+            f"{c.macs / result.macs_before:.4f}",
+            f"{c.loss_after_pruning:.4g}",
+            f"{c.loss_after_recovery:.4g}",
+            "✓" if c.chosen else "",
+        )
+    return table
+
+
+def print_candidates(out: Console, result: JobResult) -> None:
+    """A search's candidates under the result's table, and why the chosen one won."""
+    table = candidates_table(result)
+    if table is None:
+        return
+    out.print(table)
+    why = next((c.why for c in result.candidates or [] if c.chosen and c.why), None)
+    if why is not None:
+        out.print(f"chosen: {why}", soft_wrap=True, markup=False, highlight=False)
 
 
 def reached(result: JobResult, target: Target) -> str:

@@ -15,7 +15,7 @@ from service.core.errors import CodedError
 from service.core.settings import get_settings
 from service.jobs import results
 from service.jobs.schemas import JobSpec
-from service.jobs.summary import reached, result_table
+from service.jobs.summary import print_candidates, reached, result_table
 from worker.engine import EngineError
 from worker.pipeline import precision
 from worker.pipeline.export import Exported
@@ -74,6 +74,7 @@ def prune_local(
     # plain lines, never wrapped or cut: what was reached, then the whole path of each file
     console.print(reached(result, checked.target), soft_wrap=True, markup=False, highlight=False)
     console.print(result_table(result))
+    print_candidates(console, result)
     for line in _outputs(exports):
         console.print(line, soft_wrap=True, markup=False, highlight=False)
     return [e.path for e in exports]

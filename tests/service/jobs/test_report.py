@@ -1,8 +1,10 @@
 """GET /v1/jobs/{id}/report: JSON, and an HTML page with before/after charts."""
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from service.cli.output import show_job
 from tests.service.factories import Caller, make_job
 from tests.service.support import problem
 
@@ -80,3 +82,52 @@ def test_a_familys_report_plots_its_trade_off(
     assert "The family: size against quality and speed" in page
     assert "<td>macs 0.75</td><td>0.75</td><td>0.85</td><td>0.55</td><td>0.88</td>" in page
     assert page.count("<svg") == 5 + 3  # loss, accuracy and latency across the family
+
+
+CANDIDATES = [
+    {"normalisation": "max", "schedule": "exponential", "widths": {"fc1": 16}, "macs": 500,
+     "params": 120, "loss_after_pruning": 0.9, "loss_after_recovery": 0.47, "chosen": False},
+    {"normalisation": "lamp", "schedule": "linear", "widths": {"fc1": 12}, "macs": 480,
+     "params": 110, "loss_after_pruning": 1.1, "loss_after_recovery": 0.41, "chosen": True,
+     "why": "lowest held-out loss after 256 rows of recovery: 0.41 (lamp + linear) against "
+            "0.47 (max + exponential)"},
+]  # fmt: skip
+
+
+def test_a_searchs_report_lists_its_candidates_and_why_one_won(
+    client: TestClient, db: Session, alice: Caller
+) -> None:
+    job = make_job(db, alice.tenant_id, "succeeded")
+    job.result = RESULT | {"candidates": CANDIDATES}
+    plain = make_job(db, alice.tenant_id, "succeeded")
+    plain.result = RESULT
+    db.flush()
+
+    as_json = client.get(f"/v1/jobs/{job.id}/report", headers=alice.headers).json()
+    page = client.get(f"/v1/jobs/{job.id}/report?format=html", headers=alice.headers).text
+    plain_json = client.get(f"/v1/jobs/{plain.id}/report", headers=alice.headers).json()
+    plain_page = client.get(f"/v1/jobs/{plain.id}/report?format=html", headers=alice.headers)
+
+    assert as_json["result"]["candidates"] == CANDIDATES  # no `why` where there is none
+    assert "candidates" not in plain_json["result"]
+    assert (
+        "<tr><td>lamp + linear</td><td>0.4800</td><td>0.5500</td><td>1.1</td><td>0.41</td>"
+        "<td>chosen</td></tr>" in page
+    )
+    assert "<td>max + exponential</td><td>0.5000</td>" in page
+    assert "<p>lowest held-out loss after 256 rows of recovery: 0.41 (lamp + linear)" in page
+    assert "<td>lamp + linear</td><td>fc1 12</td>" in page
+    assert "Candidates" not in plain_page.text
+
+
+def test_jobs_show_prints_a_searchs_candidates(capsys: pytest.CaptureFixture[str]) -> None:
+    job = {"id": "j1", "state": "succeeded", "spec": {"target": {"macs": 0.5}}}
+
+    show_job(job | {"result": RESULT | {"candidates": CANDIDATES}}, as_json=False)
+    shown = capsys.readouterr().out
+    show_job(job | {"result": RESULT}, as_json=False)
+    plain = capsys.readouterr().out
+
+    assert "lamp + linear" in shown and "max + exponential" in shown
+    assert "chosen: lowest held-out loss after 256 rows of recovery: 0.41" in shown
+    assert "candidates" not in plain and "chosen" not in plain

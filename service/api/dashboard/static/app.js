@@ -158,7 +158,11 @@ async function jobView(jobId) {
   await fill();
   if (TERMINAL.has(job.state)) return;
   follow(job.id, (kind, data) => {
-    if (kind === "progress") { bar.value = data.percent ?? bar.value; stage.textContent = data.stage || ""; }
+    if (kind === "progress") {
+      bar.value = data.percent ?? bar.value;
+      // a search names its candidate: "searching 2/4"
+      stage.textContent = (data.stage || "") + (data.candidate ? ` ${data.candidate}/${data.candidates}` : "");
+    }
     if (kind === "state") {
       state.textContent = data.state; state.className = `state-${data.state}`;
       if (TERMINAL.has(data.state)) {
