@@ -233,3 +233,19 @@ def test_a_tie_goes_to_the_earlier_candidate_and_a_loss_that_is_not_finite_never
     assert chosen({}) == (0, [True, False, False])  # three equal candidates
     assert chosen({0: float("nan")}) == (1, [False, True, False])
     assert chosen({0: float("inf"), 1: float("nan")}) == (2, [False, False, True])
+
+
+def test_under_distillation_every_candidate_is_judged_against_the_unpruned_model(
+    tmp_path: Path,
+) -> None:
+    result, _, _ = _run(
+        tmp_path, _job(tmp_path, loss="distill", search={"candidates": 2, "recovery_rows": 16})
+    )
+
+    assert result.before.loss == 0  # the loaded model is the teacher
+    candidates = result.candidates or []
+    assert len(candidates) == 2
+    # a pruned copy is not its own teacher: each is some distance from the loaded model
+    assert all(c.loss_after_pruning > 0 and c.loss_after_recovery > 0 for c in candidates)
+    (chosen,) = [c for c in candidates if c.chosen]
+    assert result.after_pruning.loss == chosen.loss_after_recovery
