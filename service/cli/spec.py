@@ -63,6 +63,17 @@ EvalFraction = Annotated[
     float | None, Opt("--eval-fraction", help="evaluate on this last fraction of the rows")
 ]
 EvalDataset = Annotated[str | None, Opt("--eval-dataset", help="evaluate on this dataset")]
+SearchCandidates = Annotated[
+    int | None,
+    Opt(
+        "--search",
+        help="try this many allocations (1-4) and keep the one with the lowest held-out loss "
+        "after a short recovery; needs --eval-fraction or --eval-dataset",
+    ),
+]
+RecoveryRows = Annotated[
+    int | None, Opt("--recovery-rows", help="with --search: rows of each candidate's recovery")
+]
 ImageSize = Annotated[int | None, Opt("--image-size", help="images: resize to this side")]
 Mean = Annotated[str | None, Opt(help="images: per-channel mean, comma-separated")]
 Std = Annotated[str | None, Opt(help="images: per-channel std, comma-separated")]
@@ -91,6 +102,8 @@ class SpecOptions:
     finetune_epochs: Epochs = None
     finetune_lr: LearningRate = None
     eval_fraction: EvalFraction = None
+    search: SearchCandidates = None
+    recovery_rows: RecoveryRows = None
     image_size: ImageSize = None
     mean: Mean = None
     std: Std = None
@@ -163,6 +176,7 @@ def build_spec(
     )
     _merge(spec, "finetune", epochs=given.finetune_epochs, lr=given.finetune_lr)
     _merge(spec, "evaluation", fraction=given.eval_fraction, dataset_id=eval_dataset)
+    _merge(spec, "search", candidates=given.search, recovery_rows=given.recovery_rows)
     mean, std = _floats(given.mean, "--mean"), _floats(given.std, "--std")
     _merge(spec, "preprocess", size=given.image_size, mean=mean, std=std)
     try:

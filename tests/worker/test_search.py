@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from service.cli.spec import SpecOptions, build_spec
 from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
 from tests.worker import factories
@@ -249,3 +250,17 @@ def test_under_distillation_every_candidate_is_judged_against_the_unpruned_model
     assert all(c.loss_after_pruning > 0 and c.loss_after_recovery > 0 for c in candidates)
     (chosen,) = [c for c in candidates if c.chosen]
     assert result.after_pruning.loss == chosen.loss_after_recovery
+
+
+def test_the_command_line_asks_for_a_search_and_is_told_what_it_needs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ids = {"model_id": "m", "dataset_id": "d"}
+    given = SpecOptions(search=3, recovery_rows=128, eval_fraction=0.2)
+    assert build_spec(ids, given)["search"] == {"candidates": 3, "recovery_rows": 128}
+
+    with pytest.raises(SystemExit):
+        build_spec(ids, SpecOptions(search=2))
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: invalid job spec: spec: Value error, search.candidates > 1")
+    assert "set evaluation.fraction" in line
