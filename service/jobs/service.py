@@ -38,6 +38,35 @@ def create(
             if existing.state == JobState.QUEUED:
                 _send(existing.id)
             return existing, False
+    _check_submittable(session, tenant_id, spec)
+    _take_a_slot(session, tenant_id)
+    settings = get_settings()
+    job = Job(
+        tenant_id=tenant_id,
+        model_id=spec.model_id,
+        dataset_id=spec.dataset_id,
+        spec=spec.model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+        max_attempts=settings.job_max_attempts,
+        state=JobState.QUEUED,
+        sent_at=utcnow(),  # sent right after the commit
+    )
+    try:
+        repository.add(session, job)
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same key won the race
+        session.rollback()
+        existing = repository.by_idempotency_key(session, tenant_id, idempotency_key or "")
+        if existing is None:
+            raise
+        return _same_spec(existing, spec), False
+    _send(job.id)
+    return job, True
+
+
+def _check_submittable(session: Session, tenant_id: str, spec: JobSpec) -> None:
+    """Refuse a spec this tenant cannot run: objects it does not own, a model not ready, a
+    target out of reach, unsafe outputs, callbacks to non-public addresses."""
     model = _owned(session, Model, tenant_id, spec.model_id)
     dataset = _owned(session, Dataset, tenant_id, spec.dataset_id)
     if spec.evaluation is not None and spec.evaluation.dataset_id is not None:
@@ -67,6 +96,10 @@ def create(
         secret.ensure(session, tenant_id)  # the receiver reads it with GET /v1/webhooks/secret
     if spec.mlflow is not None:
         _check_target(spec.mlflow.tracking_uri, "mlflow.tracking_uri")
+
+
+def _take_a_slot(session: Session, tenant_id: str) -> None:
+    """Count the tenant's active jobs under its lock, refusing one over the limit (429)."""
     settings = get_settings()
     # Count, then add, holding the tenant's row until the commit: submits that arrive together
     # take turns, each counting the jobs the ones before it added. The lock opens a transaction
@@ -82,27 +115,6 @@ def create(
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             limit=settings.max_active_jobs,
         )
-    job = Job(
-        tenant_id=tenant_id,
-        model_id=spec.model_id,
-        dataset_id=spec.dataset_id,
-        spec=spec.model_dump(mode="json"),
-        idempotency_key=idempotency_key,
-        max_attempts=settings.job_max_attempts,
-        state=JobState.QUEUED,
-        sent_at=utcnow(),  # sent right after the commit
-    )
-    try:
-        repository.add(session, job)
-        session.commit()
-    except IntegrityError:  # a concurrent request with the same key won the race
-        session.rollback()
-        existing = repository.by_idempotency_key(session, tenant_id, idempotency_key or "")
-        if existing is None:
-            raise
-        return _same_spec(existing, spec), False
-    _send(job.id)
-    return job, True
 
 
 def _check_target(url: str, field: str) -> None:
