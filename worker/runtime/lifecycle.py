@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ from service.blobs import service as retention
 from service.core import archives
 from service.core.db import get_sessionmaker
 from service.core.errors import CodedError
-from service.core.orm import Artifact, Model, utcnow
+from service.core.orm import Artifact, Dataset, Model, utcnow
 from service.core.settings import Settings, get_settings
 from service.core.store import StoreFull, StoreUnavailable, get_store, store_file
 from service.datasets import repository as datasets_repository
@@ -194,58 +195,29 @@ class _Heartbeat:
                 log.exception("heartbeat of job %s failed", self.job_id)
 
 
+@dataclass
+class _Inputs:
+    """What a claimed job reads from the database: its spec and the rows of its files (None
+    where a row is gone)."""
+
+    spec: JobSpec
+    model: Model | None
+    dataset: Dataset | None
+    held_out: Dataset | None
+    gone: bool  # the model, the dataset or the evaluation dataset no longer exists
+
+
 def run_job(job_id: str) -> None:
     settings = get_settings()
     if not _retrying(lambda: _claim(job_id)):
         return  # already taken, finished or cancelled: a duplicate delivery
-    with get_sessionmaker()() as session:
-        job = repository.by_id(session, job_id)
-        assert job is not None
-        try:  # the API's own model: a spec stored by another version is checked, not trusted
-            spec = JobSpec.model_validate(job.spec)
-        except ValidationError as error:
-            problem = error.errors()[0]
-            where = ".".join(str(part) for part in problem["loc"]) or "spec"
-            _end(
-                job_id,
-                JobState.FAILED,
-                {"code": "invalid_job", "message": f"{where}: {problem['msg']}"},
-            )
-            return
-        model = models_repository.by_id(session, job.model_id)
-        dataset = datasets_repository.by_id(session, job.dataset_id)
-        eval_id = spec.evaluation.dataset_id if spec.evaluation else None
-        held_out = datasets_repository.by_id(session, eval_id)
+    inputs = _read_inputs(job_id)
+    if inputs is None:
+        return
     log.info("job %s claimed by %s", job_id, WORKER_ID)
     with _Heartbeat(job_id, settings.heartbeat_seconds, settings.job_soft_time_limit) as heartbeat:
-
-        def report(progress: Progress) -> None:
-            heartbeat.beat(progress)
-            heartbeat.check()
-
         try:
-            if model is None or dataset is None or (eval_id and held_out is None):
-                raise JobFailed("missing_input", "the job's model or dataset no longer exists")
-            with (
-                tempfile.TemporaryDirectory() as work,
-                _model_files(model, Path(work)) as model_root,
-                _optional_blob(dataset.blob_key) as data,
-                _optional_blob(held_out.blob_key if held_out else None) as evaluation,
-            ):
-                assert data is not None
-                files = JobFiles(
-                    model_root, model.format, data, dataset.format, evaluation, Path(work)
-                )
-                result, exports = execute(
-                    spec,
-                    files,
-                    device(settings),
-                    settings.trusted_mode,
-                    report,
-                    heartbeat.check,
-                    settings.worker_memory_bytes,
-                )
-                _finish(job_id, result, exports)
+            _execute(job_id, inputs, heartbeat, settings)
         except Cancelled:
             _end(job_id, JobState.CANCELLED, None)
         except LeaseLost:
@@ -270,6 +242,62 @@ def run_job(job_id: str) -> None:
         except Exception as error:
             log.exception("job %s failed", job_id)
             _end(job_id, JobState.FAILED, {"code": "internal_error", "message": str(error)})
+
+
+def _read_inputs(job_id: str) -> _Inputs | None:
+    """The claimed job's spec and file rows; None when its stored spec is not one this worker
+    accepts (the job is then failed as `invalid_job`)."""
+    with get_sessionmaker()() as session:
+        job = repository.by_id(session, job_id)
+        assert job is not None
+        try:  # the API's own model: a spec stored by another version is checked, not trusted
+            spec = JobSpec.model_validate(job.spec)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"]) or "spec"
+            _end(
+                job_id,
+                JobState.FAILED,
+                {"code": "invalid_job", "message": f"{where}: {problem['msg']}"},
+            )
+            return None
+        model = models_repository.by_id(session, job.model_id)
+        dataset = datasets_repository.by_id(session, job.dataset_id)
+        eval_id = spec.evaluation.dataset_id if spec.evaluation else None
+        held_out = datasets_repository.by_id(session, eval_id)
+    gone = model is None or dataset is None or bool(eval_id and held_out is None)
+    return _Inputs(spec, model, dataset, held_out, gone)
+
+
+def _execute(job_id: str, inputs: _Inputs, heartbeat: _Heartbeat, settings: Settings) -> None:
+    """Fetch the job's files, run it and store what it made; progress goes through the
+    heartbeat, which also raises `Cancelled` or `LeaseLost`."""
+
+    def report(progress: Progress) -> None:
+        heartbeat.beat(progress)
+        heartbeat.check()
+
+    model, dataset, held_out = inputs.model, inputs.dataset, inputs.held_out
+    if inputs.gone or model is None or dataset is None:
+        raise JobFailed("missing_input", "the job's model or dataset no longer exists")
+    with (
+        tempfile.TemporaryDirectory() as work,
+        _model_files(model, Path(work)) as model_root,
+        _optional_blob(dataset.blob_key) as data,
+        _optional_blob(held_out.blob_key if held_out else None) as evaluation,
+    ):
+        assert data is not None
+        files = JobFiles(model_root, model.format, data, dataset.format, evaluation, Path(work))
+        result, exports = execute(
+            inputs.spec,
+            files,
+            device(settings),
+            settings.trusted_mode,
+            report,
+            heartbeat.check,
+            settings.worker_memory_bytes,
+        )
+        _finish(job_id, result, exports)
 
 
 @contextmanager
