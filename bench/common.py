@@ -186,9 +186,21 @@ def calibration_batches(data: Dataset, seed: int, count: int = 8, size: int = 64
 
     Every criterion (ours and the peers) scores and recalibrates on exactly these batches.
     """
-    generator = torch.Generator().manual_seed(20_000 + seed)
-    order = torch.randperm(len(data.y_train), generator=generator)[: count * size]
+    order = _calibration_order(data, seed)[: count * size]
     return [(data.x_train[idx], data.y_train[idx]) for idx in order.split(size)]
+
+
+def held_out_batch(data: Dataset, seed: int, count: int = 8, size: int = 64) -> Batch:
+    """The training examples `calibration_batches(data, seed, count, size)` did not draw, as
+    one batch: rows that neither scoring nor recalibration saw (dense training saw every
+    training row; the test split stays for the tables)."""
+    idx = _calibration_order(data, seed)[count * size :]
+    return data.x_train[idx], data.y_train[idx]
+
+
+def _calibration_order(data: Dataset, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(20_000 + seed)
+    return torch.randperm(len(data.y_train), generator=generator)
 
 
 def recalibrate(model: nn.Module, batches: Iterable[Batch]) -> None:

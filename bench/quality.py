@@ -20,6 +20,14 @@ at the same achieved MACs. Every criterion scores on the same calibration batche
 
 An ablation turns `oba`'s three allocation switches off one at a time.
 
+`--search K` adds the row `oba, search K` (issue 23): the first K candidate allocations of a
+job's search (`worker.pipeline.search.allocations`: the default max + exponential first), each
+pruned as the `oba` row is, each given the same short recovery (`search.recover_` over the
+first `--recovery-rows` calibration rows, lr 1e-3), each judged by its loss on the training rows
+the calibration did not draw; the lowest is kept. Its "pruned" accuracy is before that recovery,
+its fine-tuned accuracy after the recovery and the epoch every row gets. `oba, search 1` (the
+default candidate alone, with the same recovery before its epoch) comes with it.
+
 Run `python -m bench.quality --help`; `--quick` is a seconds-long smoke run.
 """
 
@@ -30,10 +38,11 @@ import ast
 import copy
 import functools
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +60,7 @@ from bench.common import (
     calibration_batches,
     cross_entropy,
     finetune_one_epoch,
+    held_out_batch,
     load_dataset,
     macs,
     markdown_table,
@@ -71,6 +81,7 @@ from worker.engine import (
 from worker.engine.allocation import select_units
 from worker.engine.groups import ChannelGroup, unit_view
 from worker.engine.scores import needs_data
+from worker.pipeline import evaluation, search
 
 PEERS = ("tp_magnitude", "tp_taylor", "tp_hessian", "tp_lamp")
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -95,6 +106,8 @@ class Row:
     acc_finetuned: float
     acc_dense: float
     seconds: float  # pruning wall time (for peers: the whole channel-ratio search)
+    chosen: str = ""  # a search row: the winning "normalisation + schedule"
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # a search row: every one
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +329,8 @@ class Settings:
     max_probes: int
     variant: str = "default"
     tries: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (label, switches) rows
+    search: int = 0  # candidates of the `oba, search K` row (0: no such row)
+    recovery_rows: int = 256  # calibration rows of each candidate's recovery
 
 
 def _evaluate(
@@ -387,7 +402,124 @@ def run_setting(
             ours(label, "oba", **switches)
     for label, pairs in settings.tries:
         ours(label, "oba", **dict(pairs))
+    if settings.search:
+        rows += search_rows(settings, data, dense, seed, target, batches)
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# A search over allocations, judged after recovery (issue 23)
+
+RECOVERY_LR = 1e-3
+
+
+def search_label(candidates: int) -> str:
+    return f"oba, search {candidates}"
+
+
+def _as_job_batch(batch: Batch) -> dict[str, Any]:
+    """A bench batch as the worker's pipeline carries one (the model's input by name, labels)."""
+    return {"x": batch[0], "labels": batch[1]}
+
+
+def _job_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    return cross_entropy(model, (batch["x"], batch["labels"]))
+
+
+@dataclass
+class Tried:
+    """One candidate of a search: its model after recovery and what was measured on the way."""
+
+    allocation: str
+    model: nn.Module
+    macs_fraction: float
+    acc_pruned: float
+    acc_recovered: float
+    loss_pruned: float
+    loss_recovered: float
+    seconds: float  # its pruning, recovery and judging
+
+    def record(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "model"}
+
+
+def search_rows(
+    settings: Settings, data: Dataset, dense: nn.Module, seed: int, target: float, batches: list
+) -> list[Row]:
+    """`oba, search K` and `oba, search 1` for one cell: the first K allocations of a job's
+    search, each pruned as the `oba` row is, recovered on the first `recovery_rows`
+    calibration rows and judged by its loss on the training rows calibration did not draw
+    (ties: the earlier); the winner gets the epoch of fine-tuning every row gets."""
+    initial = macs(dense, data.example)
+    acc_dense = accuracy(dense, data)
+    recovery = search.recovery_batches([_as_job_batch(b) for b in batches], settings.recovery_rows)
+    held_out = [
+        _as_job_batch(
+            held_out_batch(
+                data, seed, count=settings.calibration_batches, size=settings.calibration_size
+            )
+        )
+    ]
+    tried: list[Tried] = []
+    for normalisation, schedule in search.allocations("max", settings.schedule, settings.search):
+        started = time.perf_counter()
+        model = copy.deepcopy(dense)
+        config = PruneConfig(
+            target_metric="macs",
+            target=target,
+            steps=settings.steps,
+            schedule=schedule,  # type: ignore[arg-type]
+            seed=seed,
+            **variant_config(settings.variant, "oba", {"normalisation": normalisation}),
+        )
+        result = prune_(model, data.example, batches, cross_entropy, config)
+        acc_pruned = accuracy(model, data)
+        loss_pruned = evaluation.evaluate(model, held_out, _job_loss)["loss"]
+        search.recover_(
+            model, recovery, _job_loss, RECOVERY_LR, result.masks, torch.device("cpu"), _go_on
+        )
+        loss_recovered = evaluation.evaluate(model, held_out, _job_loss)["loss"]
+        seconds = time.perf_counter() - started  # with one pass over the test split
+        tried.append(
+            Tried(
+                allocation=f"{normalisation} + {schedule}",
+                model=model,
+                macs_fraction=macs(model, data.example) / initial,
+                acc_pruned=acc_pruned,
+                acc_recovered=accuracy(model, data),
+                loss_pruned=loss_pruned,
+                loss_recovered=loss_recovered,
+                seconds=seconds,
+            )
+        )
+    winner = min(
+        range(len(tried)),
+        key=lambda i: (search.judged(tried[i].loss_recovered), i),
+    )
+    records = [t.record() for t in tried]
+    rows = []
+    for count, index in sorted({settings.search: winner, 1: 0}.items()):
+        chosen = tried[index]
+        seconds = sum(t.seconds for t in tried[:count])
+        model = copy.deepcopy(chosen.model)
+        finetune_one_epoch(model, data, seed)
+        row = Row(
+            search_label(count), data.name, target, seed, chosen.macs_fraction, chosen.acc_pruned,
+            accuracy(model, data), acc_dense, seconds, chosen.allocation, records[:count],
+        )  # fmt: skip
+        print(
+            f"  {data.name} seed={seed} target={target:.2f} {row.method:<34} "
+            f"MACs {row.macs_fraction:.3f}  pruned {row.acc_pruned:.3f}  recovered "
+            f"{chosen.acc_recovered:.3f}  fine-tuned {row.acc_finetuned:.3f}  "
+            f"({chosen.allocation}; {seconds:.1f}s)",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def _go_on() -> None:
+    """A bench search is never cancelled."""
 
 
 def parse_try(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
@@ -462,6 +594,84 @@ def tables(rows: Sequence[Row], labels: Sequence[str]) -> str:
     return "\n\n".join(out)
 
 
+def winners(rows: Sequence[Row], label: str) -> str:
+    """Which allocation a search row chose, counted over seeds, per cell."""
+    body = []
+    for dataset, target in dict.fromkeys((r.dataset, r.target) for r in rows):
+        chosen = [
+            r.chosen for r in rows if (r.dataset, r.target, r.method) == (dataset, target, label)
+        ]
+        if chosen:
+            counts = ", ".join(
+                f"{a} ×{chosen.count(a)}" for a in sorted(set(chosen), key=chosen.index)
+            )
+            body.append([dataset, f"{target:.2f}", counts])
+    return markdown_table(["dataset", "target", f"chosen by `{label}` (seeds)"], body)
+
+
+def paired(rows: Sequence[Row], label: str, against: str, column: str) -> tuple[float, float, int]:
+    """Mean difference `label` − `against` in `column` (points) over the seeds both have, in
+    one cell's rows, and its standard error (paired by seed: same dense model, same draw)."""
+    mine = {r.seed: getattr(r, column) for r in rows if r.method == label}
+    theirs = {r.seed: getattr(r, column) for r in rows if r.method == against}
+    diffs = [100 * (mine[s] - theirs[s]) for s in sorted(mine.keys() & theirs.keys())]
+    if not diffs:
+        return math.nan, math.nan, 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return statistics.fmean(diffs), se, len(diffs)
+
+
+def comparisons(rows: Sequence[Row], labels: Sequence[str]) -> str:
+    """Each of `labels` against the best peer of its cell and column (by mean; `oba` where no
+    peer ran), paired by seed: difference in points ± its standard error (seeds paired)."""
+    columns = (("acc_pruned", "pruned"), ("acc_finetuned", "+1 epoch FT"))
+    headers = ["row", "dataset", "target"] + [f"{name}: vs best" for _, name in columns]
+    body = []
+    for dataset, target in dict.fromkeys((r.dataset, r.target) for r in rows):
+        cell = [r for r in rows if (r.dataset, r.target) == (dataset, target)]
+        present = [p for p in PEERS if any(r.method == p for r in cell)] or ["oba"]
+        for label in labels:
+            if not any(r.method == label for r in cell):
+                continue
+            line = [label, dataset, f"{target:.2f}"]
+            for column, _ in columns:
+                best = max(
+                    present,
+                    key=lambda p: statistics.fmean(
+                        getattr(r, column) for r in cell if r.method == p
+                    ),
+                )
+                diff, se, n = paired(cell, label, best, column)
+                line.append(f"{diff:+.2f} ± {se:.2f} vs {best} ({n} seeds)")
+            body.append(line)
+    return markdown_table(headers, body)
+
+
+def search_report(rows: Sequence[Row]) -> str:
+    labels = sorted(
+        {r.method for r in rows if r.method.startswith("oba, search ")},
+        key=lambda label: int(label.rsplit(" ", 1)[1]),
+    )
+    present = [label for label in ("oba", *PEERS) if any(r.method == label for r in rows)]
+    parts = [
+        tables(rows, [*present, *labels]),
+        comparisons(rows, labels),
+        *(winners(rows, label) for label in labels),
+    ]
+    return "\n\n".join(parts)
+
+
+def load_rows(paths: Sequence[str]) -> list[Row]:
+    """The rows of `--json` files, merged (a row seen twice, same method, cell and seed, once)."""
+    merged: dict[tuple[str, str, float, int], Row] = {}
+    for path in paths:
+        with open(path) as handle:
+            for raw in json.load(handle)["rows"]:
+                row = Row(**raw)
+                merged.setdefault((row.method, row.dataset, row.target, row.seed), row)
+    return list(merged.values())
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
@@ -491,6 +701,28 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         help="an extra oba row with these PruneConfig switches (repeatable)",
     )
     parser.add_argument(
+        "--search",
+        type=int,
+        default=0,
+        metavar="K",
+        help="add the row `oba, search K` (and `oba, search 1`): K allocations, each recovered "
+        "and judged on held-out training rows, the best kept (issue 23)",
+    )
+    parser.add_argument(
+        "--recovery-rows",
+        type=int,
+        default=256,
+        metavar="N",
+        help="calibration rows of each search candidate's recovery (default 256)",
+    )
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: print the search tables and paired comparisons of these --json files "
+        "(merged, so peers from one run pair with a search from another)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 1 seed, digits, target 0.5, 2 steps, short training",
@@ -513,12 +745,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         max_probes=2 if quick else 12,
         variant=args.variant,
         tries=tuple(parse_try(text) for text in args.tries),
+        search=args.search,
+        recovery_rows=args.recovery_rows,
     )
     return settings, args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings, args = parse_args(argv)
+    if args.report:
+        print(search_report(load_rows(args.report)))
+        return
     set_threads(args.threads)
     started = time.perf_counter()
     rows = run(settings)
@@ -532,6 +769,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if settings.tries:
         print("\n## Switches tried\n")
         print(tables(rows, ["oba", *(label for label, _ in settings.tries)]))
+    if settings.search:
+        print("\n## A search over allocations, judged after recovery\n")
+        print(search_report(rows))
     print(f"\nTotal wall time: {elapsed:.0f} s ({settings})")
     if args.json:
         with open(args.json, "w") as handle:

@@ -40,10 +40,16 @@ DEFAULT_RECOVERY_LR = Finetune().lr
 RECOVERY_SEED = 0  # every candidate's dropout draws the same masks
 
 
+def allocations(normalisation: str, schedule: str, count: int) -> list[tuple[str, str]]:
+    """The first `count` (normalisation, schedule) pairs a search tries, in order: the given
+    one first, then `PREFERENCE`'s others."""
+    own = (normalisation, schedule)
+    return [own, *(pair for pair in PREFERENCE if pair != own)][:count]
+
+
 def variants(spec: JobSpec) -> list[JobSpec]:
     """The spec once per candidate, in the order tried: its own allocation first."""
-    own = (spec.normalisation, spec.schedule.kind)
-    pairs = [own, *(pair for pair in PREFERENCE if pair != own)][: spec.search.candidates]
+    pairs = allocations(spec.normalisation, spec.schedule.kind, spec.search.candidates)
     return [
         spec.model_copy(
             update={
@@ -95,7 +101,7 @@ def choose(
             )
         )
         leading = records[winner].loss_after_recovery
-        if best is None or _judged(after_recovery) < _judged(leading):  # ties: the earlier
+        if best is None or judged(after_recovery) < judged(leading):  # ties: the earlier
             best, winner = (pruned, net), index
         del net, pruned, result  # a loser's model goes now, not at the next copy
     assert best is not None
@@ -181,7 +187,7 @@ def _digits(losses: list[float]) -> int:
     )
 
 
-def _judged(loss: float) -> float:
+def judged(loss: float) -> float:
     """A loss that is not finite never wins."""
     return loss if math.isfinite(loss) else math.inf
 
