@@ -33,7 +33,8 @@ Refusal = TargetUnreachable | JobFailed
 @dataclass(frozen=True)
 class FamilyJob:
     """A job on one family: its model's config before pruning, and the job's result and hf
-    archive, or the refusal that came before anything was pruned."""
+    archive (every output's archive, by format), or the refusal that came before anything was
+    pruned."""
 
     name: str
     model_class: str
@@ -41,17 +42,21 @@ class FamilyJob:
     result: JobResult | None
     hf: Path | None
     refusal: Refusal | None
+    archives: dict[str, Path] = dataclasses.field(default_factory=dict)
 
 
-def run_job(folder: Path, name: str, target: float = TARGET) -> FamilyJob:
-    """The job on family `name` uploaded as an hf folder, pruned to `target` of its MACs with an
-    hf output, in `folder`. Seeded: the same code gives the same model, data and result."""
+def run_job(
+    folder: Path, name: str, target: float = TARGET, outputs: tuple[str, ...] = ("hf",)
+) -> FamilyJob:
+    """The job on family `name` uploaded as an hf folder, pruned to `target` of its MACs with
+    `outputs` (an hf output: widths its config states), in `folder`. Seeded: the same code gives
+    the same model, data and result."""
     family = FAMILIES[name]
     torch.manual_seed(0)
     model = family.build()
     model.save_pretrained(folder / "upload")
     spec = factories.spec(
-        outputs=["hf"],
+        outputs=list(outputs),
         loss=family.loss,
         method=family.method,
         target={"macs": target},
@@ -65,8 +70,8 @@ def run_job(folder: Path, name: str, target: float = TARGET) -> FamilyJob:
         result, exports = execute(spec, files, torch.device("cpu"), False, lambda progress: None)
     except (TargetUnreachable, JobFailed) as refusal:
         return dataclasses.replace(job, refusal=refusal)
-    [hf] = [e.path for e in exports if e.format == "hf"]
-    return dataclasses.replace(job, result=result, hf=hf)
+    archives = {e.format: e.path for e in exports}
+    return dataclasses.replace(job, result=result, hf=archives.get("hf"), archives=archives)
 
 
 def reload(job: FamilyJob, folder: Path) -> nn.Module:

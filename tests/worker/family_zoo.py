@@ -26,7 +26,8 @@ class Family:
     data: Callable[[Path], Path]
     loss: str
     # The least fraction of its MACs a job with an hf output reaches: 0.5 or less for a family
-    # that prunes to half; above it for one refused at half (1.0: the config states no width).
+    # that prunes to half; above it for one refused at half (1.0: the config states no width),
+    # whose onnx, pt2 and safetensors outputs (per-layer widths) must reach half instead.
     reaches: float = 0.5
     method: str = "oba"
     slow: bool = False  # over 5 s
@@ -284,6 +285,8 @@ FAMILIES: dict[str, Family] = {
         LM,
         "causal_lm",
     ),
+    # the class fixes the FFN at 4 × hidden_size and derives the head size: refused with hf,
+    # per-layer outputs prune the FFN
     "bloom": Family(_decoder(T.BloomConfig, T.BloomForCausalLM), LM, "causal_lm", reaches=1.0),
     # mixtures of experts
     "mixtral": Family(

@@ -154,6 +154,19 @@ def hidden_size_problem(model: nn.Module, example_inputs: Any) -> str | None:
     return None
 
 
+def unstated_widths(model: nn.Module, example_inputs: Any) -> str | None:
+    """Why a config cannot state widths that per-layer pruning moves in `model`, in words: an
+    FFN width its class fixes (`fixed_ffn_layers`), a hidden size that stays
+    (`hidden_size_problem`); None when neither."""
+    reasons = []
+    if fixed_ffn_layers(model):
+        fixed = family_of(getattr(model, "config", None)).fixed_ffn
+        reasons.append(f"{type(model).__name__} builds its FFN at {fixed} whatever the config says")
+    if is_transformer(model):
+        reasons += filter(None, [hidden_size_problem(model, example_inputs)])
+    return ", and ".join(reasons) or None
+
+
 def _scales_embeddings(module: nn.Module) -> bool:
     """BART's and Marian's `embed_scale`: √d_model with `scale_embedding`, which the class
     computes from the config on reload."""
@@ -188,18 +201,34 @@ def ffn_layers(model: nn.Module) -> dict[nn.Module, FfnWidth]:
     return found
 
 
+def fixed_ffn_layers(model: nn.Module) -> list[nn.Module]:
+    """A transformer's FFN up-projections whose width its class fixes (`Family.fixed_ffn`:
+    BLOOM's 4 × hidden_size): no config states a narrower one, so only per-layer widths
+    prune them."""
+    family = family_of(getattr(model, "config", None))
+    if not is_transformer(model) or family.fixed_ffn is None:
+        return []
+    return [
+        module
+        for name, module in model.named_modules()
+        if _ends_with(name, family.up_projections) and weight_axis(module, True) is not None
+    ]
+
+
 def _ends_with(name: str, suffixes: tuple[str, ...]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def group_filter(model: nn.Module, hidden_size: bool) -> Callable[[ChannelGroup], bool]:
+def group_filter(
+    model: nn.Module, hidden_size: bool, per_layer: bool = False
+) -> Callable[[ChannelGroup], bool]:
     """Hugging Face transformers: attention heads, FFN neurons whose width the config states
-    (routed experts' too), head sizes the config states (`head_dims`) and, when
-    `hidden_size`, the residual stream (the group whose members include the input
-    embeddings)."""
+    (routed experts' too) or, with `per_layer` widths (which no config states), whose width
+    the class fixes, head sizes the config states (`head_dims`) and, when `hidden_size`, the
+    residual stream (the group whose members include the input embeddings)."""
     if not is_transformer(model):
         return lambda group: True
-    ffn = ffn_layers(model)
+    ffn = set(ffn_layers(model)) | set(fixed_ffn_layers(model) if per_layer else ())
     outside = {e.module for e in expert_layers(model)} if states_expert_width(model) else set()
     if states_head_dim(model):
         outside |= {h.projections[0] for h in head_dim_layers(model)}

@@ -31,12 +31,19 @@ class TargetUnreachable(EngineError):
     code = "target_unreachable"
 
     def __init__(
-        self, metric: str, target: float, reachable: float, per_layer: float | None = None
+        self,
+        metric: str,
+        target: float,
+        reachable: float,
+        per_layer: float | None = None,
+        why: str | None = None,
     ) -> None:
         """`per_layer`: what per-layer widths would reach, when the run asked for widths a
-        config states (uniform: an `hf` output) and they are what stands in the way."""
+        config states (uniform: an `hf` output) and they are what stands in the way; `why`:
+        the widths the family's config cannot state, in words."""
         self.metric, self.target, self.reachable = metric, target, reachable
-        self.per_layer = per_layer
+        self.per_layer, self.why = per_layer, why
+        because = f" (with an hf output: {why})" if why else ""
         other = (
             f"; with an onnx, pt2 or safetensors output (per-layer widths) {per_layer:.4f} is "
             "reachable"
@@ -46,5 +53,6 @@ class TargetUnreachable(EngineError):
         super().__init__(
             f"a {metric} target of {target:g} cannot be reached: under this job's constraints "
             f"(output format, floors, granularity) the model keeps at least {reachable:.4f} of "
-            f"its {metric}; ask for {reachable:.4f} or more, or loosen the constraints{other}"
+            f"its {metric}{because}; ask for {reachable:.4f} or more, or loosen the "
+            f"constraints{other}"
         )

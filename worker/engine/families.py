@@ -3,7 +3,9 @@
 One `Family` per `config.model_type`; a family the registry does not name gets `DEFAULT`, the
 names most families share. The engine prunes an FFN only where its family names both the
 up-projection and the config field that states its width, so what it prunes is exactly what
-the config can write back (`architectures.sync_structure`), and `from_pretrained` rebuilds it.
+the config can write back (`architectures.sync_structure`), and `from_pretrained` rebuilds it;
+or, where the class fixes the width (`fixed_ffn`), only with per-layer widths, which no config
+has to state (global ranking: the onnx, pt2 and safetensors outputs).
 
 Adding a family is one entry here plus its case in `tests/worker/test_families.py`.
 """
@@ -68,6 +70,10 @@ class Family:
     hidden_wide: tuple[str, ...] = ()
     width_multiplier: str | None = None
     stated_widths: tuple[tuple[str, str], ...] = ()
+    # The FFN width the class builds whatever the config says, in words (BLOOM's
+    # "4 × hidden_size"): no field states another, so its `up_projections` are pruned with
+    # per-layer widths only, and an `hf` output keeps them. None: `ffn` states the width.
+    fixed_ffn: str | None = None
 
 
 DEFAULT = Family(
@@ -108,6 +114,9 @@ FAMILIES: dict[str, Family] = {
     # embeddings are `embedding_size` wide, projected to the hidden size (which stays)
     "albert": Family((FfnWidth("intermediate_size"),), ("ffn",), head_size="derived", hidden=False),
     "bart": _BART,
+    # the FFN is 4 × hidden_size in the class, whatever the config says; the fused
+    # `query_key_value` keeps its heads (their ALiBi slopes are computed from the head count)
+    "bloom": Family((), ("mlp.dense_h_to_4h",), head_size="derived", fixed_ffn="4 × hidden_size"),
     "codegen": _GPTJ,
     # DINOv2's config types mlp_ratio `int`; its attention reads `head_dim` when the config has it
     "dinov2": Family(

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from worker.engine.architectures import unstated_widths
 from worker.engine.config import FinetuneFn, PruneConfig
 from worker.engine.cost import Cost, measure
 from worker.engine.depth import prune_blocks_
@@ -54,11 +55,15 @@ def prune_(
                 return
             reachable = reachable_fraction(model, example_inputs, config, before)
             if config.target < reachable:
-                per_layer = None
+                per_layer, why = None, None
                 if not config.global_ranking:  # would other outputs get there?
                     free = replace(config, global_ranking=True)
                     per_layer = reachable_fraction(model, example_inputs, free, before)
-                raise TargetUnreachable(config.target_metric, config.target, reachable, per_layer)
+                    if per_layer < reachable:
+                        why = unstated_widths(model, example_inputs)
+                raise TargetUnreachable(
+                    config.target_metric, config.target, reachable, per_layer, why
+                )
 
         guard = None
         if config.granularity == "channel" and not config.depth_share:

@@ -125,7 +125,7 @@ def _discover(
         if derived is not None:  # no group of Torch-Pruning's holds the streams: they go
             outside.hidden = {derived.streams[0]: derived}  # with every head's size
             ignored += [a.projections[3] for a in derived.attentions]
-    describable = architectures.group_filter(model, hidden)
+    describable = architectures.group_filter(model, hidden, per_layer=config.global_ranking)
     structure = _Structure(
         model,
         graph,
