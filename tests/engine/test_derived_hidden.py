@@ -110,3 +110,11 @@ def test_embeddings_scaled_by_the_root_of_d_model_keep_it() -> None:
     problem = hidden_size_problem(model, _batch("bart", 0))
 
     assert problem == "its embeddings are scaled by √hidden_size (scale_embedding)"
+
+
+def test_marian_keeps_d_model_and_says_why() -> None:
+    """Marian computes its sinusoidal positions from d_model when it loads: pruned columns
+    would come back as other frequencies, so the refusal names that, not the head size."""
+    problem = hidden_size_problem(_model("marian"), _batch("marian", 0))
+
+    assert problem == "its sinusoidal positions are computed from d_model when it loads, not saved"

@@ -128,8 +128,8 @@ def hidden_size_problem(model: nn.Module, example_inputs: Any) -> str | None:
     """
     config: Any = getattr(model, "config", None)
     family = family_of(config)
-    if not family.hidden:
-        return "its routed experts read the hidden size outside the dependency graph"
+    if family.hidden_stays is not None:
+        return family.hidden_stays
     describes = config_describes_head_size(model) or family.hidden_with_head_size
     if not is_transformer(model) or not describes:
         return "its config derives the head size from hidden_size"
@@ -330,7 +330,7 @@ def sync_structure(
     hidden = getattr(embeddings, "embedding_dim", None)
     if (
         is_transformer(model)
-        and family_of(config).hidden
+        and family_of(config).hidden_stays is None
         and isinstance(hidden, int)
         and hidden != config.hidden_size
     ):

@@ -44,9 +44,10 @@ class Family:
     # when the class reads `config.head_dim`, stated or not (fewer heads of the same size can
     # be written); "auto": `head_dim` if the config states one.
     head_size: HeadSize = "auto"
-    # Whether the hidden size may move at all: not where layers outside Torch-Pruning's graph
-    # read it (the routers and fused 3-D expert weights of mixtures of experts).
-    hidden: bool = True
+    # Why the hidden size stays, in words (None: it may move): layers outside Torch-Pruning's
+    # graph read it (the routers and fused 3-D expert weights of mixtures of experts), or the
+    # class rebuilds something from it that pruning cannot follow.
+    hidden_stays: str | None = None
     # FFNs whose gate and up projections are one layer, chunked in two halves by the forward:
     # (fused up-projection, down-projection) attribute names of the FFN module (`fused_ffn`).
     # Their width is the field of `ffn` too.
@@ -92,7 +93,11 @@ _SEQ2SEQ = Family(
 _BART = replace(_SEQ2SEQ, shifts_decoder_inputs=True)
 # Marian's sinusoidal positions are not saved but computed from d_model on reload: pruned
 # columns would be others, so its hidden size stays
-_MARIAN = replace(_SEQ2SEQ, hidden_with_head_size=False)
+_MARIAN = replace(
+    _SEQ2SEQ,
+    hidden_with_head_size=False,
+    hidden_stays="its sinusoidal positions are computed from d_model when it loads, not saved",
+)
 # GPT-J and CodeGen: `n_inner`, read by `fc_in`
 _GPTJ = Family((FfnWidth("n_inner"),), ("mlp.fc_in",), head_size="derived")
 # `d_kv` states the head size apart from `d_model`: heads are kept (each stack's first layer
@@ -107,12 +112,18 @@ _T5 = Family(
 # Mixtures of experts with routed experts only: their fused 3-D expert weights and routers are
 # outside Torch-Pruning's graph, so the hidden size they read stays; each expert's width is
 # pruned by `experts`, one for all, and stated by `intermediate_size`.
-_ROUTED = replace(DEFAULT, hidden=False, experts_width="intermediate_size")
+_EXPERTS_READ_HIDDEN = "its routed experts read the hidden size outside the dependency graph"
+_ROUTED = replace(DEFAULT, hidden_stays=_EXPERTS_READ_HIDDEN, experts_width="intermediate_size")
 
 FAMILIES: dict[str, Family] = {
     # one layer shared by every position in the stack: pruned once, its width stated once; its
     # embeddings are `embedding_size` wide, projected to the hidden size (which stays)
-    "albert": Family((FfnWidth("intermediate_size"),), ("ffn",), head_size="derived", hidden=False),
+    "albert": Family(
+        (FfnWidth("intermediate_size"),),
+        ("ffn",),
+        head_size="derived",
+        hidden_stays="its config derives the head size from hidden_size",
+    ),
     "bart": _BART,
     # the FFN is 4 × hidden_size in the class, whatever the config says; the fused
     # `query_key_value` keeps its heads (their ALiBi slopes are computed from the head count)
@@ -155,7 +166,7 @@ FAMILIES: dict[str, Family] = {
             FfnWidth("intermediate_size"),
         ),
         ("shared_expert.up_proj", "mlp.up_proj"),
-        hidden=False,
+        hidden_stays=_EXPERTS_READ_HIDDEN,
         experts_width="moe_intermediate_size",
     ),
     "qwen3_moe": replace(_ROUTED, experts_width="moe_intermediate_size"),
