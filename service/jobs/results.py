@@ -46,6 +46,9 @@ class ExportChecks(BaseModel):
     # hf of a sentence-transformers folder: its outputs as loaded by that library, or why not
     sentence_transformers: Difference | str | None = Field(default=None, exclude_if=_unset)
     dynamic_batch: bool | None = Field(default=None, exclude_if=_unset)  # onnx, pt2
+    # what was not loaded back, and why (safetensors of an upload without a config: the plan's
+    # replay on the original architecture)
+    not_verified: str | None = Field(default=None, exclude_if=_unset)
 
 
 class LatencyRound(BaseModel):

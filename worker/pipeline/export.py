@@ -3,10 +3,12 @@
 | format | file | loads with |
 |---|---|---|
 | `hf` | model-hf.zip | `from_pretrained` / `SentenceTransformer` on its folder (checked here) |
-| `safetensors` | weights + pruning-plan.json | original model, `apply_plan_`, `load_state_dict` |
+| `safetensors` | weights + plan | original + `apply_plan_` + `load_state_dict` (checked*) |
 | `onnx` | model.onnx | onnxruntime (checked against torch here) |
 | `pt2` | model.pt2 | `torch.export.load(...).module()` (checked against torch here) |
 | `torch_pickle` | model.pt | `torch.load(weights_only=False)`: trusted mode only |
+
+*for an `hf` upload, whose config rebuilds the original architecture; not for a pickled module.
 """
 
 import json
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from worker.engine.plan import Plan
 from worker.pipeline.models import sentence_modules, sentence_pooling
-from worker.pipeline.verify import compare, verify_hf
+from worker.pipeline.verify import compare, verify_hf, verify_plan
 
 MAX_EXPORT_BATCH = 4096
 # onnxruntime and torch.export's graphs fuse and reorder float operations: rounding differs by
@@ -70,7 +72,7 @@ def export(
     if fmt == "hf":
         return export_hf(model, inputs, source, out)
     if fmt == "safetensors":
-        return Exported(fmt, export_safetensors(model, plan, out))
+        return export_safetensors(model, plan, out, inputs, source)
     if fmt == "onnx":
         return export_onnx(model, inputs, out)
     if fmt == "pt2":
@@ -135,16 +137,23 @@ def _restate_pooling_width(model: nn.Module, source: Path, directory: Path) -> N
     config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def export_safetensors(model: nn.Module, plan: Plan, out: Path) -> Path:
-    """Weights plus the plan that shapes the original architecture to receive them, zipped."""
+def export_safetensors(
+    model: nn.Module, plan: Plan, out: Path, inputs: dict[str, Any], source: Path | None
+) -> Exported:
+    """Weights plus the plan that shapes the original architecture to receive them, zipped; the
+    files are rebuilt as their users rebuild them (the upload's architecture, the plan replayed,
+    the weights loaded strictly) and compared with `model` before they are zipped
+    (`verify.verify_plan`)."""
     archive = out / "model-safetensors.zip"
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(_untie(state), str(folder / "model.safetensors"))
+        del state
         (folder / "pruning-plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+        checks = verify_plan(model, inputs, source, folder)
         _zip_folder(folder, archive)
-    return archive
+    return Exported("safetensors", archive, checks)
 
 
 def _untie(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -8,6 +8,12 @@ left over, and the same outputs on the job's example batch (largest |Δ| relativ
 the class rebuilds differently, a missing or mismatched tensor, or outputs that differ fail the
 job with `export_mismatch`, naming what differs: an output that does not load is never a
 success.
+
+The `safetensors` output (weights + `pruning-plan.json`) is rebuilt as its users rebuild it
+(`verify_plan`): the original architecture from the upload's config, the plan as written replayed
+on it (`apply_plan_`), the weights as written loaded with `load_state_dict(strict=True)`, and the
+same outputs on the example batch. An upload without a config (a pickled module) has no original
+architecture to rebuild here: its checks say the replay was not verified.
 """
 
 import json
@@ -16,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from service.core.errors import CodedError
+from worker.engine.plan import Plan, apply_plan_
 from worker.pipeline import precision
 from worker.pipeline.models import ModelRejected, architecture_class, sentence_modules
 
+REPLAYED_WITH = "apply_plan_ + load_state_dict"
 TOLERANCE = 1e-4  # relative: the same weights and code in the same dtype differ by rounding only
 NAMED = 3  # tensors named in a message
 
@@ -63,6 +72,104 @@ def verify_hf(model: nn.Module, inputs: dict[str, Any], directory: Path) -> dict
     if sentence_modules(directory):
         checks["sentence_transformers"] = _verify_sentence_transformers(model, inputs, directory)
     return checks
+
+
+def verify_plan(
+    model: nn.Module, inputs: dict[str, Any], source: Path | None, folder: Path
+) -> dict[str, Any]:
+    """Rebuild the `safetensors` output in `folder` (`model.safetensors`, `pruning-plan.json`)
+    from the original architecture of the upload in `source` and compare it with `model`; the
+    checks for the job's result, or `ExportMismatch`. Without `source` (a pickled module) the
+    checks say why the replay was not verified.
+
+    The original is built once on the CPU without random initialisation (every persistent
+    tensor is then loaded from the file; non-persistent buffers are what the class computes),
+    traced in float32 as the engine traced it, cast to the saved dtype, and dropped on return:
+    at the peak the pruned model, the rebuilt one and the file's tensors are held at once."""
+    if source is None:
+        return {
+            "not_verified": "the plan's replay: the upload has no config to rebuild the original"
+        }
+    rebuilt = _replayed(
+        source,
+        inputs,
+        Plan.from_json(json.loads((folder / "pruning-plan.json").read_text(encoding="utf-8"))),
+    )
+    state = load_file(str(folder / "model.safetensors"))
+    _same_state(rebuilt, state)
+    rebuilt.to(precision.saved_dtype(model))
+    try:
+        rebuilt.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # what _same_state does not foresee: one line of torch's
+        raise ExportMismatch(f"{_REBUILD}: {_first_line(error)}") from error
+    del state
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+        try:
+            actual = first_output(rebuilt.eval()(**inputs))
+        except Exception as error:  # shapes alike, structure not: a head count the plan lacks
+            raise ExportMismatch(
+                f"the safetensors output rebuilt with {REPLAYED_WITH} does not run on the "
+                f"example batch: {_first_line(error)}"
+            ) from error
+    what = f"the safetensors output rebuilt with {REPLAYED_WITH}"
+    return {"loaded_with": REPLAYED_WITH} | compare(expected, actual, what, TOLERANCE)
+
+
+_REBUILD = f"the safetensors output does not rebuild the pruned model with {REPLAYED_WITH}"
+
+
+def _replayed(source: Path, inputs: dict[str, Any], plan: Plan) -> nn.Module:
+    """The upload's architecture from its config, in float32 on the CPU, with `plan` replayed."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    try:
+        cls = architecture_class(config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stated = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+            with no_init_weights():  # the strict load below overwrites every weight
+                original = cls._from_config(stated, dtype=torch.float32)  # type: ignore[attr-defined]
+    except Exception as error:  # a config transformers builds no model from
+        raise ExportMismatch(
+            f"the upload's config does not build the original architecture: {_first_line(error)}"
+        ) from error
+    traced = {
+        k: precision.cast(v, torch.float32) if isinstance(v, Tensor) else v
+        for k, v in inputs.items()
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return apply_plan_(original.eval(), traced, plan)
+    except Exception as error:  # a plan naming a module the original lacks, a wrong index…
+        raise ExportMismatch(
+            f"the pruning plan does not replay on {cls.__name__}: {_first_line(error)}"
+        ) from error
+
+
+def _same_state(rebuilt: nn.Module, state: dict[str, Tensor]) -> None:
+    """What `load_state_dict(strict=True)` checks, named: every tensor of the replayed model in
+    the file with its shape, and nothing else. A tied weight (an LM head sharing the input
+    embeddings) is one parameter under two names: the file holds a copy under each, and both
+    load into the one parameter."""
+    expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    wrong: list[str] = []
+    if missing := sorted(set(expected) - set(found)):
+        wrong.append(f"missing from the file: {_names(missing)}")
+    if unexpected := sorted(set(found) - set(expected)):
+        wrong.append(f"not in the replayed model: {_names(unexpected)}")
+    if shapes := sorted(k for k in set(expected) & set(found) if expected[k] != found[k]):
+        first = shapes[0]
+        wrong.append(
+            f"shapes differ: {_names(shapes)} ({first}: {list(expected[first])} replayed, "
+            f"{list(found[first])} written)"
+        )
+    if wrong:
+        raise ExportMismatch(f"{_REBUILD}: " + "; ".join(wrong))
 
 
 def _same_tensors(model: nn.Module, reloaded: nn.Module, info: dict[str, Any], name: str) -> None:
@@ -144,6 +251,11 @@ def first_output(output: Any) -> Tensor:
     if getattr(output, "logits", None) is not None:
         return output.logits
     return output[0]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
 
 
 def _names(keys: list[str]) -> str:
