@@ -190,8 +190,10 @@ def test_families_through_the_api_to_an_hf_output_that_reloads(
 def test_a_family_refused_with_hf_names_the_outputs_that_reach_it(
     trusted_service: Client, tmp_path: Path
 ) -> None:
-    FAMILIES["bart"].build().save_pretrained(tmp_path / "bart")
-    model = factories.zip_folder(tmp_path / "bart", tmp_path / "bart.zip")
+    """BLOOM's class builds its FFN at 4 × hidden_size whatever the config says: an hf output
+    cannot hold a narrower one, per-layer outputs can."""
+    FAMILIES["bloom"].build().save_pretrained(tmp_path / "bloom")
+    model = factories.zip_folder(tmp_path / "bloom", tmp_path / "bloom.zip")
     uploaded = trusted_service.wait_for_model(trusted_service.upload_model(model, "hf").id)
     dataset = trusted_service.upload_dataset(
         factories.lm_tensors_file(tmp_path / "d.safetensors"), "tensors"
@@ -212,3 +214,5 @@ def test_a_family_refused_with_hf_names_the_outputs_that_reach_it(
     assert finished.state == "failed" and finished.error is not None
     assert finished.error.code == "target_unreachable"
     assert "with an onnx, pt2 or safetensors output" in finished.error.message
+    assert "builds its FFN at 4 × hidden_size" in finished.error.message
+    assert finished.error.per_layer is not None and finished.error.per_layer <= 0.5
