@@ -16,6 +16,8 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -24,9 +26,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from service.core.errors import CodedError
 from worker.engine.plan import Plan
 from worker.pipeline.models import sentence_modules, sentence_pooling
-from worker.pipeline.verify import compare, verify_hf, verify_plan
+from worker.pipeline.verify import ExportMismatch, compare, verify_hf, verify_plan
 
 MAX_EXPORT_BATCH = 4096
 # onnxruntime and torch.export's graphs fuse and reorder float operations: rounding differs by
@@ -73,15 +76,40 @@ def export(
         return export_hf(model, inputs, source, out)
     if fmt == "safetensors":
         return export_safetensors(model, plan, out, inputs, source)
-    if fmt == "onnx":
-        return export_onnx(model, inputs, out)
-    if fmt == "pt2":
-        return export_pt2(model, inputs, out)
+    if fmt in ("onnx", "pt2"):
+        runtime = export_onnx if fmt == "onnx" else export_pt2
+        with _converting(fmt, model):
+            return runtime(model, inputs, out)
     if fmt == "torch_pickle":
         path = out / "model.pt"
         torch.save(model, path)
         return Exported(fmt, path)
     raise ValueError(f"unknown output format {fmt!r}")
+
+
+class ExportFailed(CodedError):
+    """An exporter that cannot convert the pruned model (torch.onnx or torch.export): the job
+    fails with a code and the outputs that remain, not as an internal error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("export_failed", message)
+
+
+@contextmanager
+def _converting(fmt: str, model: nn.Module) -> Iterator[None]:
+    """Turn an exporter's failure into `ExportFailed`, in one line; running out of memory and
+    a failed check (`ExportMismatch`) pass through as they are."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, ExportMismatch):
+        raise
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        others = ", ".join(f for f in ("pt2", "safetensors", "hf") if f != fmt)
+        raise ExportFailed(
+            f"the {fmt} exporter cannot convert {type(model).__name__} "
+            f"({type(error).__name__}: {first}); ask for {others} instead"
+        ) from error
 
 
 def export_hf(model: nn.Module, inputs: dict[str, Any], source: Path | None, out: Path) -> Exported:

@@ -47,10 +47,9 @@ from worker.engine import (
     measure,
     reachable_fraction,
 )
-from worker.pipeline import datasets, memory, models
+from worker.pipeline import memory, models
 from worker.pipeline.export import Exported
 from worker.pipeline.steps import JobFailed, JobFiles, execute
-from worker.pipeline.verify import ExportMismatch
 
 log = logging.getLogger("apoptosis.worker")
 T = TypeVar("T")
@@ -222,17 +221,9 @@ def run_job(job_id: str) -> None:
             _end(job_id, JobState.CANCELLED, None)
         except LeaseLost:
             log.warning("job %s: lease lost, leaving it to its new owner", job_id)
-        except (
-            JobFailed,
-            EngineError,
-            archives.UnsafeArchive,
-            models.ModelRejected,
-            datasets.DatasetRejected,
-            memory.OutOfMemory,
-            StoreFull,
-            StoreUnavailable,
-            ExportMismatch,
-        ) as error:
+        # every failure with a code the user can act on: ours (CodedError: rejected inputs,
+        # unsafe archives, exports that fail or differ, memory), the engine's, the store's
+        except (CodedError, EngineError, StoreFull, StoreUnavailable) as error:
             _end(job_id, JobState.FAILED, _coded(error))
         except (torch.OutOfMemoryError, MemoryError) as error:
             # What the job held is garbage once this frame is left; the worker takes the next.
