@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
+from tests.engine.hf_models import causal_lm_loss
 from tests.worker.family_zoo import FAMILIES, lm_inputs
 from worker.engine import PruneConfig, TargetUnreachable, prune_
 from worker.engine.architectures import fixed_ffn_layers
@@ -20,11 +20,6 @@ from worker.engine.prune import reachable_fraction
 def _bloom() -> nn.Module:
     torch.manual_seed(0)
     return FAMILIES["bloom"].build().eval()
-
-
-def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    logits = model(**batch).logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].ravel())
 
 
 def _widths(model: nn.Module) -> list[int]:
@@ -39,7 +34,7 @@ def test_per_layer_widths_prune_the_ffn_to_half_and_the_plan_replays() -> None:
         model,
         lm_inputs(0),
         [lm_inputs(0), lm_inputs(1)],
-        _loss,
+        causal_lm_loss,
         PruneConfig(method="oba", target=0.5, steps=2, global_ranking=True),
     )
 
@@ -64,7 +59,7 @@ def test_uniform_widths_keep_the_ffn_and_say_why_and_what_per_layer_widths_reach
     assert reachable_fraction(model, lm_inputs(0), uniform) == 1.0
 
     with pytest.raises(TargetUnreachable) as refused:
-        prune_(model, lm_inputs(0), [lm_inputs(0)], _loss, uniform)
+        prune_(model, lm_inputs(0), [lm_inputs(0)], causal_lm_loss, uniform)
 
     message = str(refused.value)
     assert refused.value.per_layer is not None and refused.value.per_layer <= 0.5

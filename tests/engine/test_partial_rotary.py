@@ -4,16 +4,10 @@ on the zoo's 2-layer Phi), so a job with per-layer outputs never finished."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
+from tests.engine.hf_models import causal_lm_loss
 from tests.worker.family_zoo import FAMILIES, lm_inputs
 from worker.engine import PruneConfig, architectures, prune_
-
-
-def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    logits = model(**batch).logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].ravel())
 
 
 @pytest.mark.parametrize("name", ["phi", "stablelm"])
@@ -40,7 +34,7 @@ def test_per_layer_pruning_reaches_half_and_keeps_every_head(name: str) -> None:
         model,
         lm_inputs(0),
         [lm_inputs(0), lm_inputs(1)],
-        _loss,
+        causal_lm_loss,
         PruneConfig(method="oba", target=0.5, steps=2, global_ranking=True),
     )
 
