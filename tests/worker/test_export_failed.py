@@ -34,3 +34,16 @@ def test_an_exporter_that_cannot_convert_fails_with_a_code(tmp_path: Path, fmt: 
     assert message.startswith(f"the {fmt} exporter cannot convert _DataDependent (")
     assert message.endswith("instead") and "\n" not in message
     assert "safetensors" in message and f"ask for {fmt}" not in message
+
+
+def test_the_exporter_s_colours_stay_out_of_the_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def coloured(*args: object) -> None:
+        raise RuntimeError("\x1b[96mFailed to decompose the FX graph.\x1b[0m\nNext steps: …")
+
+    monkeypatch.setattr(export, "export_onnx", coloured)
+    with pytest.raises(export.ExportFailed) as failed:
+        export.export("onnx", _DataDependent(), {"x": torch.randn(2, 4)}, None, tmp_path, Plan())
+
+    assert "(RuntimeError: Failed to decompose the FX graph.);" in str(failed.value)

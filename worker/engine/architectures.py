@@ -43,8 +43,7 @@ def attention_layers(
     `explicit` maps a projection's module name to its number of heads (hand-written attention).
     Fused qkv projections (GPT-2's `c_attn`) are kept whole. Grouped-query attention (fewer
     key/value heads than query heads) is frozen here, out of Torch-Pruning's reach: `kv_groups`
-    prunes it by whole key/value groups. So is attention that slices each head into rotated and
-    passed-through dimensions (`_partial_rotary`): its heads stay.
+    prunes it by whole key/value groups. So is attention whose heads must stay (`_heads_stay`).
     """
     named = dict(model.named_modules())
     layers: list[AttentionLayer] = []
@@ -61,7 +60,7 @@ def attention_layers(
             )
         elif _all_linear(module, "q_proj", "k_proj", "v_proj") and hasattr(module, "head_dim"):
             projections = (module.q_proj, module.k_proj, module.v_proj)
-            if getattr(module, "num_key_value_groups", 1) == 1 and not _partial_rotary(module):
+            if getattr(module, "num_key_value_groups", 1) == 1 and not _heads_stay(module):
                 layers.append(AttentionLayer(module, projections, int(module.head_dim)))
             else:
                 frozen.extend(projections)
@@ -76,13 +75,21 @@ def attention_layers(
     return layers, frozen
 
 
-def _partial_rotary(attention: nn.Module) -> bool:
-    """Phi's and StableLM's attention rotates the first `rotary_ndims` dimensions of each head
-    and concatenates the rest back. Torch-Pruning's dependency search through those slices and
-    concatenations does not end in useful time (over 25 minutes on a 2-layer, 4-head Phi), so
-    their q, k and v projections stay out of its graph."""
+def _heads_stay(attention: nn.Module) -> bool:
+    """Attention whose q, k and v projections stay out of Torch-Pruning's graph, heads whole:
+    - Phi's and StableLM's rotate the first `rotary_ndims` dimensions of each head and
+      concatenate the rest back; the dependency search through those slices and concatenations
+      does not end in useful time (over 25 minutes on a 2-layer, 4-head Phi);
+    - Swin's adds a relative position bias with one column per head, a table outside the
+      graph: removing a head would leave its column behind and break the forward pass."""
     rotated = getattr(attention, "rotary_ndims", None)
-    return isinstance(rotated, int) and rotated < int(getattr(attention, "head_dim", rotated))
+    partial_rotary = isinstance(rotated, int) and rotated < int(
+        getattr(attention, "head_dim", rotated)
+    )
+    per_head_bias = any(
+        name.endswith("relative_position_bias_table") for name, _ in attention.named_parameters()
+    )
+    return partial_rotary or per_head_bias
 
 
 def _all_linear(module: nn.Module, *names: str) -> bool:

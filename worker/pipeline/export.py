@@ -12,6 +12,7 @@
 """
 
 import json
+import re
 import shutil
 import tempfile
 import warnings
@@ -87,6 +88,9 @@ def export(
     raise ValueError(f"unknown output format {fmt!r}")
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 class ExportFailed(CodedError):
     """An exporter that cannot convert the pruned model (torch.onnx or torch.export): the job
     fails with a code and the outputs that remain, not as an internal error."""
@@ -104,7 +108,8 @@ def _converting(fmt: str, model: nn.Module) -> Iterator[None]:
     except (torch.OutOfMemoryError, MemoryError, ExportMismatch):
         raise
     except Exception as error:
-        first = (str(error).strip().splitlines() or [""])[0][:200]
+        plain = ANSI_ESCAPE.sub("", str(error)).strip()  # torch.onnx colours its messages
+        first = (plain.splitlines() or [""])[0][:200]
         others = ", ".join(f for f in ("pt2", "safetensors", "hf") if f != fmt)
         raise ExportFailed(
             f"the {fmt} exporter cannot convert {type(model).__name__} "
