@@ -153,13 +153,14 @@ def test_a_pickled_model_in_trusted_mode_to_a_pickle(
         torch.testing.assert_close(program(input_ids), model(input_ids=input_ids).logits)
 
 
-@pytest.mark.parametrize("name", ["phi3", "flan_t5", "qwen2_moe", "modernbert"])
+@pytest.mark.parametrize("name", ["phi3", "flan_t5", "qwen2_moe", "modernbert", "bloom"])
 def test_families_through_the_api_to_an_hf_output_that_reloads(
     trusted_service: Client, tmp_path: Path, name: str
 ) -> None:
     """Families described since the first families (fused FFNs, an encoder-decoder with its
-    decoder inputs in the dataset, a shared expert) as a user brings them: uploaded, pruned to
-    half their MACs by the service, downloaded and loaded with their own class."""
+    decoder inputs in the dataset, a shared expert, an FFN the class fixes at 4 × hidden_size)
+    as a user brings them: uploaded, pruned to half their MACs by the service, downloaded and
+    loaded with their own class."""
     family = FAMILIES[name]
     torch.manual_seed(0)
     family.build().save_pretrained(tmp_path / name)
@@ -190,13 +191,13 @@ def test_families_through_the_api_to_an_hf_output_that_reloads(
 def test_a_family_refused_with_hf_names_the_outputs_that_reach_it(
     trusted_service: Client, tmp_path: Path
 ) -> None:
-    """BLOOM's class builds its FFN at 4 × hidden_size whatever the config says: an hf output
-    cannot hold a narrower one, per-layer outputs can."""
-    FAMILIES["bloom"].build().save_pretrained(tmp_path / "bloom")
-    model = factories.zip_folder(tmp_path / "bloom", tmp_path / "bloom.zip")
+    """Marian computes its sinusoidal positions from d_model when it loads: an hf output keeps
+    its hidden size and cannot reach half, per-layer outputs can."""
+    FAMILIES["marian"].build().save_pretrained(tmp_path / "marian")
+    model = factories.zip_folder(tmp_path / "marian", tmp_path / "marian.zip")
     uploaded = trusted_service.wait_for_model(trusted_service.upload_model(model, "hf").id)
     dataset = trusted_service.upload_dataset(
-        factories.lm_tensors_file(tmp_path / "d.safetensors"), "tensors"
+        FAMILIES["marian"].data(tmp_path / "d.safetensors"), "tensors"
     )
 
     job = trusted_service.submit_job(
@@ -214,5 +215,5 @@ def test_a_family_refused_with_hf_names_the_outputs_that_reach_it(
     assert finished.state == "failed" and finished.error is not None
     assert finished.error.code == "target_unreachable"
     assert "with an onnx, pt2 or safetensors output" in finished.error.message
-    assert "builds its FFN at 4 × hidden_size" in finished.error.message
+    assert "sinusoidal positions are computed from d_model" in finished.error.message
     assert finished.error.per_layer is not None and finished.error.per_layer <= 0.5

@@ -285,9 +285,9 @@ FAMILIES: dict[str, Family] = {
         LM,
         "causal_lm",
     ),
-    # the class fixes the FFN at 4 × hidden_size and derives the head size: refused with hf,
-    # per-layer outputs prune the FFN
-    "bloom": Family(_decoder(T.BloomConfig, T.BloomForCausalLM), LM, "causal_lm", reaches=1.0),
+    # the class fixes the FFN at 4 × hidden_size and derives the head size: with hf the hidden
+    # size moves with every head's size and the FFN, per-layer outputs prune the FFN alone
+    "bloom": Family(_decoder(T.BloomConfig, T.BloomForCausalLM), LM, "causal_lm"),
     # mixtures of experts
     "mixtral": Family(
         _decoder(T.MixtralConfig, T.MixtralForCausalLM, **_LLAMA_FFN, **_MOE, num_local_experts=4),

@@ -1,5 +1,5 @@
-"""The hidden size of encoder-decoders whose attention derives its head size from it (BART,
-mBART, Marian, Whisper: `Family.hidden_with_head_size`).
+"""The hidden size of transformers whose attention derives its head size from it (BART, mBART,
+Whisper, BLOOM: `Family.hidden_with_head_size`).
 
 The class builds every attention with head_dim = d_model / heads, so a config states a smaller
 d_model only if every head of every attention (both stacks' self-attention, the decoder's
@@ -8,6 +8,8 @@ cross-attention) shrinks with it. One unit is a channel of d_model in every resi
 removed through Torch-Pruning's groups; kept widths stay multiples of every attention's head
 count, and k channels removed take each head's k / heads least important dimensions
 (`head_dims.ScaledHeadDims`, which folds the logits' new scale into the query). Heads stay.
+Layers the class builds a multiple of d_model wide (`Family.hidden_wide`: BLOOM's 4 × hidden_size
+FFN) lose that many of their own lowest-scored channels per channel of d_model.
 """
 
 import math
@@ -36,9 +38,11 @@ class DerivedHidden:
     # Whisper's encoder positions, read under no_grad or as a weight) and BART's `shared`,
     # which `tie_weights` ties the token embeddings to. They lose the same channels.
     untraced: list[nn.Embedding] = field(default_factory=list)
-    # Layers the class builds d_model wide (`Family.hidden_wide`): each loses its own
-    # lowest-scored channels, as many; their scores as last computed
+    # Layers the class builds a multiple of d_model wide (`Family.hidden_wide`): each loses
+    # that many of its own lowest-scored channels per channel of d_model; their scores as last
+    # computed, and the multiple
     wide: dict[nn.Module, Tensor] = field(default_factory=dict)
+    multiples: dict[nn.Module, int] = field(default_factory=dict)
 
     def channel_group(self, name: str) -> ChannelGroup:
         """Root channel c: channel c of d_model, every kept width a multiple of every head
@@ -63,20 +67,26 @@ class DerivedHidden:
         for attention in self.attentions:
             attention.rank_(element_scores, method)
         for layer in self.wide:
-            group = self.graph.get_pruning_group(layer, _out(layer), list(range(self.width)))
-            self.wide[layer] = channel_scores(
-                channel_group(self.graph, group, self.names, {}), element_scores, method
-            )
+            self.wide[layer] = channel_scores(self._wide_group(layer), element_scores, method)
         groups = self._stream_groups()
         return torch.stack([channel_scores(g, element_scores, method) for g in groups]).mean(0)
 
+    def _wide_group(self, layer: nn.Module) -> ChannelGroup:
+        channels = list(range(len(self.wide[layer])))
+        group = self.graph.get_pruning_group(layer, _out(layer), channels)
+        return channel_group(self.graph, group, self.names, {})
+
     def costs(self, module_macs: Mapping[nn.Module, int], metric: str) -> Tensor:
-        """What a channel saves in the streams, and as 1 / heads of a dimension of every
-        head of every attention."""
+        """What a channel saves in the streams, as 1 / heads of a dimension of every head of
+        every attention, and as its multiple of an average channel of every wide layer."""
         cost = Cost(0, 0, module_macs)
         saved = torch.stack([channel_costs(g, cost, metric) for g in self._stream_groups()])
         heads = sum(float(a.costs(module_macs, metric)[0]) / a.heads for a in self.attentions)
-        return saved.sum(0) + heads
+        wide = sum(
+            float(channel_costs(self._wide_group(layer), cost, metric).mean()) * multiple
+            for layer, multiple in self.multiples.items()
+        )
+        return saved.sum(0) + heads + wide
 
     def remove_(self, channels: list[int]) -> list[tuple[ScaledHeadDims, list[list[int]]]]:
         """Remove `channels` of d_model and as many dimensions of every attention; returns each
@@ -84,7 +94,8 @@ class DerivedHidden:
         for root in self.streams:
             self._pruning_group(root, channels).prune()
         for layer, scores in self.wide.items():
-            lowest = torch.argsort(scores, stable=True)[: len(channels)].tolist()
+            count = len(channels) * self.multiples[layer]
+            lowest = torch.argsort(scores, stable=True)[:count].tolist()
             self.graph.get_pruning_group(layer, _out(layer), lowest).prune()
             keep = torch.ones(len(scores), dtype=torch.bool)
             keep[lowest] = False
@@ -130,10 +141,14 @@ def derived_hidden(
         for m in model.modules()
         if isinstance(m, nn.Embedding) and m not in members and m.embedding_dim == width
     ]
-    wide = family_of(getattr(model, "config", None)).hidden_wide
-    layers = [m for m, n in names.items() if any(n.endswith("." + w) for w in wide)]
-    zeros = {layer: torch.zeros(width, dtype=torch.float64) for layer in layers}
-    return DerivedHidden(graph, names, streams, attentions, width, untraced, zeros)
+    multiples = {
+        module: multiple
+        for module, name in names.items()
+        for end, multiple in family_of(getattr(model, "config", None)).hidden_wide
+        if name.endswith("." + end)
+    }
+    zeros = {m: torch.zeros(graph.get_out_channels(m), dtype=torch.float64) for m in multiples}
+    return DerivedHidden(graph, names, streams, attentions, width, untraced, zeros, multiples)
 
 
 def _out(layer: nn.Module) -> Any:

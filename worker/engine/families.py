@@ -4,8 +4,9 @@ One `Family` per `config.model_type`; a family the registry does not name gets `
 names most families share. The engine prunes an FFN only where its family names both the
 up-projection and the config field that states its width, so what it prunes is exactly what
 the config can write back (`architectures.sync_structure`), and `from_pretrained` rebuilds it;
-or, where the class fixes the width (`fixed_ffn`), only with per-layer widths, which no config
-has to state (global ranking: the onnx, pt2 and safetensors outputs).
+or, where the class fixes the width (`fixed_ffn`), with per-layer widths, which no config has to
+state (global ranking: the onnx, pt2 and safetensors outputs), or with the hidden size it is a
+multiple of (`hidden_wide`).
 
 Adding a family is one entry here plus its case in `tests/worker/test_families.py`.
 """
@@ -66,14 +67,16 @@ class Family:
     # The hidden size moves with every head's size, heads kept, so that hidden = heads × head
     # size stays what the class derives (`derived_hidden`; with uniform widths only)
     hidden_with_head_size: bool = False
-    # Layers (by the end of their module names) whose output width the class builds as the
-    # hidden size, inside a block (Whisper's first convolution): they lose as many channels
-    hidden_wide: tuple[str, ...] = ()
+    # Layers (by the end of their module names) whose output width the class builds as a
+    # multiple of the hidden size (Whisper's first convolution: 1; BLOOM's FFN: 4), with that
+    # multiple: they lose as many channels per channel of the hidden size
+    hidden_wide: tuple[tuple[str, int], ...] = ()
     width_multiplier: str | None = None
     stated_widths: tuple[tuple[str, str], ...] = ()
     # The FFN width the class builds whatever the config says, in words (BLOOM's
-    # "4 × hidden_size"): no field states another, so its `up_projections` are pruned with
-    # per-layer widths only, and an `hf` output keeps them. None: `ffn` states the width.
+    # "4 × hidden_size"): no field states another, so its `up_projections` are pruned alone
+    # with per-layer widths only; an `hf` output narrows them with the hidden size
+    # (`hidden_wide`) or keeps them. None: `ffn` states the width.
     fixed_ffn: str | None = None
 
 
@@ -126,8 +129,17 @@ FAMILIES: dict[str, Family] = {
     ),
     "bart": _BART,
     # the FFN is 4 × hidden_size in the class, whatever the config says; the fused
-    # `query_key_value` keeps its heads (their ALiBi slopes are computed from the head count)
-    "bloom": Family((), ("mlp.dense_h_to_4h",), head_size="derived", fixed_ffn="4 × hidden_size"),
+    # `query_key_value` keeps its heads (their ALiBi slopes are computed from the head count).
+    # With uniform widths the hidden size moves with every head's size and each FFN loses
+    # four neurons per channel of it; per-layer widths prune the FFN alone.
+    "bloom": Family(
+        (),
+        ("mlp.dense_h_to_4h",),
+        head_size="derived",
+        hidden_with_head_size=True,
+        hidden_wide=(("mlp.dense_h_to_4h", 4),),
+        fixed_ffn="4 × hidden_size",
+    ),
     "codegen": _GPTJ,
     # DINOv2's config types mlp_ratio `int`; its attention reads `head_dim` when the config has it
     "dinov2": Family(
@@ -174,7 +186,7 @@ FAMILIES: dict[str, Family] = {
     "swin": Family((FfnWidth("mlp_ratio", ratio=True),), ("mlp.fc1",), head_size="derived"),
     "t5": _T5,
     "umt5": _T5,
-    "whisper": replace(_SEQ2SEQ, hidden_wide=("encoder.conv1",)),
+    "whisper": replace(_SEQ2SEQ, hidden_wide=(("encoder.conv1", 1),)),
 }
 
 

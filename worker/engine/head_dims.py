@@ -14,7 +14,8 @@ plan records each head's removed dimensions (`head_dim_removals`).
 BART-style attention (`ScaledHeadDims`: BART, mBART, Marian, Whisper) derives its head size
 from the hidden size, so its heads shrink only with it (`derived_hidden`), and it scales the
 logits by head_size^-0.5: the change of scale is folded into the query projection, so the
-module computes the same function once its head size says the new one.
+module computes the same function once its head size says the new one. BLOOM's attention
+(`FusedHeadDims`) is the same with q, k and v in one projection.
 """
 
 import math
@@ -134,9 +135,71 @@ class ScaledHeadDims(HeadDims):
         owner.scaling = head_dim**-0.5
 
 
+@dataclass(eq=False)
+class FusedHeadDims(ScaledHeadDims):
+    """BLOOM's attention: `query_key_value` laid out head by head, each head's query, key and
+    value dimensions in turn (row (h·3 + part)·d + j), `dense` out, `num_heads`, `head_dim`
+    and `inv_norm_factor` = head_dim^-0.5, the logits' scale (ALiBi's slopes depend on the
+    head count only)."""
+
+    @property
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        fused = self.owner.query_key_value
+        return fused, fused, fused, self.owner.dense
+
+    def rank_(self, element_scores: dict[nn.Parameter, Tensor], method: str) -> Tensor:
+        """As `HeadDims.rank_`, with the q, k and v rows of a dimension read from the fused
+        projection."""
+        fused, _, _, dense = (cast(nn.Parameter, p.weight) for p in self.projections)
+        if fused not in element_scores or dense not in element_scores:
+            self.order = torch.arange(self.head_dim).repeat(self.heads, 1)
+            return torch.zeros(self.head_dim, dtype=torch.float64)
+        rows = _per_channel(element_scores[fused], method).view(self.heads, 3, self.head_dim)
+        columns = _per_channel(element_scores[dense].t(), method).view(self.heads, -1)
+        scores, self.order = rank_rows((rows.sum(1) + columns) / 4)
+        return scores
+
+    def costs(self, module_macs: Mapping[nn.Module, int], metric: str) -> Tensor:
+        fused, _, _, dense = self.projections
+        if metric == "macs":
+            saved = (module_macs.get(fused, 0) + module_macs.get(dense, 0)) / self.head_dim
+        else:
+            saved = self.heads * (3 * fused.in_features + dense.out_features)
+        return torch.full((self.head_dim,), float(saved), dtype=torch.float64)
+
+    def remove_dims_(self, removed: list[list[int]]) -> None:
+        d = self.head_dim
+        drops = [set(drop) for drop in removed]
+        kept = [[j for j in range(d) if j not in drop] for drop in drops]
+        rows = [
+            (h * 3 + part) * d + j for h in range(self.heads) for part in range(3) for j in kept[h]
+        ]
+        fused, _, _, dense = self.projections
+        keep_channels_(fused, 0, rows)
+        keep_channels_(dense, 1, [h * d + j for h in range(self.heads) for j in kept[h]])
+        self.resize_(d - len(removed[0]))
+
+    def resize_(self, head_dim: int) -> None:
+        """Fold √(new / old) into every head's query rows (weights and bias), as
+        `ScaledHeadDims` does, and write the new size."""
+        owner = self.owner
+        fused = owner.query_key_value
+        queries = [h * 3 * head_dim + j for h in range(self.heads) for j in range(head_dim)]
+        factor = math.sqrt(head_dim / self.head_dim)
+        with torch.no_grad():
+            fused.weight[queries] *= factor
+            if fused.bias is not None:
+                fused.bias[queries] *= factor
+        owner.head_dim = head_dim
+        owner.hidden_size = owner.split_size = self.heads * head_dim
+        owner.inv_norm_factor = head_dim**-0.5
+
+
 def head_dim_layers(model: nn.Module) -> list[HeadDims]:
     """Attention modules where every head has the same removable dimensions: T5's (q, k, v,
-    o projections, `n_heads` and `key_value_proj_dim`) and BART's (`ScaledHeadDims`)."""
+    o projections, `n_heads` and `key_value_proj_dim`), BART's (`ScaledHeadDims`) and BLOOM's
+    (`FusedHeadDims`, told from Falcon's, whose rotary embeddings read the head size, by the
+    `pretraining_tp` only BLOOM has)."""
     found: list[HeadDims] = []
     for module in model.modules():
         if _has(module, nn.Linear, "q", "k", "v", "o") and _has(
@@ -149,6 +212,12 @@ def head_dim_layers(model: nn.Module) -> list[HeadDims]:
             and _has(module, float, "scaling")
         ):
             found.append(ScaledHeadDims(module))
+        elif (
+            _has(module, nn.Linear, "query_key_value", "dense")
+            and _has(module, int, "num_heads", "head_dim", "split_size", "pretraining_tp")
+            and _has(module, float, "inv_norm_factor")
+        ):
+            found.append(FusedHeadDims(module))
     return found
 
 
