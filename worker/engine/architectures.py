@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from worker.engine.cost import run_forward
 from worker.engine.errors import InvalidConfig
+from worker.engine.expert_count import expert_counts
 from worker.engine.experts import expert_layers
 from worker.engine.families import FfnWidth, family_of
 from worker.engine.fused_ffn import fused_ffn_layers
@@ -240,13 +241,16 @@ def group_filter(
     model: nn.Module, hidden_size: bool, per_layer: bool = False
 ) -> Callable[[ChannelGroup], bool]:
     """Hugging Face transformers: attention heads, FFN neurons whose width the config states
-    (routed experts' too) or, with `per_layer` widths (which no config states), whose width
-    the class fixes, head sizes the config states (`head_dims`) and, when `hidden_size`, the
-    residual stream (the group whose members include the input embeddings)."""
+    (routed experts' too, and how many experts a layer has) or, with `per_layer` widths (which
+    no config states), whose width the class fixes, head sizes the config states (`head_dims`)
+    and, when `hidden_size`, the residual stream (the group whose members include the input
+    embeddings)."""
     if not is_transformer(model):
         return lambda group: True
     ffn = set(ffn_layers(model)) | set(fixed_ffn_layers(model) if per_layer else ())
     outside = {e.module for e in expert_layers(model)} if states_expert_width(model) else set()
+    if states_expert_count(model):
+        outside |= {c.router for c in expert_counts(model)}
     if states_head_dim(model):
         outside |= {h.projections[0] for h in head_dim_layers(model)}
     if hidden_size and family_of(getattr(model, "config", None)).hidden_with_head_size:
@@ -362,6 +366,7 @@ def sync_structure(
     expert_widths = {e.width for e in expert_layers(model)}
     if states_expert_width(model) and len(expert_widths) == 1:
         written[str(family_of(config).experts_width)] = expert_widths.pop()
+    written.update(_expert_count(model))
     if not is_transformer(model) and isinstance(getattr(config, "hidden_sizes", None), list):
         written.update(_stage_widths(model, len(config.hidden_sizes)))
     for attribute, value in written.items():
@@ -374,6 +379,30 @@ def states_expert_width(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     field = family_of(config).experts_width
     return field is not None and hasattr(config, field)
+
+
+def states_expert_count(model: nn.Module) -> bool:
+    """Whether the config states how many routed experts every layer has (`families`)."""
+    config = getattr(model, "config", None)
+    field = family_of(config).experts_count
+    return field is not None and hasattr(config, field)
+
+
+def _expert_count(model: nn.Module) -> dict[str, Any]:
+    """The experts every layer keeps, where they all keep as many and fewer than the config
+    says; the model's own count follows (its load-balancing loss reads it)."""
+    config = getattr(model, "config", None)
+    field = str(family_of(config).experts_count)
+    counts = {c.count for c in expert_counts(model)}
+    if not states_expert_count(model) or len(counts) != 1:
+        return {}
+    count = counts.pop()
+    if count == getattr(config, field):
+        return {}
+    owner: Any = model
+    if isinstance(getattr(owner, "num_experts", None), int):
+        owner.num_experts = count
+    return {field: count}
 
 
 def describes_stage_widths(model: nn.Module) -> bool:

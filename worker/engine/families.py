@@ -55,6 +55,9 @@ class Family:
     fused_ffn: tuple[tuple[str, str], ...] = ()
     # The config field stating every routed expert's width (`experts`); None: experts stay.
     experts_width: str | None = None
+    # The config field stating how many routed experts every layer has (`expert_count`); None:
+    # whole experts stay.
+    experts_count: str | None = None
     # An encoder-decoder whose forward shifts `input_ids` into decoder inputs when it gets
     # none (BART); others (T5, Marian, Whisper) need `decoder_input_ids` in the dataset.
     shifts_decoder_inputs: bool = False
@@ -114,9 +117,16 @@ _T5 = Family(
 )
 # Mixtures of experts with routed experts only: their fused 3-D expert weights and routers are
 # outside Torch-Pruning's graph, so the hidden size they read stays; each expert's width is
-# pruned by `experts`, one for all, and stated by `intermediate_size`.
+# pruned by `experts`, one for all, and stated by `intermediate_size`; whole experts go with a
+# parameter target (`expert_count`), as many in every layer, stated by `num_experts`
+# (`num_local_experts` for Mixtral).
 _EXPERTS_READ_HIDDEN = "its routed experts read the hidden size outside the dependency graph"
-_ROUTED = replace(DEFAULT, hidden_stays=_EXPERTS_READ_HIDDEN, experts_width="intermediate_size")
+_ROUTED = replace(
+    DEFAULT,
+    hidden_stays=_EXPERTS_READ_HIDDEN,
+    experts_width="intermediate_size",
+    experts_count="num_experts",
+)
 
 FAMILIES: dict[str, Family] = {
     # one layer shared by every position in the stack: pruned once, its width stated once; its
@@ -159,7 +169,7 @@ FAMILIES: dict[str, Family] = {
         (FfnWidth("intermediate_size"),), ("mlp.dense_h_to_4h",), head_size="derived"
     ),
     "marian": _MARIAN,
-    "mixtral": _ROUTED,
+    "mixtral": replace(_ROUTED, experts_count="num_local_experts"),
     "mt5": _T5,
     "mbart": _BART,
     "mobilenet_v2": Family((), (), width_multiplier="depth_multiplier"),
@@ -180,6 +190,7 @@ FAMILIES: dict[str, Family] = {
         ("shared_expert.up_proj", "mlp.up_proj"),
         hidden_stays=_EXPERTS_READ_HIDDEN,
         experts_width="moe_intermediate_size",
+        experts_count="num_experts",
     ),
     "qwen3_moe": replace(_ROUTED, experts_width="moe_intermediate_size"),
     # one ratio for every stage: stage i is 2^i times as wide, its FFN too

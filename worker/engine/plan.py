@@ -16,6 +16,7 @@ from worker.engine.architectures import set_head_count
 from worker.engine.blocks import remove_blocks_
 from worker.engine.derived_hidden import remove_embedding_channels_
 from worker.engine.errors import InvalidConfig
+from worker.engine.expert_count import expert_counts, neurons_of_kept_experts
 from worker.engine.experts import expert_layers
 from worker.engine.fused_ffn import fused_ffn_layers
 from worker.engine.graph import build_graph
@@ -44,6 +45,9 @@ class Plan:
     # embeddings outside the traced graph that lose the hidden size's channels (BART's `shared`,
     # Whisper's encoder positions: `derived_hidden`): (embedding name, columns removed), in order
     embedding_removals: list[tuple[str, list[int]]] = field(default_factory=list)
+    # whole routed experts: (experts module name, experts removed), in order; replayed before
+    # `expert_removals`, whose rows are the experts kept (`expert_count`)
+    expert_count_removals: list[tuple[str, list[int]]] = field(default_factory=list)
 
     def then(self, later: "Plan") -> "Plan":
         """This plan followed by `later`, a plan made on the model this one leaves: one plan
@@ -55,6 +59,7 @@ class Plan:
             or self.expert_removals
             or self.head_dim_removals
             or self.embedding_removals
+            or self.expert_count_removals
         )
         if later.blocks_removed and (widths or self.blocks_removed):
             raise InvalidConfig("a plan that removes blocks cannot follow another")
@@ -64,11 +69,13 @@ class Plan:
             self.config_updates | later.config_updates,
             self.kv_removals + later.kv_removals,
             self.ffn_removals + later.ffn_removals,
-            self.expert_removals + later.expert_removals,
+            neurons_of_kept_experts(self.expert_removals, later.expert_count_removals)
+            + later.expert_removals,
             later.block_container or self.block_container,
             self.blocks_removed + later.blocks_removed,
             self.head_dim_removals + later.head_dim_removals,
             self.embedding_removals + later.embedding_removals,
+            self.expert_count_removals + later.expert_count_removals,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -81,9 +88,14 @@ class Plan:
         history = [
             (str(name), bool(out), [int(i) for i in idxs]) for name, out, idxs in data["history"]
         ]
-        kv_removals, ffn_removals, embedding_removals = (
+        kv_removals, ffn_removals, embedding_removals, expert_count_removals = (
             [(str(name), [int(u) for u in units]) for name, units in data.get(key, [])]
-            for key in ("kv_removals", "ffn_removals", "embedding_removals")
+            for key in (
+                "kv_removals",
+                "ffn_removals",
+                "embedding_removals",
+                "expert_count_removals",
+            )
         )
         expert_removals, head_dim_removals = (
             [
@@ -103,6 +115,7 @@ class Plan:
             [int(i) for i in data.get("blocks_removed", [])],
             head_dim_removals,
             embedding_removals,
+            expert_count_removals,
         )
 
 
@@ -122,6 +135,9 @@ def apply_plan_(model: nn.Module, example_inputs: Any, plan: Plan) -> nn.Module:
     for name, neurons in plan.ffn_removals:
         fused[name].remove_(neurons)
     experts = {names[e.module]: e for e in expert_layers(model)}
+    counts = {names[c.experts.module]: c for c in expert_counts(model, experts.values())}
+    for name, removed_experts in plan.expert_count_removals:
+        counts[name].remove_experts_(removed_experts)
     for name, removed in plan.expert_removals:
         experts[name].remove_neurons_(removed)
     head_sizes = {names[h.owner]: h for h in head_dim_layers(model)}

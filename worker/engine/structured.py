@@ -23,6 +23,7 @@ from worker.engine.config import FinetuneFn, PruneConfig
 from worker.engine.cost import Cost, measure
 from worker.engine.derived_hidden import DerivedHidden, derived_hidden
 from worker.engine.errors import InvalidConfig, UnsupportedModel
+from worker.engine.expert_count import ExpertCount, expert_counts, neurons_of_kept_experts, offered
 from worker.engine.experts import Experts, expert_layers
 from worker.engine.families import family_of
 from worker.engine.fused_ffn import FusedFfn, fused_ffn_layers
@@ -107,7 +108,7 @@ def _discover(
         or config.global_ranking
         or architectures.config_describes_head_size(model)
     )
-    outside = _outside_units(model)
+    outside = _outside_units(model, whole_experts=offered(config.target_metric))
     frozen += list(outside.fused)  # their two halves are coupled here, not by Torch-Pruning
     frozen += [p for h in outside.head_dims.values() for p in h.projections]  # one head size
     if not (config.prune_heads and heads_describable):
@@ -149,16 +150,25 @@ class _Outside:
     fused: dict[nn.Module, FusedFfn]
     experts: dict[nn.Module, Experts]
     head_dims: dict[nn.Module, HeadDims]  # by q projection
+    expert_counts: dict[nn.Module, ExpertCount]  # by router
     # the hidden size with every head's size, by its first stream's root (`derived_hidden`)
     hidden: dict[nn.Module, DerivedHidden] = field(default_factory=dict)
     kv_removals: list[tuple[str, list[int]]] = field(default_factory=list)
     ffn_removals: list[tuple[str, list[int]]] = field(default_factory=list)
     expert_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
+    expert_count_removals: list[tuple[str, list[int]]] = field(default_factory=list)
     head_dim_removals: list[tuple[str, list[list[int]]]] = field(default_factory=list)
     embedding_removals: list[tuple[str, list[int]]] = field(default_factory=list)
 
     def __contains__(self, root: nn.Module) -> bool:
-        units = (self.kv_layers, self.fused, self.experts, self.head_dims, self.hidden)
+        units = (
+            self.kv_layers,
+            self.fused,
+            self.experts,
+            self.expert_counts,
+            self.head_dims,
+            self.hidden,
+        )
         return any(root in outside for outside in units)
 
     def remove_(self, root: nn.Module, units: list[int], names: dict[nn.Module, str]) -> None:
@@ -170,6 +180,12 @@ class _Outside:
             self.ffn_removals.append((names[root], units))
         elif root in self.experts:
             self.expert_removals.append((names[root], self.experts[root].remove_(units)))
+        elif root in self.expert_counts:
+            count = self.expert_counts[root]
+            experts_removed = (names[count.experts.module], count.remove_(units))
+            self.expert_count_removals.append(experts_removed)
+            # the plan replays whole experts first: neurons removed so far lose their rows
+            self.expert_removals = neurons_of_kept_experts(self.expert_removals, [experts_removed])
         elif root in self.hidden:
             for attention, removed in self.hidden[root].remove_(units):
                 self.head_dim_removals.append((names[attention.owner], removed))
@@ -179,10 +195,12 @@ class _Outside:
             self.head_dim_removals.append((names[heads.owner], heads.remove_(units)))
 
     def width(self, root: nn.Module, graph: Any) -> int:
-        """A root's output channels (an experts module's: each expert's width; a layer's
-        heads': their size)."""
+        """A root's output channels (an experts module's: each expert's width; a router's:
+        its experts; a layer's heads': their size)."""
         if root in self.experts:
             return self.experts[root].width
+        if root in self.expert_counts:
+            return self.expert_counts[root].count
         if root in self.head_dims:
             return self.head_dims[root].head_dim
         if root in self.hidden:
@@ -190,10 +208,11 @@ class _Outside:
         return int(graph.get_out_channels(root))
 
 
-def _outside_units(model: nn.Module) -> _Outside:
+def _outside_units(model: nn.Module, whole_experts: bool) -> _Outside:
     """The units the engine removes itself, outside Torch-Pruning's graph: key/value heads of
     grouped-query attention, fused FFN neurons, experts' neurons, head dimensions (the last
-    two where the config states their width)."""
+    two where the config states their width) and, with `whole_experts`, routed experts where
+    the config states their count."""
     kv_layers: dict[nn.Module, GroupedAttention] = {
         layer.k: layer for layer in grouped_attention_layers(model)
     }
@@ -204,7 +223,11 @@ def _outside_units(model: nn.Module) -> _Outside:
     head_dims: dict[nn.Module, HeadDims] = {
         h.projections[0]: h for h in head_dim_layers(model) if architectures.states_head_dim(model)
     }
-    return _Outside(kv_layers, fused, experts, head_dims)
+    counts: dict[nn.Module, ExpertCount] = {}
+    if whole_experts and architectures.states_expert_count(model):
+        # the experts of their neurons' groups, whose order loses a removed expert's row
+        counts = {c.router: c for c in expert_counts(model, list(experts.values()) or None)}
+    return _Outside(kv_layers, fused, experts, head_dims, counts)
 
 
 @dataclass
@@ -232,6 +255,7 @@ class _Structure:
         kv = [kv_channel_group(layer, names[layer.owner]) for layer in outside.kv_layers.values()]
         ffn = [f.channel_group(names[up]) for up, f in outside.fused.items()]
         ffn += [e.channel_group(names[module]) for module, e in outside.experts.items()]
+        ffn += [c.channel_group(names[router]) for router, c in outside.expert_counts.items()]
         ffn += [h.channel_group(names[h.owner]) for h in outside.head_dims.values()]
         ffn += [h.channel_group(names[root]) for root, h in outside.hidden.items()]
         return groups + [g for g in kv + ffn if g.width > g.unit and keep(g)]
@@ -261,6 +285,7 @@ class _Structure:
             outside.expert_removals,
             head_dim_removals=outside.head_dim_removals,
             embedding_removals=outside.embedding_removals,
+            expert_count_removals=outside.expert_count_removals,
         )
 
 
