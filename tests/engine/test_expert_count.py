@@ -119,7 +119,7 @@ def _replayed(original: nn.Module, plan: Plan, pruned: nn.Module) -> nn.Module:
     return rebuilt.eval()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", list(COUNT_FIELDS))
 def test_a_parameter_target_removes_as_many_experts_in_every_layer_and_reloads(
     family: str, tmp_path: Path
 ) -> None:
