@@ -391,14 +391,14 @@ def states_expert_count(model: nn.Module) -> bool:
 def _expert_count(model: nn.Module) -> dict[str, Any]:
     """The experts every layer keeps, where they all keep as many and fewer than the config
     says; the model's own count follows (its load-balancing loss reads it)."""
+    if not states_expert_count(model):
+        return {}
     config = getattr(model, "config", None)
     field = str(family_of(config).experts_count)
     counts = {c.count for c in expert_counts(model)}
-    if not states_expert_count(model) or len(counts) != 1:
+    if len(counts) != 1 or counts == {getattr(config, field)}:
         return {}
     count = counts.pop()
-    if count == getattr(config, field):
-        return {}
     owner: Any = model
     if isinstance(getattr(owner, "num_experts", None), int):
         owner.num_experts = count
