@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.engine.experts import Experts, expert_layers
-from worker.engine.groups import ChannelGroup, _reduce
+from worker.engine.groups import ChannelGroup, reduce_rows
 from worker.engine.ranked import rank_rows, take_ranks
 
 ExpertCountRemovals = list[tuple[str, list[int]]]  # (experts module name, experts removed)
@@ -68,7 +68,7 @@ class ExpertCount:
         for parameter in self._parameters():
             if parameter in element_scores:
                 rows = element_scores[parameter].double().reshape(self.count, -1).cpu()
-                per_expert += _reduce(rows, method)  # squares for magnitude
+                per_expert += reduce_rows(rows, method)  # squares for magnitude
         per_expert = per_expert.sqrt() if method == "magnitude" else per_expert.abs()
         scores, self.order = rank_rows(per_expert.unsqueeze(0))
         return scores[: self.removable]

@@ -199,7 +199,7 @@ def channel_scores(
         per_channel = _per_channel(element_scores[weight], axis, module, is_out, method)
         bias = getattr(module, "bias", None)
         if is_out and isinstance(bias, nn.Parameter) and bias in element_scores:
-            per_channel = per_channel + _reduce(element_scores[bias].reshape(-1, 1), method)
+            per_channel = per_channel + reduce_rows(element_scores[bias].reshape(-1, 1), method)
         if method == "magnitude":
             per_channel = per_channel.sqrt()
         values = per_channel.abs().cpu()[torch.tensor(idxs, dtype=torch.long)]
@@ -210,7 +210,7 @@ def channel_scores(
 
 def _per_channel(score: Tensor, axis: int, module: nn.Module, is_out: bool, method: str) -> Tensor:
     # (…, C, …) -> (C, rest) -> (C,)
-    per_channel = _reduce(score.movedim(axis, 0).reshape(score.shape[axis], -1), method)
+    per_channel = reduce_rows(score.movedim(axis, 0).reshape(score.shape[axis], -1), method)
     groups = getattr(module, "groups", 1)
     if (
         not is_out
@@ -221,7 +221,7 @@ def _per_channel(score: Tensor, axis: int, module: nn.Module, is_out: bool, meth
     return per_channel
 
 
-def _reduce(rows: Tensor, method: str) -> Tensor:
+def reduce_rows(rows: Tensor, method: str) -> Tensor:
     """(C, rest) -> (C,): squares for magnitude (its L2 norm), else as the method's scorer was
     registered to reduce (`scores.Reduction`)."""
     if method == "magnitude":
