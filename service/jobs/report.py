@@ -5,6 +5,7 @@ from html import escape
 
 from service.jobs.results import JobResult, Metrics
 from service.jobs.schemas import JobReport
+from service.jobs.summary import candidate_cells
 
 BAR_WIDTH = 360
 METRICS = ("latency_ms", "loss", "accuracy")
@@ -95,13 +96,17 @@ def _candidates(result: JobResult) -> str:
     """A search's candidates in the order tried, and why the chosen one won."""
     candidates = result.candidates or []
     rows = "".join(
-        f"<tr><td>{escape(c.normalisation)} + {escape(c.schedule)}</td>"
-        f"<td>{c.macs / result.macs_before:.4f}</td><td>{c.params / result.params_before:.4f}</td>"
-        f"<td>{c.loss_after_pruning:.4g}</td><td>{c.loss_after_recovery:.4g}</td>"
-        f"<td>{'chosen' if c.chosen else ''}</td></tr>"
+        "<tr>"
+        + "".join(f"<td>{escape(cell)}</td>" for cell in candidate_cells(c, result))
+        + "</tr>"
         for c in candidates
     )
     why = "".join(f"<p>{escape(c.why)}</p>" for c in candidates if c.chosen and c.why)
+    why += "".join(
+        f"<p>{escape(c.normalisation)} + {escape(c.schedule)}: {escape(c.missed)}</p>"
+        for c in candidates
+        if c.missed is not None
+    )
     widths = "".join(
         f"<tr><td>{escape(c.normalisation)} + {escape(c.schedule)}</td><td>"
         + escape(", ".join(f"{k} {v}" for k, v in sorted(c.widths.items())))

@@ -95,18 +95,21 @@ class Member(BaseModel):
 
 class Candidate(BaseModel):
     """One allocation a job's search tried: pruned from the loaded model to the target, given
-    the search's short recovery, judged by the loss on the held-out batches."""
+    the search's short recovery, judged by the loss on the held-out batches; or, where its
+    pruning missed the target, dropped out with why (`missed`) and nothing measured."""
 
     normalisation: str
     schedule: str  # exponential | linear
-    widths: dict[str, int]  # as `JobResult.widths`
-    macs: int
-    params: int
-    loss_after_pruning: float
-    loss_after_recovery: float
-    chosen: bool
+    widths: dict[str, int] = Field(default_factory=dict)  # as `JobResult.widths`
+    macs: int | None = None
+    params: int | None = None
+    loss_after_pruning: float | None = None
+    loss_after_recovery: float | None = None
+    chosen: bool = False
     # the chosen one's: why it won, in one line
     why: str | None = Field(default=None, exclude_if=_unset)
+    # one that dropped out: the target it missed, in one line
+    missed: str | None = Field(default=None, exclude_if=_unset)
 
 
 class JobResult(BaseModel):

@@ -6,7 +6,7 @@ them, and so do `jobs show`, `jobs report` and `jobs submit --wait`
 from rich.console import Console
 from rich.table import Table
 
-from service.jobs.results import JobResult, Member
+from service.jobs.results import Candidate, JobResult, Member
 from service.jobs.schemas import Target
 
 METRICS = ("loss", "accuracy", "latency_ms")
@@ -47,17 +47,30 @@ def candidates_table(result: JobResult) -> Table | None:
     if len(candidates) < 2:
         return None
     table = Table(title="candidates (loss on the held-out rows)")
-    for header in ("allocation", "MACs kept", "after pruning", "after recovery", "chosen"):
+    headers = ("allocation", "MACs kept", "params kept", "after pruning", "after recovery", "")
+    for header in headers:
         table.add_column(header, justify="left" if header == "allocation" else "right")
     for c in candidates:
-        table.add_row(
-            f"{c.normalisation} + {c.schedule}",
-            f"{c.macs / result.macs_before:.4f}",
-            f"{c.loss_after_pruning:.4g}",
-            f"{c.loss_after_recovery:.4g}",
-            "✓" if c.chosen else "",
-        )
+        table.add_row(*candidate_cells(c, result))
     return table
+
+
+def candidate_cells(candidate: Candidate, result: JobResult) -> tuple[str, ...]:
+    """A candidate as read: its allocation, MACs and params kept, held-out loss after pruning
+    and after recovery ("—" for one that dropped out), and chosen or missed the target."""
+
+    def shown(value: float | None, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    c = candidate
+    return (
+        f"{c.normalisation} + {c.schedule}",
+        shown(None if c.macs is None else c.macs / result.macs_before, ".4f"),
+        shown(None if c.params is None else c.params / result.params_before, ".4f"),
+        shown(c.loss_after_pruning, ".4g"),
+        shown(c.loss_after_recovery, ".4g"),
+        "chosen" if c.chosen else "missed the target" if c.missed is not None else "",
+    )
 
 
 def print_candidates(out: Console, result: JobResult) -> None:

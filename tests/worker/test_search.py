@@ -14,8 +14,8 @@ from service.cli.spec import SpecOptions, build_spec
 from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
 from tests.worker import factories
-from worker.engine import PruneResult
-from worker.pipeline import models, search
+from worker.engine import PruneResult, TargetUnreachable
+from worker.pipeline import models, search, steps
 from worker.pipeline.inputs import Inputs
 from worker.pipeline.steps import JobFiles, execute
 
@@ -163,6 +163,45 @@ def test_a_candidate_that_recovers_worse_loses_to_another(
         assert weights[f"{FFN.format(layer)}.weight"].shape[0] == other.widths[FFN.format(layer)]
 
 
+def _missing(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> None:
+    """The measured verdict of the candidates numbered in `calls` (0: the job's own) is a miss."""
+    met = steps._target_met
+    counted: list[int] = []
+
+    def verdict(*args: Any) -> bool:
+        counted.append(len(counted))
+        return met(*args) and counted[-1] not in calls
+
+    monkeypatch.setattr(steps, "_target_met", verdict)
+
+
+def test_a_candidate_that_misses_the_target_drops_out_and_the_search_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _missing(monkeypatch, {0})
+    result, _, _ = _run(tmp_path, _job(tmp_path, search={"candidates": 2}))
+
+    own, other = result.candidates or []
+    assert own.missed is not None and "target" in own.missed and "\n" not in own.missed
+    assert own.loss_after_recovery is None and not own.chosen and own.macs is None
+    assert other.chosen and result.widths == other.widths and result.target_met
+    assert other.why is not None and other.why.endswith("max + exponential missed the target")
+
+
+def test_the_job_fails_as_without_a_search_when_every_candidate_misses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _missing(monkeypatch, {0, 1})
+    with pytest.raises(TargetUnreachable) as missed:
+        _run(tmp_path, _job(tmp_path, search={"candidates": 2}))
+
+    monkeypatch.undo()
+    _missing(monkeypatch, {0})  # the first's error, as a job without a search fails
+    with pytest.raises(TargetUnreachable) as alone:
+        _run(tmp_path / "alone", _job(tmp_path / "alone"))
+    assert str(missed.value) == str(alone.value)
+
+
 def test_candidates_start_with_the_jobs_own_allocation() -> None:
     def tried(**overrides: Any) -> list[tuple[str, str]]:
         spec = factories.spec(evaluation={"fraction": 0.2}, **overrides)
@@ -247,7 +286,8 @@ def test_under_distillation_every_candidate_is_judged_against_the_unpruned_model
     candidates = result.candidates or []
     assert len(candidates) == 2
     # a pruned copy is not its own teacher: each is some distance from the loaded model
-    assert all(c.loss_after_pruning > 0 and c.loss_after_recovery > 0 for c in candidates)
+    assert all((c.loss_after_pruning or 0) > 0 for c in candidates)
+    assert all((c.loss_after_recovery or 0) > 0 for c in candidates)
     (chosen,) = [c for c in candidates if c.chosen]
     assert result.after_pruning.loss == chosen.loss_after_recovery
 

@@ -2,7 +2,7 @@
 everywhere once the model is fine-tuned (docs/decisions/0007-lamp-normaliser-as-an-option.md),
 so a job with `search.candidates` > 1 prunes a copy of the loaded model per candidate, gives
 each the same short recovery on calibration rows, judges each by its loss on held-out rows,
-and goes on with the lowest.
+and goes on with the lowest. A candidate that misses the target drops out.
 
 The candidates are the spec's own normalisation and schedule, then the others in the order
 the quality benchmarks favour after fine-tuning (`PREFERENCE`). Recovery is AdamW with the
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from service.jobs.results import Candidate, Progress
 from service.jobs.schemas import Finetune, JobSpec
-from worker.engine import PruneResult
+from worker.engine import PruneResult, TargetUnreachable
 from worker.pipeline import evaluation, finetune, precision
 from worker.pipeline.inputs import Batch, Inputs
 from worker.pipeline.losses import LossFn
@@ -72,42 +72,54 @@ def choose(
     """The candidate that recovers best: what `prune` gave back for it, its model (pruned and
     recovered) and every candidate's record. `prune(variant, net, report)` prunes `net` in
     place as the job prunes under the variant's allocation and returns its loss on the
-    held-out batches right after. The models that lose are dropped as soon as they do."""
+    held-out batches right after. A candidate whose pruning misses the target drops out (its
+    record says why); the job fails as a job without a search would only when every one
+    misses, with the first's error. The models that lose are dropped as soon as they do."""
     tried = variants(spec)
     rows = spec.search.recovery_rows
     recovery = recovery_batches(inputs.calibration, rows)
     lr = spec.finetune.lr if spec.finetune is not None else DEFAULT_RECOVERY_LR
     records: list[Candidate] = []
-    best: tuple[Pruned, nn.Module] | None = None
-    winner = 0  # best's index in `records`
+    best: tuple[Pruned, nn.Module, Candidate, float] | None = None
+    first_miss: TargetUnreachable | None = None
     for index, variant in enumerate(tried):
         relabelled = _searching(report, index, len(tried))
         relabelled(Progress(percent=0))
         net = copy.deepcopy(inputs.net)
-        pruned, result, after_pruning = prune(variant, net, relabelled)
-        relabelled(Progress(percent=100))
+        try:
+            pruned, result, after_pruning = prune(variant, net, relabelled)
+        except TargetUnreachable as missed:
+            first_miss = first_miss or missed
+            records.append(_candidate(variant, missed=str(missed)))
+            continue
+        finally:
+            relabelled(Progress(percent=100))
         recover_(net, recovery, inputs.loss_fn, lr, result.masks, device, check)
         after_recovery = evaluation.evaluate(net, inputs.evaluation, inputs.loss_fn)["loss"]
-        records.append(
-            Candidate(
-                normalisation=variant.normalisation,
-                schedule=variant.schedule.kind,
-                widths=result.history[-1].widths if result.history else {},
-                macs=result.macs,
-                params=result.params,
-                loss_after_pruning=after_pruning,
-                loss_after_recovery=after_recovery,
-                chosen=False,
-            )
+        record = _candidate(
+            variant,
+            widths=result.history[-1].widths if result.history else {},
+            macs=result.macs,
+            params=result.params,
+            loss_after_pruning=after_pruning,
+            loss_after_recovery=after_recovery,
         )
-        leading = records[winner].loss_after_recovery
-        if best is None or judged(after_recovery) < judged(leading):  # ties: the earlier
-            best, winner = (pruned, net), index
+        records.append(record)
+        if best is None or judged(after_recovery) < judged(best[3]):
+            best = (pruned, net, record, after_recovery)  # ties: the earlier
         del net, pruned, result  # a loser's model goes now, not at the next copy
-    assert best is not None
-    records[winner].chosen = True
-    records[winner].why = _why(records, winner, rows)
+    if best is None:
+        assert first_miss is not None
+        raise first_miss
+    best[2].chosen = True
+    best[2].why = _why(records, best[2], rows)
     return best[0], best[1], records
+
+
+def _candidate(variant: JobSpec, **measured: Any) -> Candidate:
+    return Candidate(
+        normalisation=variant.normalisation, schedule=variant.schedule.kind, **measured
+    )
 
 
 def recovery_batches(calibration: list[Batch], rows: int) -> list[Batch]:
@@ -163,19 +175,23 @@ def _searching(report: Report, index: int, count: int) -> Report:
     return relabelled
 
 
-def _why(records: list[Candidate], winner: int, rows: int) -> str:
-    losses = [r.loss_after_recovery for r in records]
-    digits = _digits(losses)
-    chosen = records[winner]
-    others = ", ".join(
-        f"{r.loss_after_recovery:.{digits}g} ({r.normalisation} + {r.schedule})"
-        for i, r in enumerate(records)
-        if i != winner
+def _why(records: list[Candidate], chosen: Candidate, rows: int) -> str:
+    judged_ones = [r for r in records if r.loss_after_recovery is not None]
+    digits = _digits(
+        [r.loss_after_recovery for r in judged_ones if r.loss_after_recovery is not None]
     )
+
+    def named(record: Candidate) -> str:
+        return (
+            f"{record.loss_after_recovery:.{digits}g} ({record.normalisation} + {record.schedule})"
+        )
+
+    others = ", ".join(named(r) for r in judged_ones if r is not chosen) or "no other"
+    missed = [f"{r.normalisation} + {r.schedule}" for r in records if r.missed is not None]
+    dropped = f"; {', '.join(missed)} missed the target" if missed else ""
     return (
-        f"lowest held-out loss after {rows} rows of recovery: "
-        f"{chosen.loss_after_recovery:.{digits}g} ({chosen.normalisation} + {chosen.schedule}) "
-        f"against {others}"
+        f"lowest held-out loss after {rows} rows of recovery: {named(chosen)} "
+        f"against {others}{dropped}"
     )
 
 

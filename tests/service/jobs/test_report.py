@@ -120,6 +120,34 @@ def test_a_searchs_report_lists_its_candidates_and_why_one_won(
     assert "Candidates" not in plain_page.text
 
 
+MISSED = {
+    "normalisation": "max", "schedule": "linear",
+    "missed": "a macs target of 0.5 was missed: the model keeps 0.5100 of its macs",
+}  # fmt: skip
+
+
+def test_a_candidate_that_missed_the_target_is_shown_without_numbers(
+    client: TestClient, db: Session, alice: Caller, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = make_job(db, alice.tenant_id, "succeeded")
+    job.result = RESULT | {"candidates": [*CANDIDATES, MISSED]}
+    db.flush()
+
+    page = client.get(f"/v1/jobs/{job.id}/report?format=html", headers=alice.headers).text
+    show_job(
+        {"id": "j1", "state": "succeeded", "spec": {"target": {"macs": 0.5}}, "result": job.result},
+        as_json=False,
+    )
+    shown = capsys.readouterr().out
+
+    assert (
+        "<tr><td>max + linear</td><td>—</td><td>—</td><td>—</td><td>—</td>"
+        "<td>missed the target</td></tr>" in page
+    )
+    assert "<p>max + linear: a macs target of 0.5 was missed" in page
+    assert "missed the target" in shown
+
+
 def test_jobs_show_prints_a_searchs_candidates(capsys: pytest.CaptureFixture[str]) -> None:
     job = {"id": "j1", "state": "succeeded", "spec": {"target": {"macs": 0.5}}}
 
