@@ -15,7 +15,7 @@ from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
 from tests.worker import factories
 from worker.engine import PruneResult, TargetUnreachable
-from worker.pipeline import models, search, steps
+from worker.pipeline import memory, models, search, steps
 from worker.pipeline.inputs import Inputs
 from worker.pipeline.steps import JobFiles, execute
 
@@ -200,6 +200,18 @@ def test_the_job_fails_as_without_a_search_when_every_candidate_misses(
     with pytest.raises(TargetUnreachable) as alone:
         _run(tmp_path / "alone", _job(tmp_path / "alone"))
     assert str(missed.value) == str(alone.value)
+
+
+def test_the_memory_check_counts_the_copies_a_search_holds() -> None:
+    net = nn.Linear(100, 100)
+    four, six = memory.scoring_bytes(net), memory.scoring_bytes(net, 6)
+    assert six == 6 * four // 4
+
+    memory.check_fits(net, CPU, five := (four + six) // 2)  # one candidate fits
+    with pytest.raises(memory.OutOfMemory) as refused:
+        memory.check_fits(net, CPU, five, searching=True)
+    assert "two more copies a search holds" in str(refused.value)
+    assert "search.candidates 1" in str(refused.value)
 
 
 def test_candidates_start_with_the_jobs_own_allocation() -> None:

@@ -2,8 +2,10 @@
 
 Scoring holds at least four copies of the parameters at once (the weights, their gradients, the
 vector of a Hessian-vector product and its result); activations of the calibration batch come on
-top. A model whose four copies do not fit in what the worker may use fails at once with
-`out_of_memory` and the figures, instead of being killed by the kernel half-way through.
+top. A search over allocations (`search.candidates` > 1) scores a copy of the loaded model and
+keeps the loaded model and the best candidate so far beside it: two more. A model whose copies
+do not fit in what the worker may use fails at once with `out_of_memory` and the figures,
+instead of being killed by the kernel half-way through.
 """
 
 from pathlib import Path
@@ -14,6 +16,7 @@ from torch.nn.parameter import is_lazy
 from service.core.errors import CodedError
 
 SCORING_COPIES = 4
+SEARCH_COPIES = 2  # the loaded model a search copies each candidate from, and the best so far
 GIB = 1024**3
 
 
@@ -22,11 +25,11 @@ class OutOfMemory(CodedError):
         super().__init__("out_of_memory", message)
 
 
-def scoring_bytes(net: torch.nn.Module) -> int:
-    """A lower bound of the memory scoring `net` takes (lazy parameters, sized by the first
-    forward pass, count for nothing yet)."""
+def scoring_bytes(net: torch.nn.Module, copies: int = SCORING_COPIES) -> int:
+    """A lower bound of the memory scoring `net` takes, `copies` of its parameters (lazy
+    parameters, sized by the first forward pass, count for nothing yet)."""
     sized = (p for p in net.parameters() if not is_lazy(p))
-    return SCORING_COPIES * sum(p.numel() * p.element_size() for p in sized)
+    return copies * sum(p.numel() * p.element_size() for p in sized)
 
 
 def readable(size: float) -> str:
@@ -47,13 +50,18 @@ def free_bytes(device: torch.device, limit: int) -> int:
     return _available_ram()
 
 
-def check_fits(net: torch.nn.Module, device: torch.device, limit: int) -> None:
-    needed, free = scoring_bytes(net), free_bytes(device, limit)
+def check_fits(
+    net: torch.nn.Module, device: torch.device, limit: int, searching: bool = False
+) -> None:
+    copies = SCORING_COPIES + (SEARCH_COPIES if searching else 0)
+    needed, free = scoring_bytes(net, copies), free_bytes(device, limit)
     if needed > free:
+        held = ", and the two more copies a search holds" if searching else ""
+        fewer = " or with search.candidates 1" if searching else ""
         raise OutOfMemory(
             f"scoring this model needs at least {readable(needed)} on {device.type} "
-            f"(weights, gradients and Hessian-vector products); the worker has "
-            f"{readable(free)}. Run it on a worker with more memory",
+            f"(weights, gradients and Hessian-vector products{held}); the worker has "
+            f"{readable(free)}. Run it on a worker with more memory{fewer}",
         )
 
 
