@@ -9,6 +9,7 @@ with the same total steps; each run is timed `--repeats` times (median).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import statistics
 import tempfile
@@ -58,11 +59,15 @@ def spec(targets: list[float], steps: int) -> JobSpec:
     )
 
 
-def run(job: JobSpec, inputs: Path) -> tuple[float, JobResult]:
+def quickstart_files(inputs: Path) -> JobFiles:
+    """The job's files of `make_quickstart`'s folder."""
+    return JobFiles(inputs / "model", "hf", inputs / "data.safetensors", "tensors", None, inputs)
+
+
+def run(job: JobSpec, files: JobFiles) -> tuple[float, JobResult]:
+    """`job` on `files` (its outputs in a folder of its own): wall seconds and its result."""
     with tempfile.TemporaryDirectory() as work:
-        files = JobFiles(
-            inputs / "model", "hf", inputs / "data.safetensors", "tensors", None, Path(work)
-        )
+        files = dataclasses.replace(files, work=Path(work))
         start = time.perf_counter()
         result, _ = execute(job, files, torch.device("cpu"), False, lambda _: None)
         return time.perf_counter() - start, result
@@ -78,8 +83,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         inputs = Path(folder)
         make_quickstart(inputs)
-        single = [run(spec([TARGETS[-1]], args.steps), inputs) for _ in range(args.repeats)]
-        family = [run(spec(TARGETS, args.steps), inputs) for _ in range(args.repeats)]
+        files = quickstart_files(inputs)
+        single = [run(spec([TARGETS[-1]], args.steps), files) for _ in range(args.repeats)]
+        family = [run(spec(TARGETS, args.steps), files) for _ in range(args.repeats)]
     single_s = statistics.median(t for t, _ in single)
     family_s = statistics.median(t for t, _ in family)
     print(f"| job | seconds (median of {args.repeats}) | × single |")

@@ -13,11 +13,9 @@ after, the reload checks), each the median of `--repeats`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,10 +25,9 @@ from safetensors.torch import save_file
 
 from bench.common import set_threads
 from bench.embedder_sentences import CALIBRATION
-from bench.family import make_quickstart
-from service.jobs.results import JobResult
+from bench.family import make_quickstart, quickstart_files, run
 from service.jobs.schemas import JobSpec
-from worker.pipeline.steps import JobFiles, execute
+from worker.pipeline.steps import JobFiles
 
 CANDIDATES = (1, 2, 4)
 ROWS = 128  # 4 calibration batches of 32; the dataset holds a quarter more for evaluation
@@ -38,7 +35,7 @@ ROWS = 128  # 4 calibration batches of 32; the dataset holds a quarter more for 
 
 def quickstart_bert(folder: Path) -> JobFiles:
     make_quickstart(folder)
-    return JobFiles(folder / "model", "hf", folder / "data.safetensors", "tensors", None, folder)
+    return quickstart_files(folder)
 
 
 def resnet(folder: Path) -> JobFiles:
@@ -88,14 +85,6 @@ def spec(candidates: int, loss: str, batch_size: int) -> JobSpec:
             "outputs": ["hf"],
         }
     )
-
-
-def run(job: JobSpec, files: JobFiles) -> tuple[float, JobResult]:
-    with tempfile.TemporaryDirectory() as work:
-        files = dataclasses.replace(files, work=Path(work))
-        start = time.perf_counter()
-        result, _ = execute(job, files, torch.device("cpu"), False, lambda _: None)
-        return time.perf_counter() - start, result
 
 
 def main() -> None:
