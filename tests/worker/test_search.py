@@ -216,7 +216,8 @@ def test_the_memory_check_counts_the_copies_a_search_holds() -> None:
 
 def test_candidates_start_with_the_jobs_own_allocation() -> None:
     def tried(**overrides: Any) -> list[tuple[str, str]]:
-        spec = factories.spec(evaluation={"fraction": 0.2}, **overrides)
+        per_layer = {"evaluation": {"fraction": 0.2}, "outputs": ["safetensors"]}
+        spec = factories.spec(**(per_layer | overrides))
         return [(v.normalisation, v.schedule.kind) for v in search.variants(spec)]
 
     assert tried(search={"candidates": 1}) == [("max", "exponential")]
@@ -228,6 +229,15 @@ def test_candidates_start_with_the_jobs_own_allocation() -> None:
     ]
     spec = factories.spec(evaluation={"fraction": 0.2}, search={"candidates": 2})
     assert all(v.method == spec.method and v.target == spec.target for v in search.variants(spec))
+    # an hf output's uniform widths: the normaliser changes nothing, only the schedules differ
+    assert tried(outputs=["hf"], search={"candidates": 4}) == [
+        ("max", "exponential"),
+        ("lamp", "linear"),
+    ]
+    assert tried(outputs=["hf"], normalisation="lamp", search={"candidates": 3}) == [
+        ("lamp", "exponential"),
+        ("lamp", "linear"),
+    ]
 
 
 def test_recovery_takes_the_first_rows_again_from_the_start_when_short() -> None:
@@ -275,7 +285,9 @@ def test_a_tie_goes_to_the_earlier_candidate_and_a_loss_that_is_not_finite_never
             result = PruneResult(copy, 10, 10, 10, 10, [])
             return len(tried) - 1, result, 0.0
 
-        spec = factories.spec(evaluation={"fraction": 0.2}, search={"candidates": 3})
+        spec = factories.spec(
+            evaluation={"fraction": 0.2}, search={"candidates": 3}, outputs=["safetensors"]
+        )
         index, model, records = search.choose(
             spec, inputs, CPU, prune, lambda _: None, lambda: None
         )

@@ -40,16 +40,24 @@ DEFAULT_RECOVERY_LR = Finetune().lr
 RECOVERY_SEED = 0  # every candidate's dropout draws the same masks
 
 
-def allocations(normalisation: str, schedule: str, count: int) -> list[tuple[str, str]]:
+def allocations(
+    normalisation: str, schedule: str, count: int, uniform: bool = False
+) -> list[tuple[str, str]]:
     """The first `count` (normalisation, schedule) pairs a search tries, in order: the given
-    one first, then `PREFERENCE`'s others."""
+    one first, then `PREFERENCE`'s others. With `uniform` widths (an `hf` output) every group
+    gives up the same fraction whatever the normaliser, so only the schedules differ: one pair
+    each, at most two."""
     own = (normalisation, schedule)
-    return [own, *(pair for pair in PREFERENCE if pair != own)][:count]
+    pairs = [own, *(pair for pair in PREFERENCE if pair != own)]
+    if uniform:
+        pairs = [pair for i, pair in enumerate(pairs) if pair[1] not in {p[1] for p in pairs[:i]}]
+    return pairs[:count]
 
 
 def variants(spec: JobSpec) -> list[JobSpec]:
     """The spec once per candidate, in the order tried: its own allocation first."""
-    pairs = allocations(spec.normalisation, spec.schedule.kind, spec.search.candidates)
+    count = spec.search.candidates
+    pairs = allocations(spec.normalisation, spec.schedule.kind, count, spec.uniform_widths)
     return [
         spec.model_copy(
             update={
