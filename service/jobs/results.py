@@ -108,6 +108,9 @@ class Candidate(BaseModel):
     chosen: bool = False
     # the chosen one's: why it won, in one line
     why: str | None = Field(default=None, exclude_if=_unset)
+    # whether it goes on recovered: False where the recovery raised its held-out loss (it is
+    # then judged, and goes on, as it was right after pruning); None for one that dropped out
+    recovery_kept: bool | None = Field(default=None, exclude_if=_unset)
     # one that dropped out: the target it missed, in one line
     missed: str | None = Field(default=None, exclude_if=_unset)
 

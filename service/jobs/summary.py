@@ -57,7 +57,8 @@ def candidates_table(result: JobResult) -> Table | None:
 
 def candidate_cells(candidate: Candidate, result: JobResult) -> tuple[str, ...]:
     """A candidate as read: its allocation, MACs and params kept, held-out loss after pruning
-    and after recovery ("—" for one that dropped out), and chosen or missed the target."""
+    and after recovery ("—" for one that dropped out), and whether it was chosen, went on
+    without its recovery or missed the target."""
 
     def shown(value: float | None, spec: str) -> str:
         return "—" if value is None else format(value, spec)
@@ -69,7 +70,15 @@ def candidate_cells(candidate: Candidate, result: JobResult) -> tuple[str, ...]:
         shown(None if c.params is None else c.params / result.params_before, ".4f"),
         shown(c.loss_after_pruning, ".4g"),
         shown(c.loss_after_recovery, ".4g"),
-        "chosen" if c.chosen else "missed the target" if c.missed is not None else "",
+        ", ".join(
+            note
+            for note, holds in (
+                ("chosen", c.chosen),
+                ("recovery undone", c.recovery_kept is False),
+                ("missed the target", c.missed is not None),
+            )
+            if holds
+        ),
     )
 
 

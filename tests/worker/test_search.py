@@ -155,12 +155,37 @@ def test_a_candidate_that_recovers_worse_loses_to_another(
     own, other = result.candidates or []
     assert len(calls) == 2 and not own.chosen and other.chosen
     assert own.loss_after_recovery > other.loss_after_recovery
+    assert own.recovery_kept is False and other.recovery_kept  # its spoiled recovery undone
     assert own.widths != other.widths  # lamp allocates the FFNs otherwise than max
     assert result.widths == other.widths
     assert result.after_pruning.loss == other.loss_after_recovery
     assert not torch.equal(weights["classifier.bias"], SURE)
     for layer in (0, 1):
         assert weights[f"{FFN.format(layer)}.weight"].shape[0] == other.widths[FFN.format(layer)]
+
+
+def test_a_recovery_that_raises_the_held_out_loss_is_undone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every candidate's recovery is spoiled (its classifier sure of one class): each goes on,
+    and is judged, as it was right after pruning, and the job writes that model."""
+    recover = search.recover_
+
+    def spoiled(net: nn.Module, *args: Any) -> None:
+        recover(net, *args)
+        with torch.no_grad():
+            net.get_submodule("classifier").bias.copy_(SURE)
+
+    monkeypatch.setattr(search, "recover_", spoiled)
+    result, weights, _ = _run(tmp_path, _job(tmp_path, search={"candidates": 2}))
+
+    candidates = result.candidates or []
+    assert [c.recovery_kept for c in candidates] == [False, False]
+    (chosen,) = [c for c in candidates if c.chosen]
+    assert chosen.loss_after_pruning == min(c.loss_after_pruning or 0 for c in candidates)
+    assert result.after_pruning.loss == chosen.loss_after_pruning
+    assert not torch.equal(weights["classifier.bias"], SURE)
+    assert chosen.why is not None and "recovery undone" in chosen.why
 
 
 def _missing(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> None:
@@ -204,13 +229,13 @@ def test_the_job_fails_as_without_a_search_when_every_candidate_misses(
 
 def test_the_memory_check_counts_the_copies_a_search_holds() -> None:
     net = nn.Linear(100, 100)
-    four, six = memory.scoring_bytes(net), memory.scoring_bytes(net, 6)
-    assert six == 6 * four // 4
+    four, seven = memory.scoring_bytes(net), memory.scoring_bytes(net, 7)
+    assert seven == 7 * four // 4
 
-    memory.check_fits(net, CPU, five := (four + six) // 2)  # one candidate fits
+    memory.check_fits(net, CPU, six := seven * 6 // 7)  # one candidate fits
     with pytest.raises(memory.OutOfMemory) as refused:
-        memory.check_fits(net, CPU, five, searching=True)
-    assert "two more copies a search holds" in str(refused.value)
+        memory.check_fits(net, CPU, six, searching=True)
+    assert "three more copies a search holds" in str(refused.value)
     assert "search.candidates 1" in str(refused.value)
 
 
@@ -283,7 +308,8 @@ def test_a_tie_goes_to_the_earlier_candidate_and_a_loss_that_is_not_finite_never
                     copy.bias.fill_(spoiled[len(tried)])
             tried.append(copy)
             result = PruneResult(copy, 10, 10, 10, 10, [])
-            return len(tried) - 1, result, 0.0
+            with torch.no_grad():
+                return len(tried) - 1, result, float(loss_fn(copy, rows))
 
         spec = factories.spec(
             evaluation={"fraction": 0.2}, search={"candidates": 3}, outputs=["safetensors"]
@@ -313,7 +339,8 @@ def test_under_distillation_every_candidate_is_judged_against_the_unpruned_model
     assert all((c.loss_after_pruning or 0) > 0 for c in candidates)
     assert all((c.loss_after_recovery or 0) > 0 for c in candidates)
     (chosen,) = [c for c in candidates if c.chosen]
-    assert result.after_pruning.loss == chosen.loss_after_recovery
+    going_on = chosen.loss_after_recovery if chosen.recovery_kept else chosen.loss_after_pruning
+    assert result.after_pruning.loss == going_on
 
 
 def test_the_command_line_asks_for_a_search_and_is_told_what_it_needs(

@@ -3,7 +3,8 @@
 Scoring holds at least four copies of the parameters at once (the weights, their gradients, the
 vector of a Hessian-vector product and its result); activations of the calibration batch come on
 top. A search over allocations (`search.candidates` > 1) scores a copy of the loaded model and
-keeps the loaded model and the best candidate so far beside it: two more. A model whose copies
+keeps the loaded model, the best candidate so far and, while a candidate recovers, its weights
+from before (restored if the recovery does not help) beside it: three more. A model whose copies
 do not fit in what the worker may use fails at once with `out_of_memory` and the figures,
 instead of being killed by the kernel half-way through.
 """
@@ -16,7 +17,9 @@ from torch.nn.parameter import is_lazy
 from service.core.errors import CodedError
 
 SCORING_COPIES = 4
-SEARCH_COPIES = 2  # the loaded model a search copies each candidate from, and the best so far
+# the loaded model a search copies each candidate from, the best so far, and a candidate's
+# weights from before its recovery
+SEARCH_COPIES = 3
 GIB = 1024**3
 
 
@@ -56,7 +59,7 @@ def check_fits(
     copies = SCORING_COPIES + (SEARCH_COPIES if searching else 0)
     needed, free = scoring_bytes(net, copies), free_bytes(device, limit)
     if needed > free:
-        held = ", and the two more copies a search holds" if searching else ""
+        held = ", and the three more copies a search holds" if searching else ""
         fewer = " or with search.candidates 1" if searching else ""
         raise OutOfMemory(
             f"scoring this model needs at least {readable(needed)} on {device.type} "

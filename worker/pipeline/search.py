@@ -2,7 +2,9 @@
 everywhere once the model is fine-tuned (docs/decisions/0007-lamp-normaliser-as-an-option.md),
 so a job with `search.candidates` > 1 prunes a copy of the loaded model per candidate, gives
 each the same short recovery on calibration rows, judges each by its loss on held-out rows,
-and goes on with the lowest. A candidate that misses the target drops out.
+and goes on with the lowest. A candidate whose recovery raises its held-out loss (a learning rate
+too strong for a model pruned a little) is judged, and goes on, as it was before it; one that
+misses the target drops out.
 
 The candidates are the spec's own normalisation and schedule, then the others in the order
 the quality benchmarks favour after fine-tuning (`PREFERENCE`). Recovery is AdamW with the
@@ -78,11 +80,12 @@ def choose(
     check: Callable[[], None],
 ) -> tuple[Pruned, nn.Module, list[Candidate]]:
     """The candidate that recovers best: what `prune` gave back for it, its model (pruned and
-    recovered) and every candidate's record. `prune(variant, net, report)` prunes `net` in
-    place as the job prunes under the variant's allocation and returns its loss on the
-    held-out batches right after. A candidate whose pruning misses the target drops out (its
-    record says why); the job fails as a job without a search would only when every one
-    misses, with the first's error. The models that lose are dropped as soon as they do."""
+    recovered, or only pruned where the recovery raised its held-out loss) and every
+    candidate's record. `prune(variant, net, report)` prunes `net` in place as the job prunes
+    under the variant's allocation and returns its loss on the held-out batches right after.
+    A candidate whose pruning misses the target drops out (its record says why); the job
+    fails as a job without a search would only when every one misses, with the first's
+    error. The models that lose are dropped as soon as they do."""
     tried = variants(spec)
     rows = spec.search.recovery_rows
     recovery = recovery_batches(inputs.calibration, rows)
@@ -102,8 +105,13 @@ def choose(
             continue
         finally:
             relabelled(Progress(percent=100))
+        before_recovery = copy.deepcopy(net.state_dict())
         recover_(net, recovery, inputs.loss_fn, lr, result.masks, device, check)
         after_recovery = evaluation.evaluate(net, inputs.evaluation, inputs.loss_fn)["loss"]
+        kept = judged(after_recovery) < judged(after_pruning)
+        if not kept:  # the recovery raised the held-out loss: the candidate goes on without it
+            net.load_state_dict(before_recovery)
+        del before_recovery
         record = _candidate(
             variant,
             widths=result.history[-1].widths if result.history else {},
@@ -111,10 +119,12 @@ def choose(
             params=result.params,
             loss_after_pruning=after_pruning,
             loss_after_recovery=after_recovery,
+            recovery_kept=kept,
         )
         records.append(record)
-        if best is None or judged(after_recovery) < judged(best[3]):
-            best = (pruned, net, record, after_recovery)  # ties: the earlier
+        loss = after_recovery if kept else after_pruning
+        if best is None or judged(loss) < judged(best[3]):
+            best = (pruned, net, record, loss)  # ties: the earlier
         del net, pruned, result  # a loser's model goes now, not at the next copy
     if best is None:
         assert first_miss is not None
@@ -184,23 +194,29 @@ def _searching(report: Report, index: int, count: int) -> Report:
 
 
 def _why(records: list[Candidate], chosen: Candidate, rows: int) -> str:
-    judged_ones = [r for r in records if r.loss_after_recovery is not None]
-    digits = _digits(
-        [r.loss_after_recovery for r in judged_ones if r.loss_after_recovery is not None]
-    )
+    judged_ones = [r for r in records if r.missed is None]
+    digits = _digits([_going_on(r) for r in judged_ones])
 
     def named(record: Candidate) -> str:
+        undone = "" if record.recovery_kept else ", recovery undone"
         return (
-            f"{record.loss_after_recovery:.{digits}g} ({record.normalisation} + {record.schedule})"
+            f"{_going_on(record):.{digits}g} ({record.normalisation} + {record.schedule}{undone})"
         )
 
     others = ", ".join(named(r) for r in judged_ones if r is not chosen) or "no other"
     missed = [f"{r.normalisation} + {r.schedule}" for r in records if r.missed is not None]
     dropped = f"; {', '.join(missed)} missed the target" if missed else ""
     return (
-        f"lowest held-out loss after {rows} rows of recovery: {named(chosen)} "
-        f"against {others}{dropped}"
+        f"lowest held-out loss after {rows} rows of recovery (undone where it raised the loss): "
+        f"{named(chosen)} against {others}{dropped}"
     )
+
+
+def _going_on(record: Candidate) -> float:
+    """A measured candidate's held-out loss as it would go on: recovered or not."""
+    loss = record.loss_after_recovery if record.recovery_kept else record.loss_after_pruning
+    assert loss is not None
+    return loss
 
 
 def _digits(losses: list[float]) -> int:
