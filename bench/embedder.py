@@ -529,14 +529,25 @@ def first_step_table(setup: Setup, steps: int, target: float) -> str:
 
 
 def prune_engine(
-    setup: Setup, method: str, steps: int, target: float, allocation: str = "max"
+    setup: Setup,
+    method: str,
+    steps: int,
+    target: float,
+    allocation: str = "max",
+    schedule: str = "exponential",
 ) -> tuple[nn.Module, float]:
     """A copy of the dense model pruned by the engine (heads + FFN neurons) under `allocation`
-    (the engine's own, or a label of `ALLOCATIONS` once `register_rules` ran); wall seconds."""
+    (the engine's own, or a label of `ALLOCATIONS` once `register_rules` ran) and `schedule`;
+    wall seconds."""
     model = copy.deepcopy(setup.dense)
     loss = losses.make_loss("distill", model, setup.pooling)  # the teacher: the dense copy
     config = PruneConfig(
-        method=method, target_metric="macs", target=target, steps=steps, normalisation=allocation
+        method=method,
+        target_metric="macs",
+        target=target,
+        steps=steps,
+        normalisation=allocation,
+        schedule=schedule,  # type: ignore[arg-type]
     )
     started = time.perf_counter()
     prune_(model, setup.example, setup.calibration, loss, config)

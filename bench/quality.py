@@ -23,8 +23,9 @@ An ablation turns `oba`'s three allocation switches off one at a time.
 `--search K` adds the row `oba, search K` (issue 23): the first K candidate allocations of a
 job's search (`worker.pipeline.search.allocations`: the default max + exponential first), each
 pruned as the `oba` row is, each given the same short recovery (`search.recover_` over the
-first `--recovery-rows` calibration rows, lr 1e-3), each judged by its loss on the training rows
-the calibration did not draw; the lowest is kept. Its "pruned" accuracy is before that recovery,
+first `--recovery-rows` calibration rows, lr 1e-3; undone where it raises the held-out loss, as
+in a job), each judged by its loss on the training rows the calibration did not draw; the
+lowest is kept. Its "pruned" accuracy is before that recovery,
 its fine-tuned accuracy after the recovery and the epoch every row gets. `oba, search 1` (the
 default candidate alone, with the same recovery before its epoch) comes with it.
 
@@ -417,12 +418,12 @@ def search_label(candidates: int) -> str:
     return f"oba, search {candidates}"
 
 
-def _as_job_batch(batch: Batch) -> dict[str, Any]:
+def as_job_batch(batch: Batch) -> dict[str, Any]:
     """A bench batch as the worker's pipeline carries one (the model's input by name, labels)."""
     return {"x": batch[0], "labels": batch[1]}
 
 
-def _job_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+def job_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return cross_entropy(model, (batch["x"], batch["labels"]))
 
 
@@ -437,7 +438,13 @@ class Tried:
     acc_recovered: float
     loss_pruned: float
     loss_recovered: float
+    recovery_kept: bool  # False: the recovery raised the held-out loss and was undone
     seconds: float  # its pruning, recovery and judging
+
+    @property
+    def going_on(self) -> float:
+        """The held-out loss it is judged by: recovered, or as pruned where that was lower."""
+        return self.loss_recovered if self.recovery_kept else self.loss_pruned
 
     def record(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "model"}
@@ -452,14 +459,16 @@ def search_rows(
     (ties: the earlier); the winner gets the epoch of fine-tuning every row gets."""
     initial = macs(dense, data.example)
     acc_dense = accuracy(dense, data)
-    recovery = search.recovery_batches([_as_job_batch(b) for b in batches], settings.recovery_rows)
+    first = search.recovery_batches([as_job_batch(b) for b in batches], settings.recovery_rows)
     held_out = [
-        _as_job_batch(
+        as_job_batch(
             held_out_batch(
                 data, seed, count=settings.calibration_batches, size=settings.calibration_size
             )
         )
     ]
+    cpu = torch.device("cpu")
+    recovery = search.Recovery(first, job_loss, RECOVERY_LR, held_out, cpu, _go_on)
     tried: list[Tried] = []
     for normalisation, schedule in search.allocations("max", settings.schedule, settings.search):
         started = time.perf_counter()
@@ -474,11 +483,8 @@ def search_rows(
         )
         result = prune_(model, data.example, batches, cross_entropy, config)
         acc_pruned = accuracy(model, data)
-        loss_pruned = evaluation.evaluate(model, held_out, _job_loss)["loss"]
-        search.recover_(
-            model, recovery, _job_loss, RECOVERY_LR, result.masks, torch.device("cpu"), _go_on
-        )
-        loss_recovered = evaluation.evaluate(model, held_out, _job_loss)["loss"]
+        loss_pruned = evaluation.evaluate(model, held_out, job_loss)["loss"]
+        loss_recovered, kept = recovery.apply_unless_worse_(model, result.masks, loss_pruned)
         seconds = time.perf_counter() - started  # with one pass over the test split
         tried.append(
             Tried(
@@ -489,12 +495,13 @@ def search_rows(
                 acc_recovered=accuracy(model, data),
                 loss_pruned=loss_pruned,
                 loss_recovered=loss_recovered,
+                recovery_kept=kept,
                 seconds=seconds,
             )
         )
     winner = min(
         range(len(tried)),
-        key=lambda i: (search.judged(tried[i].loss_recovered), i),
+        key=lambda i: (search.judged(tried[i].going_on), i),
     )
     records = [t.record() for t in tried]
     rows = []

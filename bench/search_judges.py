@@ -1,0 +1,181 @@
+"""Which judge of a search picks the candidate that does best after fine-tuning (issue 23).
+
+For each cell of `bench.quality` (dataset, seed, target; the same dense models, calibration
+draws and held-out rows) the four candidates of a job's search (`search.allocations`: max +
+exponential, lamp + linear, lamp + exponential, max + linear) are pruned once, as the quality
+bench's `oba` row prunes. Each then gets every recovery variant (AdamW over the first N
+calibration rows at a learning rate, `search.recover_`), is measured on the held-out rows, and
+gets the epoch of fine-tuning every quality row gets. A judge picks one candidate per cell:
+
+- `after recovery`: the lowest held-out loss after recovery (what a job does today);
+- `after pruning`: the lowest held-out loss right after pruning (no recovery needed to judge);
+- `both`: the lowest mean of the two.
+
+The rows it writes (`--json`) are `bench.quality` rows, one per variant and judge, labelled
+`judge <variant>, <judge>`, plus `oracle <variant>`: the candidate with the best test accuracy
+after its epoch, which no judge can pass. `--report` pairs them by seed with the peers of
+`bench.quality --json` files and prints the differences from the best peer of every cell.
+
+    .venv/bin/python -m bench.search_judges --seeds 10 --threads 1 --json judges.json
+    .venv/bin/python -m bench.search_judges --report judges.json \
+        docs/benchmarks/data/quality-peers-digits.json \
+        docs/benchmarks/data/quality-peers-mnist1d.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.common import (
+    Dataset,
+    accuracy,
+    calibration_batches,
+    cross_entropy,
+    finetune_one_epoch,
+    held_out_batch,
+    load_dataset,
+    macs,
+    set_threads,
+)
+from bench.quality import (
+    Row,
+    as_job_batch,
+    comparisons,
+    job_loss,
+    load_rows,
+    register_variants,
+    train_dense,
+    variant_config,
+)
+from worker.engine import PruneConfig, prune_
+from worker.pipeline import evaluation, search
+
+# (learning rate, rows): the job's default recovery first
+VARIANTS = {"lr 1e-3, 256 rows": (1e-3, 256), "lr 3e-4, 256 rows": (3e-4, 256),
+            "lr 1e-4, 256 rows": (1e-4, 256), "lr 1e-3, 512 rows": (1e-3, 512)}  # fmt: skip
+JUDGES = ("after recovery", "after pruning", "both")
+STEPS = 10
+
+
+def _judged(candidate: dict[str, Any], variant: str, judge: str) -> float:
+    before, after = candidate["loss_pruned"], candidate["recovered"][variant]["loss"]
+    return {"after recovery": after, "after pruning": before, "both": (before + after) / 2}[judge]
+
+
+def candidates(data: Dataset, dense: nn.Module, seed: int, target: float) -> list[dict[str, Any]]:
+    """Every candidate of a search in one cell: pruned once, then each recovery variant."""
+    batches = calibration_batches(data, seed)
+    held_out = [as_job_batch(held_out_batch(data, seed))]
+    initial = macs(dense, data.example)
+    found = []
+    for normalisation, schedule in search.allocations("max", "exponential", 4):
+        model = copy.deepcopy(dense)
+        switches = variant_config("default", "oba", {"normalisation": normalisation})
+        config = PruneConfig(
+            target_metric="macs", target=target, steps=STEPS, schedule=schedule,  # type: ignore[arg-type]
+            seed=seed, **switches,
+        )  # fmt: skip
+        masks = prune_(model, data.example, batches, cross_entropy, config).masks
+        candidate: dict[str, Any] = {
+            "allocation": f"{normalisation} + {schedule}",
+            "macs_fraction": macs(model, data.example) / initial,
+            "acc_pruned": accuracy(model, data),
+            "loss_pruned": evaluation.evaluate(model, held_out, job_loss)["loss"],
+            "recovered": {},
+        }
+        for variant, (lr, rows) in VARIANTS.items():
+            recovered = copy.deepcopy(model)
+            recovery = search.recovery_batches([as_job_batch(b) for b in batches], rows)
+            search.recover_(
+                recovered, recovery, job_loss, lr, masks, torch.device("cpu"), lambda: None
+            )
+            loss = evaluation.evaluate(recovered, held_out, job_loss)["loss"]
+            finetune_one_epoch(recovered, data, seed)
+            candidate["recovered"][variant] = {
+                "loss": loss,
+                "acc_finetuned": accuracy(recovered, data),
+            }
+        found.append(candidate)
+    return found
+
+
+def rows_of(
+    cell: list[dict[str, Any]], dataset: str, seed: int, target: float, dense: float
+) -> list[Row]:
+    """One row per variant and judge, and per variant the oracle's."""
+    rows = []
+    for variant in VARIANTS:
+        picks = {
+            f"judge {variant}, {judge}": min(
+                range(len(cell)), key=lambda i: (search.judged(_judged(cell[i], variant, judge)), i)
+            )
+            for judge in JUDGES
+        }
+        picks[f"oracle {variant}"] = max(
+            range(len(cell)), key=lambda i: cell[i]["recovered"][variant]["acc_finetuned"]
+        )
+        for label, index in picks.items():
+            chosen = cell[index]
+            finetuned = chosen["recovered"][variant]["acc_finetuned"]
+            row = Row(label, dataset, target, seed, chosen["macs_fraction"], chosen["acc_pruned"],
+                      finetuned, dense, 0.0, chosen["allocation"])  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def run(seeds: int, datasets: Sequence[str], targets: Sequence[float]) -> list[Row]:
+    register_variants()
+    rows: list[Row] = []
+    for name in datasets:
+        data = load_dataset(name)
+        for seed in range(seeds):
+            dense = train_dense(data, seed, 1.0)
+            for target in targets:
+                cell = candidates(data, dense, seed, target)
+                rows += rows_of(cell, name, seed, target, accuracy(dense, data))
+                print(f"{name} seed={seed} target={target:.2f}: {json.dumps(cell)}", flush=True)
+    return rows
+
+
+def report(rows: Sequence[Row]) -> str:
+    labels = [f"judge {v}, {j}" for v in VARIANTS for j in JUDGES]
+    labels += [f"oracle {v}" for v in VARIANTS]
+    return comparisons(rows, labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write the rows here (bench.quality's format)")
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: pair these rows (this bench's and bench.quality's) and print them",
+    )
+    args = parser.parse_args()
+    if args.report:
+        print(report(load_rows(args.report)))
+        return
+    set_threads(args.threads)
+    rows = run(args.seeds, args.datasets, args.targets)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"rows": [asdict(r) for r in rows]}, handle)
+    # the peers come from bench.quality's own runs (minutes each), paired here by seed
+    print(f"{len(rows)} rows; pair them with peers: --report {args.json or 'JSON'} PEERS.json …")
+
+
+if __name__ == "__main__":
+    main()
