@@ -16,6 +16,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -88,8 +89,9 @@ def choose(
     error. The models that lose are dropped as soon as they do."""
     tried = variants(spec)
     rows = spec.search.recovery_rows
-    recovery = recovery_batches(inputs.calibration, rows)
     lr = spec.finetune.lr if spec.finetune is not None else DEFAULT_RECOVERY_LR
+    batches = recovery_batches(inputs.calibration, rows)
+    recovery = Recovery(batches, inputs.loss_fn, lr, inputs.evaluation, device, check)
     records: list[Candidate] = []
     best: tuple[Pruned, nn.Module, Candidate, float] | None = None
     first_miss: TargetUnreachable | None = None
@@ -105,13 +107,7 @@ def choose(
             continue
         finally:
             relabelled(Progress(percent=100))
-        before_recovery = copy.deepcopy(net.state_dict())
-        recover_(net, recovery, inputs.loss_fn, lr, result.masks, device, check)
-        after_recovery = evaluation.evaluate(net, inputs.evaluation, inputs.loss_fn)["loss"]
-        kept = judged(after_recovery) < judged(after_pruning)
-        if not kept:  # the recovery raised the held-out loss: the candidate goes on without it
-            net.load_state_dict(before_recovery)
-        del before_recovery
+        after_recovery, kept = recovery.apply_unless_worse_(net, result.masks, after_pruning)
         record = _candidate(
             variant,
             widths=result.history[-1].widths if result.history else {},
@@ -132,6 +128,33 @@ def choose(
     best[2].chosen = True
     best[2].why = _why(records, best[2], rows)
     return best[0], best[1], records
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """The short recovery every candidate gets (`recover_`), and the held-out rows that
+    judge it."""
+
+    batches: list[Batch]
+    loss_fn: LossFn
+    lr: float
+    held_out: list[Batch]
+    device: torch.device
+    check: Callable[[], None]
+
+    def apply_unless_worse_(
+        self, net: nn.Module, masks: dict[str, Tensor], before: float
+    ) -> tuple[float, bool]:
+        """Recover `net` and measure it; where its held-out loss is not lower than `before`
+        (the loss right after pruning), put the weights from before back. Returns the loss
+        after recovery and whether the recovery was kept."""
+        weights = copy.deepcopy(net.state_dict())
+        recover_(net, self.batches, self.loss_fn, self.lr, masks, self.device, self.check)
+        after = evaluation.evaluate(net, self.held_out, self.loss_fn)["loss"]
+        kept = judged(after) < judged(before)
+        if not kept:
+            net.load_state_dict(weights)
+        return after, kept
 
 
 def _candidate(variant: JobSpec, **measured: Any) -> Candidate:
