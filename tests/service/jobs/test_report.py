@@ -127,8 +127,13 @@ MISSED = {
 
 
 def test_a_candidate_that_missed_the_target_is_shown_without_numbers(
-    client: TestClient, db: Session, alice: Caller, capsys: pytest.CaptureFixture[str]
+    client: TestClient,
+    db: Session,
+    alice: Caller,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # the table's cells on one line each, as wide as read
     job = make_job(db, alice.tenant_id, "succeeded")
     job.result = RESULT | {"candidates": [*CANDIDATES, MISSED]}
     db.flush()
