@@ -4,7 +4,8 @@ so a job with `search.candidates` > 1 prunes a copy of the loaded model per cand
 each the same short recovery on calibration rows, judges each by its loss on held-out rows,
 and goes on with the lowest. A candidate whose recovery raises its held-out loss (a learning rate
 too strong for a model pruned a little) is judged, and goes on, as it was before it; one that
-misses the target drops out.
+misses the target drops out. Why it is opt-in and judged this way:
+docs/decisions/0014-search-is-opt-in-and-judged-after-recovery.md.
 
 The candidates are the spec's own normalisation and schedule, then the others in the order
 the quality benchmarks favour after fine-tuning (`PREFERENCE`). Recovery is AdamW with the
