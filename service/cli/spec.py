@@ -30,6 +30,10 @@ HiddenSize = Annotated[
 DepthShare = Annotated[
     float | None, Opt(help="channel: share of the reduction taken by whole blocks first")
 ]
+BlockScore = Annotated[
+    str | None,
+    Opt(help="how whole blocks are chosen: loss (default) | influence (1 - cos, ShortGPT's)"),
+]
 Normalisation = Annotated[
     str | None,
     Opt(
@@ -92,6 +96,7 @@ class SpecOptions:
     granularity: Granularity = None
     hidden_size: HiddenSize = None
     depth_share: DepthShare = None
+    block_score: BlockScore = None
     normalisation: Normalisation = None
     steps: Steps = None
     schedule_kind: ScheduleKind = None
@@ -156,6 +161,7 @@ def build_spec(
         "granularity": given.granularity,
         "hidden_size": given.hidden_size,
         "depth_share": given.depth_share,
+        "block_score": given.block_score,
         "normalisation": given.normalisation,
         "loss": given.loss,
         "notify_url": notify_url,

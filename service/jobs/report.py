@@ -103,12 +103,12 @@ def _candidates(result: JobResult) -> str:
     )
     why = "".join(f"<p>{escape(c.why)}</p>" for c in candidates if c.chosen and c.why)
     why += "".join(
-        f"<p>{escape(c.normalisation)} + {escape(c.schedule)}: {escape(c.missed)}</p>"
+        f"<p>{escape(c.allocation)}: {escape(c.missed)}</p>"
         for c in candidates
         if c.missed is not None
     )
     widths = "".join(
-        f"<tr><td>{escape(c.normalisation)} + {escape(c.schedule)}</td><td>"
+        f"<tr><td>{escape(c.allocation)}</td><td>"
         + escape(", ".join(f"{k} {v}" for k, v in sorted(c.widths.items())))
         + "</td></tr>"
         for c in candidates

@@ -100,6 +100,12 @@ class Candidate(BaseModel):
 
     normalisation: str
     schedule: str  # exponential | linear
+    # a search that removes whole blocks (granularity "layer", or depth_share): how it chose
+    # them and the share of the reduction they took; the blocks it removed, as numbered in the
+    # loaded model
+    block_score: str | None = Field(default=None, exclude_if=_unset)
+    depth_share: float | None = Field(default=None, exclude_if=_unset)
+    blocks_removed: list[int] | None = Field(default=None, exclude_if=_unset)
     widths: dict[str, int] = Field(default_factory=dict)  # as `JobResult.widths`
     macs: int | None = None
     params: int | None = None
@@ -113,6 +119,16 @@ class Candidate(BaseModel):
     recovery_kept: bool | None = Field(default=None, exclude_if=_unset)
     # one that dropped out: the target it missed, in one line
     missed: str | None = Field(default=None, exclude_if=_unset)
+
+    @property
+    def allocation(self) -> str:
+        """How it allocated the pruning, in a few words: its blocks (how chosen, which went,
+        the depth share) where it removed blocks, else its normalisation and schedule."""
+        if self.block_score is None:
+            return f"{self.normalisation} + {self.schedule}"
+        blocks = ",".join(map(str, self.blocks_removed)) if self.blocks_removed else "none"
+        share = "" if self.depth_share is None else f", depth share {self.depth_share:g}"
+        return f"blocks by {self.block_score} (removed {blocks}){share}"
 
 
 class JobResult(BaseModel):

@@ -175,6 +175,9 @@ class JobSpec(SpecPart):
     hidden_size: bool | None = None
     # channel granularity: share (in log space) of the reduction taken by whole blocks first
     depth_share: float = Field(default=0.0, ge=0, le=1)
+    # how whole blocks are chosen (granularity "layer", or depth_share): "loss", the predicted
+    # loss change (least now first), or "influence", ShortGPT's 1 − cos(block input, output)
+    block_score: Literal["loss", "influence"] = "loss"
     # how channel scores compare across layers: "max" (OBA's) or "lamp" (spreads removal more
     # evenly; fine-tunes better at 2×, docs/decisions/0007-lamp-normaliser-as-an-option.md)
     # (the allocation rule: a built-in or a plugin's)
@@ -262,10 +265,10 @@ class JobSpec(SpecPart):
             raise ValueError("search.candidates > 1 is not built for targets (a family) yet")
         if self.target.metric == "latency_ms":
             raise ValueError("search.candidates > 1 is not built for a latency_ms target yet")
-        if self.granularity != "channel":
+        if self.granularity not in ("channel", "layer"):
             raise ValueError(
-                f"search.candidates > 1 needs channel granularity ({self.granularity} is not "
-                "built yet)"
+                f"search.candidates > 1 needs channel or layer granularity ({self.granularity} "
+                "is not built yet)"
             )
         if self.evaluation is None:
             raise ValueError(

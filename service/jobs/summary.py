@@ -65,7 +65,7 @@ def candidate_cells(candidate: Candidate, result: JobResult) -> tuple[str, ...]:
 
     c = candidate
     return (
-        f"{c.normalisation} + {c.schedule}",
+        c.allocation,
         shown(None if c.macs is None else c.macs / result.macs_before, ".4f"),
         shown(None if c.params is None else c.params / result.params_before, ".4f"),
         shown(c.loss_after_pruning, ".4g"),

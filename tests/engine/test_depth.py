@@ -19,7 +19,7 @@ from tests.engine.hf_models import (
 )
 from worker.engine import PruneConfig, prune_
 from worker.engine.blocks import remove_blocks_
-from worker.engine.depth import block_scores, transformer_blocks
+from worker.engine.depth import block_influence, block_scores, transformer_blocks
 from worker.engine.plan import Plan, apply_plan_
 
 
@@ -61,6 +61,47 @@ def test_estimator_predicts_the_measured_loss_change_of_removing_each_block() ->
     measured_t = torch.tensor(measured, dtype=torch.float64)
     torch.testing.assert_close(predicted, measured_t, rtol=0.1, atol=1e-4)
     assert torch.equal(predicted.argsort(), measured_t.argsort())
+
+
+def test_block_influence_is_one_minus_the_cosine_of_each_blocks_input_and_output() -> None:
+    model = _llama().double()
+    batches = lm_batches(2, 0)
+    batches[1]["attention_mask"] = torch.ones_like(batches[1]["input_ids"])
+    batches[1]["attention_mask"][:, -3:] = 0  # padding: not counted
+    found = transformer_blocks(model)
+    assert found is not None
+
+    influence = block_influence(model, found[1], batches)
+
+    # the oracle: hidden_states[i] enters block i and hidden_states[i + 1] leaves it (the last
+    # one is after the final norm, so the last block is left out)
+    total = torch.zeros(3, dtype=torch.float64)
+    tokens = 0
+    with torch.no_grad():
+        for batch in batches:
+            states = model(**batch, output_hidden_states=True).hidden_states
+            keep = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+            for i in range(3):
+                cosine = nn.functional.cosine_similarity(states[i], states[i + 1], dim=-1)
+                total[i] += (1 - cosine)[keep].sum()
+            tokens += int(keep.sum())
+    torch.testing.assert_close(influence[:3], total / tokens)
+
+
+def test_influence_removes_the_block_that_turns_the_stream_least() -> None:
+    model = _llama()
+    with torch.no_grad():  # block 2 adds almost nothing: its output is nearly its input
+        model.model.layers[2].self_attn.o_proj.weight.mul_(1e-3)
+        model.model.layers[2].mlp.down_proj.weight.mul_(1e-3)
+        model.model.layers[1].mlp.down_proj.weight.mul_(10)  # block 1 turns it most
+    found = transformer_blocks(model)
+    assert found is not None
+    originals = list(found[1])
+    config = PruneConfig(granularity="layer", target=0.8, steps=1, block_score="influence")
+
+    prune_(model, _inputs(0), lm_batches(2, 0), causal_lm_loss, config)
+
+    assert [originals.index(b) for b in found[1]] == [0, 1, 3]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

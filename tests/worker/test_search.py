@@ -265,6 +265,45 @@ def test_candidates_start_with_the_jobs_own_allocation() -> None:
     ]
 
 
+def test_a_job_that_removes_blocks_searches_which_and_how_many() -> None:
+    def tried(**overrides: Any) -> list[tuple[float, str]]:
+        spec = factories.spec(evaluation={"fraction": 0.2}, **overrides)
+        return [(v.depth_share, v.block_score) for v in search.variants(spec)]
+
+    both = {"depth_share": 0.5, "search": {"candidates": 4}}
+    assert tried(**both) == [(0.5, "loss"), (0.5, "influence"), (0.25, "loss"), (0.25, "influence")]
+    assert tried(**both, block_score="influence")[:2] == [(0.5, "influence"), (0.5, "loss")]
+    # depth alone: which blocks only
+    depth = {"granularity": "layer", "search": {"candidates": 4}}
+    assert tried(**depth) == [(0.0, "loss"), (0.0, "influence")]
+
+
+def test_a_depth_search_lists_the_blocks_each_candidate_removed(tmp_path: Path) -> None:
+    spec = _job(
+        tmp_path,
+        granularity="layer",
+        target={"macs": 0.6},
+        search={"candidates": 2, "recovery_rows": 40},
+    )
+
+    result, weights, _ = _run(tmp_path, spec)
+
+    candidates = result.candidates
+    assert candidates is not None
+    assert [(c.block_score, c.depth_share) for c in candidates] == [
+        ("loss", None),
+        ("influence", None),
+    ]
+    assert all(c.blocks_removed is not None and len(c.blocks_removed) == 1 for c in candidates)
+    (chosen,) = [c for c in candidates if c.chosen]
+    assert chosen.blocks_removed is not None
+    (kept,) = {0, 1} - set(chosen.blocks_removed)
+    assert "bert.encoder.layer.0.intermediate.dense.weight" in weights
+    assert "bert.encoder.layer.1.intermediate.dense.weight" not in weights
+    assert chosen.allocation == f"blocks by {chosen.block_score} (removed {1 - kept})"
+    assert chosen.why and chosen.allocation in chosen.why
+
+
 def test_recovery_takes_the_first_rows_again_from_the_start_when_short() -> None:
     calibration = [{"input_ids": torch.arange(6).view(3, 2) + 10 * i} for i in range(2)]
 

@@ -13,6 +13,7 @@ from worker.engine.scores import scoring_methods
 Granularity = Literal["channel", "layer", "unstructured", "2:4"]
 TargetMetric = Literal["macs", "params", "sparsity"]
 Schedule = Literal["exponential", "linear"]
+BlockScore = Literal["loss", "influence"]
 FinetuneFn = Callable[[nn.Module, int], None]
 
 
@@ -45,6 +46,11 @@ class PruneConfig:
     # Share (in log space) of the target's reduction taken by removing whole transformer blocks
     # first; widths take the rest. 0: widths only; granularity "layer" is depth only.
     depth_share: float = 0.0
+    # How whole blocks are chosen: "loss", the second-order loss change of removing each (the
+    # least now goes first); "influence", ShortGPT's block influence 1 − cos(input, output)
+    # (Men et al. 2024), which costs more now and recovers better after distillation on the
+    # tiny LLM (docs/benchmarks/tiny-llm.md). A search tries both (`worker/pipeline/search.py`).
+    block_score: BlockScore = "loss"
     # Hand-written attention: projection module name -> number of heads. Hugging Face attention
     # layers are recognised without it.
     attention_heads: Mapping[str, int] = field(default_factory=dict, compare=False)
@@ -78,6 +84,8 @@ class PruneConfig:
             raise InvalidConfig(f"unknown granularity {self.granularity!r}")
         if self.schedule not in get_args(Schedule):
             raise InvalidConfig(f"unknown schedule {self.schedule!r}")
+        if self.block_score not in get_args(BlockScore):
+            raise InvalidConfig(f"unknown block_score {self.block_score!r}")
         if self.target_metric not in get_args(TargetMetric):
             raise InvalidConfig(f"unknown target metric {self.target_metric!r}")
         structured = self.granularity in ("channel", "layer")

@@ -141,6 +141,7 @@ def _prune_structure_(
             config.target_metric,
             on_step,
             nearest=config.granularity == "channel",
+            block_score=config.block_score,
         )
     plan = Plan()
     if config.granularity == "channel":
@@ -190,6 +191,7 @@ def reachable_fraction(
     limit = replace(
         config,
         method="magnitude",
+        block_score="loss",  # the magnitude of each block's weights: no data either
         target=1e-9,
         steps=1,
         recalibrate_batchnorm=False,

@@ -8,10 +8,12 @@ misses the target drops out. Why it is opt-in and judged this way:
 docs/decisions/0014-search-is-opt-in-and-judged-after-recovery.md.
 
 The candidates are the spec's own normalisation and schedule, then the others in the order
-the quality benchmarks favour after fine-tuning (`PREFERENCE`). Recovery is AdamW with the
-job's loss and learning rate (`finetune.lr`, else `DEFAULT_RECOVERY_LR`) over the first
-`search.recovery_rows` calibration rows, the same rows in the same order, under the same seed,
-for every candidate."""
+the quality benchmarks favour after fine-tuning (`PREFERENCE`). A job that removes whole blocks
+searches how instead (`depth_plans`): which blocks (the loss change now, or the block influence
+that recovers better on the tiny LLM) and, with widths, how much of the reduction depth takes.
+Recovery is AdamW with the job's loss and learning rate (`finetune.lr`, else
+`DEFAULT_RECOVERY_LR`) over the first `search.recovery_rows` calibration rows, the same rows in
+the same order, under the same seed, for every candidate."""
 
 import copy
 import itertools
@@ -58,9 +60,26 @@ def allocations(
     return pairs[:count]
 
 
+def depth_plans(depth_share: float, block_score: str, widths: bool) -> list[tuple[float, str]]:
+    """The (depth_share, block_score) pairs a search of a job that removes blocks tries, in
+    order: the spec's, the other block score, then (with widths to take the rest) half the
+    depth share with each."""
+    other = "influence" if block_score == "loss" else "loss"
+    plans = [(depth_share, block_score), (depth_share, other)]
+    if widths:
+        plans += [(depth_share / 2, block_score), (depth_share / 2, other)]
+    return plans
+
+
 def variants(spec: JobSpec) -> list[JobSpec]:
     """The spec once per candidate, in the order tried: its own allocation first."""
     count = spec.search.candidates
+    if spec.granularity == "layer" or spec.depth_share:
+        plans = depth_plans(spec.depth_share, spec.block_score, spec.granularity == "channel")
+        return [
+            spec.model_copy(update={"depth_share": share, "block_score": score})
+            for share, score in plans[:count]
+        ]
     pairs = allocations(spec.normalisation, spec.schedule.kind, count, spec.uniform_widths)
     return [
         spec.model_copy(
@@ -111,6 +130,7 @@ def choose(
         after_recovery, kept = recovery.apply_unless_worse_(net, result.masks, after_pruning)
         record = _candidate(
             variant,
+            blocks_removed=_blocks_removed(variant, result),
             widths=result.history[-1].widths if result.history else {},
             macs=result.macs,
             params=result.params,
@@ -159,9 +179,29 @@ class Recovery:
 
 
 def _candidate(variant: JobSpec, **measured: Any) -> Candidate:
+    depth = variant.granularity == "layer" or bool(variant.depth_share)
     return Candidate(
-        normalisation=variant.normalisation, schedule=variant.schedule.kind, **measured
+        normalisation=variant.normalisation,
+        schedule=variant.schedule.kind,
+        block_score=variant.block_score if depth else None,
+        depth_share=variant.depth_share if depth and variant.granularity == "channel" else None,
+        **measured,
     )
+
+
+def _blocks_removed(variant: JobSpec, result: PruneResult) -> list[int] | None:
+    """The blocks a depth candidate removed, numbered as in the loaded model (the plan records
+    each one's position at its removal)."""
+    if variant.granularity != "layer" and not variant.depth_share:
+        return None
+    plan = result.plan
+    if not plan.blocks_removed:
+        return []
+    blocks = result.model.get_submodule(plan.block_container)
+    assert isinstance(blocks, nn.ModuleList)
+    left = len(blocks)
+    remaining = list(range(left + len(plan.blocks_removed)))
+    return sorted(remaining.pop(position) for position in plan.blocks_removed)
 
 
 def recovery_batches(calibration: list[Batch], rows: int) -> list[Batch]:
@@ -223,12 +263,10 @@ def _why(records: list[Candidate], chosen: Candidate, rows: int) -> str:
 
     def named(record: Candidate) -> str:
         undone = "" if record.recovery_kept else ", recovery undone"
-        return (
-            f"{_going_on(record):.{digits}g} ({record.normalisation} + {record.schedule}{undone})"
-        )
+        return f"{_going_on(record):.{digits}g} ({record.allocation}{undone})"
 
     others = ", ".join(named(r) for r in judged_ones if r is not chosen) or "no other"
-    missed = [f"{r.normalisation} + {r.schedule}" for r in records if r.missed is not None]
+    missed = [r.allocation for r in records if r.missed is not None]
     dropped = f"; {', '.join(missed)} missed the target" if missed else ""
     return (
         f"lowest held-out loss after {rows} rows of recovery (undone where it raised the loss): "

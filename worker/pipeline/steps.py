@@ -490,5 +490,6 @@ def prune_config(
         global_ranking=not spec.uniform_widths,
         hidden_size=spec.hidden_size,
         depth_share=spec.depth_share,
+        block_score=spec.block_score,
         normalisation=spec.normalisation,
     )

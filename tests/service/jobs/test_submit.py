@@ -453,19 +453,15 @@ SEARCH = {"search": {"candidates": 2}}
             "not built for a latency_ms target yet",
         ),
         (
-            {"granularity": "layer", "evaluation": {"fraction": 0.2}},
-            "needs channel granularity (layer is not built yet)",
-        ),
-        (
             {
                 "granularity": "unstructured",
                 "target": {"sparsity": 0.5},
                 "evaluation": {"fraction": 0.2},
             },
-            "needs channel granularity (unstructured is not built yet)",
+            "needs channel or layer granularity (unstructured is not built yet)",
         ),
     ],
-    ids=["no held-out rows", "family", "latency", "layer", "unstructured"],
+    ids=["no held-out rows", "family", "latency", "unstructured"],
 )
 def test_a_search_it_cannot_judge_or_has_not_built_is_422_in_one_line(
     client: TestClient,
