@@ -647,9 +647,15 @@ ENGINE_ATTEMPTS = 3
 
 
 def engine_config(
-    method: str, axis: str, global_ranking: bool, target: float, depth_share: float
+    method: str,
+    axis: str,
+    global_ranking: bool,
+    target: float,
+    depth_share: float,
+    **allocation: str,
 ) -> PruneConfig:
-    """The engine's configuration for a row; `NotAvailable` names what the engine lacks."""
+    """The engine's configuration for a row (`allocation`: `schedule`, `block_score`, as a
+    search varies them); `NotAvailable` names what the engine lacks."""
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     kwargs: dict[str, Any] = {
         "method": method,
@@ -657,6 +663,7 @@ def engine_config(
         "target": target,
         "steps": ENGINE_STEPS,
         "global_ranking": global_ranking,
+        **allocation,
     }
     if axis == "width":
         kwargs["granularity"] = "channel"
@@ -686,6 +693,7 @@ def engine_prune(
     batches: list[dict[str, Any]],
     goal: int,
     depth_share: float = DEPTH_SHARE,
+    **allocation: str,
 ) -> tuple[LlamaForCausalLM, float, str]:
     """A pruned copy, the seconds it took and a note. The target is a fraction of all
     parameters chosen so the non-embedding ones land at ≤ `goal`; when pruning the hidden size
@@ -696,7 +704,7 @@ def engine_prune(
     seconds = 0.0
     notes = []
     for attempt in range(ENGINE_ATTEMPTS):
-        config = engine_config(method, axis, global_ranking, target, depth_share)
+        config = engine_config(method, axis, global_ranking, target, depth_share, **allocation)
         model = copy.deepcopy(dense)
         started = time.perf_counter()
         result = prune_(model, example, batches, causal_lm, config)

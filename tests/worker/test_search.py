@@ -1,6 +1,7 @@
 """A job's search over candidate allocations (issue 23): one candidate is today's job; more
 prune, recover and judge each on held-out rows, and the job goes on with the best."""
 
+import copy
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from torch import nn
 from service.cli.spec import SpecOptions, build_spec
 from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
+from tests.engine import hf_models
 from tests.worker import factories
 from worker.engine import PruneResult, TargetUnreachable
-from worker.pipeline import memory, models, search, steps
+from worker.pipeline import evaluation, losses, memory, models, search, steps
 from worker.pipeline.inputs import Inputs
 from worker.pipeline.steps import JobFiles, execute
 
@@ -302,6 +304,51 @@ def test_a_depth_search_lists_the_blocks_each_candidate_removed(tmp_path: Path) 
     assert "bert.encoder.layer.1.intermediate.dense.weight" not in weights
     assert chosen.allocation == f"blocks by {chosen.block_score} (removed {1 - kept})"
     assert chosen.why and chosen.allocation in chosen.why
+
+
+def test_a_causal_lm_recovers_by_distillation_and_is_judged_by_its_own_loss() -> None:
+    net = hf_models.grouped_query_lm("llama", layers=2)
+    batches = hf_models.lm_batches(2, 0)
+    inputs = Inputs(
+        models.LoadedModel(net, None, "text"),
+        net,
+        torch.float32,
+        torch.float32,
+        batches,
+        batches,
+        True,
+        losses.causal_lm,
+        batches[0],
+        4,
+    )
+    spec = factories.spec(loss="causal_lm", evaluation={"fraction": 0.2})
+    recover_on = search.recovery_loss(spec, inputs)
+    student = copy.deepcopy(net)
+    with torch.no_grad():
+        assert float(recover_on(student, batches[0])) == 0  # the loaded model is the teacher
+        student.model.layers[1].mlp.down_proj.weight.mul_(0.5)
+        teacher = nn.functional.log_softmax(net(**batches[0]).logits, -1).flatten(0, 1)
+        pupil = nn.functional.log_softmax(student(**batches[0]).logits, -1).flatten(0, 1)
+        by_hand = (teacher.exp() * (teacher - pupil)).sum() / teacher.shape[0]
+        torch.testing.assert_close(recover_on(student, batches[0]), by_hand)
+    # another job recovers on its own loss
+    plain = factories.spec(loss="cross_entropy", evaluation={"fraction": 0.2})
+    assert search.recovery_loss(plain, inputs) is losses.causal_lm
+
+    recovery = search.Recovery(
+        batches, recover_on, 1e-3, batches, CPU, lambda: None, inputs.loss_fn
+    )
+    after, kept = recovery.apply_unless_worse_(student, {}, float("inf"))
+    assert kept and after == evaluation.evaluate(student, batches, losses.causal_lm)["loss"]
+
+
+def test_the_memory_check_counts_the_teacher_a_distillation_holds() -> None:
+    net = nn.Linear(100, 100)
+    seven = memory.scoring_bytes(net, 7)
+    memory.check_fits(net, CPU, seven, searching=True)
+    with pytest.raises(memory.OutOfMemory) as refused:
+        memory.check_fits(net, CPU, seven, searching=True, teacher=True)
+    assert "the teacher a distillation compares with" in str(refused.value)
 
 
 def test_recovery_takes_the_first_rows_again_from_the_start_when_short() -> None:

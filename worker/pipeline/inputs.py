@@ -65,7 +65,9 @@ def load_inputs(
     (0: what the device has free)."""
     report(Progress(stage="loading", percent=0))
     loaded = models.load(files.model_root, files.model_format, trusted=trusted)
-    memory.check_fits(loaded.model, device, memory_limit, spec.search.candidates > 1)
+    searching = spec.search.candidates > 1
+    distilling = spec.loss == "distill" or (searching and spec.loss == "causal_lm")
+    memory.check_fits(loaded.model, device, memory_limit, searching, distilling)
     saved = precision.saved_dtype(loaded.model)
     working = precision.compute_dtype(saved, device)
     net = loaded.model.to(device=device, dtype=working)

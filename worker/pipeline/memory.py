@@ -4,9 +4,10 @@ Scoring holds at least four copies of the parameters at once (the weights, their
 vector of a Hessian-vector product and its result); activations of the calibration batch come on
 top. A search over allocations (`search.candidates` > 1) scores a copy of the loaded model and
 keeps the loaded model, the best candidate so far and, while a candidate recovers, its weights
-from before (restored if the recovery does not help) beside it: three more. A model whose copies
-do not fit in what the worker may use fails at once with `out_of_memory` and the figures,
-instead of being killed by the kernel half-way through.
+from before (restored if the recovery does not help) beside it: three more. A distillation (a
+`distill` job, or a causal LM's search, which recovers by distillation) keeps the original frozen
+beside them: one more. A model whose copies do not fit in what the worker may use fails at once
+with `out_of_memory` and the figures, instead of being killed by the kernel half-way through.
 """
 
 from pathlib import Path
@@ -20,6 +21,8 @@ SCORING_COPIES = 4
 # the loaded model a search copies each candidate from, the best so far, and a candidate's
 # weights from before its recovery
 SEARCH_COPIES = 3
+# the frozen model a distillation compares with (a `distill` job's, a causal LM's search)
+TEACHER_COPIES = 1
 GIB = 1024**3
 
 
@@ -54,12 +57,20 @@ def free_bytes(device: torch.device, limit: int) -> int:
 
 
 def check_fits(
-    net: torch.nn.Module, device: torch.device, limit: int, searching: bool = False
+    net: torch.nn.Module,
+    device: torch.device,
+    limit: int,
+    searching: bool = False,
+    teacher: bool = False,
 ) -> None:
+    """Refuse (`OutOfMemory`) a model whose copies do not fit: scoring's, a search's
+    (`searching`) and a distillation's teacher (`teacher`)."""
     copies = SCORING_COPIES + (SEARCH_COPIES if searching else 0)
+    copies += TEACHER_COPIES if teacher else 0
     needed, free = scoring_bytes(net, copies), free_bytes(device, limit)
     if needed > free:
         held = ", and the three more copies a search holds" if searching else ""
+        held += ", and the teacher a distillation compares with" if teacher else ""
         fewer = " or with search.candidates 1" if searching else ""
         raise OutOfMemory(
             f"scoring this model needs at least {readable(needed)} on {device.type} "

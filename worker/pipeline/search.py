@@ -11,9 +11,10 @@ The candidates are the spec's own normalisation and schedule, then the others in
 the quality benchmarks favour after fine-tuning (`PREFERENCE`). A job that removes whole blocks
 searches how instead (`depth_plans`): which blocks (the loss change now, or the block influence
 that recovers better on the tiny LLM) and, with widths, how much of the reduction depth takes.
-Recovery is AdamW with the job's loss and learning rate (`finetune.lr`, else
-`DEFAULT_RECOVERY_LR`) over the first `search.recovery_rows` calibration rows, the same rows in
-the same order, under the same seed, for every candidate."""
+Recovery is AdamW with the job's loss (a causal LM's: KL from the loaded model, `recovery_loss`)
+and learning rate (`finetune.lr`, else `DEFAULT_RECOVERY_LR`) over the first
+`search.recovery_rows` calibration rows, the same rows in the same order, under the same seed,
+for every candidate; the judge is always the job's loss."""
 
 import copy
 import itertools
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from service.jobs.results import Candidate, Progress
 from service.jobs.schemas import Finetune, JobSpec
 from worker.engine import PruneResult, TargetUnreachable
-from worker.pipeline import evaluation, finetune, precision
+from worker.pipeline import evaluation, finetune, losses, precision
 from worker.pipeline.inputs import Batch, Inputs
 from worker.pipeline.losses import LossFn
 
@@ -111,7 +112,9 @@ def choose(
     rows = spec.search.recovery_rows
     lr = spec.finetune.lr if spec.finetune is not None else DEFAULT_RECOVERY_LR
     batches = recovery_batches(inputs.calibration, rows)
-    recovery = Recovery(batches, inputs.loss_fn, lr, inputs.evaluation, device, check)
+    recovery = Recovery(
+        batches, recovery_loss(spec, inputs), lr, inputs.evaluation, device, check, inputs.loss_fn
+    )
     records: list[Candidate] = []
     best: tuple[Pruned, nn.Module, Candidate, float] | None = None
     first_miss: TargetUnreachable | None = None
@@ -151,10 +154,17 @@ def choose(
     return best[0], best[1], records
 
 
+def recovery_loss(spec: JobSpec, inputs: Inputs) -> LossFn:
+    """What a candidate recovers on: the job's loss, except a causal LM's, which recovers as
+    Minitron does, by KL from the loaded model on every next-token distribution (the model's
+    own distributions carry more than the one token the data has at each position)."""
+    return losses.distillation(inputs.net) if spec.loss == "causal_lm" else inputs.loss_fn
+
+
 @dataclass(frozen=True)
 class Recovery:
     """The short recovery every candidate gets (`recover_`), and the held-out rows that
-    judge it."""
+    judge it (by `judge`, else by the loss it recovers on)."""
 
     batches: list[Batch]
     loss_fn: LossFn
@@ -162,6 +172,7 @@ class Recovery:
     held_out: list[Batch]
     device: torch.device
     check: Callable[[], None]
+    judge: LossFn | None = None
 
     def apply_unless_worse_(
         self, net: nn.Module, masks: dict[str, Tensor], before: float
@@ -171,7 +182,7 @@ class Recovery:
         after recovery and whether the recovery was kept."""
         weights = copy.deepcopy(net.state_dict())
         recover_(net, self.batches, self.loss_fn, self.lr, masks, self.device, self.check)
-        after = evaluation.evaluate(net, self.held_out, self.loss_fn)["loss"]
+        after = evaluation.evaluate(net, self.held_out, self.judge or self.loss_fn)["loss"]
         kept = judged(after) < judged(before)
         if not kept:
             net.load_state_dict(weights)
