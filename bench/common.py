@@ -11,7 +11,7 @@ import contextlib
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,9 @@ class Dataset:
     x_test: Tensor
     y_test: Tensor
     classes: int = 10
+    # training rows set aside (`split_validation`): no dense training, calibration or recovery
+    # sees them
+    validation: Batch | None = None
 
     @property
     def example(self) -> Tensor:
@@ -190,10 +193,28 @@ def calibration_batches(data: Dataset, seed: int, count: int = 8, size: int = 64
     return [(data.x_train[idx], data.y_train[idx]) for idx in order.split(size)]
 
 
+def split_validation(data: Dataset, fraction: float) -> Dataset:
+    """`data` with a fixed random `fraction` of its training rows moved to `validation`: rows
+    the dense model never trains on, as a user's validation set would be (the same rows for
+    every seed)."""
+    order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(30_000))
+    cut = round(fraction * len(order))
+    kept, aside = order[cut:], order[:cut]
+    return replace(
+        data,
+        x_train=data.x_train[kept],
+        y_train=data.y_train[kept],
+        validation=(data.x_train[aside], data.y_train[aside]),
+    )
+
+
 def held_out_batch(data: Dataset, seed: int, count: int = 8, size: int = 64) -> Batch:
     """The training examples `calibration_batches(data, seed, count, size)` did not draw, as
     one batch: rows that neither scoring nor recalibration saw (dense training saw every
-    training row; the test split stays for the tables)."""
+    training row; the test split stays for the tables). With a validation split, those rows
+    instead: dense training never saw them either."""
+    if data.validation is not None:
+        return data.validation
     idx = _calibration_order(data, seed)[count * size :]
     return data.x_train[idx], data.y_train[idx]
 

@@ -68,6 +68,7 @@ from bench.common import (
     mean_std,
     recalibrate,
     set_threads,
+    split_validation,
     train_epochs,
 )
 from bench.peers import PEER_MAX_PRUNING_RATIO, FixedHessianImportance, peer_importance
@@ -332,6 +333,8 @@ class Settings:
     tries: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (label, switches) rows
     search: int = 0  # candidates of the `oba, search K` row (0: no such row)
     recovery_rows: int = 256  # calibration rows of each candidate's recovery
+    # fraction of the training rows set aside before dense training; the search judges on them
+    validation: float = 0.0
 
 
 def _evaluate(
@@ -551,6 +554,8 @@ def run(settings: Settings) -> list[Row]:
     rows: list[Row] = []
     for name in settings.datasets:
         data = load_dataset(name)
+        if settings.validation:
+            data = split_validation(data, settings.validation)
         for seed in range(settings.seeds):
             dense = train_dense(data, seed, settings.training_scale)
             print(f"{name} seed={seed}: dense accuracy {accuracy(dense, data):.3f}", flush=True)
@@ -723,6 +728,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         help="calibration rows of each search candidate's recovery (default 256)",
     )
     parser.add_argument(
+        "--validation",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="set this fraction of the training rows aside before dense training; the search "
+        "judges on them (default 0: on the training rows calibration did not draw)",
+    )
+    parser.add_argument(
         "--report",
         nargs="+",
         metavar="JSON",
@@ -754,6 +767,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         tries=tuple(parse_try(text) for text in args.tries),
         search=args.search,
         recovery_rows=args.recovery_rows,
+        validation=args.validation,
     )
     return settings, args
 
