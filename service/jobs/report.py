@@ -3,7 +3,7 @@ scripts and no external assets, every value escaped."""
 
 from html import escape
 
-from service.jobs.results import JobResult, Metrics
+from service.jobs.results import Candidate, JobResult, Metrics
 from service.jobs.schemas import JobReport
 from service.jobs.summary import candidate_cells
 
@@ -48,8 +48,11 @@ def _result(result: JobResult) -> list[str]:
         sections.append("<h2>Before → after</h2>" + "".join(charts))
     if result.family:
         sections.append(_family(result))
-    if result.candidates and len(result.candidates) > 1:
-        sections.append(_candidates(result))
+    sections += [
+        _candidates(result, candidates, member)
+        for member, candidates in result.searches
+        if len(candidates) > 1
+    ]
     if result.widths:
         rows = "".join(
             f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in sorted(result.widths.items())
@@ -92,9 +95,9 @@ def _family(result: JobResult) -> str:
     )
 
 
-def _candidates(result: JobResult) -> str:
-    """A search's candidates in the order tried, and why the chosen one won."""
-    candidates = result.candidates or []
+def _candidates(result: JobResult, candidates: list[Candidate], member: str) -> str:
+    """A search's candidates in the order tried, and why the chosen one won (`member`: the
+    family member's target it searched for)."""
     rows = "".join(
         "<tr>"
         + "".join(f"<td>{escape(cell)}</td>" for cell in candidate_cells(c, result))
@@ -114,7 +117,8 @@ def _candidates(result: JobResult) -> str:
         for c in candidates
     )
     return (
-        "<h2>Candidates: loss on the held-out rows after pruning and after a short recovery</h2>"
+        f"<h2>{escape(member + ': ') if member else ''}Candidates: loss on the held-out rows "
+        "after pruning and after a short recovery</h2>"
         "<table><tr><th>allocation</th><th>MACs kept</th><th>params kept</th>"
         f"<th>after pruning</th><th>after recovery</th><th></th></tr>{rows}</table>{why}"
         f"<h3>Their widths</h3><table>{widths}</table>"

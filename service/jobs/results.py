@@ -80,23 +80,11 @@ class TrackingRun(BaseModel):
     error: str | None = Field(default=None, exclude_if=_unset)
 
 
-class Member(BaseModel):
-    """One model a job made: a family's member at its target (a plain job has one)."""
-
-    target: dict[str, float]  # {"macs": 0.5}
-    macs_after: int
-    params_after: int
-    after_pruning: Metrics
-    after_finetune: Metrics | None
-    widths: dict[str, int]  # output channels per group root (depth: block count)
-    target_met: bool
-    exports: dict[str, ExportChecks]  # by format
-
-
 class Candidate(BaseModel):
-    """One allocation a job's search tried: pruned from the loaded model to the target, given
-    the search's short recovery, judged by the loss on the held-out batches; or, where its
-    pruning missed the target, dropped out with why (`missed`) and nothing measured."""
+    """One allocation a job's search tried: pruned from the loaded model (a family's later
+    members: from the member before) to the target, given the search's short recovery, judged
+    by the loss on the held-out batches; or, where its pruning missed the target, dropped out
+    with why (`missed`) and nothing measured."""
 
     normalisation: str
     schedule: str  # exponential | linear
@@ -131,6 +119,21 @@ class Candidate(BaseModel):
         return f"blocks by {self.block_score} (removed {blocks}){share}"
 
 
+class Member(BaseModel):
+    """One model a job made: a family's member at its target (a plain job has one)."""
+
+    target: dict[str, float]  # {"macs": 0.5}
+    macs_after: int
+    params_after: int
+    after_pruning: Metrics
+    after_finetune: Metrics | None
+    widths: dict[str, int]  # output channels per group root (depth: block count)
+    target_met: bool
+    exports: dict[str, ExportChecks]  # by format
+    # a search's candidates for this member (a family searches at each target)
+    candidates: list[Candidate] | None = Field(default=None, exclude_if=_unset)
+
+
 class JobResult(BaseModel):
     """A succeeded job: before and after, how it got there, and what it wrote."""
 
@@ -159,8 +162,21 @@ class JobResult(BaseModel):
     family: list[Member] | None = Field(default=None, exclude_if=_unset)
     latency: Latency | None = Field(default=None, exclude_if=_unset)
     mlflow: TrackingRun | None = Field(default=None, exclude_if=_unset)
-    # a search's candidates in the order tried, the job's own allocation first
+    # a search's candidates in the order tried, the job's own allocation first (a family's:
+    # the last member's; each member carries its own)
     candidates: list[Candidate] | None = Field(default=None, exclude_if=_unset)
+
+    @property
+    def searches(self) -> list[tuple[str, list[Candidate]]]:
+        """Each search the job ran, with what it searched for: a family's members by target
+        ("macs 0.75"), or the job's one search (""); none without a search."""
+        if self.family:
+            return [
+                (", ".join(f"{k} {v:g}" for k, v in m.target.items()), m.candidates)
+                for m in self.family
+                if m.candidates
+            ]
+        return [("", self.candidates)] if self.candidates else []
 
     @property
     def members(self) -> list[Member]:

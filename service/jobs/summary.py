@@ -40,13 +40,11 @@ def result_table(result: JobResult) -> Table:
     return table
 
 
-def candidates_table(result: JobResult) -> Table | None:
-    """A search's candidates, one row each in the order tried, the chosen one marked; None for
-    a job that tried one."""
-    candidates = result.candidates or []
-    if len(candidates) < 2:
-        return None
-    table = Table(title="candidates (loss on the held-out rows)")
+def candidates_table(candidates: list[Candidate], result: JobResult, member: str = "") -> Table:
+    """A search's candidates, one row each in the order tried, the chosen one marked (`member`:
+    the family member's target it searched for)."""
+    title = "candidates (loss on the held-out rows)"
+    table = Table(title=f"{member}: {title}" if member else title)
     headers = ("allocation", "MACs kept", "params kept", "after pruning", "after recovery", "")
     for header in headers:
         table.add_column(header, justify="left" if header == "allocation" else "right")
@@ -83,14 +81,14 @@ def candidate_cells(candidate: Candidate, result: JobResult) -> tuple[str, ...]:
 
 
 def print_candidates(out: Console, result: JobResult) -> None:
-    """A search's candidates under the result's table, and why the chosen one won."""
-    table = candidates_table(result)
-    if table is None:
-        return
-    out.print(table)
-    why = next((c.why for c in result.candidates or [] if c.chosen and c.why), None)
-    if why is not None:
-        out.print(f"chosen: {why}", soft_wrap=True, markup=False, highlight=False)
+    """Each search's candidates under the result's table, and why the chosen one won."""
+    for member, candidates in result.searches:
+        if len(candidates) < 2:
+            continue
+        out.print(candidates_table(candidates, result, member))
+        why = next((c.why for c in candidates if c.chosen and c.why), None)
+        if why is not None:
+            out.print(f"chosen: {why}", soft_wrap=True, markup=False, highlight=False)
 
 
 def reached(result: JobResult, target: Target) -> str:

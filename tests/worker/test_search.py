@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
 from service.cli.spec import SpecOptions, build_spec
 from service.jobs.results import JobResult, Progress
 from service.jobs.schemas import JobSpec
+from service.jobs.summary import print_candidates
 from tests.engine import hf_models
 from tests.worker import factories
 from worker.engine import PruneResult, TargetUnreachable
@@ -29,12 +31,8 @@ SURE = torch.tensor([20.0, -20.0])
 def _job(tmp_path: Path, **overrides: Any) -> JobSpec:
     """A small BERT job with per-layer widths (safetensors: max and lamp allocate differently),
     one pruning step and a held-out quarter."""
-    return factories.spec(
-        outputs=["safetensors"],
-        schedule={"steps": 1},
-        evaluation={"fraction": 0.25},
-        **overrides,
-    )
+    base = {"outputs": ["safetensors"], "schedule": {"steps": 1}, "evaluation": {"fraction": 0.25}}
+    return factories.spec(**(base | overrides))
 
 
 def _run(
@@ -265,6 +263,45 @@ def test_candidates_start_with_the_jobs_own_allocation() -> None:
         ("lamp", "exponential"),
         ("lamp", "linear"),
     ]
+
+
+def test_a_family_searches_at_each_target_from_the_member_before(tmp_path: Path) -> None:
+    spec = _job(
+        tmp_path,
+        targets=[{"macs": 0.75}, {"macs": 0.5}],
+        schedule={"steps": 2},
+        search={"candidates": 2, "recovery_rows": 40},
+    )
+    files = JobFiles(
+        factories.bert_folder(tmp_path),
+        "hf",
+        factories.tensors_file(tmp_path / "data.safetensors", rows=64),
+        "tensors",
+        None,
+        tmp_path,
+    )
+
+    result, _ = execute(spec, files, CPU, False, lambda _: None)
+
+    family = result.family or []
+    assert len(family) == 2
+    for member in family:
+        assert member.candidates is not None and len(member.candidates) == 2
+        (chosen,) = [c for c in member.candidates if c.chosen]
+        assert member.widths == chosen.widths
+        assert (member.macs_after, member.params_after) == (chosen.macs, chosen.params)
+    first, second = family
+    assert second.candidates is not None
+    # the second member's candidates are pruned from the first member: never wider
+    assert all(c.widths[k] <= first.widths[k] for c in second.candidates for k in c.widths)
+    assert result.candidates == second.candidates
+    assert [s.step for s in result.steps] == [1, 2]  # one each, numbered across the family
+    assert [member for member, _ in result.searches] == ["macs 0.75", "macs 0.5"]
+    console = Console(record=True, width=200)
+    print_candidates(console, result)
+    shown = console.export_text()
+    assert "macs 0.75: candidates" in shown and "macs 0.5: candidates" in shown
+    assert shown.count("chosen: lowest held-out loss") == 2
 
 
 def test_a_job_that_removes_blocks_searches_which_and_how_many() -> None:

@@ -132,6 +132,7 @@ class _Run:
             widths=result.history[-1].widths if result.history else {},
             target_met=met,
             exports={e.format: ExportChecks.model_validate(e.checks) for e in made},
+            candidates=self.candidates if searching else None,
         )
 
     def prune(self, goal: Target, steps: int) -> tuple[PruneResult, bool]:
@@ -188,6 +189,7 @@ class _Run:
                 replace(self.inputs, net=net),
                 report,
                 self.check,
+                steps=list(self.steps),  # a family's earlier members' steps, numbered on
                 plan=self.plan,
                 original=dict(self.original),
                 seconds=self.seconds,  # adds its pruning's time to the job's

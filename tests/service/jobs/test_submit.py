@@ -445,10 +445,6 @@ SEARCH = {"search": {"candidates": 2}}
     [
         ({}, "set evaluation.fraction (e.g. 0.2) or evaluation.dataset_id"),
         (
-            {"targets": [{"macs": 0.7}, {"macs": 0.5}], "evaluation": {"fraction": 0.2}},
-            "not built for targets (a family) yet",
-        ),
-        (
             {"target": {"latency_ms": 5.0}, "evaluation": {"fraction": 0.2}},
             "not built for a latency_ms target yet",
         ),
@@ -461,7 +457,7 @@ SEARCH = {"search": {"candidates": 2}}
             "needs channel or layer granularity (unstructured is not built yet)",
         ),
     ],
-    ids=["no held-out rows", "family", "latency", "unstructured"],
+    ids=["no held-out rows", "latency", "unstructured"],
 )
 def test_a_search_it_cannot_judge_or_has_not_built_is_422_in_one_line(
     client: TestClient,
