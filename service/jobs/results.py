@@ -107,6 +107,9 @@ class Candidate(BaseModel):
     recovery_kept: bool | None = Field(default=None, exclude_if=_unset)
     # one that dropped out: the target it missed, in one line
     missed: str | None = Field(default=None, exclude_if=_unset)
+    # one whose allocation pruned to the very model an earlier one did (its number, from 1):
+    # its figures are that one's, it was not recovered again and is not chosen
+    same_as: int | None = Field(default=None, exclude_if=_unset)
 
     @property
     def allocation(self) -> str:

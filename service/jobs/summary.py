@@ -74,6 +74,7 @@ def candidate_cells(candidate: Candidate, result: JobResult) -> tuple[str, ...]:
                 ("chosen", c.chosen),
                 ("recovery undone", c.recovery_kept is False),
                 ("missed the target", c.missed is not None),
+                (f"the model of candidate {c.same_as}", c.same_as is not None),
             )
             if holds
         ),

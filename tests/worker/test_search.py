@@ -399,7 +399,9 @@ def test_recovery_takes_the_first_rows_again_from_the_start_when_short() -> None
     assert [b["input_ids"].shape[0] for b in search.recovery_batches(calibration, 2)] == [2]
 
 
-def test_a_tie_goes_to_the_earlier_candidate_and_a_loss_that_is_not_finite_never_wins() -> None:
+def test_a_tie_goes_to_the_earlier_candidate_and_a_loss_that_is_not_finite_never_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """`choose` on a linear model its pruning leaves alone (each candidate the same model) but
     for the candidates whose loss a test sets."""
     torch.manual_seed(0)
@@ -444,6 +446,30 @@ def test_a_tie_goes_to_the_earlier_candidate_and_a_loss_that_is_not_finite_never
         return index, [r.chosen for r in records]
 
     assert chosen({}) == (0, [True, False, False])  # three equal candidates
+    # the same model again is judged once: the later ones take the first's figures
+    spec = factories.spec(
+        evaluation={"fraction": 0.2}, search={"candidates": 3}, outputs=["safetensors"]
+    )
+    recovered: list[int] = []
+    original = search.Recovery.apply_unless_worse_
+
+    def counted(self: search.Recovery, *args: Any) -> tuple[float, bool]:
+        recovered.append(1)
+        return original(self, *args)
+
+    def untouched(variant: JobSpec, net: nn.Module, report: Any) -> tuple[None, Any, float]:
+        with torch.no_grad():
+            return None, PruneResult(net, 10, 10, 10, 10, []), float(loss_fn(net, rows))
+
+    monkeypatch.setattr(search.Recovery, "apply_unless_worse_", counted)
+    _, _, records = search.choose(spec, inputs, CPU, untouched, lambda _: None, lambda: None)
+    assert len(recovered) == 1
+    assert [r.same_as for r in records] == [None, 1, 1]
+    assert records[1].loss_after_recovery == records[0].loss_after_recovery
+    assert records[0].why and records[0].why.endswith(
+        "; lamp + linear pruned to the model of candidate 1"
+        "; lamp + exponential pruned to the model of candidate 1"
+    )
     assert chosen({0: float("nan")}) == (1, [False, True, False])
     assert chosen({0: float("inf"), 1: float("nan")}) == (2, [False, False, True])
 

@@ -17,6 +17,7 @@ and learning rate (`finetune.lr`, else `DEFAULT_RECOVERY_LR`) over the first
 for every candidate; the judge is always the job's loss."""
 
 import copy
+import hashlib
 import itertools
 import math
 from collections.abc import Callable
@@ -45,6 +46,16 @@ PREFERENCE = (
 )
 DEFAULT_RECOVERY_LR = Finetune().lr
 RECOVERY_SEED = 0  # every candidate's dropout draws the same masks
+# what a candidate that pruned to an earlier one's model takes over from it
+MEASURED = {
+    "blocks_removed",
+    "widths",
+    "macs",
+    "params",
+    "loss_after_pruning",
+    "loss_after_recovery",
+    "recovery_kept",
+}
 
 
 def allocations(
@@ -116,6 +127,7 @@ def choose(
         batches, recovery_loss(spec, inputs), lr, inputs.evaluation, device, check, inputs.loss_fn
     )
     records: list[Candidate] = []
+    seen: dict[str, int] = {}  # a pruned model's weights -> the first candidate that had them
     best: tuple[Pruned, nn.Module, Candidate, float] | None = None
     first_miss: TargetUnreachable | None = None
     for index, variant in enumerate(tried):
@@ -130,6 +142,11 @@ def choose(
             continue
         finally:
             relabelled(Progress(percent=100))
+        same = seen.setdefault(fingerprint(net), len(records))
+        if same != len(records):  # pruned to the very same weights: judged already, no winner
+            records.append(_same_as(records[same], variant, same))
+            del net, pruned, result
+            continue
         after_recovery, kept = recovery.apply_unless_worse_(net, result.masks, after_pruning)
         record = _candidate(
             variant,
@@ -198,6 +215,23 @@ def _candidate(variant: JobSpec, **measured: Any) -> Candidate:
         depth_share=variant.depth_share if depth and variant.granularity == "channel" else None,
         **measured,
     )
+
+
+def fingerprint(net: nn.Module) -> str:
+    """A digest of every parameter and buffer, names, shapes and bytes: two candidates whose
+    allocations prune to the same model (the same blocks, the same channels) share it."""
+    digest = hashlib.sha256()
+    for name, tensor in net.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _same_as(earlier: Candidate, variant: JobSpec, index: int) -> Candidate:
+    """A candidate that pruned to an earlier one's model: its numbers, not recovered again,
+    never chosen (a tie goes to the earlier)."""
+    measured = earlier.model_dump(include=MEASURED)
+    return _candidate(variant, same_as=index + 1, **measured)
 
 
 def _blocks_removed(variant: JobSpec, result: PruneResult) -> list[int] | None:
@@ -269,7 +303,7 @@ def _searching(report: Report, index: int, count: int) -> Report:
 
 
 def _why(records: list[Candidate], chosen: Candidate, rows: int) -> str:
-    judged_ones = [r for r in records if r.missed is None]
+    judged_ones = [r for r in records if r.missed is None and r.same_as is None]
     digits = _digits([_going_on(r) for r in judged_ones])
 
     def named(record: Candidate) -> str:
@@ -279,6 +313,11 @@ def _why(records: list[Candidate], chosen: Candidate, rows: int) -> str:
     others = ", ".join(named(r) for r in judged_ones if r is not chosen) or "no other"
     missed = [r.allocation for r in records if r.missed is not None]
     dropped = f"; {', '.join(missed)} missed the target" if missed else ""
+    dropped += "".join(
+        f"; {r.allocation} pruned to the model of candidate {r.same_as}"
+        for r in records
+        if r.same_as is not None
+    )
     return (
         f"lowest held-out loss after {rows} rows of recovery (undone where it raised the loss): "
         f"{named(chosen)} against {others}{dropped}"
