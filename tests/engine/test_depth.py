@@ -71,7 +71,7 @@ def test_block_influence_is_one_minus_the_cosine_of_each_blocks_input_and_output
     found = transformer_blocks(model)
     assert found is not None
 
-    influence = block_influence(model, found[1], batches)
+    influence = block_influence(model, found[1], batches, causal_lm_loss)
 
     # the oracle: hidden_states[i] enters block i and hidden_states[i + 1] leaves it (the last
     # one is after the final norm, so the last block is left out)

@@ -90,10 +90,13 @@ def block_scores(
     return total / len(batches)
 
 
-def block_influence(model: nn.Module, blocks: nn.ModuleList, batches: list[Any]) -> Tensor:
+def block_influence(
+    model: nn.Module, blocks: nn.ModuleList, batches: list[Any], loss_fn: LossFn
+) -> Tensor:
     """ShortGPT's block influence of each block (float64): 1 − cos(input, output) per token,
     averaged over the calibration tokens (those the attention mask keeps, where the batch has
-    one). A block that barely turns the residual stream goes first."""
+    one). A block that barely turns the residual stream goes first. The forward passes are the
+    loss's (it knows what of a batch the model takes); the loss itself is not used."""
     if not batches:
         raise InvalidConfig("block_score 'influence' needs at least one calibration batch")
     total = torch.zeros(len(blocks), dtype=torch.float64)
@@ -111,7 +114,7 @@ def block_influence(model: nn.Module, blocks: nn.ModuleList, batches: list[Any])
         with torch.no_grad(), eval_mode(model):
             for batch in batches:
                 taken.clear()
-                model(**batch) if isinstance(batch, dict) else model(batch)
+                loss_fn(model, batch)
                 mask = _token_mask(batch, taken[0])
                 total += torch.stack([(t * mask).sum() for t in taken]).cpu()
                 weight += mask.sum().cpu()
@@ -210,7 +213,7 @@ def prune_blocks_(
     while cost.metric(metric) > goal and len(blocks) > floor:
         started = time.perf_counter()
         if block_score == "influence":
-            scores = block_influence(model, blocks, calibration)
+            scores = block_influence(model, blocks, calibration, loss_fn)
         else:
             scores = block_scores(model, blocks, calibration, loss_fn, method)
         scored = time.perf_counter() - started
