@@ -652,10 +652,10 @@ def engine_config(
     global_ranking: bool,
     target: float,
     depth_share: float,
-    **allocation: str,
+    **allocation: Any,
 ) -> PruneConfig:
-    """The engine's configuration for a row (`allocation`: `schedule`, `block_score`, as a
-    search varies them); `NotAvailable` names what the engine lacks."""
+    """The engine's configuration for a row (`allocation`: `schedule`, `block_score`,
+    `hidden_size`, as a search varies them); `NotAvailable` names what the engine lacks."""
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     kwargs: dict[str, Any] = {
         "method": method,
@@ -668,7 +668,7 @@ def engine_config(
     if axis == "width":
         kwargs["granularity"] = "channel"
         if "hidden_size" in fields:
-            kwargs["hidden_size"] = None  # auto: the config states head_dim
+            kwargs.setdefault("hidden_size", None)  # auto: the config states head_dim
     elif axis == "depth":
         kwargs["granularity"] = "layer"
     else:
@@ -693,7 +693,7 @@ def engine_prune(
     batches: list[dict[str, Any]],
     goal: int,
     depth_share: float = DEPTH_SHARE,
-    **allocation: str,
+    **allocation: Any,
 ) -> tuple[LlamaForCausalLM, float, str]:
     """A pruned copy, the seconds it took and a note. The target is a fraction of all
     parameters chosen so the non-embedding ones land at ≤ `goal`; when pruning the hidden size

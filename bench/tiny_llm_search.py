@@ -5,8 +5,9 @@ given the same distillation as `bench/tiny_llm.py`'s rows.
 The model, corpus, calibration, target, pruning (`engine_prune`, `oba`, 5 steps, uniform widths)
 and distillation are `bench/tiny_llm.py`'s. The candidates are a job's
 (`worker/pipeline/search.py`): width tries the two schedules (`search.allocations` under uniform
-widths); depth tries which blocks go (`search.depth_plans`: the loss change, then block
-influence); both tries those with the depth share and with half of it. Each candidate gets the
+widths), each with the hidden size pruned and kept; depth tries which blocks go
+(`search.depth_plans`: the loss change, then block influence); both tries those with the depth
+share and with half of it. Each candidate gets the
 search's short recovery (`search.Recovery`: one pass of AdamW at the job's default learning
 rate over `--recovery-rows` training windows, KL from the dense model on every next-byte
 distribution, as a job's search recovers a causal LM and as Minitron recovers) and is judged,
@@ -78,16 +79,19 @@ Pruned = tuple[LlamaForCausalLM, float, str]
 
 def candidates(axis: str, depth_share: float, count: int) -> list[dict[str, Any]]:
     """A job's candidates for the axis, as `engine_prune` keywords, in the order tried."""
-    if axis == "width":
+    if axis == "width":  # as `search.variants` under uniform widths: the hidden size kept too
         pairs = search.allocations("max", "exponential", count, uniform=True)
-        return [{"schedule": schedule} for _, schedule in pairs]
+        plain: list[dict[str, Any]] = [{"schedule": schedule} for _, schedule in pairs]
+        kept = [{**c, "hidden_size": False} for c in plain]
+        return (plain + kept)[:count]
     plans = search.depth_plans(depth_share if axis == "both" else 0.0, "loss", axis == "both")
     return [{"depth_share": share, "block_score": score} for share, score in plans[:count]]
 
 
 def describe(axis: str, candidate: dict[str, Any]) -> str:
     if axis == "width":
-        return str(candidate["schedule"])
+        kept = ", hidden size kept" if candidate.get("hidden_size") is False else ""
+        return f"{candidate['schedule']}{kept}"
     share = f", depth share {candidate['depth_share']:g}" if axis == "both" else ""
     return f"blocks by {candidate['block_score']}{share}"
 

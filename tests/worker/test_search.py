@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from service.cli.spec import SpecOptions, build_spec
-from service.jobs.results import JobResult, Progress
+from service.jobs.results import Candidate, JobResult, Progress
 from service.jobs.schemas import JobSpec
 from service.jobs.summary import print_candidates
 from tests.engine import hf_models
@@ -302,6 +302,59 @@ def test_a_family_searches_at_each_target_from_the_member_before(tmp_path: Path)
     shown = console.export_text()
     assert "macs 0.75: candidates" in shown and "macs 0.5: candidates" in shown
     assert shown.count("chosen: lowest held-out loss") == 2
+
+
+def test_where_the_hidden_size_would_be_pruned_uniform_widths_also_try_it_kept() -> None:
+    def tried(prunable: bool, **overrides: Any) -> list[tuple[str, bool | None]]:
+        spec = factories.spec(evaluation={"fraction": 0.2}, **overrides)
+        return [(v.schedule.kind, v.hidden_size) for v in search.variants(spec, prunable)]
+
+    four = {"search": {"candidates": 4}}
+    assert tried(True, **four) == [
+        ("exponential", None),
+        ("linear", None),
+        ("exponential", False),
+        ("linear", False),
+    ]
+    assert tried(True, search={"candidates": 3})[2] == ("exponential", False)
+    assert tried(False, **four) == [("exponential", None), ("linear", None)]  # nothing to keep
+    assert tried(True, hidden_size=True, **four) == [("exponential", True), ("linear", True)]
+    # per-layer widths have four pairs to try already
+    assert {h for _, h in tried(True, outputs=["safetensors"], **four)} == {None}
+
+
+def test_a_causal_lm_job_searches_with_its_hidden_size_kept_too(tmp_path: Path) -> None:
+    folder, _ = factories.architecture_folder(tmp_path, "llama")
+    data = factories.lm_tensors_file(tmp_path / "data.safetensors", rows=48)
+    spec = factories.spec(
+        loss="causal_lm",
+        target={"params": 0.7},
+        evaluation={"fraction": 0.25},
+        search={"candidates": 4, "recovery_rows": 16},
+    )
+    files = JobFiles(folder, "hf", data, "tensors", None, tmp_path / "work")
+    (tmp_path / "work").mkdir()
+
+    result, _ = execute(spec, files, CPU, False, lambda _: None)
+
+    candidates = result.candidates or []
+    assert [(c.schedule, c.hidden_size) for c in candidates] == [
+        ("exponential", None),
+        ("linear", None),
+        ("exponential", False),
+        ("linear", False),
+    ]
+    assert candidates[2].allocation == "max + exponential, hidden size kept"
+
+    def hidden(candidate: Candidate) -> int:  # the hidden size's group is rooted at a down_proj
+        widths = candidate.widths.items()
+        return next((v for k, v in widths if k.endswith("mlp.down_proj")), 32)
+
+    assert [hidden(c) < 32 for c in candidates] == [True, True, False, False]
+    (chosen,) = [c for c in candidates if c.chosen]
+    assert result.after_pruning.loss == (
+        chosen.loss_after_recovery if chosen.recovery_kept else chosen.loss_after_pruning
+    )
 
 
 def test_a_job_that_removes_blocks_searches_which_and_how_many() -> None:

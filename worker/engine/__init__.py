@@ -16,6 +16,7 @@ from worker.engine.errors import (
 from worker.engine.prune import prune, prune_, reachable_fraction
 from worker.engine.results import PruneResult, StepRecord
 from worker.engine.scores import METHODS, parameter_scores, register_scorer, registered_scorer
+from worker.engine.structured import prunes_hidden_size
 
 __all__ = [
     "ALLOCATIONS",
@@ -34,6 +35,7 @@ __all__ = [
     "parameter_scores",
     "prune",
     "prune_",
+    "prunes_hidden_size",
     "reachable_fraction",
     "register_allocation",
     "register_scorer",

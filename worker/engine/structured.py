@@ -119,7 +119,7 @@ def _discover(
     ignored += architectures.output_layers(model, example_inputs) + frozen
     graph = build_graph(model, example_inputs)
     names = {module: name for name, module in named.items()}
-    hidden = _prune_hidden(model, example_inputs, config)
+    hidden = prunes_hidden_size(model, example_inputs, config)
     if hidden and family_of(getattr(model, "config", None)).hidden_with_head_size:
         derived = derived_hidden(model, graph, names)
         hidden = derived is not None
@@ -456,7 +456,10 @@ def _recording(loss_fn: LossFn, losses: list[float]) -> LossFn:
     return recorded
 
 
-def _prune_hidden(model: nn.Module, example_inputs: Any, config: PruneConfig) -> bool:
+def prunes_hidden_size(model: nn.Module, example_inputs: Any, config: PruneConfig) -> bool:
+    """Whether pruning under `config` takes the hidden size too (`hidden_size` None: where the
+    model allows it); `InvalidConfig` where `hidden_size` asks for it and the model does not
+    allow it."""
     if not architectures.is_transformer(model) or config.hidden_size is False:
         return False
     if config.global_ranking and family_of(getattr(model, "config", None)).hidden_with_head_size:

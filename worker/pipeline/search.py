@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from service.jobs.results import Candidate, Progress
 from service.jobs.schemas import Finetune, JobSpec
-from worker.engine import PruneResult, TargetUnreachable
+from worker.engine import PruneConfig, PruneResult, TargetUnreachable, prunes_hidden_size
 from worker.pipeline import evaluation, finetune, losses, precision
 from worker.pipeline.inputs import Batch, Inputs
 from worker.pipeline.losses import LossFn
@@ -83,8 +83,11 @@ def depth_plans(depth_share: float, block_score: str, widths: bool) -> list[tupl
     return plans
 
 
-def variants(spec: JobSpec) -> list[JobSpec]:
-    """The spec once per candidate, in the order tried: its own allocation first."""
+def variants(spec: JobSpec, hidden_size: bool = False) -> list[JobSpec]:
+    """The spec once per candidate, in the order tried: its own allocation first.
+    `hidden_size`: the model's hidden size is pruned where the spec leaves it to the model
+    (`hidden_size` null); under uniform widths, where the pairs are few, the search then also
+    tries each pair with the hidden size kept."""
     count = spec.search.candidates
     if spec.granularity == "layer" or spec.depth_share:
         plans = depth_plans(spec.depth_share, spec.block_score, spec.granularity == "channel")
@@ -93,15 +96,20 @@ def variants(spec: JobSpec) -> list[JobSpec]:
             for share, score in plans[:count]
         ]
     pairs = allocations(spec.normalisation, spec.schedule.kind, count, spec.uniform_widths)
+    switches: list[bool | None] = [spec.hidden_size]
+    if hidden_size and spec.uniform_widths and spec.hidden_size is None:
+        switches.append(False)
     return [
         spec.model_copy(
             update={
                 "normalisation": normalisation,
                 "schedule": spec.schedule.model_copy(update={"kind": kind}),
+                "hidden_size": switch,
             }
         )
+        for switch in switches
         for normalisation, kind in pairs
-    ]
+    ][:count]
 
 
 def choose(
@@ -119,7 +127,8 @@ def choose(
     A candidate whose pruning misses the target drops out (its record says why); the job
     fails as a job without a search would only when every one misses, with the first's
     error. The models that lose are dropped as soon as they do."""
-    tried = variants(spec)
+    config = PruneConfig(global_ranking=not spec.uniform_widths, hidden_size=spec.hidden_size)
+    tried = variants(spec, prunes_hidden_size(inputs.net, inputs.example, config))
     rows = spec.search.recovery_rows
     lr = spec.finetune.lr if spec.finetune is not None else DEFAULT_RECOVERY_LR
     batches = recovery_batches(inputs.calibration, rows)
@@ -212,6 +221,7 @@ def _candidate(variant: JobSpec, **measured: Any) -> Candidate:
         normalisation=variant.normalisation,
         schedule=variant.schedule.kind,
         block_score=variant.block_score if depth else None,
+        hidden_size=False if variant.hidden_size is False else None,
         depth_share=variant.depth_share if depth and variant.granularity == "channel" else None,
         **measured,
     )
