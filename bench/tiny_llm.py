@@ -280,6 +280,15 @@ def trained_model(corpus: Corpus, settings: Training, cache: Path) -> tuple[Llam
 
 
 @torch.no_grad()
+def tagged_model(corpus: Corpus, settings: Training, cache: Path) -> tuple[LlamaForCausalLM, dict]:
+    """`trained_model`, each block tagged with its position (`bench_origin`: which blocks
+    survive depth pruning; copied with the model)."""
+    dense, record = trained_model(corpus, settings, cache)
+    for index, layer in enumerate(dense.model.layers):
+        layer.bench_origin = index
+    return dense, record
+
+
 def perplexity(model: nn.Module, windows: Tensor, batch: int = 32) -> float:
     """exp(mean next-byte cross-entropy) over every predicted byte of `windows` (eval mode)."""
     model.eval()
@@ -889,10 +898,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     corpus = load_corpus(args.corpus)
     print(corpus.description)
-    training = Training(steps=args.train_steps)
-    dense, record = trained_model(corpus, training, args.cache)
-    for index, layer in enumerate(dense.model.layers):
-        layer.bench_origin = index  # which blocks survive depth pruning (copied with the model)
+    dense, record = tagged_model(corpus, Training(steps=args.train_steps), args.cache)
     windows = even_windows(corpus.heldout, 16 if args.quick else EVAL_WINDOWS, SEQ)
     ppl_dense = perplexity(dense, windows)
     print(

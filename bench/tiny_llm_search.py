@@ -63,7 +63,7 @@ from bench.tiny_llm import (
     perplexity,
     shape_of,
     table,
-    trained_model,
+    tagged_model,
 )
 from worker.pipeline import evaluation, search
 from worker.pipeline.losses import causal_lm, distillation
@@ -222,9 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     set_threads(args.threads)
     started = time.perf_counter()
     corpus = load_corpus(args.corpus)
-    dense, _ = trained_model(corpus, Training(), args.cache)
-    for index, layer in enumerate(dense.model.layers):
-        layer.bench_origin = index
+    dense, _ = tagged_model(corpus, Training(), args.cache)
     windows = even_windows(corpus.heldout, EVAL_WINDOWS, SEQ)
     ppl_dense = perplexity(dense, windows)
     ctx = Context(

@@ -42,7 +42,18 @@ def _run(
     tmp_path.mkdir(parents=True, exist_ok=True)
     work = tmp_path / "work"
     work.mkdir()
-    files = JobFiles(
+    files = _bert_files(tmp_path, work)
+    progress: list[Progress] = []
+    result, exports = execute(spec, files, CPU, False, progress.append)
+    (exported,) = (e.path for e in exports if e.format == "safetensors")
+    with zipfile.ZipFile(exported) as bundle:
+        bundle.extractall(tmp_path / "exported")
+    return result, load_file(str(tmp_path / "exported" / "model.safetensors")), progress
+
+
+def _bert_files(tmp_path: Path, work: Path) -> JobFiles:
+    """The small BERT and 64 rows of its data, as a job's files."""
+    return JobFiles(
         factories.bert_folder(tmp_path),
         "hf",
         factories.tensors_file(tmp_path / "data.safetensors", rows=64),
@@ -50,12 +61,6 @@ def _run(
         None,
         work,
     )
-    progress: list[Progress] = []
-    result, exports = execute(spec, files, CPU, False, progress.append)
-    (exported,) = (e.path for e in exports if e.format == "safetensors")
-    with zipfile.ZipFile(exported) as bundle:
-        bundle.extractall(tmp_path / "exported")
-    return result, load_file(str(tmp_path / "exported" / "model.safetensors")), progress
 
 
 @pytest.fixture(scope="module")
@@ -272,16 +277,8 @@ def test_a_family_searches_at_each_target_from_the_member_before(tmp_path: Path)
         schedule={"steps": 2},
         search={"candidates": 2, "recovery_rows": 40},
     )
-    files = JobFiles(
-        factories.bert_folder(tmp_path),
-        "hf",
-        factories.tensors_file(tmp_path / "data.safetensors", rows=64),
-        "tensors",
-        None,
-        tmp_path,
-    )
 
-    result, _ = execute(spec, files, CPU, False, lambda _: None)
+    result, _ = execute(spec, _bert_files(tmp_path, tmp_path), CPU, False, lambda _: None)
 
     family = result.family or []
     assert len(family) == 2
