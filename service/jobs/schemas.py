@@ -205,8 +205,10 @@ class JobSpec(SpecPart):
     @model_validator(mode="before")
     @classmethod
     def _target_is_the_last_of_targets(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("targets") and "target" not in data:
-            return {**data, "target": data["targets"][-1]}
+        targets = data.get("targets") if isinstance(data, dict) else None
+        # anything but a non-empty list is left for the field's own validation to refuse
+        if isinstance(targets, list) and targets and "target" not in data:
+            return {**data, "target": targets[-1]}
         return data
 
     @field_validator("method")

@@ -209,6 +209,17 @@ def test_valid_specs_are_accepted(
     assert response.status_code == 202, response.text
 
 
+@pytest.mark.parametrize("targets", [{"": None}, True, "macs", []])
+def test_targets_that_are_not_a_list_are_422_not_500(
+    client: TestClient, alice: Caller, spec: dict[str, Any], targets: Any
+) -> None:
+    """Found by the fuzz test: the rule that makes `target` the last of `targets` indexed
+    whatever came."""
+    body = {k: v for k, v in spec.items() if k != "target"} | {"targets": targets}
+    response = client.post("/v1/jobs", json=body, headers=alice.headers)
+    problem(response, 422, "invalid_request")
+
+
 def test_a_request_that_is_not_json_is_422(client: TestClient, alice: Caller) -> None:
     response = client.post("/v1/jobs", content=b"model_id=x", headers=alice.headers)
     problem(response, 422, "invalid_request")
