@@ -63,6 +63,14 @@ MaxMemory = Annotated[
 ]
 Epochs = Annotated[int | None, Opt("--finetune-epochs", help="fine-tune after pruning")]
 LearningRate = Annotated[float | None, Opt("--finetune-lr", help="fine-tuning learning rate")]
+FinetuneDistill = Annotated[
+    bool | None,
+    Opt(
+        "--finetune-distill/--finetune-on-loss",
+        help="fine-tune by distillation from the uploaded model, or by the job's loss "
+        "(default: a causal LM distils)",
+    ),
+]
 EvalFraction = Annotated[
     float | None, Opt("--eval-fraction", help="evaluate on this last fraction of the rows")
 ]
@@ -106,6 +114,7 @@ class SpecOptions:
     max_memory: MaxMemory = None
     finetune_epochs: Epochs = None
     finetune_lr: LearningRate = None
+    finetune_distill: FinetuneDistill = None
     eval_fraction: EvalFraction = None
     search: SearchCandidates = None
     recovery_rows: RecoveryRows = None
@@ -180,7 +189,13 @@ def build_spec(
     _merge(
         spec, "calibration", batches=given.batches, batch_size=given.batch_size, max_memory=memory
     )
-    _merge(spec, "finetune", epochs=given.finetune_epochs, lr=given.finetune_lr)
+    _merge(
+        spec,
+        "finetune",
+        epochs=given.finetune_epochs,
+        lr=given.finetune_lr,
+        distill=given.finetune_distill,
+    )
     _merge(spec, "evaluation", fraction=given.eval_fraction, dataset_id=eval_dataset)
     _merge(spec, "search", candidates=given.search, recovery_rows=given.recovery_rows)
     mean, std = _floats(given.mean, "--mean"), _floats(given.std, "--std")

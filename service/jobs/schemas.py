@@ -93,6 +93,9 @@ class Calibration(SpecPart):
 class Finetune(SpecPart):
     epochs: int = Field(default=1, ge=0, le=100)
     lr: float = Field(default=1e-3, gt=0, le=1)
+    # fine-tune by distillation from the uploaded model (KL on every output distribution, as
+    # Minitron recovers) rather than by the job's loss; null: a causal LM's does
+    distill: bool | None = None
 
 
 class Search(SpecPart):
@@ -226,6 +229,26 @@ class JobSpec(SpecPart):
         """Every layer of a kind keeps one width: an `hf` output's config states one per kind
         (the API's reachability check and the worker's pruning both follow this)."""
         return "hf" in self.outputs
+
+    @property
+    def distils_from_the_original(self) -> bool:
+        """A loss other than `distill` that still needs the uploaded model kept frozen beside
+        the pruned one: a fine-tune that distils (`finetune.distill`, by default a causal
+        LM's), or a causal LM's search, whose candidates recover by distillation."""
+        if self.loss == "distill":
+            return False
+        searching = self.search.candidates > 1 and self.loss == "causal_lm"
+        return searching or self.finetune_distils
+
+    @property
+    def finetune_distils(self) -> bool:
+        """The fine-tune distils from the uploaded model instead of minimising the job's loss
+        (a `distill` job's loss is that distillation already)."""
+        if self.finetune is None or self.loss == "distill":
+            return False
+        if self.finetune.distill is None:
+            return self.loss == "causal_lm"
+        return self.finetune.distill
 
     @property
     def goals(self) -> list[Target]:

@@ -8,12 +8,13 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from torch import nn
 
 from tests.worker import factories
 from worker.engine import parameter_scores
-from worker.pipeline import losses, models
+from worker.pipeline import finetune, losses, models, steps
 
 
 def _bert() -> transformers.BertModel:
@@ -198,3 +199,57 @@ def test_the_teacher_runs_once_per_batch_and_its_kept_targets_give_the_same_loss
 
     assert again == [fresh] * 3
     assert len(teacher_passes) == len(batches)  # once per batch, then kept
+
+
+@pytest.mark.parametrize(
+    ("loss", "distill", "searching", "fine_tune_distils", "teacher_kept"),
+    [
+        ("causal_lm", None, False, True, True),  # a causal LM's fine-tune distils by default
+        ("causal_lm", False, False, False, False),
+        ("causal_lm", False, True, False, True),  # its search's candidates still do
+        ("cross_entropy", None, False, False, False),
+        ("cross_entropy", True, False, True, True),
+        ("distill", None, False, False, False),  # the job's loss is that distillation already
+    ],
+)
+def test_which_fine_tunes_distil_from_the_uploaded_model(
+    loss: str, distill: bool | None, searching: bool, fine_tune_distils: bool, teacher_kept: bool
+) -> None:
+    spec = factories.spec(
+        loss=loss,
+        finetune={"epochs": 1, "distill": distill},
+        evaluation={"fraction": 0.2},
+        search={"candidates": 2 if searching else 1},
+    )
+    assert spec.finetune_distils is fine_tune_distils
+    assert spec.distils_from_the_original is teacher_kept
+
+
+def test_a_causal_lm_fine_tunes_by_kl_from_the_model_as_uploaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, _ = factories.architecture_folder(tmp_path, "llama")
+    data = factories.lm_tensors_file(tmp_path / "data.safetensors", rows=32)
+    (tmp_path / "work").mkdir()
+    files = steps.JobFiles(folder, "hf", data, "tensors", None, tmp_path / "work")
+    used: list[losses.LossFn] = []
+    real = finetune.finetune_
+
+    def recorded(
+        net: nn.Module, batches: Any, loss_fn: losses.LossFn, *args: Any, **kw: Any
+    ) -> None:
+        used.append(loss_fn)
+        real(net, batches, loss_fn, *args, **kw)
+
+    monkeypatch.setattr(finetune, "finetune_", recorded)
+    spec = factories.spec(loss="causal_lm", finetune={"epochs": 1, "lr": 1e-3})
+
+    result, _ = steps.execute(spec, files, torch.device("cpu"), False, lambda _: None)
+
+    (loss_fn,) = used
+    assert loss_fn is not losses.causal_lm
+    uploaded = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    batch = {"input_ids": load_file(str(data))["input_ids"][:2]}
+    with torch.no_grad():  # the teacher is the model as uploaded, not as pruned
+        assert float(loss_fn(uploaded, batch)) == pytest.approx(0, abs=1e-6)
+    assert result.after_finetune is not None

@@ -407,6 +407,7 @@ def test_a_causal_lm_recovers_by_distillation_and_is_judged_by_its_own_loss() ->
         losses.causal_lm,
         batches[0],
         4,
+        losses.distillation(net),
     )
     spec = factories.spec(loss="causal_lm", evaluation={"fraction": 0.2})
     recover_on = search.recovery_loss(spec, inputs)

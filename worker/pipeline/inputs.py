@@ -44,6 +44,8 @@ class Inputs:
     loss_fn: losses.LossFn
     example: Batch  # one calibration micro-batch: what MACs and latency refer to
     micro_batch_rows: int  # fewer than batch_size when a batch would not fit in memory
+    # distillation from the uploaded model as loaded (`JobSpec.distils_from_the_original`)
+    distill_fn: losses.LossFn | None = None
 
     def cpu_example(self) -> Batch:
         """The example as the exporters trace it: on the CPU, in the dtype the model is saved."""
@@ -66,7 +68,7 @@ def load_inputs(
     report(Progress(stage="loading", percent=0))
     loaded = models.load(files.model_root, files.model_format, trusted=trusted)
     searching = spec.search.candidates > 1
-    distilling = spec.loss == "distill" or (searching and spec.loss == "causal_lm")
+    distilling = spec.loss == "distill" or spec.distils_from_the_original
     memory.check_fits(loaded.model, device, memory_limit, searching, distilling)
     saved = precision.saved_dtype(loaded.model)
     working = precision.compute_dtype(saved, device)
@@ -89,6 +91,8 @@ def load_inputs(
         evaluation = datasets.batches(held_out, 10_000, size, device, working)
     report(Progress(stage="measuring", percent=0))
     loss_fn = losses.make_loss(spec.loss, net, loaded.pooling)
+    # the uploaded model, frozen before any pruning, for what distils from it
+    teacher = losses.distillation(net, loaded.pooling) if spec.distils_from_the_original else None
     room = memory.free_bytes(device, memory_limit)
     if spec.calibration.max_memory is not None:
         room = min(room, spec.calibration.max_memory)
@@ -106,6 +110,7 @@ def load_inputs(
         loss_fn,
         example,
         min(pass_rows, size),
+        teacher,
     )
 
 

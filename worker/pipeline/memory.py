@@ -5,8 +5,8 @@ vector of a Hessian-vector product and its result); activations of the calibrati
 top. A search over allocations (`search.candidates` > 1) scores a copy of the loaded model and
 keeps the loaded model, the best candidate so far and, while a candidate recovers, its weights
 from before (restored if the recovery does not help) beside it: three more. A distillation (a
-`distill` job, or a causal LM's search, which recovers by distillation) keeps the original frozen
-beside them: one more. A model whose copies do not fit in what the worker may use fails at once
+`distill` job, a fine-tune that distils, a causal LM's search) keeps the original frozen beside
+them: one more. A model whose copies do not fit in what the worker may use fails at once
 with `out_of_memory` and the figures, instead of being killed by the kernel half-way through.
 """
 
@@ -21,7 +21,7 @@ SCORING_COPIES = 4
 # the loaded model a search copies each candidate from, the best so far, and a candidate's
 # weights from before its recovery
 SEARCH_COPIES = 3
-# the frozen model a distillation compares with (a `distill` job's, a causal LM's search)
+# the frozen model a distillation compares with (`JobSpec.distils_from_the_original`)
 TEACHER_COPIES = 1
 GIB = 1024**3
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from service.jobs.results import Candidate, Progress
 from service.jobs.schemas import Finetune, JobSpec
 from worker.engine import PruneConfig, PruneResult, TargetUnreachable, prunes_hidden_size
-from worker.pipeline import evaluation, finetune, losses, precision
+from worker.pipeline import evaluation, finetune, precision
 from worker.pipeline.inputs import Batch, Inputs
 from worker.pipeline.losses import LossFn
 
@@ -182,9 +182,13 @@ def choose(
 
 def recovery_loss(spec: JobSpec, inputs: Inputs) -> LossFn:
     """What a candidate recovers on: the job's loss, except a causal LM's, which recovers as
-    Minitron does, by KL from the loaded model on every next-token distribution (the model's
-    own distributions carry more than the one token the data has at each position)."""
-    return losses.distillation(inputs.net) if spec.loss == "causal_lm" else inputs.loss_fn
+    Minitron does, by KL from the uploaded model on every next-token distribution (the model's
+    own distributions carry more than the one token the data has at each position); a
+    family's later members too distil from the uploaded model."""
+    if spec.loss != "causal_lm":
+        return inputs.loss_fn
+    assert inputs.distill_fn is not None  # load_inputs keeps it for a causal LM's search
+    return inputs.distill_fn
 
 
 @dataclass(frozen=True)

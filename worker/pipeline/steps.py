@@ -431,10 +431,14 @@ def _finetune(
         else:
             check()
 
+    loss_fn = inputs.loss_fn
+    if spec.finetune_distils:  # KL from the uploaded model, kept from before pruning
+        assert inputs.distill_fn is not None
+        loss_fn = inputs.distill_fn
     finetune.finetune_(
         inputs.net,
         calibration,
-        inputs.loss_fn,
+        loss_fn,
         epochs,
         spec.finetune.lr,
         masks=masks,
