@@ -231,6 +231,11 @@ class JobSpec(SpecPart):
         return "hf" in self.outputs
 
     @property
+    def removes_blocks(self) -> bool:
+        """Whole transformer blocks go: `layer` granularity, or a depth share with channels."""
+        return self.granularity == "layer" or bool(self.depth_share)
+
+    @property
     def distils_from_the_original(self) -> bool:
         """A loss other than `distill` that still needs the uploaded model kept frozen beside
         the pruned one: a fine-tune that distils (`finetune.distill`, by default a causal

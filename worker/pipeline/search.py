@@ -89,7 +89,7 @@ def variants(spec: JobSpec, hidden_size: bool = False) -> list[JobSpec]:
     (`hidden_size` null); under uniform widths, where the pairs are few, the search then also
     tries each pair with the hidden size kept."""
     count = spec.search.candidates
-    if spec.granularity == "layer" or spec.depth_share:
+    if spec.removes_blocks:
         plans = depth_plans(spec.depth_share, spec.block_score, spec.granularity == "channel")
         return [
             spec.model_copy(update={"depth_share": share, "block_score": score})
@@ -151,7 +151,7 @@ def choose(
             continue
         finally:
             relabelled(Progress(percent=100))
-        same = seen.setdefault(fingerprint(net), len(records))
+        same = seen.setdefault(_fingerprint(net), len(records))
         if same != len(records):  # pruned to the very same weights: judged already, no winner
             records.append(_same_as(records[same], variant, same))
             del net, pruned, result
@@ -220,7 +220,7 @@ class Recovery:
 
 
 def _candidate(variant: JobSpec, **measured: Any) -> Candidate:
-    depth = variant.granularity == "layer" or bool(variant.depth_share)
+    depth = variant.removes_blocks
     return Candidate(
         normalisation=variant.normalisation,
         schedule=variant.schedule.kind,
@@ -231,7 +231,7 @@ def _candidate(variant: JobSpec, **measured: Any) -> Candidate:
     )
 
 
-def fingerprint(net: nn.Module) -> str:
+def _fingerprint(net: nn.Module) -> str:
     """A digest of every parameter and buffer, names, shapes and bytes: two candidates whose
     allocations prune to the same model (the same blocks, the same channels) share it."""
     digest = hashlib.sha256()
@@ -251,7 +251,7 @@ def _same_as(earlier: Candidate, variant: JobSpec, index: int) -> Candidate:
 def _blocks_removed(variant: JobSpec, result: PruneResult) -> list[int] | None:
     """The blocks a depth candidate removed, numbered as in the loaded model (the plan records
     each one's position at its removal)."""
-    if variant.granularity != "layer" and not variant.depth_share:
+    if not variant.removes_blocks:
         return None
     plan = result.plan
     if not plan.blocks_removed:
