@@ -67,9 +67,11 @@ def search_rows(
     held = judging_batches(setup, batches)
     recovery = search.Recovery(first, judge, search.DEFAULT_RECOVERY_LR, held, cpu, lambda: None)
     tried: list[dict[str, Any]] = []
-    for normalisation, schedule in search.allocations("max", "exponential", candidates):
-        name = f"{normalisation} + {schedule}"
-        model, seconds = prune_engine(setup, "oba_full", steps, target, normalisation, schedule)
+    for allocation in search.allocations(search.Allocation("max", "exponential"), candidates):
+        name = str(allocation)
+        model, seconds = prune_engine(
+            setup, "oba_full", steps, target, allocation.normalisation, allocation.schedule
+        )
         pruned = evaluate(setup, "candidate", f"{name}, pruned", model, seconds)
         loss_pruned = evaluation.evaluate(model, held, judge)["loss"]
         delivered = copy.deepcopy(model)
@@ -133,7 +135,8 @@ def report(found: Sequence[tuple[float, Sequence[Row]]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.35, 0.5, 0.65])
-    parser.add_argument("--candidates", type=int, default=4)
+    # the ranking per MAC saved stays the engine's: the first four candidates only
+    parser.add_argument("--candidates", type=int, default=4, choices=range(1, 5))
     parser.add_argument("--recovery-rows", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(

@@ -473,16 +473,18 @@ def search_rows(
     cpu = torch.device("cpu")
     recovery = search.Recovery(first, job_loss, RECOVERY_LR, held_out, cpu, _go_on)
     tried: list[Tried] = []
-    for normalisation, schedule in search.allocations("max", settings.schedule, settings.search):
+    own = search.Allocation("max", settings.schedule)
+    for allocation in search.allocations(own, settings.search):
         started = time.perf_counter()
         model = copy.deepcopy(dense)
+        switches = {"normalisation": allocation.normalisation, "cost_aware": allocation.cost_aware}
         config = PruneConfig(
             target_metric="macs",
             target=target,
             steps=settings.steps,
-            schedule=schedule,  # type: ignore[arg-type]
+            schedule=allocation.schedule,  # type: ignore[arg-type]
             seed=seed,
-            **variant_config(settings.variant, "oba", {"normalisation": normalisation}),
+            **variant_config(settings.variant, "oba", switches),
         )
         result = prune_(model, data.example, batches, cross_entropy, config)
         acc_pruned = accuracy(model, data)
@@ -491,7 +493,7 @@ def search_rows(
         seconds = time.perf_counter() - started  # with one pass over the test split
         tried.append(
             Tried(
-                allocation=f"{normalisation} + {schedule}",
+                allocation=str(allocation),
                 model=model,
                 macs_fraction=macs(model, data.example) / initial,
                 acc_pruned=acc_pruned,

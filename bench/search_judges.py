@@ -9,7 +9,14 @@ gets the epoch of fine-tuning every quality row gets. A judge picks one candidat
 
 - `after recovery`: the lowest held-out loss after recovery (what a job does today);
 - `after pruning`: the lowest held-out loss right after pruning (no recovery needed to judge);
-- `both`: the lowest mean of the two.
+- `both`: the lowest mean of the two;
+- `accuracy`: the highest held-out accuracy after recovery (ties: the lower loss).
+
+The variant `the epoch` is no short recovery: each candidate gets the epoch of fine-tuning every
+quality row gets and is judged after it, so its fine-tuned accuracy is after that one epoch (a
+search that fine-tunes every candidate and keeps the best, K times the fine-tuning).
+`--validation FRACTION` sets the rows aside as `bench.quality --validation` does (the same dense
+models as its run of that fraction); the judges then measure on them.
 
 The rows it writes (`--json`) are `bench.quality` rows, one per variant and judge, labelled
 `judge <variant>, <judge>`, plus `oracle <variant>`: the candidate with the best test accuracy
@@ -44,6 +51,7 @@ from bench.common import (
     load_dataset,
     macs,
     set_threads,
+    split_validation,
 )
 from bench.quality import (
     Row,
@@ -58,49 +66,75 @@ from bench.quality import (
 from worker.engine import PruneConfig, prune_
 from worker.pipeline import evaluation, search
 
-# (learning rate, rows): the job's default recovery first
-VARIANTS = {"lr 1e-3, 256 rows": (1e-3, 256), "lr 3e-4, 256 rows": (3e-4, 256),
-            "lr 1e-4, 256 rows": (1e-4, 256), "lr 1e-3, 512 rows": (1e-3, 512)}  # fmt: skip
-JUDGES = ("after recovery", "after pruning", "both")
+# (learning rate, rows): the job's default recovery first; None: the fine-tuning epoch itself
+VARIANTS: dict[str, tuple[float, int] | None] = {
+    "lr 1e-3, 256 rows": (1e-3, 256), "lr 3e-4, 256 rows": (3e-4, 256),
+    "lr 1e-4, 256 rows": (1e-4, 256), "lr 1e-3, 512 rows": (1e-3, 512), "the epoch": None,
+}  # fmt: skip
+JUDGES = ("after recovery", "after pruning", "both", "accuracy")
 STEPS = 10
 
 
-def _judged(candidate: dict[str, Any], variant: str, judge: str) -> float:
+def _judged(candidate: dict[str, Any], variant: str, judge: str) -> tuple[float, float]:
+    """What `judge` ranks a candidate by, lowest first (ties broken by the second figure)."""
     before, after = candidate["loss_pruned"], candidate["recovered"][variant]["loss"]
-    return {"after recovery": after, "after pruning": before, "both": (before + after) / 2}[judge]
+    if judge == "accuracy":
+        return -candidate["recovered"][variant]["held_out_accuracy"], search.judged(after)
+    loss = {"after recovery": after, "after pruning": before, "both": (before + after) / 2}[judge]
+    return search.judged(loss), 0.0
 
 
-def candidates(data: Dataset, dense: nn.Module, seed: int, target: float) -> list[dict[str, Any]]:
-    """Every candidate of a search in one cell: pruned once, then each recovery variant."""
+@torch.no_grad()
+def held_out_accuracy(model: nn.Module, held_out: dict[str, Any]) -> float:
+    model.eval()
+    return float((model(held_out["x"]).argmax(1) == held_out["labels"]).float().mean())
+
+
+def candidates(
+    data: Dataset, dense: nn.Module, seed: int, target: float, count: int, variants: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The first `count` candidates of a search in one cell: each pruned once, then each
+    recovery variant."""
     batches = calibration_batches(data, seed)
     held_out = [as_job_batch(held_out_batch(data, seed))]
     initial = macs(dense, data.example)
     found = []
-    for normalisation, schedule in search.allocations("max", "exponential", 4):
+    for allocation in search.allocations(search.Allocation("max", "exponential"), count):
         model = copy.deepcopy(dense)
-        switches = variant_config("default", "oba", {"normalisation": normalisation})
+        switches = variant_config(
+            "default", "oba",
+            {"normalisation": allocation.normalisation, "cost_aware": allocation.cost_aware},
+        )  # fmt: skip
         config = PruneConfig(
-            target_metric="macs", target=target, steps=STEPS, schedule=schedule,  # type: ignore[arg-type]
+            target_metric="macs", target=target, steps=STEPS, schedule=allocation.schedule,  # type: ignore[arg-type]
             seed=seed, **switches,
         )  # fmt: skip
         masks = prune_(model, data.example, batches, cross_entropy, config).masks
         candidate: dict[str, Any] = {
-            "allocation": f"{normalisation} + {schedule}",
+            "allocation": str(allocation),
             "macs_fraction": macs(model, data.example) / initial,
             "acc_pruned": accuracy(model, data),
             "loss_pruned": evaluation.evaluate(model, held_out, job_loss)["loss"],
             "recovered": {},
         }
-        for variant, (lr, rows) in VARIANTS.items():
+        for variant in variants:
             recovered = copy.deepcopy(model)
-            recovery = search.recovery_batches([as_job_batch(b) for b in batches], rows)
-            search.recover_(
-                recovered, recovery, job_loss, lr, masks, torch.device("cpu"), lambda: None
-            )
+            recovery = VARIANTS[variant]
+            if recovery is None:
+                finetune_one_epoch(recovered, data, seed)
+            else:
+                lr, rows = recovery
+                first = search.recovery_batches([as_job_batch(b) for b in batches], rows)
+                search.recover_(
+                    recovered, first, job_loss, lr, masks, torch.device("cpu"), lambda: None
+                )
             loss = evaluation.evaluate(recovered, held_out, job_loss)["loss"]
-            finetune_one_epoch(recovered, data, seed)
+            held_out_acc = held_out_accuracy(recovered, held_out[0])
+            if recovery is not None:
+                finetune_one_epoch(recovered, data, seed)
             candidate["recovered"][variant] = {
                 "loss": loss,
+                "held_out_accuracy": held_out_acc,
                 "acc_finetuned": accuracy(recovered, data),
             }
         found.append(candidate)
@@ -112,10 +146,10 @@ def rows_of(
 ) -> list[Row]:
     """One row per variant and judge, and per variant the oracle's."""
     rows = []
-    for variant in VARIANTS:
+    for variant in cell[0]["recovered"]:
         picks = {
             f"judge {variant}, {judge}": min(
-                range(len(cell)), key=lambda i: (search.judged(_judged(cell[i], variant, judge)), i)
+                range(len(cell)), key=lambda i: (*_judged(cell[i], variant, judge), i)
             )
             for judge in JUDGES
         }
@@ -131,15 +165,24 @@ def rows_of(
     return rows
 
 
-def run(seeds: int, datasets: Sequence[str], targets: Sequence[float]) -> list[Row]:
+def run(
+    seeds: int,
+    datasets: Sequence[str],
+    targets: Sequence[float],
+    count: int,
+    variants: Sequence[str],
+    validation: float,
+) -> list[Row]:
     register_variants()
     rows: list[Row] = []
     for name in datasets:
         data = load_dataset(name)
+        if validation:
+            data = split_validation(data, validation)
         for seed in range(seeds):
             dense = train_dense(data, seed, 1.0)
             for target in targets:
-                cell = candidates(data, dense, seed, target)
+                cell = candidates(data, dense, seed, target, count, variants)
                 rows += rows_of(cell, name, seed, target, accuracy(dense, data))
                 print(f"{name} seed={seed} target={target:.2f}: {json.dumps(cell)}", flush=True)
     return rows
@@ -157,6 +200,17 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--candidates", type=int, default=4, help="the first K of a job's search (default 4)"
+    )
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        help="the recoveries to try (default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--validation", type=float, default=0.0, metavar="FRACTION",
+        help="set this fraction of the training rows aside; the judges measure on them",
+    )  # fmt: skip
     parser.add_argument("--json", help="write the rows here (bench.quality's format)")
     parser.add_argument(
         "--report",
@@ -169,7 +223,9 @@ def main() -> None:
         print(report(load_rows(args.report)))
         return
     set_threads(args.threads)
-    rows = run(args.seeds, args.datasets, args.targets)
+    rows = run(
+        args.seeds, args.datasets, args.targets, args.candidates, args.variants, args.validation
+    )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"rows": [asdict(r) for r in rows]}, handle)

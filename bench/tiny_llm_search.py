@@ -80,8 +80,8 @@ Pruned = tuple[LlamaForCausalLM, float, str]
 def candidates(axis: str, depth_share: float, count: int) -> list[dict[str, Any]]:
     """A job's candidates for the axis, as `engine_prune` keywords, in the order tried."""
     if axis == "width":  # as `search.variants` under uniform widths: the hidden size kept too
-        pairs = search.allocations("max", "exponential", count, uniform=True)
-        plain: list[dict[str, Any]] = [{"schedule": schedule} for _, schedule in pairs]
+        tried = search.allocations(search.Allocation("max", "exponential"), count, uniform=True)
+        plain: list[dict[str, Any]] = [{"schedule": a.schedule} for a in tried]
         kept = [{**c, "hidden_size": False} for c in plain]
         return (plain + kept)[:count]
     plans = search.depth_plans(depth_share if axis == "both" else 0.0, "loss", axis == "both")

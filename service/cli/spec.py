@@ -27,6 +27,13 @@ Granularity = Annotated[str | None, Opt(help="channel | layer | unstructured | 2
 HiddenSize = Annotated[
     bool | None, Opt(help="prune a transformer's hidden size (default: where its config says)")
 ]
+CostAware = Annotated[
+    bool | None,
+    Opt(
+        "--cost-aware/--not-cost-aware",
+        help="rank channels by score per MAC saved (default), or by score alone",
+    ),
+]
 DepthShare = Annotated[
     float | None, Opt(help="channel: share of the reduction taken by whole blocks first")
 ]
@@ -106,6 +113,7 @@ class SpecOptions:
     depth_share: DepthShare = None
     block_score: BlockScore = None
     normalisation: Normalisation = None
+    cost_aware: CostAware = None
     steps: Steps = None
     schedule_kind: ScheduleKind = None
     loss: Loss = None
@@ -172,6 +180,7 @@ def build_spec(
         "depth_share": given.depth_share,
         "block_score": given.block_score,
         "normalisation": given.normalisation,
+        "cost_aware": given.cost_aware,
         "loss": given.loss,
         "notify_url": notify_url,
         "outputs": given.outputs.split(",") if given.outputs else None,

@@ -97,6 +97,8 @@ class Candidate(BaseModel):
     # False: one that kept the hidden size (a search tries it where the spec leaves the switch
     # to the model and the model's hidden size would be pruned)
     hidden_size: bool | None = Field(default=None, exclude_if=_unset)
+    # False: one that ranked channels by score alone, not per MAC saved
+    cost_aware: bool | None = Field(default=None, exclude_if=_unset)
     widths: dict[str, int] = Field(default_factory=dict)  # as `JobResult.widths`
     macs: int | None = None
     params: int | None = None
@@ -120,7 +122,8 @@ class Candidate(BaseModel):
         the depth share) where it removed blocks, else its normalisation and schedule."""
         if self.block_score is None:
             kept = ", hidden size kept" if self.hidden_size is False else ""
-            return f"{self.normalisation} + {self.schedule}{kept}"
+            cost = ", not cost-aware" if self.cost_aware is False else ""
+            return f"{self.normalisation} + {self.schedule}{cost}{kept}"
         blocks = ",".join(map(str, self.blocks_removed)) if self.blocks_removed else "none"
         share = "" if self.depth_share is None else f", depth share {self.depth_share:g}"
         return f"blocks by {self.block_score} (removed {blocks}){share}"

@@ -21,6 +21,7 @@ def _default_outputs() -> list[OutputFormat]:
 # fine-tuning rows × epochs. A CPU worker scores ~1,000 rows of a small BERT a second.
 MAX_SCORED_ROWS = 2_000_000  # calibration batches × batch size × steps
 MAX_FINETUNE_ROWS = 5_000_000  # calibration batches × batch size × epochs
+MAX_CANDIDATES = 8  # allocations a search tries: normaliser × schedule × cost-awareness
 MAX_RECOVERY_ROWS = 8192  # rows of each candidate's short recovery in a search
 
 
@@ -104,7 +105,7 @@ class Search(SpecPart):
     calibration rows, keep the one with the lowest held-out loss (docs/formats.md). One
     candidate is a job as it always was."""
 
-    candidates: int = Field(default=1, ge=1, le=4)
+    candidates: int = Field(default=1, ge=1, le=MAX_CANDIDATES)
     recovery_rows: int = Field(default=256, ge=1, le=MAX_RECOVERY_ROWS)
 
 
@@ -185,6 +186,9 @@ class JobSpec(SpecPart):
     # evenly; fine-tunes better at 2×, docs/decisions/0007-lamp-normaliser-as-an-option.md)
     # (the allocation rule: a built-in or a plugin's)
     normalisation: str = Field(default="max", json_schema_extra=lambda s: _names(s, allocations()))
+    # rank channels by score per MAC (or parameter) each saves; false: by score alone, which
+    # takes more channels and fine-tuned better at 2× on the CNNs (docs/benchmarks/quality.md)
+    cost_aware: bool = True
     target: Target = Field(default_factory=lambda: Target(macs=0.5))
     # A family of models from one run: the model at each target, in order (one metric, each
     # smaller than the last); `target` is then the last of them.

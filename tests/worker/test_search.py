@@ -270,6 +270,46 @@ def test_candidates_start_with_the_jobs_own_allocation() -> None:
     ]
 
 
+def test_the_later_candidates_rank_channels_by_score_alone() -> None:
+    def tried(**overrides: Any) -> list[str]:
+        return [str(_allocation(v)) for v in search.variants(_variant(**overrides))]
+
+    assert tried(search={"candidates": 8}) == [
+        "max + exponential",
+        "lamp + linear",
+        "lamp + exponential",
+        "max + linear",
+        "lamp + linear, not cost-aware",
+        "lamp + exponential, not cost-aware",
+        "max + linear, not cost-aware",
+        "max + exponential, not cost-aware",
+    ]
+    # the spec's own first, wherever it stands in the order
+    assert tried(cost_aware=False, search={"candidates": 3}) == [
+        "max + exponential, not cost-aware",
+        "lamp + linear",
+        "lamp + exponential",
+    ]
+    # uniform widths: neither the normaliser nor the ranking changes a group's fraction
+    assert tried(outputs=["hf"], cost_aware=False, search={"candidates": 8}) == [
+        "max + exponential, not cost-aware",
+        "lamp + linear",
+    ]
+    record = search._candidate(_variant(cost_aware=False))
+    assert record.cost_aware is False
+    assert record.allocation == "max + exponential, not cost-aware"
+    assert search._candidate(_variant()).model_dump().keys().isdisjoint({"cost_aware"})
+
+
+def _allocation(spec: JobSpec) -> search.Allocation:
+    return search.Allocation(spec.normalisation, spec.schedule.kind, spec.cost_aware)
+
+
+def _variant(**overrides: Any) -> JobSpec:
+    per_layer = {"evaluation": {"fraction": 0.2}, "outputs": ["safetensors"]}
+    return factories.spec(**(per_layer | overrides))
+
+
 def test_a_family_searches_at_each_target_from_the_member_before(tmp_path: Path) -> None:
     spec = _job(
         tmp_path,

@@ -409,12 +409,15 @@ def test_exported_weights_are_stored_and_configs_deflated(tmp_path: Path) -> Non
 
 def test_spec_switches_reach_the_engine_configuration() -> None:
     spec = build_spec(
-        {"model_id": "m", "dataset_id": "d"}, SpecOptions(normalisation="lamp", max_memory="1GiB")
+        {"model_id": "m", "dataset_id": "d"},
+        SpecOptions(normalisation="lamp", cost_aware=False, max_memory="1GiB"),
     )
     checked = JobSpec.model_validate(spec)
     assert checked.calibration.max_memory == 2**30
     assert prune_config(checked).normalisation == "lamp"
+    assert prune_config(checked).cost_aware is False
     assert prune_config(factories.spec()).normalisation == "max"
+    assert prune_config(factories.spec()).cost_aware is True
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,11 @@ too strong for a model pruned a little) is judged, and goes on, as it was before
 misses the target drops out. Why it is opt-in and judged this way:
 docs/decisions/0014-search-is-opt-in-and-judged-after-recovery.md.
 
-The candidates are the spec's own normalisation and schedule, then the others in the order
-the quality benchmarks favour after fine-tuning (`PREFERENCE`). A job that removes whole blocks
-searches how instead (`depth_plans`): which blocks (the loss change now, or the block influence
-that recovers better on the tiny LLM) and, with widths, how much of the reduction depth takes.
+The candidates are the spec's own normalisation, schedule and cost-awareness, then the others
+in the order the quality benchmarks favour after fine-tuning (`PREFERENCE`). A job that removes
+whole blocks searches how instead (`depth_plans`): which blocks (the loss change now, or the
+block influence that recovers better on the tiny LLM) and, with widths, how much of the
+reduction depth takes.
 Recovery is AdamW with the job's loss (a causal LM's: KL from the loaded model, `recovery_loss`)
 and learning rate (`finetune.lr`, else `DEFAULT_RECOVERY_LR`) over the first
 `search.recovery_rows` calibration rows, the same rows in the same order, under the same seed,
@@ -22,7 +23,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -37,12 +38,32 @@ from worker.pipeline.losses import LossFn
 Report = Callable[[Progress], None]
 Pruned = TypeVar("Pruned")  # what the caller's pruning gives back, carried to the winner
 
-# (normalisation, schedule): lamp + linear led six of eight fine-tuned cells of the CNN sweep
-PREFERENCE = (
-    ("lamp", "linear"),
-    ("lamp", "exponential"),
-    ("max", "linear"),
-    ("max", "exponential"),
+
+class Allocation(NamedTuple):
+    """How a candidate spreads the pruning over layers: the spec's fields of these names."""
+
+    normalisation: str
+    schedule: str
+    cost_aware: bool = True
+
+    def __str__(self) -> str:
+        """As a candidate's record names it (`Candidate.allocation`)."""
+        cost = "" if self.cost_aware else ", not cost-aware"
+        return f"{self.normalisation} + {self.schedule}{cost}"
+
+
+# Ranked per MAC saved first (lamp + linear led six of eight fine-tuned cells of the CNN
+# sweep), then by score alone, which loses right after pruning but fine-tuned better at 2× on
+# the CNNs (docs/benchmarks/quality.md).
+PREFERENCE = tuple(
+    Allocation(normalisation, schedule, cost_aware)
+    for cost_aware in (True, False)
+    for normalisation, schedule in (
+        ("lamp", "linear"),
+        ("lamp", "exponential"),
+        ("max", "linear"),
+        ("max", "exponential"),
+    )
 )
 DEFAULT_RECOVERY_LR = Finetune().lr
 RECOVERY_SEED = 0  # every candidate's dropout draws the same masks
@@ -58,18 +79,16 @@ MEASURED = {
 }
 
 
-def allocations(
-    normalisation: str, schedule: str, count: int, uniform: bool = False
-) -> list[tuple[str, str]]:
-    """The first `count` (normalisation, schedule) pairs a search tries, in order: the given
-    one first, then `PREFERENCE`'s others. With `uniform` widths (an `hf` output) every group
-    gives up the same fraction whatever the normaliser, so only the schedules differ: one pair
-    each, at most two."""
-    own = (normalisation, schedule)
-    pairs = [own, *(pair for pair in PREFERENCE if pair != own)]
+def allocations(own: Allocation, count: int, uniform: bool = False) -> list[Allocation]:
+    """The first `count` allocations a search tries, in order: `own` first, then
+    `PREFERENCE`'s others. With `uniform` widths (an `hf` output) every group gives up the same
+    fraction whatever the normaliser and the ranking, so only the schedules differ: one each,
+    at most two."""
+    tried = [own, *(allocation for allocation in PREFERENCE if allocation != own)]
     if uniform:
-        pairs = [pair for i, pair in enumerate(pairs) if pair[1] not in {p[1] for p in pairs[:i]}]
-    return pairs[:count]
+        schedules = [allocation.schedule for allocation in tried]
+        tried = [a for i, a in enumerate(tried) if a.schedule not in schedules[:i]]
+    return tried[:count]
 
 
 def depth_plans(depth_share: float, block_score: str, widths: bool) -> list[tuple[float, str]]:
@@ -95,20 +114,22 @@ def variants(spec: JobSpec, hidden_size: bool = False) -> list[JobSpec]:
             spec.model_copy(update={"depth_share": share, "block_score": score})
             for share, score in plans[:count]
         ]
-    pairs = allocations(spec.normalisation, spec.schedule.kind, count, spec.uniform_widths)
+    own = Allocation(spec.normalisation, spec.schedule.kind, spec.cost_aware)
+    tried = allocations(own, count, spec.uniform_widths)
     switches: list[bool | None] = [spec.hidden_size]
     if hidden_size and spec.uniform_widths and spec.hidden_size is None:
         switches.append(False)
     return [
         spec.model_copy(
             update={
-                "normalisation": normalisation,
-                "schedule": spec.schedule.model_copy(update={"kind": kind}),
+                "normalisation": allocation.normalisation,
+                "schedule": spec.schedule.model_copy(update={"kind": allocation.schedule}),
+                "cost_aware": allocation.cost_aware,
                 "hidden_size": switch,
             }
         )
         for switch in switches
-        for normalisation, kind in pairs
+        for allocation in tried
     ][:count]
 
 
@@ -226,6 +247,7 @@ def _candidate(variant: JobSpec, **measured: Any) -> Candidate:
         schedule=variant.schedule.kind,
         block_score=variant.block_score if depth else None,
         hidden_size=False if variant.hidden_size is False else None,
+        cost_aware=None if variant.cost_aware else False,
         depth_share=variant.depth_share if depth and variant.granularity == "channel" else None,
         **measured,
     )

@@ -498,4 +498,5 @@ def prune_config(
         depth_share=spec.depth_share,
         block_score=spec.block_score,
         normalisation=spec.normalisation,
+        cost_aware=spec.cost_aware,
     )

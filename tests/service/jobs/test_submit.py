@@ -493,7 +493,7 @@ def test_a_search_it_cannot_judge_or_has_not_built_is_422_in_one_line(
     "search",
     [
         {"candidates": 0},
-        {"candidates": 5},
+        {"candidates": 9},
         {"recovery_rows": 0},
         {"recovery_rows": 9000},
         {"rows": 5},
@@ -511,7 +511,7 @@ def test_a_search_out_of_bounds_is_422(
 @pytest.mark.parametrize(
     ("search", "evaluation"),
     [
-        ({"candidates": 4, "recovery_rows": 512}, "fraction"),
+        ({"candidates": 8, "recovery_rows": 512}, "fraction"),
         ({"candidates": 2}, "dataset"),
         ({"candidates": 1}, None),
     ],
