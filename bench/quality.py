@@ -335,6 +335,7 @@ class Settings:
     recovery_rows: int = 256  # calibration rows of each candidate's recovery
     # fraction of the training rows set aside before dense training; the search judges on them
     validation: float = 0.0
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1
 
 
 def _evaluate(
@@ -558,10 +559,10 @@ def run(settings: Settings) -> list[Row]:
         data = load_dataset(name)
         if settings.validation:
             data = split_validation(data, settings.validation)
-        for seed in range(settings.seeds):
+        for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
             dense = train_dense(data, seed, settings.training_scale)
             print(f"{name} seed={seed}: dense accuracy {accuracy(dense, data):.3f}", flush=True)
-            if seed == 0 and "tp_hessian" in settings.peers:
+            if seed == settings.first_seed and "tp_hessian" in settings.peers:
                 sample = (data.x_train[:32], data.y_train[:32])
                 broken, fixed = check_hessian_fix(copy.deepcopy(dense), sample)
                 print(
@@ -689,6 +690,9 @@ def load_rows(paths: Sequence[str]) -> list[Row]:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, metavar="S", help="seeds S..S+N-1 instead"
+    )
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -753,6 +757,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     quick = args.quick
     settings = Settings(
         seeds=1 if quick else args.seeds,
+        first_seed=args.first_seed,
         datasets=("digits",) if quick else tuple(args.datasets),
         targets=(0.5,) if quick else tuple(args.targets),
         methods=tuple(args.methods),

@@ -166,7 +166,7 @@ def rows_of(
 
 
 def run(
-    seeds: int,
+    seeds: range,
     datasets: Sequence[str],
     targets: Sequence[float],
     count: int,
@@ -179,7 +179,7 @@ def run(
         data = load_dataset(name)
         if validation:
             data = split_validation(data, validation)
-        for seed in range(seeds):
+        for seed in seeds:
             dense = train_dense(data, seed, 1.0)
             for target in targets:
                 cell = candidates(data, dense, seed, target, count, variants)
@@ -197,6 +197,7 @@ def report(rows: Sequence[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds S..S+N-1 (default 0)")
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25])
     parser.add_argument("--threads", type=int, default=1)
@@ -224,7 +225,12 @@ def main() -> None:
         return
     set_threads(args.threads)
     rows = run(
-        args.seeds, args.datasets, args.targets, args.candidates, args.variants, args.validation
+        range(args.first_seed, args.first_seed + args.seeds),
+        args.datasets,
+        args.targets,
+        args.candidates,
+        args.variants,
+        args.validation,
     )
     if args.json:
         with open(args.json, "w") as handle:
