@@ -86,8 +86,16 @@ SearchCandidates = Annotated[
     int | None,
     Opt(
         "--search",
-        help="try this many allocations (1-4) and keep the one with the lowest held-out loss "
-        "after a short recovery; needs --eval-fraction or --eval-dataset",
+        help="try this many allocations (1-8) and keep the one that recovers best on the "
+        "held-out rows; needs --eval-fraction or --eval-dataset",
+    ),
+]
+SearchRecovery = Annotated[
+    str | None,
+    Opt(
+        "--search-recovery",
+        help="with --search: short (recovery rows, then the fine-tune on the winner) | "
+        "finetune (the fine-tune on each; judged by accuracy where labels are classes)",
     ),
 ]
 RecoveryRows = Annotated[
@@ -125,6 +133,7 @@ class SpecOptions:
     finetune_distill: FinetuneDistill = None
     eval_fraction: EvalFraction = None
     search: SearchCandidates = None
+    search_recovery: SearchRecovery = None
     recovery_rows: RecoveryRows = None
     image_size: ImageSize = None
     mean: Mean = None
@@ -206,7 +215,13 @@ def build_spec(
         distill=given.finetune_distill,
     )
     _merge(spec, "evaluation", fraction=given.eval_fraction, dataset_id=eval_dataset)
-    _merge(spec, "search", candidates=given.search, recovery_rows=given.recovery_rows)
+    _merge(
+        spec,
+        "search",
+        candidates=given.search,
+        recovery=given.search_recovery,
+        recovery_rows=given.recovery_rows,
+    )
     mean, std = _floats(given.mean, "--mean"), _floats(given.std, "--std")
     _merge(spec, "preprocess", size=given.image_size, mean=mean, std=std)
     try:

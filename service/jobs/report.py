@@ -118,7 +118,7 @@ def _candidates(result: JobResult, candidates: list[Candidate], member: str) -> 
     )
     return (
         f"<h2>{escape(member + ': ') if member else ''}Candidates: loss on the held-out rows "
-        "after pruning and after a short recovery</h2>"
+        "after pruning and after recovery</h2>"
         "<table><tr><th>allocation</th><th>MACs kept</th><th>params kept</th>"
         f"<th>after pruning</th><th>after recovery</th><th></th></tr>{rows}</table>{why}"
         f"<h3>Their widths</h3><table>{widths}</table>"

@@ -104,6 +104,9 @@ class Candidate(BaseModel):
     params: int | None = None
     loss_after_pruning: float | None = None
     loss_after_recovery: float | None = None
+    # a search that gives each candidate the job's fine-tune: held-out accuracy after it, where
+    # the labels are classes (what such a search judges by)
+    accuracy_after_recovery: float | None = Field(default=None, exclude_if=_unset)
     chosen: bool = False
     # the chosen one's: why it won, in one line
     why: str | None = Field(default=None, exclude_if=_unset)

@@ -101,12 +101,20 @@ class Finetune(SpecPart):
 
 class Search(SpecPart):
     """Choose the allocation by how it recovers: prune `candidates` ways (the spec's own
-    normalisation and schedule first), give each the same short recovery of `recovery_rows`
-    calibration rows, keep the one with the lowest held-out loss (docs/formats.md). One
-    candidate is a job as it always was."""
+    allocation first), give each the same recovery, keep the best on the held-out rows
+    (docs/formats.md). `recovery` "short": `recovery_rows` calibration rows, judged by the
+    loss, then the job's fine-tune on the winner; "finetune": the job's whole fine-tune on
+    each, judged by accuracy where the labels are classes (else the loss). One candidate is a
+    job as it always was."""
 
     candidates: int = Field(default=1, ge=1, le=MAX_CANDIDATES)
+    recovery: Literal["short", "finetune"] = "short"
     recovery_rows: int = Field(default=256, ge=1, le=MAX_RECOVERY_ROWS)
+
+    @property
+    def finetunes(self) -> bool:
+        """Each candidate gets the job's fine-tune, and the winner none after."""
+        return self.candidates > 1 and self.recovery == "finetune"
 
 
 class Evaluation(SpecPart):
@@ -198,7 +206,7 @@ class JobSpec(SpecPart):
     loss: Literal["cross_entropy", "mse", "distill", "causal_lm"] = "cross_entropy"
     finetune: Finetune | None = None
     evaluation: Evaluation | None = None
-    # candidate allocations judged after a short recovery (one: no search, as before)
+    # candidate allocations judged after a recovery (one: no search, as before)
     search: Search = Field(default_factory=Search)
     preprocess: Preprocess | None = None
     # each format once: a repeated format is one export
@@ -306,6 +314,11 @@ class JobSpec(SpecPart):
             raise ValueError(
                 "search.candidates > 1 judges candidates on rows calibration never saw: set "
                 "evaluation.fraction (e.g. 0.2) or evaluation.dataset_id"
+            )
+        if self.search.finetunes and self.finetune is None:
+            raise ValueError(
+                'search.recovery "finetune" gives each candidate the job\'s fine-tune: set '
+                'finetune (e.g. {"epochs": 1})'
             )
         return self
 

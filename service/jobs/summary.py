@@ -67,7 +67,12 @@ def candidate_cells(candidate: Candidate, result: JobResult) -> tuple[str, ...]:
         shown(None if c.macs is None else c.macs / result.macs_before, ".4f"),
         shown(None if c.params is None else c.params / result.params_before, ".4f"),
         shown(c.loss_after_pruning, ".4g"),
-        shown(c.loss_after_recovery, ".4g"),
+        shown(c.loss_after_recovery, ".4g")
+        + (
+            ""
+            if c.accuracy_after_recovery is None
+            else f", accuracy {c.accuracy_after_recovery:.4f}"
+        ),
         ", ".join(
             note
             for note, holds in (

@@ -126,6 +126,37 @@ def test_candidates_are_listed_and_the_best_after_recovery_goes_on(
     assert "candidates" in result.model_dump(mode="json")
 
 
+def test_a_search_that_finetunes_each_candidate_keeps_the_most_accurate(tmp_path: Path) -> None:
+    spec = _job(
+        tmp_path,
+        search={"candidates": 3, "recovery": "finetune"},
+        finetune={"epochs": 2, "lr": 1e-3},
+    )
+
+    result, _, progress = _run(tmp_path, spec)
+
+    candidates = result.candidates
+    assert candidates is not None and len(candidates) == 3
+    accuracies = [c.accuracy_after_recovery for c in candidates]
+    assert all(a is not None for a in accuracies)
+    (chosen,) = [c for c in candidates if c.chosen]
+    assert chosen is min(
+        candidates,
+        key=lambda c: (-(c.accuracy_after_recovery or 0.0), c.loss_after_recovery or 0.0),
+    )
+    assert chosen.why and chosen.why.startswith(
+        "highest held-out accuracy after the job's fine-tuning (2 epochs)"
+    )
+    assert all(c.recovery_kept for c in candidates)  # a fine-tune is never undone
+    # the winner was fine-tuned once, in the search: the job's figures are its own
+    assert result.after_finetune is not None
+    assert result.after_finetune.loss == chosen.loss_after_recovery
+    assert result.after_finetune.accuracy == chosen.accuracy_after_recovery
+    assert result.after_pruning.loss == chosen.loss_after_pruning
+    assert result.after_pruning.latency_ms == result.after_finetune.latency_ms
+    assert not any(p.stage == "finetuning" for p in progress)
+
+
 def test_the_search_reports_each_candidate(
     searched: tuple[JobResult, dict[str, torch.Tensor], list[Progress]],
 ) -> None:

@@ -418,6 +418,11 @@ def test_spec_switches_reach_the_engine_configuration() -> None:
     assert prune_config(checked).cost_aware is False
     assert prune_config(factories.spec()).normalisation == "max"
     assert prune_config(factories.spec()).cost_aware is True
+    searching = SpecOptions(
+        search=3, search_recovery="finetune", finetune_epochs=1, eval_fraction=0.2
+    )
+    search = JobSpec.model_validate(build_spec({"model_id": "m", "dataset_id": "d"}, searching))
+    assert search.search.finetunes and search.finetune is not None
 
 
 @pytest.mark.parametrize(

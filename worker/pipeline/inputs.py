@@ -47,6 +47,14 @@ class Inputs:
     # distillation from the uploaded model as loaded (`JobSpec.distils_from_the_original`)
     distill_fn: losses.LossFn | None = None
 
+    def finetune_loss(self, spec: JobSpec) -> losses.LossFn:
+        """What the job's fine-tune minimises: KL from the uploaded model where it distils
+        (`JobSpec.finetune_distils`), else the job's loss."""
+        if spec.finetune_distils:
+            assert self.distill_fn is not None  # load_inputs keeps it for such a spec
+            return self.distill_fn
+        return self.loss_fn
+
     def cpu_example(self) -> Batch:
         """The example as the exporters trace it: on the CPU, in the dtype the model is saved."""
         return {

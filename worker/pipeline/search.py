@@ -12,10 +12,13 @@ in the order the quality benchmarks favour after fine-tuning (`PREFERENCE`). A j
 whole blocks searches how instead (`depth_plans`): which blocks (the loss change now, or the
 block influence that recovers better on the tiny LLM) and, with widths, how much of the
 reduction depth takes.
-Recovery is AdamW with the job's loss (a causal LM's: KL from the loaded model, `recovery_loss`)
-and learning rate (`finetune.lr`, else `DEFAULT_RECOVERY_LR`) over the first
-`search.recovery_rows` calibration rows, the same rows in the same order, under the same seed,
-for every candidate; the judge is always the job's loss."""
+The short recovery (`search.recovery` "short") is AdamW with the job's loss (a causal LM's: KL
+from the loaded model, `recovery_loss`) and learning rate (`finetune.lr`, else
+`DEFAULT_RECOVERY_LR`) over the first `search.recovery_rows` calibration rows, the same rows in
+the same order, under the same seed, for every candidate, judged by the job's loss. With
+"finetune" each candidate gets the job's whole fine-tune instead, under the same seed, and the
+judge is what a user keeps the model for: held-out accuracy where the labels are classes (ties:
+the loss), else the loss; the winner is then not fine-tuned again."""
 
 import copy
 import hashlib
@@ -75,6 +78,7 @@ MEASURED = {
     "params",
     "loss_after_pruning",
     "loss_after_recovery",
+    "accuracy_after_recovery",
     "recovery_kept",
 }
 
@@ -150,15 +154,10 @@ def choose(
     error. The models that lose are dropped as soon as they do."""
     config = PruneConfig(global_ranking=not spec.uniform_widths, hidden_size=spec.hidden_size)
     tried = variants(spec, prunes_hidden_size(inputs.net, inputs.example, config))
-    rows = spec.search.recovery_rows
-    lr = spec.finetune.lr if spec.finetune is not None else DEFAULT_RECOVERY_LR
-    batches = recovery_batches(inputs.calibration, rows)
-    recovery = Recovery(
-        batches, recovery_loss(spec, inputs), lr, inputs.evaluation, device, check, inputs.loss_fn
-    )
+    recovery = _recovery(spec, inputs, device, check)
     records: list[Candidate] = []
     seen: dict[str, int] = {}  # a pruned model's weights -> the first candidate that had them
-    best: tuple[Pruned, nn.Module, Candidate, float] | None = None
+    best: tuple[Pruned, nn.Module, Candidate] | None = None
     first_miss: TargetUnreachable | None = None
     for index, variant in enumerate(tried):
         relabelled = _searching(report, index, len(tried))
@@ -177,7 +176,12 @@ def choose(
             records.append(_same_as(records[same], variant, same))
             del net, pruned, result
             continue
-        after_recovery, kept = recovery.apply_unless_worse_(net, result.masks, after_pruning)
+        if spec.search.finetunes:
+            measured = recovery.measure_(net, result.masks)
+            after_recovery, kept, accuracy = measured["loss"], True, measured.get("accuracy")
+        else:
+            after_recovery, kept = recovery.apply_unless_worse_(net, result.masks, after_pruning)
+            accuracy = None
         record = _candidate(
             variant,
             blocks_removed=_blocks_removed(variant, result),
@@ -186,19 +190,60 @@ def choose(
             params=result.params,
             loss_after_pruning=after_pruning,
             loss_after_recovery=after_recovery,
+            accuracy_after_recovery=accuracy,
             recovery_kept=kept,
         )
         records.append(record)
-        loss = after_recovery if kept else after_pruning
-        if best is None or judged(loss) < judged(best[3]):
-            best = (pruned, net, record, loss)  # ties: the earlier
+        if best is None or _rank(record) < _rank(best[2]):
+            best = (pruned, net, record)  # ties: the earlier
         del net, pruned, result  # a loser's model goes now, not at the next copy
     if best is None:
         assert first_miss is not None
         raise first_miss
     best[2].chosen = True
-    best[2].why = _why(records, best[2], rows)
+    best[2].why = _why(records, best[2], _judged_after(spec))
     return best[0], best[1], records
+
+
+def _recovery(
+    spec: JobSpec, inputs: Inputs, device: torch.device, check: Callable[[], None]
+) -> "Recovery":
+    """What every candidate recovers by: the job's fine-tune (`search.recovery` "finetune"),
+    else the short recovery over the first `recovery_rows` calibration rows."""
+    if spec.search.finetunes:
+        assert spec.finetune is not None  # the spec's validation asks for it
+        return Recovery(
+            inputs.calibration,
+            inputs.finetune_loss(spec),
+            spec.finetune.lr,
+            inputs.evaluation,
+            device,
+            check,
+            inputs.loss_fn,
+            epochs=spec.finetune.epochs,
+        )
+    lr = spec.finetune.lr if spec.finetune is not None else DEFAULT_RECOVERY_LR
+    batches = recovery_batches(inputs.calibration, spec.search.recovery_rows)
+    return Recovery(
+        batches, recovery_loss(spec, inputs), lr, inputs.evaluation, device, check, inputs.loss_fn
+    )
+
+
+def _judged_after(spec: JobSpec) -> str:
+    if spec.search.finetunes:
+        assert spec.finetune is not None
+        epochs = spec.finetune.epochs
+        return f"the job's fine-tuning ({epochs} epoch{'s' if epochs != 1 else ''})"
+    rows = spec.search.recovery_rows
+    return f"{rows} rows of recovery (undone where it raised the loss)"
+
+
+def _rank(record: Candidate) -> tuple[float, float]:
+    """A measured candidate's place, lowest first: by held-out accuracy after the job's
+    fine-tune where one was measured (ties: the loss), else by its loss as it goes on."""
+    if record.accuracy_after_recovery is not None:
+        return -record.accuracy_after_recovery, judged(_going_on(record))
+    return judged(_going_on(record)), 0.0
 
 
 def recovery_loss(spec: JobSpec, inputs: Inputs) -> LossFn:
@@ -224,6 +269,15 @@ class Recovery:
     device: torch.device
     check: Callable[[], None]
     judge: LossFn | None = None
+    epochs: int = 1
+
+    def measure_(self, net: nn.Module, masks: dict[str, Tensor]) -> dict[str, float]:
+        """Recover `net` and measure it on the held-out rows: the loss and, where the labels
+        are classes, the accuracy."""
+        recover_(
+            net, self.batches, self.loss_fn, self.lr, masks, self.device, self.check, self.epochs
+        )
+        return evaluation.evaluate(net, self.held_out, self.judge or self.loss_fn)
 
     def apply_unless_worse_(
         self, net: nn.Module, masks: dict[str, Tensor], before: float
@@ -232,8 +286,7 @@ class Recovery:
         (the loss right after pruning), put the weights from before back. Returns the loss
         after recovery and whether the recovery was kept."""
         weights = copy.deepcopy(net.state_dict())
-        recover_(net, self.batches, self.loss_fn, self.lr, masks, self.device, self.check)
-        after = evaluation.evaluate(net, self.held_out, self.judge or self.loss_fn)["loss"]
+        after = self.measure_(net, masks)["loss"]
         kept = judged(after) < judged(before)
         if not kept:
             net.load_state_dict(weights)
@@ -307,14 +360,15 @@ def recover_(
     masks: dict[str, Tensor],
     device: torch.device,
     check: Callable[[], None],
+    epochs: int = 1,
 ) -> None:
-    """One pass of AdamW over `batches`, masks kept, under a fixed seed (the caller's random
-    state is left as it was)."""
+    """`epochs` passes of AdamW over `batches`, masks kept, under a fixed seed (the caller's
+    random state is left as it was)."""
     forked = [device] if device.type == "cuda" else []
     with precision.master_weights(net, device), torch.random.fork_rng(devices=forked):
         torch.manual_seed(RECOVERY_SEED)
         finetune.finetune_(
-            net, batches, loss_fn, 1, lr, masks=masks, on_batch=lambda epoch, batch: check()
+            net, batches, loss_fn, epochs, lr, masks=masks, on_batch=lambda epoch, batch: check()
         )
 
 
@@ -338,13 +392,15 @@ def _searching(report: Report, index: int, count: int) -> Report:
     return relabelled
 
 
-def _why(records: list[Candidate], chosen: Candidate, rows: int) -> str:
+def _why(records: list[Candidate], chosen: Candidate, after: str) -> str:
     judged_ones = [r for r in records if r.missed is None and r.same_as is None]
-    digits = _digits([_going_on(r) for r in judged_ones])
+    by_accuracy = chosen.accuracy_after_recovery is not None
+    figure = _accuracy if by_accuracy else _going_on
+    digits = _digits([figure(r) for r in judged_ones])
 
     def named(record: Candidate) -> str:
         undone = "" if record.recovery_kept else ", recovery undone"
-        return f"{_going_on(record):.{digits}g} ({record.allocation}{undone})"
+        return f"{figure(record):.{digits}g} ({record.allocation}{undone})"
 
     others = ", ".join(named(r) for r in judged_ones if r is not chosen) or "no other"
     missed = [r.allocation for r in records if r.missed is not None]
@@ -354,10 +410,13 @@ def _why(records: list[Candidate], chosen: Candidate, rows: int) -> str:
         for r in records
         if r.same_as is not None
     )
-    return (
-        f"lowest held-out loss after {rows} rows of recovery (undone where it raised the loss): "
-        f"{named(chosen)} against {others}{dropped}"
-    )
+    best = "highest held-out accuracy" if by_accuracy else "lowest held-out loss"
+    return f"{best} after {after}: {named(chosen)} against {others}{dropped}"
+
+
+def _accuracy(record: Candidate) -> float:
+    assert record.accuracy_after_recovery is not None
+    return record.accuracy_after_recovery
 
 
 def _going_on(record: Candidate) -> float:

@@ -98,6 +98,8 @@ class _Run:
     timing: dict[str, Any] | None = None  # a latency target's measurements
     sparsity: float | None = None
     candidates: list[Candidate] | None = None  # a search's
+    # the chosen candidate's held-out metrics right after pruning, where the search fine-tunes
+    at_pruning: dict[str, float] | None = None
     # where the time goes: "score" and "recalibrate" (BatchNorm statistics) are parts of "prune"
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
@@ -116,7 +118,11 @@ class _Run:
         after_pruning = self.measure()
         self.close_last_step(after_pruning)
         after_finetune = None
-        if self.spec.finetune is not None:
+        if self.spec.search.finetunes:  # the winner was fine-tuned in the search
+            assert self.at_pruning is not None
+            after_finetune = after_pruning  # the architecture, so the latency, is the same
+            after_pruning = after_finetune.model_copy(update=self.at_pruning)
+        elif self.spec.finetune is not None:
             clock = time.perf_counter()
             with precision.master_weights(self.inputs.net, self.device):
                 _finetune(self.spec, self.inputs, result.masks, self.report, self.check)
@@ -181,7 +187,7 @@ class _Run:
 
         def prune(
             variant: JobSpec, net: torch.nn.Module, report: Report
-        ) -> tuple[tuple[_Run, PruneResult, bool], PruneResult, float]:
+        ) -> tuple[tuple[_Run, PruneResult, bool, dict[str, float]], PruneResult, float]:
             candidate = _Run(
                 variant,
                 self.files,
@@ -195,14 +201,15 @@ class _Run:
                 seconds=self.seconds,  # adds its pruning's time to the job's
             )
             result, met = candidate.prune(goal, steps)
-            after = Metrics(loss=candidate.evaluate(self.inputs.evaluation))
+            held_out = evaluation.evaluate(net, self.inputs.evaluation, self.inputs.loss_fn)
+            after = Metrics(**held_out)
             candidate.close_last_step(after)
-            return (candidate, result, met), result, after.loss
+            return (candidate, result, met, held_out), result, after.loss
 
         pruned, net, self.candidates = search.choose(
             self.spec, self.inputs, self.device, prune, self.report, self.check
         )
-        chosen, result, met = pruned
+        chosen, result, met, self.at_pruning = pruned
         self.inputs.net = net
         self.inputs.loaded = replace(self.inputs.loaded, model=net)  # the original can go
         self.steps, self.plan, self.original = chosen.steps, chosen.plan, chosen.original
@@ -431,14 +438,10 @@ def _finetune(
         else:
             check()
 
-    loss_fn = inputs.loss_fn
-    if spec.finetune_distils:  # KL from the uploaded model, kept from before pruning
-        assert inputs.distill_fn is not None
-        loss_fn = inputs.distill_fn
     finetune.finetune_(
         inputs.net,
         calibration,
-        loss_fn,
+        inputs.finetune_loss(spec),
         epochs,
         spec.finetune.lr,
         masks=masks,

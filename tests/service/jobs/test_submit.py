@@ -467,8 +467,12 @@ SEARCH = {"search": {"candidates": 2}}
             },
             "needs channel or layer granularity (unstructured is not built yet)",
         ),
+        (
+            {"search": {"candidates": 2, "recovery": "finetune"}, "evaluation": {"fraction": 0.2}},
+            'gives each candidate the job\'s fine-tune: set finetune (e.g. {"epochs": 1})',
+        ),
     ],
-    ids=["no held-out rows", "latency", "unstructured"],
+    ids=["no held-out rows", "latency", "unstructured", "finetune recovery without finetune"],
 )
 def test_a_search_it_cannot_judge_or_has_not_built_is_422_in_one_line(
     client: TestClient,
@@ -513,6 +517,7 @@ def test_a_search_out_of_bounds_is_422(
     [
         ({"candidates": 8, "recovery_rows": 512}, "fraction"),
         ({"candidates": 2}, "dataset"),
+        ({"candidates": 3, "recovery": "finetune"}, "fraction"),
         ({"candidates": 1}, None),
     ],
 )
@@ -521,7 +526,7 @@ def test_a_search_with_held_out_rows_is_accepted(
     db: Session,
     alice: Caller,
     spec: dict[str, Any],
-    search: dict[str, int],
+    search: dict[str, Any],
     evaluation: str | None,
 ) -> None:
     held_out = {
@@ -530,15 +535,21 @@ def test_a_search_with_held_out_rows_is_accepted(
         None: None,
     }[evaluation]
     body = spec | {"search": search, "evaluation": held_out}
+    if search.get("recovery") == "finetune":  # each candidate gets the job's fine-tune
+        body["finetune"] = {"epochs": 1}
 
     response = client.post("/v1/jobs", json=body, headers=alice.headers)
 
     assert response.status_code == 202, response.text
-    assert response.json()["spec"]["search"] == {"recovery_rows": 256} | search
+    assert response.json()["spec"]["search"] == {"recovery": "short", "recovery_rows": 256} | search
 
 
 def test_a_spec_without_a_search_tries_one_candidate(
     client: TestClient, alice: Caller, spec: dict[str, Any]
 ) -> None:
     response = client.post("/v1/jobs", json=spec, headers=alice.headers)
-    assert response.json()["spec"]["search"] == {"candidates": 1, "recovery_rows": 256}
+    assert response.json()["spec"]["search"] == {
+        "candidates": 1,
+        "recovery": "short",
+        "recovery_rows": 256,
+    }
