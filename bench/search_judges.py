@@ -126,7 +126,7 @@ def candidates(
                 lr, rows = recovery
                 first = search.recovery_batches([as_job_batch(b) for b in batches], rows)
                 search.recover_(
-                    recovered, first, job_loss, lr, masks, torch.device("cpu"), lambda: None
+                    recovered, first, job_loss, lr, masks, torch.device("cpu"), lambda *_: None
                 )
             loss = evaluation.evaluate(recovered, held_out, job_loss)["loss"]
             held_out_acc = held_out_accuracy(recovered, held_out[0])

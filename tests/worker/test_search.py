@@ -155,6 +155,12 @@ def test_a_search_that_finetunes_each_candidate_keeps_the_most_accurate(tmp_path
     assert result.after_pruning.loss == chosen.loss_after_pruning
     assert result.after_pruning.latency_ms == result.after_finetune.latency_ms
     assert not any(p.stage == "finetuning" for p in progress)
+    # each candidate's fine-tune says its epochs as the search's progress (one that pruned to
+    # an earlier one's model, as one pruning step makes both schedules, is not fine-tuned again)
+    epochs = [(p.candidate, p.epoch) for p in progress if p.stage == "searching" and p.epoch]
+    tuned = [number for number, c in enumerate(candidates, 1) if c.same_as is None]
+    assert len(tuned) >= 2
+    assert epochs == [(number, epoch) for number in tuned for epoch in (1, 2)]
 
 
 def test_the_search_reports_each_candidate(

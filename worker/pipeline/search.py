@@ -177,7 +177,7 @@ def choose(
             del net, pruned, result
             continue
         if spec.search.finetunes:
-            measured = recovery.measure_(net, result.masks)
+            measured = recovery.measure_(net, result.masks, _epochs(relabelled, recovery.epochs))
             after_recovery, kept, accuracy = measured["loss"], True, measured.get("accuracy")
         else:
             after_recovery, kept = recovery.apply_unless_worse_(net, result.masks, after_pruning)
@@ -271,11 +271,23 @@ class Recovery:
     judge: LossFn | None = None
     epochs: int = 1
 
-    def measure_(self, net: nn.Module, masks: dict[str, Tensor]) -> dict[str, float]:
+    def measure_(
+        self,
+        net: nn.Module,
+        masks: dict[str, Tensor],
+        epoch_ended: Callable[[int], None] | None = None,
+    ) -> dict[str, float]:
         """Recover `net` and measure it on the held-out rows: the loss and, where the labels
-        are classes, the accuracy."""
+        are classes, the accuracy. `epoch_ended(epochs done)` after each epoch."""
+        last = len(self.batches) - 1
+
+        def on_batch(epoch: int, batch: int) -> None:
+            self.check()
+            if epoch_ended is not None and batch == last:
+                epoch_ended(epoch + 1)
+
         recover_(
-            net, self.batches, self.loss_fn, self.lr, masks, self.device, self.check, self.epochs
+            net, self.batches, self.loss_fn, self.lr, masks, self.device, on_batch, self.epochs
         )
         return evaluation.evaluate(net, self.held_out, self.judge or self.loss_fn)
 
@@ -359,17 +371,21 @@ def recover_(
     lr: float,
     masks: dict[str, Tensor],
     device: torch.device,
-    check: Callable[[], None],
+    on_batch: Callable[[int, int], None],
     epochs: int = 1,
 ) -> None:
     """`epochs` passes of AdamW over `batches`, masks kept, under a fixed seed (the caller's
-    random state is left as it was)."""
+    random state is left as it was); `on_batch(epoch, batch)` after each step (it may raise
+    to stop)."""
     forked = [device] if device.type == "cuda" else []
     with precision.master_weights(net, device), torch.random.fork_rng(devices=forked):
         torch.manual_seed(RECOVERY_SEED)
-        finetune.finetune_(
-            net, batches, loss_fn, epochs, lr, masks=masks, on_batch=lambda epoch, batch: check()
-        )
+        finetune.finetune_(net, batches, loss_fn, epochs, lr, masks=masks, on_batch=on_batch)
+
+
+def _epochs(report: Report, epochs: int) -> Callable[[int], None]:
+    """A candidate's fine-tune, epoch by epoch, as its progress in the search."""
+    return lambda done: report(Progress(percent=100, epoch=done, epochs=epochs))
 
 
 def _searching(report: Report, index: int, count: int) -> Report:
