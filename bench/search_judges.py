@@ -202,7 +202,11 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--candidates", type=int, default=4, help="the first K of a job's search (default 4)"
+        "--candidates",
+        type=int,
+        default=4,
+        choices=range(1, 9),
+        help="the first K of a job's search (default 4)",
     )
     parser.add_argument(
         "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),

@@ -117,7 +117,7 @@ def _candidates(result: JobResult, candidates: list[Candidate], member: str) -> 
         for c in candidates
     )
     return (
-        f"<h2>{escape(member + ': ') if member else ''}Candidates: loss on the held-out rows "
+        f"<h2>{escape(member + ': ') if member else ''}Candidates: measured on the held-out rows "
         "after pruning and after recovery</h2>"
         "<table><tr><th>allocation</th><th>MACs kept</th><th>params kept</th>"
         f"<th>after pruning</th><th>after recovery</th><th></th></tr>{rows}</table>{why}"

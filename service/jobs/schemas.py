@@ -301,6 +301,11 @@ class JobSpec(SpecPart):
     @model_validator(mode="after")
     def _a_search_is_judged_on_held_out_rows(self) -> "JobSpec":
         if self.search.candidates == 1:
+            if self.search.recovery == "finetune":  # nothing would be searched: say so
+                raise ValueError(
+                    'search.recovery "finetune" fine-tunes each of several candidates: set '
+                    "search.candidates (2 to 8)"
+                )
             return self
         # what a search does not try yet (docs/formats.md): one line each
         if self.target.metric == "latency_ms":
@@ -315,10 +320,10 @@ class JobSpec(SpecPart):
                 "search.candidates > 1 judges candidates on rows calibration never saw: set "
                 "evaluation.fraction (e.g. 0.2) or evaluation.dataset_id"
             )
-        if self.search.finetunes and self.finetune is None:
+        if self.search.finetunes and (self.finetune is None or not self.finetune.epochs):
             raise ValueError(
                 'search.recovery "finetune" gives each candidate the job\'s fine-tune: set '
-                'finetune (e.g. {"epochs": 1})'
+                'finetune with at least one epoch (e.g. {"epochs": 1})'
             )
         return self
 
@@ -336,15 +341,21 @@ class JobSpec(SpecPart):
         ):
             raise ValueError("2:4 pruning zeroes half the weights: ask for sparsity 0.5 or less")
         rows = self.calibration.batches * self.calibration.batch_size
-        if rows * self.schedule.steps > MAX_SCORED_ROWS:
+        # a search scores each candidate, and with recovery "finetune" fine-tunes each
+        each, by = self.search.candidates, " × search.candidates"
+        scored = rows * self.schedule.steps * each
+        if scored > MAX_SCORED_ROWS:
             raise ValueError(
-                f"calibration.batches × calibration.batch_size × schedule.steps is "
-                f"{rows * self.schedule.steps:,}; the limit is {MAX_SCORED_ROWS:,} rows scored"
+                f"calibration.batches × calibration.batch_size × schedule.steps"
+                f"{by if each > 1 else ''} is {scored:,}; the limit is {MAX_SCORED_ROWS:,} rows "
+                "scored"
             )
-        if self.finetune is not None and rows * self.finetune.epochs > MAX_FINETUNE_ROWS:
+        tuned = 0 if self.finetune is None else rows * self.finetune.epochs
+        tuned *= each if self.search.finetunes else 1
+        if tuned > MAX_FINETUNE_ROWS:
             raise ValueError(
-                f"calibration rows × finetune.epochs is {rows * self.finetune.epochs:,}; "
-                f"the limit is {MAX_FINETUNE_ROWS:,} rows fine-tuned"
+                f"calibration rows × finetune.epochs{by if self.search.finetunes else ''} is "
+                f"{tuned:,}; the limit is {MAX_FINETUNE_ROWS:,} rows fine-tuned"
             )
         return self
 

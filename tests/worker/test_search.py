@@ -161,6 +161,8 @@ def test_a_search_that_finetunes_each_candidate_keeps_the_most_accurate(tmp_path
     tuned = [number for number, c in enumerate(candidates, 1) if c.same_as is None]
     assert len(tuned) >= 2
     assert epochs == [(number, epoch) for number in tuned for epoch in (1, 2)]
+    percents = [p.percent or 0.0 for p in progress if p.stage == "searching"]
+    assert percents == sorted(percents)  # pruning, then the fine-tune, within each share
 
 
 def test_the_search_reports_each_candidate(

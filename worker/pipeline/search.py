@@ -1,10 +1,10 @@
 """Choosing a job's allocation by how it recovers (issue 23): no one allocation rule wins
 everywhere once the model is fine-tuned (docs/decisions/0007-lamp-normaliser-as-an-option.md),
 so a job with `search.candidates` > 1 prunes a copy of the loaded model per candidate, gives
-each the same short recovery on calibration rows, judges each by its loss on held-out rows,
-and goes on with the lowest. A candidate whose recovery raises its held-out loss (a learning rate
-too strong for a model pruned a little) is judged, and goes on, as it was before it; one that
-misses the target drops out. Why it is opt-in and judged this way:
+each the same recovery (a short one on calibration rows, or the job's fine-tune), judges each
+on held-out rows, and goes on with the best. A candidate whose short recovery raises its
+held-out loss (a learning rate too strong for a model pruned a little) is judged, and goes on,
+as it was before it; one that misses the target drops out. Why it is opt-in and judged this way:
 docs/decisions/0014-search-is-opt-in-and-judged-after-recovery.md.
 
 The candidates are the spec's own normalisation, schedule and cost-awareness, then the others
@@ -146,9 +146,10 @@ def choose(
     check: Callable[[], None],
 ) -> tuple[Pruned, nn.Module, list[Candidate]]:
     """The candidate that recovers best: what `prune` gave back for it, its model (pruned and
-    recovered, or only pruned where the recovery raised its held-out loss) and every
-    candidate's record. `prune(variant, net, report)` prunes `net` in place as the job prunes
-    under the variant's allocation and returns its loss on the held-out batches right after.
+    recovered, or only pruned where a short recovery raised its held-out loss; with
+    `search.recovery` "finetune", pruned and fine-tuned) and every candidate's record.
+    `prune(variant, net, report)` prunes `net` in place as the job prunes under the variant's
+    allocation and returns its loss on the held-out batches right after.
     A candidate whose pruning misses the target drops out (its record says why); the job
     fails as a job without a search would only when every one misses, with the first's
     error. The models that lose are dropped as soon as they do."""
@@ -159,8 +160,10 @@ def choose(
     seen: dict[str, int] = {}  # a pruned model's weights -> the first candidate that had them
     best: tuple[Pruned, nn.Module, Candidate] | None = None
     first_miss: TargetUnreachable | None = None
+    # with the job's fine-tune in it, a candidate's pruning is the first half of its progress
+    pruning_share = 50.0 if spec.search.finetunes else 100.0
     for index, variant in enumerate(tried):
-        relabelled = _searching(report, index, len(tried))
+        relabelled = _searching(report, index, len(tried), 0.0, pruning_share)
         relabelled(Progress(percent=0))
         net = copy.deepcopy(inputs.net)
         try:
@@ -177,7 +180,8 @@ def choose(
             del net, pruned, result
             continue
         if spec.search.finetunes:
-            measured = recovery.measure_(net, result.masks, _epochs(relabelled, recovery.epochs))
+            tuning = _searching(report, index, len(tried), pruning_share, 100.0)
+            measured = recovery.measure_(net, result.masks, _epochs(tuning, recovery.epochs))
             after_recovery, kept, accuracy = measured["loss"], True, measured.get("accuracy")
         else:
             after_recovery, kept = recovery.apply_unless_worse_(net, result.masks, after_pruning)
@@ -241,9 +245,10 @@ def _judged_after(spec: JobSpec) -> str:
 def _rank(record: Candidate) -> tuple[float, float]:
     """A measured candidate's place, lowest first: by held-out accuracy after the job's
     fine-tune where one was measured (ties: the loss), else by its loss as it goes on."""
-    if record.accuracy_after_recovery is not None:
-        return -record.accuracy_after_recovery, judged(_going_on(record))
-    return judged(_going_on(record)), 0.0
+    loss = judged(_going_on(record))
+    if record.accuracy_after_recovery is not None and math.isfinite(loss):
+        return -record.accuracy_after_recovery, loss
+    return (loss, 0.0) if record.accuracy_after_recovery is None else (math.inf, math.inf)
 
 
 def recovery_loss(spec: JobSpec, inputs: Inputs) -> LossFn:
@@ -259,8 +264,9 @@ def recovery_loss(spec: JobSpec, inputs: Inputs) -> LossFn:
 
 @dataclass(frozen=True)
 class Recovery:
-    """The short recovery every candidate gets (`recover_`), and the held-out rows that
-    judge it (by `judge`, else by the loss it recovers on)."""
+    """The recovery every candidate gets (`recover_`: a short one, or `epochs` of the job's
+    fine-tune), and the held-out rows that judge it (by `judge`, else by the loss it recovers
+    on)."""
 
     batches: list[Batch]
     loss_fn: LossFn
@@ -312,7 +318,8 @@ def _candidate(variant: JobSpec, **measured: Any) -> Candidate:
         schedule=variant.schedule.kind,
         block_score=variant.block_score if depth else None,
         hidden_size=False if variant.hidden_size is False else None,
-        cost_aware=None if variant.cost_aware else False,
+        # blocks alone (granularity "layer") rank no channels
+        cost_aware=None if variant.cost_aware or variant.granularity == "layer" else False,
         depth_share=variant.depth_share if depth and variant.granularity == "channel" else None,
         **measured,
     )
@@ -384,16 +391,24 @@ def recover_(
 
 
 def _epochs(report: Report, epochs: int) -> Callable[[int], None]:
-    """A candidate's fine-tune, epoch by epoch, as its progress in the search."""
-    return lambda done: report(Progress(percent=100, epoch=done, epochs=epochs))
+    """A candidate's fine-tune, epoch by epoch, as its progress in the search (its start
+    said now)."""
+
+    def epoch_ended(done: int) -> None:
+        report(Progress(percent=100 * done / epochs, epoch=done, epochs=epochs))
+
+    epoch_ended(0)
+    return epoch_ended
 
 
-def _searching(report: Report, index: int, count: int) -> Report:
-    """Progress of one candidate as the search's: its pruning steps and its end, with the
+def _searching(report: Report, index: int, count: int, start: float, end: float) -> Report:
+    """Progress of one candidate as the search's, the candidate's percent mapped onto `start`
+    .. `end` of its share: its pruning steps and its end, or its fine-tune's epochs, with the
     candidate's number and the percent of the whole search."""
 
     def relabelled(progress: Progress) -> None:
-        share = (index + (progress.percent or 0) / 100) / count
+        within = start + (end - start) * (progress.percent or 0) / 100
+        share = (index + within / 100) / count
         report(
             progress.model_copy(
                 update={
@@ -426,6 +441,11 @@ def _why(records: list[Candidate], chosen: Candidate, after: str) -> str:
         for r in records
         if r.same_as is not None
     )
+    tied = by_accuracy and any(
+        r is not chosen and r.accuracy_after_recovery == chosen.accuracy_after_recovery
+        for r in judged_ones
+    )
+    dropped += "; the accuracy tied, the lower held-out loss won" if tied else ""
     best = "highest held-out accuracy" if by_accuracy else "lowest held-out loss"
     return f"{best} after {after}: {named(chosen)} against {others}{dropped}"
 

@@ -150,6 +150,25 @@ def test_an_invalid_spec_is_422(
             {"finetune": {"epochs": 100}, "calibration": {"batches": 100, "batch_size": 512}},
             "rows fine-tuned",
         ),
+        (  # each candidate of a search is scored: 8 × 250,000 is past the limit, one is not
+            {
+                "schedule": {"steps": 10},
+                "calibration": {"batches": 1_000, "batch_size": 26},
+                "search": {"candidates": 8},
+                "evaluation": {"fraction": 0.2},
+            },
+            "× search.candidates is 2,080,000",
+        ),
+        (  # and with recovery "finetune" each is fine-tuned: 8 × 1,000,000
+            {
+                "finetune": {"epochs": 10},
+                "calibration": {"batches": 1_000, "batch_size": 100},
+                "schedule": {"steps": 1},
+                "search": {"candidates": 8, "recovery": "finetune"},
+                "evaluation": {"fraction": 0.2},
+            },
+            "× search.candidates is 8,000,000",
+        ),
     ],
 )
 def test_a_spec_asking_for_too_much_work_is_422_naming_the_limit(
@@ -162,7 +181,7 @@ def test_a_spec_asking_for_too_much_work_is_422_naming_the_limit(
 ) -> None:
     response = client.post("/v1/jobs", json=spec | change, headers=alice.headers)
     body = problem(response, 422, "invalid_request")
-    assert limit in json.dumps(body["errors"])
+    assert limit in json.dumps(body["errors"], ensure_ascii=False)
     assert job_count(db) == 0
 
 
@@ -469,10 +488,29 @@ SEARCH = {"search": {"candidates": 2}}
         ),
         (
             {"search": {"candidates": 2, "recovery": "finetune"}, "evaluation": {"fraction": 0.2}},
-            'gives each candidate the job\'s fine-tune: set finetune (e.g. {"epochs": 1})',
+            "gives each candidate the job's fine-tune: set finetune with at least one epoch",
+        ),
+        (
+            {
+                "search": {"candidates": 2, "recovery": "finetune"},
+                "finetune": {"epochs": 0},
+                "evaluation": {"fraction": 0.2},
+            },
+            "set finetune with at least one epoch",
+        ),
+        (
+            {"search": {"candidates": 1, "recovery": "finetune"}, "finetune": {"epochs": 1}},
+            "fine-tunes each of several candidates: set search.candidates (2 to 8)",
         ),
     ],
-    ids=["no held-out rows", "latency", "unstructured", "finetune recovery without finetune"],
+    ids=[
+        "no held-out rows",
+        "latency",
+        "unstructured",
+        "finetune recovery without finetune",
+        "finetune recovery without epochs",
+        "finetune recovery of one candidate",
+    ],
 )
 def test_a_search_it_cannot_judge_or_has_not_built_is_422_in_one_line(
     client: TestClient,
