@@ -28,6 +28,9 @@ in a job), each judged by its loss on the training rows the calibration did not 
 lowest is kept. Its "pruned" accuracy is before that recovery,
 its fine-tuned accuracy after the recovery and the epoch every row gets. `oba, search 1` (the
 default candidate alone, with the same recovery before its epoch) comes with it.
+`--search-recovery finetune` does what a job's `search.recovery: "finetune"` does instead: each
+candidate gets the epoch every row gets and is judged after it by held-out accuracy (ties: the
+loss); the rows are labelled `oba, search K, fine-tuned each`, and the winner gets no second epoch.
 
 Run `python -m bench.quality --help`; `--quick` is a seconds-long smoke run.
 """
@@ -335,6 +338,9 @@ class Settings:
     recovery_rows: int = 256  # calibration rows of each candidate's recovery
     # fraction of the training rows set aside before dense training; the search judges on them
     validation: float = 0.0
+    # "finetune": each candidate gets the epoch every row gets and is judged after it by
+    # held-out accuracy, as a job's search.recovery "finetune"; the winner gets no second
+    search_recovery: str = "short"
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1
 
 
@@ -418,8 +424,8 @@ def run_setting(
 RECOVERY_LR = 1e-3
 
 
-def search_label(candidates: int) -> str:
-    return f"oba, search {candidates}"
+def search_label(candidates: int, recovery: str = "short") -> str:
+    return f"oba, search {candidates}" + (", fine-tuned each" if recovery == "finetune" else "")
 
 
 def as_job_batch(batch: Batch) -> dict[str, Any]:
@@ -444,6 +450,7 @@ class Tried:
     loss_recovered: float
     recovery_kept: bool  # False: the recovery raised the held-out loss and was undone
     seconds: float  # its pruning, recovery and judging
+    held_out_accuracy: float | None = None  # after recovery; what a fine-tuning search judges
 
     @property
     def going_on(self) -> float:
@@ -490,7 +497,13 @@ def search_rows(
         result = prune_(model, data.example, batches, cross_entropy, config)
         acc_pruned = accuracy(model, data)
         loss_pruned = evaluation.evaluate(model, held_out, job_loss)["loss"]
-        loss_recovered, kept = recovery.apply_unless_worse_(model, result.masks, loss_pruned)
+        held_out_accuracy = None
+        if settings.search_recovery == "finetune":
+            finetune_one_epoch(model, data, seed)
+            measured = evaluation.evaluate(model, held_out, job_loss)
+            loss_recovered, kept, held_out_accuracy = measured["loss"], True, measured["accuracy"]
+        else:
+            loss_recovered, kept = recovery.apply_unless_worse_(model, result.masks, loss_pruned)
         seconds = time.perf_counter() - started  # with one pass over the test split
         tried.append(
             Tried(
@@ -503,22 +516,30 @@ def search_rows(
                 loss_recovered=loss_recovered,
                 recovery_kept=kept,
                 seconds=seconds,
+                held_out_accuracy=held_out_accuracy,
             )
         )
-    winner = min(
-        range(len(tried)),
-        key=lambda i: (search.judged(tried[i].going_on), i),
-    )
+
+    def rank(i: int) -> tuple[float, float, int]:
+        accuracy_ = tried[i].held_out_accuracy
+        loss = search.judged(tried[i].going_on)
+        if accuracy_ is None or not math.isfinite(loss):  # as a job's search ranks them
+            return loss, 0.0, i
+        return -accuracy_, loss, i
+
+    winner = min(range(len(tried)), key=rank)
     records = [t.record() for t in tried]
     rows = []
     for count, index in sorted({settings.search: winner, 1: 0}.items()):
         chosen = tried[index]
         seconds = sum(t.seconds for t in tried[:count])
         model = copy.deepcopy(chosen.model)
-        finetune_one_epoch(model, data, seed)
+        if settings.search_recovery != "finetune":  # fine-tuned in the search already
+            finetune_one_epoch(model, data, seed)
         row = Row(
-            search_label(count), data.name, target, seed, chosen.macs_fraction, chosen.acc_pruned,
-            accuracy(model, data), acc_dense, seconds, chosen.allocation, records[:count],
+            search_label(count, settings.search_recovery), data.name, target, seed,
+            chosen.macs_fraction, chosen.acc_pruned, accuracy(model, data), acc_dense, seconds,
+            chosen.allocation, records[:count],
         )  # fmt: skip
         print(
             f"  {data.name} seed={seed} target={target:.2f} {row.method:<34} "
@@ -665,7 +686,7 @@ def comparisons(rows: Sequence[Row], labels: Sequence[str]) -> str:
 def search_report(rows: Sequence[Row]) -> str:
     labels = sorted(
         {r.method for r in rows if r.method.startswith("oba, search ")},
-        key=lambda label: int(label.rsplit(" ", 1)[1]),
+        key=lambda label: (int(label.split()[2].rstrip(",")), label),
     )
     present = [label for label in ("oba", *PEERS) if any(r.method == label for r in rows)]
     parts = [
@@ -727,6 +748,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         "and judged on held-out training rows, the best kept (issue 23)",
     )
     parser.add_argument(
+        "--search-recovery",
+        choices=("short", "finetune"),
+        default="short",
+        help="finetune: each candidate gets the epoch and is judged after it by held-out "
+        'accuracy, as a job\'s search.recovery "finetune"',
+    )
+    parser.add_argument(
         "--recovery-rows",
         type=int,
         default=256,
@@ -774,6 +802,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         tries=tuple(parse_try(text) for text in args.tries),
         search=args.search,
         recovery_rows=args.recovery_rows,
+        search_recovery=args.search_recovery,
         validation=args.validation,
     )
     return settings, args
