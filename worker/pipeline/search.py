@@ -245,10 +245,10 @@ def _judged_after(spec: JobSpec) -> str:
 def _rank(record: Candidate) -> tuple[float, float]:
     """A measured candidate's place, lowest first: by held-out accuracy after the job's
     fine-tune where one was measured (ties: the loss), else by its loss as it goes on."""
-    loss = judged(_going_on(record))
-    if record.accuracy_after_recovery is not None and math.isfinite(loss):
-        return -record.accuracy_after_recovery, loss
-    return (loss, 0.0) if record.accuracy_after_recovery is None else (math.inf, math.inf)
+    loss, accuracy = judged(_going_on(record)), record.accuracy_after_recovery
+    if accuracy is None:
+        return loss, 0.0
+    return (-accuracy, loss) if math.isfinite(loss) else (math.inf, math.inf)
 
 
 def recovery_loss(spec: JobSpec, inputs: Inputs) -> LossFn:
