@@ -1,5 +1,7 @@
 """Celery configuration shared by the API's client and the worker (DESIGN §3)."""
 
+import os
+from pathlib import Path
 from typing import Any
 
 from service.core.settings import Settings
@@ -7,6 +9,8 @@ from service.core.settings import Settings
 VALIDATE_MODEL = "apoptosis.validate_model"
 RUN_JOB = "apoptosis.run_job"
 REDIS_SOCKET_SECONDS = 3.0
+# the filesystem transport's exchanges: the queues' own and the workers' control box
+EXCHANGES = ("cpu", "gpu", "celery.pidbox")
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -30,6 +34,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         folder = settings.broker_folder
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
+        for exchange in EXCHANGES:
+            _empty_exchange_table(folder / "control" / f"{exchange}.exchange")
         config["broker_transport_options"] = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
@@ -48,3 +54,21 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_connect_timeout": REDIS_SOCKET_SECONDS,
         }
     return config
+
+
+def _empty_exchange_table(path: Path) -> None:
+    """An exchange's binding table, `[]`, where there is none yet. kombu's filesystem transport
+    creates it empty and locks it only after, so a second worker starting at the same moment
+    can read it empty and die on the JSON (two `apoptosis worker`s started together, seen in
+    the fault tests). Made whole before any process binds, and never over a table that is
+    there: written aside, then linked into place (a link fails where the name exists)."""
+    if path.exists():
+        return
+    aside = path.with_name(f".{path.name}.{os.getpid()}")
+    aside.write_text("[]")
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        pass
+    finally:
+        aside.unlink()
