@@ -8,7 +8,13 @@ rows (`evaluation.fraction`), and recovers each candidate on 256 rows.
 Whole-job wall time and where it went (`JobResult.seconds`; "rest": loading, measuring before and
 after, the reload checks), each the median of `--repeats`.
 
+`--search-recovery finetune` prices the other recovery: every job fine-tunes (`--epochs`, 1 by
+default), K = 1 as a plain job does (on its one model), K > 1 with `search.recovery: "finetune"`
+(every candidate gets the fine-tune, the winner none after).
+
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.search_cost --threads 2 --repeats 3
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.search_cost --search-recovery finetune \
+        --candidates 1 2 4 7
 """
 
 from __future__ import annotations
@@ -72,20 +78,23 @@ MODELS: dict[str, tuple[Callable[[Path], JobFiles], str]] = {
 }
 
 
-def spec(candidates: int, loss: str, batch_size: int) -> JobSpec:
-    return JobSpec.model_validate(
-        {
-            "model_id": "bench",
-            "dataset_id": "bench",
-            "target": {"macs": 0.5},
-            "loss": loss,
-            "schedule": {"steps": 10},
-            "calibration": {"batches": 4, "batch_size": batch_size},
-            "evaluation": {"fraction": 0.2},
-            "search": {"candidates": candidates, "recovery_rows": 256},
-            "outputs": ["safetensors"],
-        }
-    )
+def spec(candidates: int, loss: str, batch_size: int, recovery: str, epochs: int) -> JobSpec:
+    fields = {
+        "model_id": "bench",
+        "dataset_id": "bench",
+        "target": {"macs": 0.5},
+        "loss": loss,
+        "schedule": {"steps": 10},
+        "calibration": {"batches": 4, "batch_size": batch_size},
+        "evaluation": {"fraction": 0.2},
+        "search": {"candidates": candidates, "recovery_rows": 256},
+        "outputs": ["safetensors"],
+    }
+    if recovery == "finetune":
+        fields["finetune"] = {"epochs": epochs}
+        if candidates > 1:  # one candidate is a plain job: it fine-tunes its one model
+            fields["search"] = {"candidates": candidates, "recovery": "finetune"}
+    return JobSpec.model_validate(fields)
 
 
 def main() -> None:
@@ -93,23 +102,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--candidates", nargs="+", type=int, default=list(CANDIDATES), choices=range(1, 9),
+        help="the K to run, the first the one the others are a multiple of (default 1 2 4)",
+    )  # fmt: skip
+    parser.add_argument("--search-recovery", choices=("short", "finetune"), default="short")
+    parser.add_argument("--epochs", type=int, default=1, help="the fine-tune's, with finetune")
     args = parser.parse_args()
     set_threads(args.threads)
-    print("| model | K | job s | × K = 1 | prune s | search s | export s | rest s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | K | job s | × first | prune s | search s | finetune s | export s | rest s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.only:
         make, loss = MODELS[name]
         with tempfile.TemporaryDirectory() as folder:
             files = make(Path(folder))
             single = 0.0
-            for count in CANDIDATES:
-                job = spec(count, loss, 32 if loss != "distill" else 16)
+            for count in args.candidates:
+                batch_size = 32 if loss != "distill" else 16
+                job = spec(count, loss, batch_size, args.search_recovery, args.epochs)
                 runs = [run(job, files) for _ in range(args.repeats)]
                 seconds = statistics.median(t for t, _ in runs)
                 single = single or seconds
                 stages = [
                     statistics.median(r.seconds.get(stage, 0.0) for _, r in runs)
-                    for stage in ("prune", "search", "export")
+                    for stage in ("prune", "search", "finetune", "export")
                 ]
                 rest = seconds - sum(stages)
                 print(

@@ -10,7 +10,12 @@ gets the epoch of fine-tuning every quality row gets. A judge picks one candidat
 - `after recovery`: the lowest held-out loss after recovery (what a job does today);
 - `after pruning`: the lowest held-out loss right after pruning (no recovery needed to judge);
 - `both`: the lowest mean of the two;
-- `accuracy`: the highest held-out accuracy after recovery (ties: the lower loss).
+- `accuracy`: the highest held-out accuracy after recovery (ties: the lower loss);
+- `accuracy within noise`: of the candidates whose held-out accuracy is within one binomial
+  standard error of the best's, the lowest held-out loss (accuracy on a few hundred rows moves
+  by a row or two between candidates that are as good; the loss sees every row's margin);
+- `own unless beaten`: the spec's own allocation, unless another's held-out accuracy is ahead
+  by more than one standard error of the difference (the highest such; ties: the lower loss).
 
 The variant `the epoch` is no short recovery: each candidate gets the epoch of fine-tuning every
 quality row gets and is judged after it, so its fine-tuned accuracy is after that one epoch (a
@@ -22,8 +27,11 @@ The rows it writes (`--json`) are `bench.quality` rows, one per variant and judg
 `judge <variant>, <judge>`, plus `oracle <variant>`: the candidate with the best test accuracy
 after its epoch, which no judge can pass. `--report` pairs them by seed with the peers of
 `bench.quality --json` files and prints the differences from the best peer of every cell.
+`--cells` keeps every candidate's figures; `--from-cells` judges such files again without
+pruning anything (so a judge added later is measured on the same candidates).
 
     .venv/bin/python -m bench.search_judges --seeds 10 --threads 1 --json judges.json
+    .venv/bin/python -m bench.search_judges --from-cells cells.json --json judges.json
     .venv/bin/python -m bench.search_judges --report judges.json \
         docs/benchmarks/data/quality-peers-digits.json \
         docs/benchmarks/data/quality-peers-mnist1d.json
@@ -34,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -71,7 +80,10 @@ VARIANTS: dict[str, tuple[float, int] | None] = {
     "lr 1e-3, 256 rows": (1e-3, 256), "lr 3e-4, 256 rows": (3e-4, 256),
     "lr 1e-4, 256 rows": (1e-4, 256), "lr 1e-3, 512 rows": (1e-3, 512), "the epoch": None,
 }  # fmt: skip
-JUDGES = ("after recovery", "after pruning", "both", "accuracy")
+JUDGES = (
+    "after recovery", "after pruning", "both", "accuracy", "accuracy within noise",
+    "own unless beaten",
+)  # fmt: skip
 STEPS = 10
 
 
@@ -82,6 +94,28 @@ def _judged(candidate: dict[str, Any], variant: str, judge: str) -> tuple[float,
         return -candidate["recovered"][variant]["held_out_accuracy"], search.judged(after)
     loss = {"after recovery": after, "after pruning": before, "both": (before + after) / 2}[judge]
     return search.judged(loss), 0.0
+
+
+def _standard_error(accuracy: float, rows: int) -> float:
+    return math.sqrt(max(accuracy * (1 - accuracy), 1 / rows) / rows)
+
+
+def pick(cell: list[dict[str, Any]], variant: str, judge: str, rows: int) -> int:
+    """The candidate `judge` keeps (index into `cell`, the spec's own first)."""
+    if judge not in ("accuracy within noise", "own unless beaten"):
+        return min(range(len(cell)), key=lambda i: (*_judged(cell[i], variant, judge), i))
+    figures = [c["recovered"][variant] for c in cell]
+    accuracies = [f["held_out_accuracy"] for f in figures]
+    if judge == "accuracy within noise":
+        best = max(accuracies)
+        near = [i for i in range(len(cell)) if best - accuracies[i] <= _standard_error(best, rows)]
+        return min(near, key=lambda i: (search.judged(figures[i]["loss"]), i))
+    own = accuracies[0]
+    ahead = [
+        i for i in range(1, len(cell))
+        if accuracies[i] - own > math.sqrt(2) * _standard_error(accuracies[i], rows)
+    ]  # fmt: skip
+    return min(ahead or [0], key=lambda i: (-accuracies[i], search.judged(figures[i]["loss"]), i))
 
 
 @torch.no_grad()
@@ -142,16 +176,14 @@ def candidates(
 
 
 def rows_of(
-    cell: list[dict[str, Any]], dataset: str, seed: int, target: float, dense: float
+    cell: list[dict[str, Any]], dataset: str, seed: int, target: float, dense: float, held_out: int
 ) -> list[Row]:
-    """One row per variant and judge, and per variant the oracle's."""
+    """One row per variant and judge, and per variant the oracle's (`held_out`: the rows the
+    judges measure on)."""
     rows = []
     for variant in cell[0]["recovered"]:
         picks = {
-            f"judge {variant}, {judge}": min(
-                range(len(cell)), key=lambda i: (*_judged(cell[i], variant, judge), i)
-            )
-            for judge in JUDGES
+            f"judge {variant}, {judge}": pick(cell, variant, judge, held_out) for judge in JUDGES
         }
         picks[f"oracle {variant}"] = max(
             range(len(cell)), key=lambda i: cell[i]["recovered"][variant]["acc_finetuned"]
@@ -172,19 +204,34 @@ def run(
     count: int,
     variants: Sequence[str],
     validation: float,
-) -> list[Row]:
+) -> list[dict[str, Any]]:
+    """Every cell's candidates, with what `rows_of` needs besides."""
     register_variants()
-    rows: list[Row] = []
+    cells: list[dict[str, Any]] = []
     for name in datasets:
         data = load_dataset(name)
         if validation:
             data = split_validation(data, validation)
+        held_out = int(held_out_batch(data, 0)[1].shape[0])
         for seed in seeds:
             dense = train_dense(data, seed, 1.0)
             for target in targets:
-                cell = candidates(data, dense, seed, target, count, variants)
-                rows += rows_of(cell, name, seed, target, accuracy(dense, data))
+                cell = {
+                    "dataset": name, "seed": seed, "target": target,
+                    "acc_dense": accuracy(dense, data), "held_out": held_out,
+                    "candidates": candidates(data, dense, seed, target, count, variants),
+                }  # fmt: skip
+                cells.append(cell)
                 print(f"{name} seed={seed} target={target:.2f}: {json.dumps(cell)}", flush=True)
+    return cells
+
+
+def judge_cells(cells: Sequence[dict[str, Any]]) -> list[Row]:
+    rows: list[Row] = []
+    for c in cells:
+        rows += rows_of(
+            c["candidates"], c["dataset"], c["seed"], c["target"], c["acc_dense"], c["held_out"]
+        )
     return rows
 
 
@@ -192,6 +239,12 @@ def report(rows: Sequence[Row]) -> str:
     labels = [f"judge {v}, {j}" for v in VARIANTS for j in JUDGES]
     labels += [f"oracle {v}" for v in VARIANTS]
     return comparisons(rows, labels)
+
+
+def _load(path: str) -> list[dict[str, Any]]:
+    with open(path) as handle:
+        cells: list[dict[str, Any]] = json.load(handle)["cells"]
+    return cells
 
 
 def main() -> None:
@@ -217,6 +270,11 @@ def main() -> None:
         help="set this fraction of the training rows aside; the judges measure on them",
     )  # fmt: skip
     parser.add_argument("--json", help="write the rows here (bench.quality's format)")
+    parser.add_argument("--cells", help="write every candidate's figures here")
+    parser.add_argument(
+        "--from-cells", nargs="+", metavar="JSON",
+        help="prune nothing: judge the candidates of these --cells files again",
+    )  # fmt: skip
     parser.add_argument(
         "--report",
         nargs="+",
@@ -227,15 +285,22 @@ def main() -> None:
     if args.report:
         print(report(load_rows(args.report)))
         return
-    set_threads(args.threads)
-    rows = run(
-        range(args.first_seed, args.first_seed + args.seeds),
-        args.datasets,
-        args.targets,
-        args.candidates,
-        args.variants,
-        args.validation,
-    )
+    if args.from_cells:
+        cells = [c for path in args.from_cells for c in _load(path)]
+    else:
+        set_threads(args.threads)
+        cells = run(
+            range(args.first_seed, args.first_seed + args.seeds),
+            args.datasets,
+            args.targets,
+            args.candidates,
+            args.variants,
+            args.validation,
+        )
+        if args.cells:
+            with open(args.cells, "w") as handle:
+                json.dump({"cells": cells}, handle)
+    rows = judge_cells(cells)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"rows": [asdict(r) for r in rows]}, handle)
