@@ -249,7 +249,10 @@ def _load(path: str) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--seeds", type=int, default=None,
+        help="run seeds S..S+N-1 (default 3); with --report or --from-cells, only those",
+    )  # fmt: skip
     parser.add_argument("--first-seed", type=int, default=0, help="seeds S..S+N-1 (default 0)")
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25])
@@ -282,15 +285,18 @@ def main() -> None:
         help="run nothing: pair these rows (this bench's and bench.quality's) and print them",
     )
     args = parser.parse_args()
+    seeds = range(args.first_seed, args.first_seed + (args.seeds or 3))
     if args.report:
-        print(report(load_rows(args.report)))
+        rows = load_rows(args.report)
+        print(report([r for r in rows if args.seeds is None or r.seed in seeds]))
         return
     if args.from_cells:
         cells = [c for path in args.from_cells for c in _load(path)]
+        cells = [c for c in cells if args.seeds is None or c["seed"] in seeds]
     else:
         set_threads(args.threads)
         cells = run(
-            range(args.first_seed, args.first_seed + args.seeds),
+            seeds,
             args.datasets,
             args.targets,
             args.candidates,
