@@ -6,7 +6,11 @@ search tries, with each model's test accuracy after the epoch of fine-tuning eve
 The dense models, calibration batches and validation split are `bench.search_judges`'s with
 `--validation 0.2`, so a seed's candidates are the ones its `--cells` hold.
 
+`--ignored-layers` keeps those layers whole in every candidate (the engine's `ignored_layers`;
+the peers as before): the candidates' allocation of the rest.
+
     .venv/bin/python -m bench.allocation_widths --dataset mnist1d --target 0.5 --seeds 6
+    .venv/bin/python -m bench.allocation_widths --ignored-layers features.0 features.3
 """
 
 from __future__ import annotations
@@ -52,8 +56,11 @@ def finetuned_accuracy(model: nn.Module, data: Dataset, seed: int) -> float:
     return accuracy(model, data)
 
 
-def pruned(data: Dataset, dense: nn.Module, seed: int, target: float) -> dict[str, nn.Module]:
-    """Each peer's model and each candidate's, by label."""
+def pruned(
+    data: Dataset, dense: nn.Module, seed: int, target: float, ignored: tuple[str, ...]
+) -> dict[str, nn.Module]:
+    """Each peer's model and each candidate's (with the `ignored` layers kept whole), by
+    label."""
     batches = calibration_batches(data, seed)
     initial = macs(dense, data.example)
     models = {}
@@ -69,7 +76,7 @@ def pruned(data: Dataset, dense: nn.Module, seed: int, target: float) -> dict[st
         )  # fmt: skip
         config = PruneConfig(
             target_metric="macs", target=target, steps=STEPS, schedule=allocation.schedule,  # type: ignore[arg-type]
-            seed=seed, **switches,
+            seed=seed, ignored_layers=ignored, **switches,
         )  # fmt: skip
         prune_(model, data.example, batches, cross_entropy, config)
         models[str(allocation)] = model
@@ -83,15 +90,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ignored-layers", nargs="+", default=(), metavar="MODULE")
     args = parser.parse_args()
     set_threads(args.threads)
     register_variants()
     data = split_validation(load_dataset(args.dataset), 0.2)
     seen: dict[str, list[tuple[list[int], float]]] = defaultdict(list)
+    ignored = tuple(args.ignored_layers)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         dense = train_dense(data, seed, 1.0)
         print(f"seed {seed}: dense widths {widths(dense)}", flush=True)
-        for label, model in pruned(data, dense, seed, args.target).items():
+        for label, model in pruned(data, dense, seed, args.target, ignored).items():
             figures = (widths(model), finetuned_accuracy(model, data, seed))
             seen[label].append(figures)
             print(f"  {label:<36} {figures[0]}  +1 epoch FT {figures[1]:.3f}", flush=True)
