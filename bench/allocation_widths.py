@@ -34,12 +34,12 @@ from bench.common import (
     set_threads,
     split_validation,
 )
-from bench.quality import match_macs, prune_peer, register_variants, train_dense, variant_config
-from worker.engine import PruneConfig, prune_
+from bench.quality import match_macs, prune_peer, register_variants, train_dense
+from bench.search_judges import STEPS, allocation_config
+from worker.engine import prune_
 from worker.pipeline import search
 
 PEERS = ("tp_lamp", "tp_taylor")
-STEPS = 10
 TOLERANCE, MAX_PROBES = 0.0075, 12  # bench.quality's defaults
 
 
@@ -70,14 +70,7 @@ def pruned(
         models[peer], _, _ = match_macs(run, fraction, target, TOLERANCE, MAX_PROBES)
     for allocation in search.allocations(search.Allocation("max", "exponential"), 7):
         model = copy.deepcopy(dense)
-        switches = variant_config(
-            "default", "oba",
-            {"normalisation": allocation.normalisation, "cost_aware": allocation.cost_aware},
-        )  # fmt: skip
-        config = PruneConfig(
-            target_metric="macs", target=target, steps=STEPS, schedule=allocation.schedule,  # type: ignore[arg-type]
-            seed=seed, ignored_layers=ignored, **switches,
-        )  # fmt: skip
+        config = allocation_config(allocation, target, seed, ignored)
         prune_(model, data.example, batches, cross_entropy, config)
         models[str(allocation)] = model
     return models

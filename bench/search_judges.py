@@ -124,6 +124,21 @@ def held_out_accuracy(model: nn.Module, held_out: dict[str, Any]) -> float:
     return float((model(held_out["x"]).argmax(1) == held_out["labels"]).float().mean())
 
 
+def allocation_config(
+    allocation: search.Allocation, target: float, seed: int, ignored: tuple[str, ...] = ()
+) -> PruneConfig:
+    """How `bench.quality`'s `oba` row prunes, under one of a search's allocations (the
+    `ignored` layers kept whole)."""
+    switches = variant_config(
+        "default", "oba",
+        {"normalisation": allocation.normalisation, "cost_aware": allocation.cost_aware},
+    )  # fmt: skip
+    return PruneConfig(
+        target_metric="macs", target=target, steps=STEPS, schedule=allocation.schedule,  # type: ignore[arg-type]
+        seed=seed, ignored_layers=ignored, **switches,
+    )  # fmt: skip
+
+
 def candidates(
     data: Dataset, dense: nn.Module, seed: int, target: float, count: int, variants: Sequence[str]
 ) -> list[dict[str, Any]]:
@@ -135,14 +150,7 @@ def candidates(
     found = []
     for allocation in search.allocations(search.Allocation("max", "exponential"), count):
         model = copy.deepcopy(dense)
-        switches = variant_config(
-            "default", "oba",
-            {"normalisation": allocation.normalisation, "cost_aware": allocation.cost_aware},
-        )  # fmt: skip
-        config = PruneConfig(
-            target_metric="macs", target=target, steps=STEPS, schedule=allocation.schedule,  # type: ignore[arg-type]
-            seed=seed, **switches,
-        )  # fmt: skip
+        config = allocation_config(allocation, target, seed)
         masks = prune_(model, data.example, batches, cross_entropy, config).masks
         candidate: dict[str, Any] = {
             "allocation": str(allocation),
