@@ -28,7 +28,8 @@ The rows it writes (`--json`) are `bench.quality` rows, one per variant and judg
 after its epoch, which no judge can pass. `--report` pairs them by seed with the peers of
 `bench.quality --json` files and prints the differences from the best peer of every cell.
 `--cells` keeps every candidate's figures; `--from-cells` judges such files again without
-pruning anything (so a judge added later is measured on the same candidates).
+pruning anything (so a judge added later is measured on the same candidates), all of their
+candidates or the first `--candidates`, less any `--leave-out`.
 
     .venv/bin/python -m bench.search_judges --seeds 10 --threads 1 --json judges.json
     .venv/bin/python -m bench.search_judges --from-cells cells.json --json judges.json
@@ -249,6 +250,12 @@ def report(rows: Sequence[Row]) -> str:
     return comparisons(rows, labels)
 
 
+def _narrowed(cell: dict[str, Any], count: int | None, left_out: Sequence[str]) -> dict[str, Any]:
+    """The cell with only its first `count` candidates (all: None), less those `left_out`."""
+    kept = cell["candidates"][:count]
+    return cell | {"candidates": [c for c in kept if c["allocation"] not in left_out]}
+
+
 def _load(path: str) -> list[dict[str, Any]]:
     with open(path) as handle:
         cells: list[dict[str, Any]] = json.load(handle)["cells"]
@@ -268,10 +275,14 @@ def main() -> None:
     parser.add_argument(
         "--candidates",
         type=int,
-        default=4,
+        default=None,
         choices=range(1, 9),
-        help="the first K of a job's search (default 4)",
+        help="the first K of a job's search (default 4; with --from-cells, every one there)",
     )
+    parser.add_argument(
+        "--leave-out", nargs="+", default=(), metavar="ALLOCATION",
+        help="with --from-cells: judge without these candidates ('lamp + linear', …)",
+    )  # fmt: skip
     parser.add_argument(
         "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
         help="the recoveries to try (default: all)",
@@ -301,13 +312,14 @@ def main() -> None:
     if args.from_cells:
         cells = [c for path in args.from_cells for c in _load(path)]
         cells = [c for c in cells if args.seeds is None or c["seed"] in seeds]
+        cells = [_narrowed(c, args.candidates, args.leave_out) for c in cells]
     else:
         set_threads(args.threads)
         cells = run(
             seeds,
             args.datasets,
             args.targets,
-            args.candidates,
+            args.candidates or 4,
             args.variants,
             args.validation,
         )

@@ -191,8 +191,9 @@ class JobSpec(SpecPart):
     # loss change (least now first), or "influence", ShortGPT's 1 − cos(block input, output)
     block_score: Literal["loss", "influence"] = "loss"
     # how channel scores compare across layers: "max" (OBA's) or "lamp" (spreads removal more
-    # evenly; fine-tunes better at 2×, docs/decisions/0007-lamp-normaliser-as-an-option.md)
-    # (the allocation rule: a built-in or a plugin's)
+    # evenly; fine-tunes better at 2×, docs/decisions/0007-lamp-normaliser-as-an-option.md), or
+    # "lamp_weights" (each layer keeps as many as LAMP on the weights' magnitudes; the scores
+    # choose which) (the allocation rule: a built-in or a plugin's)
     normalisation: str = Field(default="max", json_schema_extra=lambda s: _names(s, allocations()))
     # rank channels by score per MAC (or parameter) each saves; false: by score alone, which
     # takes more channels and fine-tuned better at 2× on the CNNs (docs/benchmarks/quality.md)

@@ -135,3 +135,23 @@ def test_lamp_normalisation_divides_each_channel_by_the_scores_at_least_as_large
     # channel scores 1, 4, 2, 3: each over itself plus every larger one
     expected = torch.tensor([1 / 10, 4 / 4, 2 / 9, 3 / 7], dtype=torch.float64)
     torch.testing.assert_close(units, expected)
+
+
+def test_lamp_weights_hands_the_weights_lamp_values_out_in_the_order_of_the_scores() -> None:
+    """The magnitudes 1, 4, 2, 3 give LAMP values 1/10, 1, 2/9, 3/7; the scores 2, 9, 5, 1 rank
+    channel 3 lowest, then 0, 2 and 1, so they get the values from the lowest up."""
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0], [-4, 0], [2, 0], [3, 0]]))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.tensor([[-1.0, 4, 2, -3]]))
+    group = _only_group(model, torch.randn(1, 2, dtype=torch.float64), [model[2]])
+    scores: dict[Any, torch.Tensor] = {
+        model[0].weight: torch.tensor([[2.0, 0], [9, 0], [5, 0], [1, 0]], dtype=torch.float64),
+        model[2].weight: torch.tensor([[2.0, 9, 5, 1]], dtype=torch.float64),
+    }
+
+    units = unit_scores_of(group, scores, PruneConfig(normalisation="lamp_weights"))
+
+    expected = torch.tensor([2 / 9, 1, 3 / 7, 1 / 10], dtype=torch.float64)
+    torch.testing.assert_close(units, expected)

@@ -134,6 +134,29 @@ def test_groups_compete_on_scores_normalised_within_each_group(
     assert _units_kept(second, model, 2) == second_kept
 
 
+def test_lamp_weights_keeps_lamps_widths_and_the_scores_channels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """How many units each group keeps is magnitude + LAMP's; which ones, the scores': the
+    lowest-scored go, not the smallest weights. LAMP on the scores themselves would keep other
+    widths."""
+    magnitude_model, model, lamp_model = _chain(4, 4, 4, 2), _chain(4, 4, 4, 2), _chain(4, 4, 4, 2)
+    first, second = _bias(model, 0), _bias(model, 2)
+    settings: dict[str, Any] = {"target": 0.6, "cost_aware": False}
+    _prune(magnitude_model, method="magnitude", normalisation="lamp", **settings)
+    by_scores = {"0": [0.3, 0.1, 0.4, 0.2], "2": [0.2, 0.4, 0.1, 0.9]}
+    _bias_scores(monkeypatch, model, **by_scores)
+    _prune(lamp_model, normalisation="lamp", **settings)
+
+    _prune(model, normalisation="lamp_weights", **settings)
+
+    assert _widths(model) == _widths(magnitude_model) == [2, 3, 2]
+    assert _widths(lamp_model) != [2, 3, 2]
+    assert _units_kept(first, model, 0) == [0, 2]  # scored 0.3 and 0.4
+    assert _units_kept(second, model, 2) == [0, 1, 3]  # 0.2, 0.4 and 0.9
+    assert _units_kept(first, magnitude_model, 0) != [0, 2]
+
+
 def test_max_normalisation_lets_a_group_of_small_scores_compete(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

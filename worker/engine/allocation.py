@@ -9,7 +9,8 @@ for more as each removal is measured.
 
 The built-in rules choose by `select_units` (one global ranking, or uniform widths) after
 normalising channel scores within each group: `max` by the group's largest, `lamp` by LAMP's
-layer-adaptive normaliser (Lee et al. 2021).
+layer-adaptive normaliser (Lee et al. 2021); `lamp_weights` takes each group's values from LAMP
+on the weights' magnitudes and only their order from the scores (`lamp_weight_values`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.engine.cost import Cost
-from worker.engine.groups import ChannelGroup, channel_costs, unit_view
+from worker.engine.groups import ChannelGroup, channel_costs, channel_scores, unit_view
 
 if TYPE_CHECKING:  # the config checks its allocation's name against this registry
     from worker.engine.config import PruneConfig
@@ -100,6 +101,37 @@ def lamp_normalised(group: ChannelGroup, channel_scores: Tensor) -> Tensor:
     out = torch.empty_like(channel_scores)
     out[order] = torch.where(remaining > 0, ranked / remaining, ranked)
     return unit_view(out, group)
+
+
+def lamp_weight_values(group: ChannelGroup, scores: Tensor) -> Tensor:
+    """LAMP's values on the weights' magnitudes (as Torch-Pruning's LAMP ranks), handed out to
+    the group's units in the order of their channel `scores`: the lowest-scored unit gets the lowest
+    value. How many units each group keeps is then LAMP's; which ones, the method's.
+
+    Why: on the quality bench's 1-D CNN at half the MACs, every allocation of OBA's own scores
+    thinned the first two layers and recovered worse after an epoch of fine-tuning than LAMP's
+    widths (which keep them nearly whole), while LAMP's own choice of channels was the worst
+    right after pruning (docs/benchmarks/quality.md). Groups that rank their own channels
+    (`ChannelGroup.scores`: head dimensions, experts' neurons, a derived hidden size) remember
+    the order they rank by, so they are valued by `lamp_normalised` of their scores instead."""
+    if group.scores is not None:
+        return lamp_normalised(group, scores)
+    values = lamp_normalised(group, channel_scores(group, _magnitudes(group), "magnitude"))
+    out = torch.empty_like(values)
+    order = torch.argsort(unit_view(scores, group), stable=True)
+    out[order] = torch.sort(values, stable=True).values
+    return out
+
+
+def _magnitudes(group: ChannelGroup) -> dict[nn.Parameter, Tensor]:
+    """|θ| of the weights and biases of the group's members: the `magnitude` method's scores."""
+    found: dict[nn.Parameter, Tensor] = {}
+    for module, *_ in group.members:
+        for name in ("weight", "bias"):
+            parameter = getattr(module, name, None)
+            if isinstance(parameter, nn.Parameter):
+                found[parameter] = parameter.detach().abs().double()
+    return found
 
 
 def register_allocation(
@@ -276,4 +308,5 @@ def _uniform(
 
 register_allocation("max", select_units)
 register_allocation("lamp", select_units, unit_scores=lamp_normalised)
+register_allocation("lamp_weights", select_units, unit_scores=lamp_weight_values)
 ALLOCATIONS = allocation_names()  # the built-in rules

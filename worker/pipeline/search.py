@@ -55,18 +55,23 @@ class Allocation(NamedTuple):
         return f"{self.normalisation} + {self.schedule}{cost}"
 
 
-# Ranked per MAC saved first (lamp + linear led six of eight fine-tuned cells of the CNN
-# sweep), then by score alone, which loses right after pruning but fine-tuned better at 2× on
-# the CNNs (docs/benchmarks/quality.md).
-PREFERENCE = tuple(
-    Allocation(normalisation, schedule, cost_aware)
-    for cost_aware in (True, False)
-    for normalisation, schedule in (
-        ("lamp", "linear"),
-        ("lamp", "exponential"),
-        ("max", "linear"),
-        ("max", "exponential"),
-    )
+# LAMP's widths from the weights with the scores' choice of channels first (it recovered as
+# LAMP does where every allocation of the scores alone fell behind: the 1-D CNN at 2×), then
+# ranked per MAC saved (lamp + linear led six of eight fine-tuned cells of the CNN sweep), then
+# by score alone, which loses right after pruning but fine-tuned better at 2× on the CNNs
+# (docs/benchmarks/quality.md).
+PREFERENCE = (
+    Allocation("lamp_weights", "exponential", cost_aware=False),
+    *(
+        Allocation(normalisation, schedule, cost_aware)
+        for cost_aware in (True, False)
+        for normalisation, schedule in (
+            ("lamp", "linear"),
+            ("lamp", "exponential"),
+            ("max", "linear"),
+            ("max", "exponential"),
+        )
+    ),
 )
 DEFAULT_RECOVERY_LR = Finetune().lr
 RECOVERY_SEED = 0  # every candidate's dropout draws the same masks
