@@ -25,8 +25,10 @@ models as its run of that fraction); the judges then measure on them.
 
 The rows it writes (`--json`) are `bench.quality` rows, one per variant and judge, labelled
 `judge <variant>, <judge>`, plus `oracle <variant>`: the candidate with the best test accuracy
-after its epoch, which no judge can pass. `--report` pairs them by seed with the peers of
-`bench.quality --json` files and prints the differences from the best peer of every cell.
+after its epoch, which no judge can pass, and `candidate <variant>: <allocation>`: that
+candidate in every cell, as a job without a search (`search.candidates` 1) would prune it.
+`--report` pairs them by seed with the peers of `bench.quality --json` files and prints the
+differences from the best peer of every cell.
 `--cells` keeps every candidate's figures; `--from-cells` judges such files again without
 pruning anything (so a judge added later is measured on the same candidates), all of their
 candidates or the first `--candidates`, less any `--leave-out`.
@@ -187,8 +189,8 @@ def candidates(
 def rows_of(
     cell: list[dict[str, Any]], dataset: str, seed: int, target: float, dense: float, held_out: int
 ) -> list[Row]:
-    """One row per variant and judge, and per variant the oracle's (`held_out`: the rows the
-    judges measure on)."""
+    """One row per variant and judge, per variant the oracle's and each candidate's as a job
+    without a search would give it (`held_out`: the rows the judges measure on)."""
     rows = []
     for variant in cell[0]["recovered"]:
         picks = {
@@ -197,6 +199,7 @@ def rows_of(
         picks[f"oracle {variant}"] = max(
             range(len(cell)), key=lambda i: cell[i]["recovered"][variant]["acc_finetuned"]
         )
+        picks |= {f"candidate {variant}: {c['allocation']}": i for i, c in enumerate(cell)}
         for label, index in picks.items():
             chosen = cell[index]
             finetuned = chosen["recovered"][variant]["acc_finetuned"]
@@ -247,6 +250,7 @@ def judge_cells(cells: Sequence[dict[str, Any]]) -> list[Row]:
 def report(rows: Sequence[Row]) -> str:
     labels = [f"judge {v}, {j}" for v in VARIANTS for j in JUDGES]
     labels += [f"oracle {v}" for v in VARIANTS]
+    labels += list(dict.fromkeys(r.method for r in rows if r.method.startswith("candidate ")))
     return comparisons(rows, labels)
 
 

@@ -104,8 +104,8 @@ def test_candidates_are_listed_and_the_best_after_recovery_goes_on(
     assert candidates is not None
     assert [(c.normalisation, c.schedule) for c in candidates] == [
         ("max", "exponential"),
-        ("lamp_weights", "exponential"),
         ("lamp", "linear"),
+        ("lamp", "exponential"),
     ]
     # the job's own candidate is pruned exactly as a job without a search prunes
     assert candidates[0].widths == plain[0].widths
@@ -292,9 +292,9 @@ def test_candidates_start_with_the_jobs_own_allocation() -> None:
     assert tried(search={"candidates": 1}) == [("max", "exponential")]
     assert tried(normalisation="lamp", search={"candidates": 4}) == [
         ("lamp", "exponential"),
-        ("lamp_weights", "exponential"),
         ("lamp", "linear"),
         ("max", "linear"),
+        ("max", "exponential"),
     ]
     spec = factories.spec(evaluation={"fraction": 0.2}, search={"candidates": 2})
     assert all(v.method == spec.method and v.target == spec.target for v in search.variants(spec))
@@ -315,10 +315,10 @@ def test_the_later_candidates_rank_channels_by_score_alone() -> None:
 
     assert tried(search={"candidates": 8}) == [
         "max + exponential",
-        "lamp_weights + exponential, not cost-aware",
         "lamp + linear",
         "lamp + exponential",
         "max + linear",
+        "lamp_weights + exponential, not cost-aware",
         "lamp + linear, not cost-aware",
         "lamp + exponential, not cost-aware",
         "max + linear, not cost-aware",
@@ -326,8 +326,8 @@ def test_the_later_candidates_rank_channels_by_score_alone() -> None:
     # the spec's own first, wherever it stands in the order
     assert tried(cost_aware=False, search={"candidates": 3}) == [
         "max + exponential, not cost-aware",
-        "lamp_weights + exponential, not cost-aware",
         "lamp + linear",
+        "lamp + exponential",
     ]
     # uniform widths: neither the normaliser nor the ranking changes a group's fraction
     assert tried(outputs=["hf"], cost_aware=False, search={"candidates": 8}) == [
@@ -597,8 +597,8 @@ def test_a_tie_goes_to_the_earlier_candidate_and_a_loss_that_is_not_finite_never
     assert [r.same_as for r in records] == [None, 1, 1]
     assert records[1].loss_after_recovery == records[0].loss_after_recovery
     assert records[0].why and records[0].why.endswith(
-        "; lamp_weights + exponential, not cost-aware pruned to the model of candidate 1"
         "; lamp + linear pruned to the model of candidate 1"
+        "; lamp + exponential pruned to the model of candidate 1"
     )
     assert chosen({0: float("nan")}) == (1, [False, True, False])
     assert chosen({0: float("inf"), 1: float("nan")}) == (2, [False, False, True])
