@@ -12,18 +12,17 @@ from tests.engine.hf_models import CASES, causal_lm_loss, inputs_of, lm_batches
 from worker.engine import PruneConfig, PruneResult, architectures, prune_, reachable_fraction
 
 
-def _pruned(name: str, global_ranking: bool, target: float = 0.7) -> tuple[Any, PruneResult]:
+def _pruned(
+    name: str, global_ranking: bool, target: float = 0.7, **settings: Any
+) -> tuple[Any, PruneResult]:
     build, data, loss = CASES[name]
     torch.manual_seed(0)
     model = build().eval()
     batches = data(2, 0)
-    result = prune_(
-        model,
-        inputs_of(batches[0]),
-        batches,
-        loss,
-        PruneConfig(method="oba", target=target, steps=2, global_ranking=global_ranking),
+    config = PruneConfig(
+        method="oba", target=target, steps=2, global_ranking=global_ranking, **settings
     )
+    result = prune_(model, inputs_of(batches[0]), batches, loss, config)
     return model, result
 
 
@@ -39,10 +38,13 @@ def _attention(model: nn.Module) -> list[tuple[Any, int, list[Any]]]:
     return found
 
 
+@pytest.mark.parametrize("normalisation", ["max", "lamp_weights"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_prunes_and_runs_forward_and_backward(name: str) -> None:
+def test_prunes_and_runs_forward_and_backward(name: str, normalisation: str) -> None:
+    """Every architecture under the default allocation and under `lamp_weights` (whose values
+    come from the weights of each group's members, whatever modules they are)."""
     _, data, loss = CASES[name]
-    model, result = _pruned(name, global_ranking=True)
+    model, result = _pruned(name, global_ranking=True, normalisation=normalisation)
     batch = data(1, 5)[0]
 
     assert result.macs < result.initial_macs
