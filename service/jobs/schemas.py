@@ -193,6 +193,7 @@ class JobSpec(SpecPart):
     # how channel scores compare across layers: "max" (OBA's) or "lamp" (spreads removal more
     # evenly; fine-tunes better at 2×, docs/decisions/0007-lamp-normaliser-as-an-option.md), or
     # "lamp_weights" (each layer keeps as many as LAMP on the weights' magnitudes; the scores
+    # choose which), "lamp_rank_sum" (the same widths; the scores' rank plus the weights' rank
     # choose which) (the allocation rule: a built-in or a plugin's)
     normalisation: str = Field(default="max", json_schema_extra=lambda s: _names(s, allocations()))
     # rank channels by score per MAC (or parameter) each saves; false: by score alone, which

@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 SCORERS = "apoptosis.scorers"
 ALLOCATIONS = "apoptosis.allocations"
 BUILT_IN_METHODS = ("oba", "oba_full", "taylor", "obd", "magnitude", "random")
-BUILT_IN_ALLOCATIONS = ("max", "lamp", "lamp_weights")
+BUILT_IN_ALLOCATIONS = ("max", "lamp", "lamp_weights", "lamp_rank_sum")
 
 
 @cache

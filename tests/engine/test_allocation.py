@@ -155,13 +155,15 @@ def test_a_registered_allocation_decides_what_is_removed(
 
 def test_an_allocation_is_a_registered_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allocation_module, "_ALLOCATIONS", dict(allocation_module._ALLOCATIONS))
-    assert allocation_names() == ALLOCATIONS == ("max", "lamp", "lamp_weights")
-    with pytest.raises(InvalidConfig, match=r"'mine'.*'max', 'lamp', 'lamp_weights'"):
+    assert allocation_names() == ALLOCATIONS == ("max", "lamp", "lamp_weights", "lamp_rank_sum")
+    with pytest.raises(
+        InvalidConfig, match=r"'mine'.*'max', 'lamp', 'lamp_weights', 'lamp_rank_sum'"
+    ):
         PruneConfig(normalisation="mine")
 
     register_allocation("mine", _second_layer_first)
 
-    assert allocation_names() == ("max", "lamp", "lamp_weights", "mine")
+    assert allocation_names() == ("max", "lamp", "lamp_weights", "lamp_rank_sum", "mine")
     assert PruneConfig(normalisation="mine").normalisation == "mine"
 
 

@@ -38,11 +38,11 @@ def _attention(model: nn.Module) -> list[tuple[Any, int, list[Any]]]:
     return found
 
 
-@pytest.mark.parametrize("normalisation", ["max", "lamp_weights"])
+@pytest.mark.parametrize("normalisation", ["max", "lamp_weights", "lamp_rank_sum"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_prunes_and_runs_forward_and_backward(name: str, normalisation: str) -> None:
-    """Every architecture under the default allocation and under `lamp_weights` (whose values
-    come from the weights of each group's members, whatever modules they are)."""
+    """Every architecture under the default allocation and under the rules of LAMP's widths
+    (whose values come from the weights of each group's members, whatever modules they are)."""
     _, data, loss = CASES[name]
     model, result = _pruned(name, global_ranking=True, normalisation=normalisation)
     batch = data(1, 5)[0]

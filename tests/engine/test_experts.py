@@ -4,13 +4,19 @@ width for all, scored within each expert, counted in MACs and replayed by the pl
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 from tests.engine.hf_models import assert_reloads_identically, causal_lm_loss
 from tests.worker.family_zoo import FAMILIES, lm_inputs
 from worker.engine import PruneConfig, measure, prune_
-from worker.engine.allocation import lamp_normalised, lamp_weight_values
+from worker.engine.allocation import (
+    UnitScoring,
+    lamp_normalised,
+    lamp_rank_sum_values,
+    lamp_weight_values,
+)
 from worker.engine.experts import expert_layers
 from worker.engine.plan import Plan, apply_plan_
 
@@ -100,20 +106,26 @@ def test_mixtral_prunes_its_experts_states_the_width_and_replays_its_plan(
     assert_reloads_identically(model, tmp_path, lm_inputs(3), rebuilt.eval())
 
 
-def test_lamp_weights_prunes_a_mixtral_ranking_its_experts_neurons_by_their_scores() -> None:
-    """The experts' neurons rank themselves (`ChannelGroup.scores`), so `lamp_weights` values
-    them by LAMP on their scores; the rest of the model by the weights' LAMP values."""
+@pytest.mark.parametrize(
+    ("normalisation", "values"),
+    [("lamp_weights", lamp_weight_values), ("lamp_rank_sum", lamp_rank_sum_values)],
+)
+def test_lamp_widths_prune_a_mixtral_ranking_its_experts_neurons_by_their_scores(
+    normalisation: str, values: UnitScoring
+) -> None:
+    """The experts' neurons rank themselves (`ChannelGroup.scores`), so the rules of LAMP's
+    widths value them by LAMP on their scores; the rest of the model by the weights' values."""
     model = _mixtral()
     group = expert_layers(model)[0].channel_group("experts")
     scores = torch.tensor([3.0, 1.0, 2.0] + [0.5] * (group.width - 3), dtype=torch.float64)
-    torch.testing.assert_close(lamp_weight_values(group, scores), lamp_normalised(group, scores))
+    torch.testing.assert_close(values(group, scores), lamp_normalised(group, scores))
 
     result = prune_(
         model,
         lm_inputs(0),
         [lm_inputs(0), lm_inputs(1)],
         causal_lm_loss,
-        PruneConfig(method="oba", target=0.6, steps=2, normalisation="lamp_weights"),
+        PruneConfig(method="oba", target=0.6, steps=2, normalisation=normalisation),
     )
 
     assert result.macs <= 0.6 * result.initial_macs
