@@ -68,7 +68,9 @@ def pruned(
         run = functools.partial(prune_peer, peer, dense, data.example, batches, steps=STEPS)
         fraction = lambda m: macs(m, data.example) / initial  # noqa: E731
         models[peer], _, _ = match_macs(run, fraction, target, TOLERANCE, MAX_PROBES)
-    for allocation in search.allocations(search.Allocation("max", "exponential"), 7):
+    for allocation in search.allocations(
+        search.Allocation("max", "exponential"), 7, transformer=False
+    ):
         model = copy.deepcopy(dense)
         config = allocation_config(allocation, target, seed, ignored)
         prune_(model, data.example, batches, cross_entropy, config)

@@ -482,7 +482,7 @@ def search_rows(
     recovery = search.Recovery(first, job_loss, RECOVERY_LR, held_out, cpu, _go_on)
     tried: list[Tried] = []
     own = search.Allocation("max", settings.schedule)
-    for allocation in search.allocations(own, settings.search):
+    for allocation in search.allocations(own, settings.search, transformer=False):
         started = time.perf_counter()
         model = copy.deepcopy(dense)
         switches = {"normalisation": allocation.normalisation, "cost_aware": allocation.cost_aware}

@@ -151,7 +151,9 @@ def candidates(
     held_out = [as_job_batch(held_out_batch(data, seed))]
     initial = macs(dense, data.example)
     found = []
-    for allocation in search.allocations(search.Allocation("max", "exponential"), count):
+    for allocation in search.allocations(
+        search.Allocation("max", "exponential"), count, transformer=False
+    ):
         model = copy.deepcopy(dense)
         config = allocation_config(allocation, target, seed)
         masks = prune_(model, data.example, batches, cross_entropy, config).masks

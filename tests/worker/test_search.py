@@ -318,10 +318,22 @@ def test_the_later_candidates_rank_channels_by_score_alone() -> None:
         "lamp + linear",
         "lamp + exponential",
         "max + linear",
+        "lamp_rank_sum + exponential, not cost-aware",
         "lamp_weights + exponential, not cost-aware",
         "lamp + linear, not cost-aware",
         "lamp + exponential, not cost-aware",
-        "max + linear, not cost-aware",
+    ]
+    # a model without attention heads (a CNN) tries LAMP's widths first, then the same order
+    without_heads = search.variants(_variant(search={"candidates": 8}), transformer=False)
+    assert [str(_allocation(v)) for v in without_heads] == [
+        "max + exponential",
+        "lamp_rank_sum + exponential, not cost-aware",
+        "lamp_weights + exponential, not cost-aware",
+        "lamp + linear",
+        "lamp + exponential",
+        "max + linear",
+        "lamp + linear, not cost-aware",
+        "lamp + exponential, not cost-aware",
     ]
     # the spec's own first, wherever it stands in the order
     assert tried(cost_aware=False, search={"candidates": 3}) == [
@@ -597,9 +609,9 @@ def test_a_tie_goes_to_the_earlier_candidate_and_a_loss_that_is_not_finite_never
     assert [r.same_as for r in records] == [None, 1, 1]
     assert records[1].loss_after_recovery == records[0].loss_after_recovery
     assert records[0].why and records[0].why.endswith(
-        "; lamp + linear pruned to the model of candidate 1"
-        "; lamp + exponential pruned to the model of candidate 1"
-    )
+        "; lamp_rank_sum + exponential, not cost-aware pruned to the model of candidate 1"
+        "; lamp_weights + exponential, not cost-aware pruned to the model of candidate 1"
+    )  # a linear model has no attention heads: LAMP's widths come first
     assert chosen({0: float("nan")}) == (1, [False, True, False])
     assert chosen({0: float("inf"), 1: float("nan")}) == (2, [False, False, True])
 

@@ -8,7 +8,9 @@ as it was before it; one that misses the target drops out. Why it is opt-in and 
 docs/decisions/0014-search-is-opt-in-and-judged-after-recovery.md.
 
 The candidates are the spec's own normalisation, schedule and cost-awareness, then the others
-in the order the quality benchmarks favour after fine-tuning (`PREFERENCE`). A job that removes
+in the order the benchmarks favour after fine-tuning: a transformer's (`PREFERENCE`, the
+sentence embedder's), or, for a model without attention heads, LAMP's widths first
+(`PREFERENCE_WITHOUT_HEADS`, the quality benchmarks' CNNs). A job that removes
 whole blocks searches how instead (`depth_plans`): which blocks (the loss change now, or the
 block influence that recovers better on the tiny LLM) and, with widths, how much of the
 reduction depth takes.
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from service.jobs.results import Candidate, Progress
 from service.jobs.schemas import Finetune, JobSpec
 from worker.engine import PruneConfig, PruneResult, TargetUnreachable, prunes_hidden_size
+from worker.engine.architectures import is_transformer
 from worker.pipeline import evaluation, finetune, precision
 from worker.pipeline.inputs import Batch, Inputs
 from worker.pipeline.losses import LossFn
@@ -57,9 +60,7 @@ class Allocation(NamedTuple):
 
 # Ranked per MAC saved first (lamp + linear led six of eight fine-tuned cells of the CNN
 # sweep), then by score alone, which loses right after pruning but fine-tuned better at 2× on
-# the CNNs, LAMP's widths from the weights first: alone, as a job without a search, it was at
-# or above the best peer or within one paired SE in seven of eight CNN cells, but behind the
-# default on the sentence embedder (docs/benchmarks/quality.md, docs/benchmarks/embedder.md).
+# the CNNs.
 _BY_COST_THEN_SCORE = tuple(
     Allocation(normalisation, schedule, cost_aware)
     for cost_aware in (True, False)
@@ -70,11 +71,18 @@ _BY_COST_THEN_SCORE = tuple(
         ("max", "exponential"),
     )
 )
-PREFERENCE = (
-    *_BY_COST_THEN_SCORE[:4],
+# LAMP's widths from the weights, by score alone: with the channels by rank sum, alone, as a job
+# without a search, it fine-tuned better than the default in all four CNN cells, and than with
+# the scores' order (`lamp_weights`, the best right after pruning) on MNIST-1D; the two lead a
+# search of models without attention heads (docs/decisions/0016-lamp-widths-lead-a-cnns-search.md).
+# On the sentence embedder `lamp_weights` was behind the default, so a transformer's search
+# tries them after the four ranked per MAC (docs/benchmarks/embedder.md).
+_LAMP_WIDTHS = (
+    Allocation("lamp_rank_sum", "exponential", cost_aware=False),
     Allocation("lamp_weights", "exponential", cost_aware=False),
-    *_BY_COST_THEN_SCORE[4:],
 )
+PREFERENCE = (*_BY_COST_THEN_SCORE[:4], *_LAMP_WIDTHS, *_BY_COST_THEN_SCORE[4:])
+PREFERENCE_WITHOUT_HEADS = (*_LAMP_WIDTHS, *_BY_COST_THEN_SCORE)
 DEFAULT_RECOVERY_LR = Finetune().lr
 RECOVERY_SEED = 0  # every candidate's dropout draws the same masks
 # what a candidate that pruned to an earlier one's model takes over from it
@@ -90,12 +98,16 @@ MEASURED = {
 }
 
 
-def allocations(own: Allocation, count: int, uniform: bool = False) -> list[Allocation]:
-    """The first `count` allocations a search tries, in order: `own` first, then
-    `PREFERENCE`'s others. With `uniform` widths (an `hf` output) every group gives up the same
-    fraction whatever the normaliser and the ranking, so only the schedules differ: one each,
-    at most two."""
-    tried = [own, *(allocation for allocation in PREFERENCE if allocation != own)]
+def allocations(
+    own: Allocation, count: int, uniform: bool = False, transformer: bool = True
+) -> list[Allocation]:
+    """The first `count` allocations a search tries, in order: `own` first, then the others of
+    `PREFERENCE` (a `transformer`'s: a model with attention heads) or of
+    `PREFERENCE_WITHOUT_HEADS`. With `uniform` widths (an `hf` output) every group gives up the
+    same fraction whatever the normaliser and the ranking, so only the schedules differ: one
+    each, at most two."""
+    order = PREFERENCE if transformer else PREFERENCE_WITHOUT_HEADS
+    tried = [own, *(allocation for allocation in order if allocation != own)]
     if uniform:
         schedules = [allocation.schedule for allocation in tried]
         tried = [a for i, a in enumerate(tried) if a.schedule not in schedules[:i]]
@@ -113,8 +125,9 @@ def depth_plans(depth_share: float, block_score: str, widths: bool) -> list[tupl
     return plans
 
 
-def variants(spec: JobSpec, hidden_size: bool = False) -> list[JobSpec]:
-    """The spec once per candidate, in the order tried: its own allocation first.
+def variants(spec: JobSpec, hidden_size: bool = False, transformer: bool = True) -> list[JobSpec]:
+    """The spec once per candidate, in the order tried: its own allocation first, then those
+    `allocations` gives a `transformer` or another model.
     `hidden_size`: the model's hidden size is pruned where the spec leaves it to the model
     (`hidden_size` null); under uniform widths, where the pairs are few, the search then also
     tries each pair with the hidden size kept."""
@@ -126,7 +139,7 @@ def variants(spec: JobSpec, hidden_size: bool = False) -> list[JobSpec]:
             for share, score in plans[:count]
         ]
     own = Allocation(spec.normalisation, spec.schedule.kind, spec.cost_aware)
-    tried = allocations(own, count, spec.uniform_widths)
+    tried = allocations(own, count, spec.uniform_widths, transformer)
     switches: list[bool | None] = [spec.hidden_size]
     if hidden_size and spec.uniform_widths and spec.hidden_size is None:
         switches.append(False)
@@ -161,7 +174,8 @@ def choose(
     fails as a job without a search would only when every one misses, with the first's
     error. The models that lose are dropped as soon as they do."""
     config = PruneConfig(global_ranking=not spec.uniform_widths, hidden_size=spec.hidden_size)
-    tried = variants(spec, prunes_hidden_size(inputs.net, inputs.example, config))
+    hidden_size = prunes_hidden_size(inputs.net, inputs.example, config)
+    tried = variants(spec, hidden_size, is_transformer(inputs.net))
     recovery = _recovery(spec, inputs, device, check)
     records: list[Candidate] = []
     seen: dict[str, int] = {}  # a pruned model's weights -> the first candidate that had them
