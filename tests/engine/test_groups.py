@@ -137,43 +137,35 @@ def test_lamp_normalisation_divides_each_channel_by_the_scores_at_least_as_large
     torch.testing.assert_close(units, expected)
 
 
-def test_lamp_weights_hands_the_weights_lamp_values_out_in_the_order_of_the_scores() -> None:
-    """The magnitudes 1, 4, 2, 3 give LAMP values 1/10, 1, 2/9, 3/7; the scores 2, 9, 5, 1 rank
-    channel 3 lowest, then 0, 2 and 1, so they get the values from the lowest up."""
+def _weighted_units(normalisation: str, channel_scores: list[float]) -> torch.Tensor:
+    """The unit values `normalisation` gives Linear(2, 4) → Linear(4, 1) whose channels' weights
+    have magnitudes 1, 4, 2, 3 in each layer (LAMP values 1/10, 1, 2/9, 3/7), each layer's
+    channels scored `channel_scores`."""
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)).double()
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 0], [-4, 0], [2, 0], [3, 0]]))
         model[0].bias.zero_()
         model[2].weight.copy_(torch.tensor([[-1.0, 4, 2, -3]]))
     group = _only_group(model, torch.randn(1, 2, dtype=torch.float64), [model[2]])
-    scores: dict[Any, torch.Tensor] = {
-        model[0].weight: torch.tensor([[2.0, 0], [9, 0], [5, 0], [1, 0]], dtype=torch.float64),
-        model[2].weight: torch.tensor([[2.0, 9, 5, 1]], dtype=torch.float64),
-    }
+    first = torch.tensor([[score, 0.0] for score in channel_scores], dtype=torch.float64)
+    scores: dict[Any, torch.Tensor] = {model[0].weight: first, model[2].weight: first[:, 0][None]}
+    return unit_scores_of(group, scores, PruneConfig(normalisation=normalisation))
 
-    units = unit_scores_of(group, scores, PruneConfig(normalisation="lamp_weights"))
+
+def test_lamp_weights_hands_the_weights_lamp_values_out_in_the_order_of_the_scores() -> None:
+    """The scores 2, 9, 5, 1 rank channel 3 lowest, then 0, 2 and 1, so they get LAMP's values
+    of the weights from the lowest up."""
+    units = _weighted_units("lamp_weights", [2.0, 9, 5, 1])
 
     expected = torch.tensor([2 / 9, 1, 3 / 7, 1 / 10], dtype=torch.float64)
     torch.testing.assert_close(units, expected)
 
 
 def test_lamp_rank_sum_hands_the_same_values_out_by_the_scores_rank_plus_the_weights() -> None:
-    """The magnitudes (first layer's rows and second layer's columns) 2, 8, 4, 6 give LAMP
-    values 1/10, 1, 2/9, 3/7. Ranks from the lowest: by score (2, 9, 1, 5) 1, 3, 0, 2, by weight
-    0, 3, 1, 2; their sums 1, 6, 1, 4 put channels 0 and 2 level, and the lower score (channel
-    2) goes first: channels 2, 0, 3, 1 get the values from the lowest up."""
-    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)).double()
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, 0], [-4, 0], [2, 0], [3, 0]]))
-        model[0].bias.zero_()
-        model[2].weight.copy_(torch.tensor([[-1.0, 4, 2, -3]]))
-    group = _only_group(model, torch.randn(1, 2, dtype=torch.float64), [model[2]])
-    scores: dict[Any, torch.Tensor] = {
-        model[0].weight: torch.tensor([[2.0, 0], [9, 0], [1, 0], [5, 0]], dtype=torch.float64),
-        model[2].weight: torch.tensor([[2.0, 9, 1, 5]], dtype=torch.float64),
-    }
-
-    units = unit_scores_of(group, scores, PruneConfig(normalisation="lamp_rank_sum"))
+    """Ranks from the lowest: by score (2, 9, 1, 5) 1, 3, 0, 2, by weight 0, 3, 1, 2; their sums
+    1, 6, 1, 4 put channels 0 and 2 level, and the lower score (channel 2) goes first: channels
+    2, 0, 3, 1 get LAMP's values of the weights from the lowest up."""
+    units = _weighted_units("lamp_rank_sum", [2.0, 9, 1, 5])
 
     expected = torch.tensor([2 / 9, 1, 1 / 10, 3 / 7], dtype=torch.float64)
     torch.testing.assert_close(units, expected)
