@@ -279,7 +279,6 @@ def trained_model(corpus: Corpus, settings: Training, cache: Path) -> tuple[Llam
     return model, record
 
 
-@torch.no_grad()
 def tagged_model(corpus: Corpus, settings: Training, cache: Path) -> tuple[LlamaForCausalLM, dict]:
     """`trained_model`, each block tagged with its position (`bench_origin`: which blocks
     survive depth pruning; copied with the model)."""
