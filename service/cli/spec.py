@@ -46,7 +46,7 @@ Normalisation = Annotated[
     Opt(
         help=" | ".join(allocations())
         + ": how removal is spread over layers (max, the default; lamp spreads it more evenly, "
-        "for fine-tuning)"
+        "for fine-tuning; lamp_rank_sum with --not-cost-aware recovers best on CNNs)"
     ),
 ]
 TargetOpt = Annotated[
