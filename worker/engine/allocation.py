@@ -129,8 +129,9 @@ def lamp_rank_sum_values(group: ChannelGroup, scores: Tensor) -> Tensor:
 
     Why: within LAMP's widths, the scores' order alone was the best right after pruning and
     the magnitudes' order recovered as well after fine-tuning; with the sum of the two ranks
-    the quality bench's CNNs were at or above the best Torch-Pruning peer in all eight cells,
-    right after pruning and after an epoch of fine-tuning (docs/benchmarks/quality.md)."""
+    the quality bench's CNNs were level with the best Torch-Pruning peer or ahead in all eight
+    cells over 40 seeds, right after pruning and after an epoch of fine-tuning
+    (docs/benchmarks/quality.md)."""
     if group.scores is not None:
         return lamp_normalised(group, scores)
     magnitudes = channel_scores(group, _magnitudes(group), "magnitude")

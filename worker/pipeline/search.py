@@ -72,10 +72,10 @@ _BY_COST_THEN_SCORE = tuple(
     )
 )
 # LAMP's widths from the weights, by score alone: with the channels by rank sum, alone, as a job
-# without a search, it was at or above the best peer in all eight CNN cells, pruned and
-# fine-tuned, and ahead of the scores' order (`lamp_weights`, the best right after pruning)
-# after fine-tuning on MNIST-1D; the two lead the search of a model without attention heads
-# (docs/decisions/0016-lamp-widths-lead-a-cnns-search.md).
+# without a search, it was level with the best peer or ahead in all eight CNN cells over 40
+# seeds, pruned and fine-tuned, and ahead of the scores' order (`lamp_weights`, the best right
+# after pruning) after fine-tuning on MNIST-1D; the two lead the search of a model without
+# attention heads (docs/decisions/0016-lamp-widths-lead-a-cnns-search.md).
 # On the sentence embedder `lamp_weights` was behind the default, so a transformer's search
 # tries them after the four ranked per MAC (docs/benchmarks/embedder.md).
 _LAMP_WIDTHS = (
